@@ -1,0 +1,298 @@
+"""What two or more of the scripts share: input checks, image listing, model loading, class-prior generation and
+the record each run leaves. The training loop is not here: it lives in train_dreambooth.py."""
+
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CAPTION_EXTENSION = ".txt"
+QUIET_EXTENSIONS = {CAPTION_EXTENSION, ".json"}  # captions and manifests sit beside images; skip them silently
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors the user can fix: one line, non-zero exit, no traceback
+
+
+def fail(message):
+    """Stop with one line that names the problem. SystemExit prints it to stderr and exits 1, without a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def note(message):
+    print(f"note: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images on disk
+
+
+def load_image(path):
+    """An RGB image the right way up: phone photos store their rotation in EXIF, which PIL ignores unless asked."""
+    with Image.open(path) as img:
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
+def list_images(folder, what, check=True):
+    """The image files in `folder`, sorted by name so the order is the same on every filesystem.
+
+    Non-image files are skipped with a note (caption sidecars and hidden files silently). With `check`, every image
+    is decoded once, so a corrupt or truncated file is named now rather than failing a worker mid-run.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        fail(f"{what} folder not found: {folder}")
+    if not folder.is_dir():
+        fail(f"{what} folder is not a folder: {folder}")
+    images, skipped = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() in QUIET_EXTENSIONS or path.is_dir():
+            continue
+        (images if path.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(path)
+    if skipped:
+        note(f"skipping {len(skipped)} non-image file(s) in {folder}: {', '.join(p.name for p in skipped[:5])}")
+    if check:
+        for path in images:
+            try:
+                with Image.open(path) as img:
+                    img.load()
+            except Exception as e:  # PIL raises several types for bad files; all mean the same thing here
+                fail(f"cannot read image {path}: {e}")
+    return images
+
+
+def read_caption(image_path, default):
+    """The caption in `photo.txt` beside `photo.jpg`, if there is one, replaces the default prompt."""
+    sidecar = Path(image_path).with_suffix(CAPTION_EXTENSION)
+    if sidecar.is_file():
+        text = sidecar.read_text(encoding="utf-8").strip()
+        if text:
+            return text
+    return default
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_source(name_or_path, components=MODEL_COMPONENTS):
+    """Fail early, before anything loads, when a local model folder is missing or lacks a component.
+
+    A string shaped like a hub id ("org/name") that is not a local folder is left to `from_pretrained`.
+    """
+    path = Path(os.path.expanduser(name_or_path))
+    if path.is_dir():
+        missing = [c for c in components if not (path / c).is_dir()]
+        if missing:
+            fail(f"model folder {path} has no {', '.join(missing)} subfolder: is it a diffusers pipeline folder?")
+        return
+    if path.exists():
+        fail(f"model path is a file, not a diffusers pipeline folder: {path}")
+    if not HUB_ID.match(name_or_path):
+        fail(f"model not found: {name_or_path} (neither a local folder nor a hub id like 'org/name')")
+
+
+def from_pretrained(cls, name_or_path, **kwargs):
+    """`cls.from_pretrained` with a failure to find or download the model turned into one line."""
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        fail(f"cannot load {cls.__name__} from {name_or_path}: {first_line}")
+
+
+def torch_dtype(precision):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
+def check_xformers():
+    """xformers only helps on CUDA; when its kernels cannot run, say so instead of silently using another kernel."""
+    if not torch.cuda.is_available():
+        fail("--enable_xformers_memory_efficient_attention needs a CUDA GPU and none is visible "
+             "(drop the flag: PyTorch's SDPA attention is used by default)")
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as e:
+        fail(f"--enable_xformers_memory_efficient_attention: xformers does not import here ({e})")
+
+
+def enable_xformers(model):
+    try:
+        model.enable_xformers_memory_efficient_attention()
+    except Exception as e:  # diffusers runs a test kernel: a build that does not match this torch/GPU fails here
+        fail(f"--enable_xformers_memory_efficient_attention: xformers cannot run on this setup ({e})")
+
+
+def load_pipeline(name_or_path, revision=None, variant=None, dtype=torch.float32, device="cpu"):
+    """A StableDiffusionPipeline for sampling: safety checker off, no progress bar of its own."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = from_pretrained(
+        StableDiffusionPipeline,
+        name_or_path,
+        revision=revision,
+        variant=variant,
+        dtype=dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+# Samplers by their usual short names, each built from the model's own scheduler config so that its betas and
+# prediction type (epsilon or v) carry over.
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def set_scheduler(pipe, name):
+    if name is None:
+        return
+    import diffusers
+
+    cls_name, kwargs = SCHEDULERS[name]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **kwargs)
+
+
+def add_model_args(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--pretrained_model_name_or_path", "--model", required=True,
+                       help="hub id or local diffusers pipeline folder of the base model")
+    group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of the model")
+    group.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16")
+    return group
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class-prior images (used by generate_priors.py, and by train_dreambooth.py when the class folder is short)
+
+
+def image_seed(seed, index):
+    """The seed of image `index`: a function of (seed, index) alone, so the set does not depend on batch size or on
+    how many processes share the work."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def prior_image_name(index):
+    return f"{index:06d}.png"
+
+
+def missing_prior_indices(class_dir, num_images):
+    """Indices in [0, num_images) to generate so that the folder holds `num_images` images.
+
+    Images already there count, whatever their names (user-supplied class photos are welcome); generated images are
+    named by index, so a top-up after an interrupted run makes exactly the missing ones.
+    """
+    class_dir = Path(class_dir)
+    existing = list_images(class_dir, "class image") if class_dir.is_dir() else []
+    need = num_images - len(existing)
+    if need <= 0:
+        return []
+    free = [i for i in range(num_images) if not (class_dir / prior_image_name(i)).exists()]
+    return free[:need]
+
+
+def generate_prior_images(pipe, prompt, class_dir, indices, seed=0, batch_size=4, negative_prompt=None,
+                          num_inference_steps=50, guidance_scale=7.5, resolution=None, progress=None):
+    """Generate image i of `indices` with its own generator seeded from (seed, i) and write it to class_dir/i.png.
+
+    Each file is written under a temporary name and renamed, so a killed run never leaves a truncated image with a
+    real image's name.
+    """
+    class_dir = Path(class_dir)
+    class_dir.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start:start + batch_size]
+        # CPU generators: the same initial noise on any device.
+        generators = [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in batch]
+        images = pipe(
+            [prompt] * len(batch),
+            negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+        ).images
+        for i, image in zip(batch, images):
+            final = class_dir / prior_image_name(i)
+            tmp = class_dir / f".{final.name}.tmp"
+            image.save(tmp, format="PNG")
+            os.replace(tmp, final)
+        if progress is not None:
+            progress.update(len(batch))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The record every run leaves next to its results
+
+
+def library_versions():
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "xformers", "peft", "datasets"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def hardware():
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def run_record(config, script):
+    """Resolved config, command line, versions, git commit and hardware: enough to rerun the job months later."""
+    return {
+        "script": os.path.basename(script),
+        "command": " ".join([sys.executable] + sys.argv),
+        "config": config,
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+        "hardware": hardware(),
+    }
+
+
+def write_json(path, obj):
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,152 @@
+"""Write a tiny, randomly initialised Stable Diffusion pipeline folder and a few sample photos.
+
+Nothing is downloaded: every component is built from a config dict and saved with `save_pretrained`, so the
+scripts load it through the same `from_pretrained` code they use for a hub model. The weights are random: the
+images it makes are noise. It exists for the demo and the tests (a few MB, a training step in well under a
+second on a CPU).
+
+    python tools/make_tiny_model.py --output_dir tiny-sd [--prediction_type v_prediction] [--images_dir photos]
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def bytes_to_unicode():
+    # The byte -> printable-character table of GPT-2/CLIP byte-level BPE (every byte gets a visible character).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_clip_tokenizer(folder):
+    """A CLIP-format tokenizer with a byte-level vocabulary (every character, alone and word-final) and a few merges."""
+    os.makedirs(folder, exist_ok=True)
+    chars = bytes_to_unicode()
+    merges = ["s k", "sk s</w>", "d o", "do g</w>", "p h", "ph o", "pho t", "phot o</w>"]
+    vocab_list = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(
+        os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77, pad_token="<|endoftext|>"
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def make_tiny_pipeline(output_dir, prediction_type="epsilon", seed=0):
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(os.path.join(output_dir, "tokenizer"))
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    # The scheduler Stable Diffusion 1.5 ships (PNDM, scaled-linear betas); training reads the same config.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    return output_dir
+
+
+def make_sample_photos(folder, n=4, size=64, seed=0):
+    """A few "photos" of one subject: a two-colour ring at different places on different backgrounds."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        bg = tuple(int(v) for v in rng.integers(0, 256, size=3))
+        img = Image.new("RGB", (size, size), bg)
+        draw = ImageDraw.Draw(img)
+        r = size // 4
+        cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(230, 40, 40))
+        draw.ellipse([cx - r // 2, cy - r // 2, cx + r // 2, cy + r // 2], fill=(250, 220, 30))
+        path = os.path.join(folder, f"photo_{i}.png")
+        img.save(path)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="where the pipeline folder is written")
+    parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
+    parser.add_argument("--images_dir", default=None, help="also write a few sample subject photos here")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    make_tiny_pipeline(args.output_dir, args.prediction_type, args.seed)
+    print(f"tiny model written to {args.output_dir}")
+    if args.images_dir:
+        make_sample_photos(args.images_dir, seed=args.seed)
+        print(f"sample photos written to {args.images_dir}")

@@ -1,0 +1,524 @@
+"""DreamBooth fine-tuning of Stable Diffusion 1.x/2.x (Ruiz et al. 2022, https://arxiv.org/abs/2208.12242).
+
+Teaches a model a subject from 3-5 photos, bound to a rare token ("a photo of sks dog"), optionally with the
+paper's class-prior preservation loss. The VAE is frozen, the UNet is trained, the text encoder optionally.
+
+    accelerate launch train_dreambooth.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --instance_dir photos/ --instance_prompt "a photo of sks dog" --output_dir sks-dog \
+        --with_prior_preservation --class_dir priors/dog --class_prompt "a photo of dog"
+
+Flags shared with diffusers' examples/dreambooth/train_dreambooth.py keep diffusers' names and meanings.
+"""
+
+import argparse
+import gc
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+import dreambooth_utils as du
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    du.add_model_args(p).add_argument("--tokenizer_name", default=None, help="tokenizer to use instead of the model's own")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--instance_dir", "--instance_data_dir", dest="instance_dir", default=None,
+                   help="folder of subject photos; a photo.txt beside photo.jpg replaces the instance prompt for it")
+    g.add_argument("--dataset_name", default=None, help="instead of --instance_dir: a hub dataset id or local imagefolder")
+    g.add_argument("--dataset_config_name", default=None, help="config of --dataset_name")
+    g.add_argument("--image_column", default="image", help="image column of --dataset_name")
+    g.add_argument("--caption_column", default=None, help="caption column of --dataset_name (default: the instance prompt)")
+    g.add_argument("--instance_prompt", required=True, help="prompt with the rare identifier, e.g. 'a photo of sks dog'")
+    g.add_argument("--resolution", type=int, default=512, help="training images are resized and cropped to this square size")
+    g.add_argument("--center_crop", action="store_true", help="crop the centre instead of a random square")
+    g.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="data loading subprocesses (0: main process)")
+
+    g = p.add_argument_group("prior preservation")
+    g.add_argument("--with_prior_preservation", action="store_true", help="add the paper's class-prior loss")
+    g.add_argument("--class_dir", "--class_data_dir", dest="class_dir", default=None,
+                   help="folder of class images; missing ones are generated from the base model")
+    g.add_argument("--class_prompt", default=None, help="prompt of the class, e.g. 'a photo of dog'")
+    g.add_argument("--num_class_images", type=int, default=100, help="class images to use (generated if the folder has fewer)")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior loss (lambda in the paper)")
+    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
+    g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
+                   help="precision of class-image generation (default: fp16 on a GPU, else fp32)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--train_text_encoder", action="store_true", help="also fine-tune the text encoder")
+    g.add_argument("--train_batch_size", type=int, default=4, help="instance images per device per step")
+    g.add_argument("--num_train_epochs", type=int, default=1, help="epochs, unless --max_train_steps is given")
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_train_epochs")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--learning_rate", type=float, default=5e-6, help="peak learning rate")
+    g.add_argument("--scale_lr", action="store_true", help="multiply the learning rate by the global batch size")
+    g.add_argument("--lr_scheduler", default="constant",
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+                   help="learning-rate schedule (diffusers' get_scheduler)")
+    g.add_argument("--lr_warmup_steps", type=int, default=500, help="warmup steps of the schedule")
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="hard restarts of cosine_with_restarts")
+    g.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial schedule")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
+    g.add_argument("--offset_noise", action="store_true", help="add offset noise (crosslabs.org/blog/diffusion-with-offset-noise)")
+    g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR loss weighting gamma, 5.0 is usual (arxiv 2303.09556)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible training")
+
+    g = p.add_argument_group("precision and memory")
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="overrides accelerate's config; trainable weights stay fp32 either way")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--set_grads_to_none", action="store_true", help="free gradients between steps instead of zeroing")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention (CUDA only); PyTorch SDPA is used otherwise")
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
+
+    g = p.add_argument_group("output and logging")
+    g.add_argument("--output_dir", default="dreambooth-model", help="where the trained pipeline and run record go")
+    g.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a non-empty --output_dir")
+    g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"],
+                   help="experiment tracker(s), through accelerate")
+    g.add_argument("--tracker_project_name", default="dreambooth", help="project name in the tracker")
+    g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Everything that can be checked about the user's input before a model loads."""
+    if (args.instance_dir is None) == (args.dataset_name is None):
+        du.fail("give exactly one of --instance_dir and --dataset_name")
+    if args.with_prior_preservation:
+        if not args.class_prompt:
+            du.fail("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
+        if not args.class_dir:
+            du.fail("--with_prior_preservation needs --class_dir (a folder; missing class images are generated)")
+        if args.num_class_images < 1:
+            du.fail("--num_class_images must be at least 1")
+    elif args.class_dir or args.class_prompt:
+        du.note("--class_dir/--class_prompt are ignored without --with_prior_preservation")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "resolution", "sample_batch_size"):
+        if getattr(args, name) < 1:
+            du.fail(f"--{name} must be at least 1")
+    if args.resolution % 8:
+        du.fail(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    du.check_model_source(args.pretrained_model_name_or_path)
+    if args.enable_xformers_memory_efficient_attention:
+        du.check_xformers()
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            du.fail("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    if args.report_to in ("wandb", "all"):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            du.fail(f"--report_to {args.report_to} needs wandb: pip install wandb")
+    out = Path(args.output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite_output_dir:
+        du.fail(f"output folder is not empty: {out} (choose another --output_dir or pass --overwrite_output_dir)")
+
+
+def load_instance_examples(args):
+    """(image, prompt) pairs of the subject: from a folder (paths, sorted) or from a `datasets` dataset (PIL images)."""
+    if args.instance_dir:
+        paths = du.list_images(args.instance_dir, "instance image")
+        if not paths:
+            du.fail(f"no images in instance folder {args.instance_dir}")
+        return [(path, du.read_caption(path, args.instance_prompt)) for path in paths]
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train")
+    except Exception as e:
+        du.fail(f"cannot load dataset {args.dataset_name}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}")
+    for column in (args.image_column, args.caption_column):
+        if column and column not in ds.column_names:
+            du.fail(f"dataset {args.dataset_name} has no column '{column}' (columns: {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        du.fail(f"dataset {args.dataset_name} has no rows")
+    examples = []
+    for i in range(len(ds)):
+        try:
+            image = ds[i][args.image_column].convert("RGB")
+        except Exception as e:
+            du.fail(f"cannot read image {i} of dataset {args.dataset_name}: {e}")
+        caption = ds[i][args.caption_column] if args.caption_column else None
+        examples.append((image, caption or args.instance_prompt))
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The method: pure functions of tensors
+
+
+def noise_target(scheduler, latents, noise, timesteps):
+    """What the UNet learns to predict: the noise (epsilon) or the velocity v = sqrt(a_t) eps - sqrt(1 - a_t) x0
+    (Salimans & Ho 2022; SD 2.x 768 px models use v). It must follow the model's own scheduler config."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+def min_snr_weights(snr, gamma, prediction_type):
+    """Per-example loss weights of Min-SNR-gamma (Hang et al. 2023, arxiv 2303.09556): min(SNR, gamma) / SNR for an
+    epsilon target; a v target already carries a factor SNR + 1, so divide by that instead."""
+    weights = torch.clamp(snr, max=gamma)
+    return weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
+
+
+def dreambooth_loss(model_pred, target, num_instance, prior_loss_weight, weights=None):
+    """Instance loss + prior_loss_weight * prior loss (the paper's eq. 2). The batch holds the instance examples first
+    and the class examples after them. Returns (loss, instance_loss, prior_loss); the prior loss is 0 without class
+    examples."""
+    per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
+    if weights is not None:
+        per_example = per_example * weights
+    instance_loss = per_example[:num_instance].mean()
+    prior_loss = per_example[num_instance:].mean() if len(per_example) > num_instance else per_example.new_zeros(())
+    return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss
+
+
+def sample_noise(latents, offset_noise=False):
+    """Gaussian noise like the latents; with offset noise, plus 0.1 x a per-channel constant, which lets the model
+    learn to change an image's mean brightness (crosslabs.org/blog/diffusion-with-offset-noise)."""
+    noise = torch.randn_like(latents)
+    if offset_noise:
+        noise = noise + 0.1 * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype)
+    return noise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def preprocess(image, size, center_crop, random_flip, generator):
+    """Resize the short side to `size`, crop a square (centre or random), maybe flip; a CHW tensor in [-1, 1]."""
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = image.size
+    if center_crop:
+        left, top = (w - size) // 2, (h - size) // 2
+    else:
+        left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
+        top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + size, top + size))
+    if random_flip and torch.rand((), generator=generator) < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+class DreamBoothDataset(Dataset):
+    """Item i pairs instance example i (mod the number of instances) with class image i (mod the number of class
+    images); an epoch is as long as the larger set. Random crops and flips come from a generator seeded by
+    (seed, epoch, i), so they do not depend on worker count or scheduling."""
+
+    def __init__(self, instances, class_paths, class_prompt, tokenizer, size, center_crop, random_flip, seed):
+        self.instances, self.class_paths, self.class_prompt = instances, class_paths, class_prompt
+        self.tokenizer, self.size, self.center_crop, self.random_flip = tokenizer, size, center_crop, random_flip
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self):
+        return max(len(self.instances), len(self.class_paths))
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def tokenize(self, prompt):
+        return self.tokenizer(prompt, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
+                              return_tensors="pt").input_ids[0]
+
+    def __getitem__(self, i):
+        generator = torch.Generator().manual_seed(du.image_seed(self.seed, f"{self.epoch}:{i}"))
+        image, prompt = self.instances[i % len(self.instances)]
+        image = image if isinstance(image, Image.Image) else du.load_image(image)
+        example = {"instance_pixels": preprocess(image, self.size, self.center_crop, self.random_flip, generator),
+                   "instance_ids": self.tokenize(prompt)}
+        if self.class_paths:
+            image = du.load_image(self.class_paths[i % len(self.class_paths)])
+            example["class_pixels"] = preprocess(image, self.size, self.center_crop, self.random_flip, generator)
+            example["class_ids"] = self.tokenize(self.class_prompt)
+        return example
+
+
+def collate(examples):
+    """Instance examples first, then class examples, in one batch: one forward pass serves both losses."""
+    keys = [("instance_pixels", "instance_ids")] + ([("class_pixels", "class_ids")] if "class_pixels" in examples[0] else [])
+    pixels = [e[k] for k, _ in keys for e in examples]
+    ids = [e[k] for _, k in keys for e in examples]
+    return {"pixel_values": torch.stack(pixels).contiguous(memory_format=torch.contiguous_format),
+            "input_ids": torch.stack(ids)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+class DreamBoothModel(torch.nn.Module):
+    """The text encoder and the UNet as one module, so that one `accelerator.prepare` and one `accumulate` cover
+    both: gradient accumulation then works for the pair on any number of processes."""
+
+    def __init__(self, unet, text_encoder, train_text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder, self.train_text_encoder = unet, text_encoder, train_text_encoder
+
+    def forward(self, noisy_latents, timesteps, input_ids):
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            prompt_embeds = self.text_encoder(input_ids)[0]
+        return self.unet(noisy_latents, timesteps, prompt_embeds).sample
+
+
+def make_class_images(args, accelerator):
+    """Top the class folder up to --num_class_images with images from the base model (the code generate_priors.py
+    uses), sharded across processes by index."""
+    missing = du.missing_prior_indices(args.class_dir, args.num_class_images)
+    if not missing:
+        return
+    precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
+    accelerator.print(f"generating {len(missing)} class images in {args.class_dir} ({precision})")
+    pipe = du.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant,
+                            du.torch_dtype(precision), accelerator.device)
+    mine = missing[accelerator.process_index::accelerator.num_processes]
+    with tqdm(total=len(mine), desc="class images", disable=not accelerator.is_local_main_process) as bar:
+        du.generate_prior_images(pipe, args.class_prompt, args.class_dir, mine, seed=args.seed or 0,
+                                 batch_size=args.sample_batch_size, resolution=args.resolution, progress=bar)
+    del pipe
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    accelerator.wait_for_everyone()
+
+
+def save_pipeline(args, output_dir, **trained):
+    """The base pipeline with the trained modules swapped in, saved in safetensors. It is written to a temporary
+    folder and moved into place with model_index.json last, so a folder that has one holds a whole pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = du.from_pretrained(StableDiffusionPipeline, args.pretrained_model_name_or_path, revision=args.revision,
+                              variant=args.variant, **trained)
+    tmp = Path(output_dir) / ".pipeline.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for item in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
+        dest = Path(output_dir) / item.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+    tmp.rmdir()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # ---- check the input before anything loads
+    check_args(args)
+    instances = load_instance_examples(args)
+    if args.with_prior_preservation and Path(args.class_dir).exists():
+        du.list_images(args.class_dir, "class image")  # names a corrupt class image now, not mid-run
+
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_snr
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.seed is not None:
+        set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # ---- class images for prior preservation
+    if args.with_prior_preservation:
+        make_class_images(args, accelerator)
+        class_paths = du.list_images(args.class_dir, "class image", check=False)[: args.num_class_images]
+        if not class_paths:
+            du.fail(f"no images in class folder {args.class_dir}")
+    else:
+        class_paths = []
+
+    # ---- models: VAE frozen, UNet trained, text encoder trained or frozen
+    model_kw = dict(revision=args.revision)
+    if args.tokenizer_name:
+        tokenizer = du.from_pretrained(AutoTokenizer, args.tokenizer_name, **model_kw)
+    else:
+        tokenizer = du.from_pretrained(AutoTokenizer, args.pretrained_model_name_or_path, subfolder="tokenizer", **model_kw)
+    # The training noise schedule is the model's own scheduler config read as DDPM: same betas, same prediction type.
+    noise_scheduler = du.from_pretrained(DDPMScheduler, args.pretrained_model_name_or_path, subfolder="scheduler", **model_kw)
+    model_kw["variant"] = args.variant
+    # important! Frozen modules load in the half-precision weight dtype; trainable ones stay fp32, or the fp16 grad
+    # scaler fails with "Attempting to unscale FP16 gradients".
+    weight_dtype = du.torch_dtype(accelerator.mixed_precision)
+    text_encoder = du.from_pretrained(CLIPTextModel, args.pretrained_model_name_or_path, subfolder="text_encoder",
+                                      dtype=torch.float32 if args.train_text_encoder else weight_dtype, **model_kw)
+    vae = du.from_pretrained(AutoencoderKL, args.pretrained_model_name_or_path, subfolder="vae", dtype=weight_dtype, **model_kw)
+    unet = du.from_pretrained(UNet2DConditionModel, args.pretrained_model_name_or_path, subfolder="unet",
+                              dtype=torch.float32, **model_kw)
+    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        du.fail(f"the model's scheduler predicts {noise_scheduler.config.prediction_type!r}; supported: {PREDICTION_TYPES}")
+    vae.requires_grad_(False).eval().to(accelerator.device)
+    text_encoder.requires_grad_(args.train_text_encoder)
+    if not args.train_text_encoder:
+        text_encoder.eval().to(accelerator.device)
+    unet.requires_grad_(True)
+    if args.enable_xformers_memory_efficient_attention:
+        du.enable_xformers(unet)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    model = DreamBoothModel(unet, text_encoder, args.train_text_encoder)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # ---- optimizer, data, schedule
+    global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    if args.scale_lr:
+        args.learning_rate *= global_batch
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    dataset = DreamBoothDataset(instances, class_paths, args.class_prompt, tokenizer, args.resolution,
+                                args.center_crop, args.random_flip, args.seed or 0)
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
+                                             num_workers=args.dataloader_num_workers)
+    # Steps per epoch after sharding across processes; the schedule is stepped once per process per optimizer step.
+    steps_per_epoch = math.ceil(math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+
+    # ---- the run records itself
+    config = {**vars(args), "num_instance_images": len(instances), "num_class_images_used": len(class_paths),
+              "num_processes": accelerator.num_processes, "mixed_precision_resolved": accelerator.mixed_precision,
+              "global_batch_size": global_batch, "total_optimizer_steps": max_train_steps, "num_epochs": num_epochs,
+              "prediction_type": noise_scheduler.config.prediction_type,
+              "trainable_parameters": sum(p.numel() for p in params)}
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        du.write_json(Path(args.output_dir, "run_config.json"), du.run_record(config, __file__))
+        tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+    accelerator.print(
+        f"DreamBooth: {len(instances)} instance images, {len(class_paths)} class images, "
+        f"{accelerator.num_processes} process(es), global batch {global_batch} "
+        f"({args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes}), "
+        f"{max_train_steps} optimizer steps, {config['trainable_parameters']:,} trainable parameters, "
+        f"{accelerator.mixed_precision} precision, {config['prediction_type']} target")
+
+    # ---- training loop
+    global_step = 0
+    progress = tqdm(total=max_train_steps, desc="steps", disable=not accelerator.is_local_main_process)
+    step_losses, micro_steps, grad_norm, t0 = torch.zeros(3, device=accelerator.device), 0, None, time.perf_counter()
+    for epoch in range(num_epochs):
+        dataset.set_epoch(epoch)
+        model.train()
+        for batch in dataloader:
+            with accelerator.accumulate(model):
+                # encode: images -> latents with the frozen VAE
+                with torch.no_grad():
+                    latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
+                    latents = latents * vae.config.scaling_factor
+                # forward diffusion: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at a random timestep per example
+                noise = sample_noise(latents, args.offset_noise)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          device=latents.device).long()
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                # predict and compare: instance loss + lambda * prior loss
+                model_pred = model(noisy_latents, timesteps, batch["input_ids"])
+                target = noise_target(noise_scheduler, latents, noise, timesteps)
+                weights = None
+                if args.snr_gamma:
+                    weights = min_snr_weights(compute_snr(noise_scheduler, timesteps), args.snr_gamma,
+                                              noise_scheduler.config.prediction_type)
+                num_instance = latents.shape[0] // 2 if class_paths else latents.shape[0]
+                loss, instance_loss, prior_loss = dreambooth_loss(model_pred, target, num_instance,
+                                                                  args.prior_loss_weight, weights)
+                # backward and update (accelerate skips the update until the last micro-batch of a step)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+                step_losses += torch.stack([loss, instance_loss, prior_loss]).detach()
+                micro_steps += 1
+            if not accelerator.sync_gradients:
+                continue
+            # ---- end of an optimizer step: log the mean over micro-batches and processes
+            global_step += 1
+            mean = (accelerator.reduce(step_losses, reduction="mean") / micro_steps).tolist()
+            logs = {"loss": mean[0], "instance_loss": mean[1], "lr": lr_scheduler.get_last_lr()[0],
+                    "seconds_per_step": time.perf_counter() - t0}
+            if class_paths:
+                logs["prior_loss"] = mean[2]
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            accelerator.log(logs, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{logs['lr']:.2e}")
+            step_losses.zero_()
+            micro_steps, t0 = 0, time.perf_counter()
+            if global_step >= max_train_steps:
+                break
+        if global_step >= max_train_steps:
+            break
+    progress.close()
+
+    # ---- save the pipeline: the trained modules in fp32; the frozen ones are re-read from the base model
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(model)
+        modules = {"unet": trained.unet}
+        if args.train_text_encoder:
+            modules["text_encoder"] = trained.text_encoder
+        save_pipeline(args, args.output_dir, **modules)
+        accelerator.print(f"saved the fine-tuned pipeline to {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
