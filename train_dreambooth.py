@@ -291,7 +291,8 @@ class DreamBoothModel(torch.nn.Module):
     def forward(self, noisy_latents, timesteps, input_ids):
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             prompt_embeds = self.text_encoder(input_ids)[0]
-        return self.unet(noisy_latents, timesteps, prompt_embeds).sample
+        # a frozen text encoder runs in the half-precision weight dtype; the UNet's inputs share one dtype
+        return self.unet(noisy_latents, timesteps, prompt_embeds.to(noisy_latents.dtype)).sample
 
 
 def make_class_images(args, accelerator):
@@ -401,7 +402,8 @@ def main(argv=None):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            # transformers 5 renamed gradient_checkpointing_enable; take whichever this version has
+            getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
     model = DreamBoothModel(unet, text_encoder, args.train_text_encoder)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -461,7 +463,7 @@ def main(argv=None):
                 # encode: images -> latents with the frozen VAE
                 with torch.no_grad():
                     latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
-                    latents = latents * vae.config.scaling_factor
+                    latents = latents.float() * vae.config.scaling_factor  # noise, target and loss in fp32
                 # forward diffusion: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at a random timestep per example
                 noise = sample_noise(latents, args.offset_noise)
                 timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny Stable Diffusion pipeline written to disk with save_pretrained (loaded back by the scripts
+through the real from_pretrained path), a few subject photos, and a helper that runs a script as a user would."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import make_tiny_model  # noqa: E402
+
+
+def script_env(tmp_home):
+    env = dict(os.environ)
+    # No hub, no tracker service, and no user accelerate config that could change the launch.
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_home), WANDB_MODE="offline", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def hf_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("hf_home")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return str(make_tiny_model.make_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_v(tmp_path_factory):
+    return str(make_tiny_model.make_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd-v"), "v_prediction"))
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    make_tiny_model.make_sample_photos(str(folder), n=4, size=72)
+    return str(folder)
+
+
+@pytest.fixture
+def run(hf_home):
+    """run(script, *args, launch=True): the script as a subprocess, through `accelerate launch` (one CPU process)
+    or plain `python`. Returns the CompletedProcess with stdout and stderr as text."""
+
+    def _run(script, *args, launch=True, check=True, env=None):
+        cmd = [sys.executable]
+        if launch:
+            cmd += ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd += [str(ROOT / script), *map(str, args)]
+        proc = subprocess.run(cmd, cwd=ROOT, env={**script_env(hf_home), **(env or {})}, capture_output=True, text=True,
+                              timeout=900)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                                 f"--- stderr\n{proc.stderr[-8000:]}")
+        return proc
+
+    return _run
