@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# No model hub here: set before huggingface_hub is imported, for the in-process tests too.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -48,14 +51,14 @@ def photos(tmp_path_factory):
 
 @pytest.fixture
 def run(hf_home):
-    """run(script, *args, launch=True): the script as a subprocess, through `accelerate launch` (one CPU process)
+    """run(script, *args, launch=True, quiet=False): the script as a subprocess, through `accelerate launch` (one CPU process)
     or plain `python`. Returns the CompletedProcess with stdout and stderr as text."""
 
-    def _run(script, *args, launch=True, check=True, env=None):
+    def _run(script, *args, launch=True, quiet=False, check=True, env=None):
         cmd = [sys.executable]
         if launch:
             cmd += ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no"]
+                    "--mixed_precision", "no", "--dynamo_backend", "no"] + (["--quiet"] if quiet else [])
         cmd += [str(ROOT / script), *map(str, args)]
         proc = subprocess.run(cmd, cwd=ROOT, env={**script_env(hf_home), **(env or {})}, capture_output=True, text=True,
                               timeout=900)

@@ -1,0 +1,146 @@
+"""Bad input: one line that names the problem and the path, a non-zero exit, no traceback, nothing written."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import train_dreambooth
+
+
+@pytest.fixture
+def case(tmp_path, tiny_model, photos):
+    """Arguments of a valid run, with an output folder that does not exist yet."""
+    inst = tmp_path / "photos"
+    shutil.copytree(photos, inst)
+    out = tmp_path / "out"
+    args = {"--pretrained_model_name_or_path": tiny_model, "--instance_dir": str(inst),
+            "--instance_prompt": "a photo of sks dog", "--output_dir": str(out), "--resolution": "64"}
+    return args, inst, out
+
+
+def argv(args, *flags):
+    return [x for kv in args.items() for x in kv] + list(flags)
+
+
+def refuse(args, *flags):
+    """Run main() and return its one-line error; the output folder must not have been created."""
+    with pytest.raises(SystemExit) as e:
+        train_dreambooth.main(argv(args, *flags))
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_missing_instance_folder(case):
+    args, inst, out = case
+    args["--instance_dir"] = str(inst / "nope")
+    assert refuse(args) == f"error: instance image folder not found: {inst / 'nope'}"
+    assert not out.exists()
+
+
+def test_empty_instance_folder(case):
+    args, inst, out = case
+    shutil.rmtree(inst)
+    inst.mkdir()
+    assert refuse(args) == f"error: no images in instance folder {inst}"
+    assert not out.exists()
+
+
+def test_folder_of_non_images_is_skipped_then_empty(case, capsys):
+    args, inst, out = case
+    shutil.rmtree(inst)
+    inst.mkdir()
+    (inst / "readme.md").write_text("hello")
+    assert refuse(args) == f"error: no images in instance folder {inst}"
+    assert "readme.md" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_corrupt_instance_image_is_named(case):
+    args, inst, out = case
+    (inst / "photo_2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert refuse(args).startswith(f"error: cannot read image {inst / 'photo_2.png'}")
+    assert not out.exists()
+
+
+def test_corrupt_class_image_is_named(case, tmp_path):
+    args, inst, out = case
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "dog.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    message = refuse(args, "--with_prior_preservation", "--class_dir", str(tmp_path / "cls"), "--class_prompt", "a dog")
+    assert message.startswith(f"error: cannot read image {tmp_path / 'cls' / 'dog.jpg'}")
+    assert not out.exists()
+
+
+def test_prior_preservation_needs_a_class_prompt(case, tmp_path):
+    args, inst, out = case
+    message = refuse(args, "--with_prior_preservation", "--class_dir", str(tmp_path / "cls"))
+    assert "--with_prior_preservation needs --class_prompt" in message
+    assert not out.exists() and not (tmp_path / "cls").exists()
+
+
+def test_model_path_that_does_not_exist(case, tmp_path):
+    args, inst, out = case
+    args["--pretrained_model_name_or_path"] = str(tmp_path / "no-such-model")
+    assert refuse(args) == f"error: model not found: {tmp_path / 'no-such-model'} (neither a local folder nor a hub id like 'org/name')"
+    assert not out.exists()
+
+
+def test_model_folder_without_a_unet(case, tmp_path, tiny_model):
+    args, inst, out = case
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    shutil.rmtree(broken / "unet")
+    args["--pretrained_model_name_or_path"] = str(broken)
+    assert refuse(args) == f"error: model folder {broken} has no unet subfolder: is it a diffusers pipeline folder?"
+    assert not out.exists()
+
+
+def test_hub_id_that_cannot_be_loaded_offline(case):
+    args, inst, out = case
+    args["--pretrained_model_name_or_path"] = "nobody-here/no-such-model"
+    message = refuse(args)
+    assert message.startswith("error: cannot load") and "nobody-here/no-such-model" in message
+    assert not out.exists()
+
+
+def test_xformers_without_cuda(case):
+    args, inst, out = case
+    assert "needs a CUDA GPU" in refuse(args, "--enable_xformers_memory_efficient_attention")
+    assert not out.exists()
+
+
+def test_instance_dir_and_dataset_name_conflict(case):
+    args, inst, out = case
+    assert "exactly one of --instance_dir and --dataset_name" in refuse(args, "--dataset_name", "some/dataset")
+
+
+def test_non_empty_output_folder_is_not_overwritten(case):
+    args, inst, out = case
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert refuse(args).startswith(f"error: output folder is not empty: {out}")
+    assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
+
+
+def test_unknown_mixed_precision_is_an_argparse_error(case, capsys):
+    args, inst, out = case
+    with pytest.raises(SystemExit) as e:
+        train_dreambooth.main(argv(args, "--mixed_precision", "fp8"))
+    assert e.value.code == 2
+    assert "argument --mixed_precision: invalid choice: 'fp8'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("launch", [False, True], ids=["python", "accelerate-launch-quiet"])
+def test_the_error_reaches_the_shell_as_one_line(run, case, launch):
+    args, inst, out = case
+    args["--instance_dir"] = str(inst / "nope")
+    # accelerate's launcher adds its own traceback for a failed child unless --quiet (-q) is given
+    proc = run("train_dreambooth.py", *argv(args), launch=launch, quiet=True, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: instance image folder not found: {inst / 'nope'}"
+    assert not out.exists()
