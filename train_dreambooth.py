@@ -102,6 +102,9 @@ def parse_args(argv=None):
                    help="experiment tracker(s), through accelerate")
     g.add_argument("--tracker_project_name", default="dreambooth", help="project name in the tracker")
     g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
+    g.add_argument("--push_to_hub", action="store_true", help="upload the trained pipeline to the Hugging Face Hub")
+    g.add_argument("--hub_model_id", default=None, help="hub repository (default: the --output_dir folder name)")
+    g.add_argument("--hub_token", default=None, help="hub token (default: the saved `hf auth login` token)")
     return p.parse_args(argv)
 
 
@@ -136,6 +139,11 @@ def check_args(args):
             import wandb  # noqa: F401
         except ImportError:
             du.fail(f"--report_to {args.report_to} needs wandb: pip install wandb")
+    if args.push_to_hub:
+        from huggingface_hub import get_token
+
+        if not (args.hub_token or get_token()):
+            du.fail("--push_to_hub needs a Hugging Face login: run `hf auth login` or pass --hub_token")
     out = Path(args.output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite_output_dir:
         du.fail(f"output folder is not empty: {out} (choose another --output_dir or pass --overwrite_output_dir)")
@@ -334,6 +342,20 @@ def save_pipeline(args, output_dir, **trained):
     tmp.rmdir()
 
 
+def push_to_hub(args):
+    """Upload the output folder (pipeline and run record, not the logs) to a hub model repository."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    try:
+        repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
+                      commit_message="DreamBooth fine-tune", ignore_patterns=[f"{args.logging_dir}/**", ".*"])
+    except Exception as e:  # network, auth or permission: the local pipeline is saved either way
+        du.fail(f"the pipeline is saved in {args.output_dir}, but pushing it to {repo_id} failed: {e}")
+    print(f"pushed {args.output_dir} to the hub as {repo_id}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -449,7 +471,7 @@ def main(argv=None):
         f"{accelerator.num_processes} process(es), global batch {global_batch} "
         f"({args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes}), "
         f"{max_train_steps} optimizer steps, {config['trainable_parameters']:,} trainable parameters, "
-        f"{accelerator.mixed_precision} precision, {config['prediction_type']} target")
+        f"mixed precision {accelerator.mixed_precision}, {config['prediction_type']} target")
 
     # ---- training loop
     global_step = 0
@@ -519,6 +541,8 @@ def main(argv=None):
             modules["text_encoder"] = trained.text_encoder
         save_pipeline(args, args.output_dir, **modules)
         accelerator.print(f"saved the fine-tuned pipeline to {args.output_dir}")
+        if args.push_to_hub:
+            push_to_hub(args)
     accelerator.end_training()
 
 

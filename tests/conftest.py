@@ -51,13 +51,15 @@ def photos(tmp_path_factory):
 
 @pytest.fixture
 def run(hf_home):
-    """run(script, *args, launch=True, quiet=False): the script as a subprocess, through `accelerate launch` (one CPU process)
-    or plain `python`. Returns the CompletedProcess with stdout and stderr as text."""
+    """run(script, *args, launch=True, quiet=False): the script as a subprocess, through `accelerate launch` (one CPU
+    process, or the launcher flags given as a list) or plain `python` (launch=False). Returns the CompletedProcess with
+    stdout and stderr as text."""
 
     def _run(script, *args, launch=True, quiet=False, check=True, env=None):
         cmd = [sys.executable]
         if launch:
-            cmd += ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            flags = launch if isinstance(launch, list) else ["--num_processes", "1"]
+            cmd += ["-m", "accelerate.commands.launch", *map(str, flags), "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no"] + (["--quiet"] if quiet else [])
         cmd += [str(ROOT / script), *map(str, args)]
         proc = subprocess.run(cmd, cwd=ROOT, env={**script_env(hf_home), **(env or {})}, capture_output=True, text=True,

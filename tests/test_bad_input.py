@@ -117,6 +117,17 @@ def test_instance_dir_and_dataset_name_conflict(case):
     assert "exactly one of --instance_dir and --dataset_name" in refuse(args, "--dataset_name", "some/dataset")
 
 
+def test_push_to_hub_without_a_login(case, monkeypatch, tmp_path):
+    args, inst, out = case
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert "--push_to_hub needs a Hugging Face login" in refuse(args, "--push_to_hub")
+    assert not out.exists()
+
+
 def test_non_empty_output_folder_is_not_overwritten(case):
     args, inst, out = case
     out.mkdir()

@@ -120,3 +120,17 @@ def test_unet_only_from_a_local_imagefolder_dataset(run, tiny_model, photos, tmp
     assert changed_fraction(weights(tiny_model, "text_encoder"), weights(out, "text_encoder")) == 0
     assert changed_fraction(weights(tiny_model, "vae"), weights(out, "vae")) == 0
     assert not (out / "logs").exists()
+
+
+def test_two_processes_train_unet_and_text_encoder_with_accumulation(run, tiny_model, photos, tmp_path):
+    # ACCELERATE_USE_CPU joins two CPU processes with gloo; without it each process would silently run alone, so the
+    # test checks that the script saw both.
+    out = tmp_path / "out"
+    proc = run("train_dreambooth.py", *train_args(tiny_model, photos, out, "--train_text_encoder",
+                                                  "--gradient_accumulation_steps", 2, "--max_train_steps", 2,
+                                                  "--train_batch_size", 1),
+               launch=["--multi_gpu", "--num_processes", 2], env={"ACCELERATE_USE_CPU": "true"})
+    assert "2 process(es), global batch 4 (1 per device x 2 accumulation x 2)" in proc.stdout
+    assert json.loads((out / "run_config.json").read_text())["config"]["num_processes"] == 2
+    generates(out)
+    assert changed_fraction(weights(tiny_model, "text_encoder"), weights(out, "text_encoder")) > 0.5
