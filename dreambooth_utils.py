@@ -296,3 +296,39 @@ def write_json(path, obj):
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training checkpoints: `checkpoint-N` folders written by accelerate's save_state, renamed into place when complete
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# what accelerate's save_state writes for our one model, optimizer, schedule and trainer state, plus our run record
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
+                    "custom_checkpoint_0.pkl", "run_config.json")
+
+
+def list_checkpoints(output_dir):
+    """(step, path) of the finished checkpoints in a run folder, oldest first. Unfinished ones (`*.tmp`) don't match."""
+    folder = Path(output_dir)
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT.match(p.name)) and p.is_dir()] \
+        if folder.is_dir() else []
+    return sorted(found)
+
+
+def check_checkpoint(path):
+    """Refuse a folder that is not a whole checkpoint, before anything loads; return the run record it carries."""
+    path = Path(path)
+    if not path.is_dir():
+        fail(f"checkpoint not found: {path}")
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if not missing:
+        try:
+            record = json.loads((path / "run_config.json").read_text())
+            num_processes = record["config"]["num_processes"]
+        except (ValueError, KeyError, TypeError):
+            fail(f"{path} is not a complete training checkpoint (unreadable run_config.json)")
+        # every process saved its own random state
+        missing = [f"random_states_{i}.pkl" for i in range(num_processes) if not (path / f"random_states_{i}.pkl").is_file()]
+    if missing:
+        fail(f"{path} is not a complete training checkpoint (missing {', '.join(missing)})")
+    return record

@@ -15,6 +15,7 @@ import gc
 import math
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def parse_args(argv=None):
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
     g.add_argument("--offset_noise", action="store_true", help="add offset noise (crosslabs.org/blog/diffusion-with-offset-noise)")
     g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR loss weighting gamma, 5.0 is usual (arxiv 2303.09556)")
-    g.add_argument("--seed", type=int, default=None, help="seed for reproducible training")
+    g.add_argument("--seed", type=int, default=None, help="seed (default: drawn at random and recorded in run_config.json)")
 
     g = p.add_argument_group("precision and memory")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
@@ -94,6 +95,17 @@ def parse_args(argv=None):
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention (CUDA only); PyTorch SDPA is used otherwise")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
+
+    g = p.add_argument_group("checkpoints and exports")
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="save the full training state (accelerate's save_state) every N optimizer steps")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest K checkpoints")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' (the newest checkpoint in --output_dir, or a fresh start if there is none) or a path")
+    g.add_argument("--export_steps", type=int, default=None,
+                   help="also write an inference pipeline (export-N) every N optimizer steps")
+    g.add_argument("--exports_total_limit", type=int, default=None, help="keep only the newest K exports")
+    g.add_argument("--export_precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="weights of the exports")
 
     g = p.add_argument_group("output and logging")
     g.add_argument("--output_dir", default="dreambooth-model", help="where the trained pipeline and run record go")
@@ -144,9 +156,23 @@ def check_args(args):
 
         if not (args.hub_token or get_token()):
             du.fail("--push_to_hub needs a Hugging Face login: run `hf auth login` or pass --hub_token")
+    for name in ("checkpointing_steps", "checkpoints_total_limit", "export_steps", "exports_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            du.fail(f"--{name} must be at least 1")
     out = Path(args.output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite_output_dir:
-        du.fail(f"output folder is not empty: {out} (choose another --output_dir or pass --overwrite_output_dir)")
+    args.resume_record = None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = du.list_checkpoints(out)
+        if checkpoints:
+            args.resume_from_checkpoint = str(checkpoints[-1][1])
+        else:  # the same command can start a preemptible job and restart it
+            du.note(f"no checkpoint in {out} yet: starting a new run")
+            args.resume_from_checkpoint = None
+    if args.resume_from_checkpoint:
+        args.resume_record = du.check_checkpoint(args.resume_from_checkpoint)
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite_output_dir:
+        hint = "--resume_from_checkpoint latest to continue it, " if du.list_checkpoints(out) else ""
+        du.fail(f"output folder is not empty: {out} (pass {hint}another --output_dir, or --overwrite_output_dir)")
 
 
 def load_instance_examples(args):
@@ -324,13 +350,16 @@ def make_class_images(args, accelerator):
     accelerator.wait_for_everyone()
 
 
-def save_pipeline(args, output_dir, **trained):
-    """The base pipeline with the trained modules swapped in, saved in safetensors. It is written to a temporary
-    folder and moved into place with model_index.json last, so a folder that has one holds a whole pipeline."""
+def save_pipeline(args, output_dir, dtype, trained):
+    """The base pipeline in `dtype` with the trained weights copied in (cast on the way), saved in safetensors. It is
+    written to a temporary folder and moved into place with model_index.json last, so a folder that has one holds a
+    whole pipeline."""
     from diffusers import StableDiffusionPipeline
 
     pipe = du.from_pretrained(StableDiffusionPipeline, args.pretrained_model_name_or_path, revision=args.revision,
-                              variant=args.variant, **trained)
+                              variant=args.variant, dtype=dtype)
+    for name, module in trained.items():
+        getattr(pipe, name).load_state_dict(module.state_dict())
     tmp = Path(output_dir) / ".pipeline.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
@@ -357,6 +386,77 @@ def push_to_hub(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: the whole training state through accelerate, so that a resumed run is bit-identical to one that was
+# never interrupted (same batches, same noise, same weights)
+
+
+class TrainState:
+    """Where the loop is. Saved in every checkpoint by accelerate's register_for_checkpointing, beside the model,
+    optimizer, schedule, gradient scaler and the random state of every process."""
+
+    def __init__(self):
+        self.global_step, self.epoch, self.batches_in_epoch = 0, 0, 0
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        vars(self).update(state)
+
+
+# Settings whose change cannot alter the trained weights; a resume warns about any other change.
+RESUME_HARMLESS = {"output_dir", "overwrite_output_dir", "logging_dir", "report_to", "tracker_project_name",
+                   "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "resume_record",
+                   "export_steps", "exports_total_limit", "export_precision", "dataloader_num_workers",
+                   "gradient_checkpointing", "set_grads_to_none", "push_to_hub", "hub_model_id", "hub_token",
+                   "sample_batch_size", "prior_generation_precision"}
+
+
+def changed_settings(saved, current):
+    return sorted(k for k in current if k not in RESUME_HARMLESS and k in saved and saved[k] != current[k])
+
+
+def remove_oldest(output_dir, prefix, keep):
+    """Keep the newest `keep` finished `prefix-N` folders. Rotation happens after the new one is complete, so an
+    interrupted save never costs the previous checkpoint (accelerate's own rotation deletes first)."""
+    folders = sorted((int(p.name.split("-")[1]), p) for p in Path(output_dir).glob(f"{prefix}-*")
+                     if p.is_dir() and p.name.split("-")[1].isdigit())
+    for _, folder in folders[:-keep] if keep else []:
+        shutil.rmtree(folder)
+
+
+def save_checkpoint(accelerator, args, state, record):
+    """accelerate's save_state into checkpoint-N.tmp on every process, then a rename: `latest` only ever sees
+    finished checkpoints."""
+    final = Path(args.output_dir, f"checkpoint-{state.global_step}")
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        du.write_json(tmp / "run_config.json", record)  # a checkpoint carries its config (resume, infer.py)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        remove_oldest(args.output_dir, "checkpoint", args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def export_pipeline(accelerator, args, model, step):
+    """An inference-ready pipeline (export-N, --export_precision) beside the checkpoints; infer.py loads it."""
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(model)
+        modules = {"unet": trained.unet, **({"text_encoder": trained.text_encoder} if args.train_text_encoder else {})}
+        folder = Path(args.output_dir, f"export-{step}")
+        folder.mkdir(exist_ok=True)
+        save_pipeline(args, folder, du.torch_dtype(args.export_precision), modules)
+        remove_oldest(args.output_dir, "export", args.exports_total_limit)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -367,22 +467,32 @@ def main(argv=None):
     if args.with_prior_preservation and Path(args.class_dir).exists():
         du.list_images(args.class_dir, "class image")  # names a corrupt class image now, not mid-run
 
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import compute_snr
     from transformers import AutoTokenizer, CLIPTextModel
 
+    if args.seed is None and args.resume_record:  # a resumed run keeps its seed
+        args.seed = args.resume_record["config"]["seed"]
+    if args.seed is None:  # an unseeded run still records the seed it used, so it can be resumed and repeated
+        args.seed = int.from_bytes(os.urandom(3), "little")
+        if PartialState().num_processes > 1:
+            args.seed = broadcast_object_list([args.seed])[0]
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # the shuffle order of epoch e is a function of (seed, e) alone: a resumed run can replay it
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    if args.seed is not None:
-        set_seed(args.seed)
+    # each process draws its own noise and timesteps (seed + process index)
+    set_seed(args.seed, device_specific=True)
+    if args.overwrite_output_dir and not args.resume_from_checkpoint and accelerator.is_main_process:
+        for _, stale in du.list_checkpoints(args.output_dir):  # or `latest` and the rotation would mix two runs
+            shutil.rmtree(stale)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -443,8 +553,11 @@ def main(argv=None):
                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     dataset = DreamBoothDataset(instances, class_paths, args.class_prompt, tokenizer, args.resolution,
                                 args.center_crop, args.random_flip, args.seed or 0)
+    # important! The loader gets its own generator: by default each new iterator draws a seed from the global
+    # torch RNG, and a resumed run (which starts a new iterator mid-epoch) would then draw different noise.
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
-                                             num_workers=args.dataloader_num_workers)
+                                             num_workers=args.dataloader_num_workers,
+                                             generator=torch.Generator().manual_seed(args.seed))
     # Steps per epoch after sharding across processes; the schedule is stepped once per process per optimizer step.
     steps_per_epoch = math.ceil(math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -454,16 +567,34 @@ def main(argv=None):
                                  num_training_steps=max_train_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
 
     # ---- the run records itself
     config = {**vars(args), "num_instance_images": len(instances), "num_class_images_used": len(class_paths),
               "num_processes": accelerator.num_processes, "mixed_precision_resolved": accelerator.mixed_precision,
               "global_batch_size": global_batch, "total_optimizer_steps": max_train_steps, "num_epochs": num_epochs,
               "prediction_type": noise_scheduler.config.prediction_type,
-              "trainable_parameters": sum(p.numel() for p in params)}
+              "trainable_parameters": sum(p.numel() for p in params),
+              "instance_images": [str(image) if isinstance(image, Path) else f"{args.dataset_name}[{i}]"
+                                  for i, (image, _) in enumerate(instances)]}
+    del config["resume_record"]
+    record = du.run_record(config, __file__)
+    if args.resume_from_checkpoint:
+        changed = changed_settings(args.resume_record["config"], config)
+        if changed:
+            du.note(f"resuming with changed settings ({', '.join(changed)}): the result will differ from an "
+                    "uninterrupted run")
+        try:
+            accelerator.load_state(args.resume_from_checkpoint)
+        except Exception as e:
+            du.fail(f"cannot load checkpoint {args.resume_from_checkpoint}: {str(e).strip().splitlines()[0]}")
+        # important! the loaded weights are copied into the fp32 trainable parameters: fp16 grads can't appear
+        assert all(p.dtype == torch.float32 for p in params)
+        accelerator.print(f"resumed from {args.resume_from_checkpoint} at step {state.global_step}")
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        du.write_json(Path(args.output_dir, "run_config.json"), du.run_record(config, __file__))
+        du.write_json(Path(args.output_dir, "run_config.json"), record)
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
     accelerator.print(
@@ -473,14 +604,30 @@ def main(argv=None):
         f"{max_train_steps} optimizer steps, {config['trainable_parameters']:,} trainable parameters, "
         f"mixed precision {accelerator.mixed_precision}, {config['prediction_type']} target")
 
+    # ---- SIGTERM (clusters, spot instances) or Ctrl-C: finish the optimizer step, save a checkpoint, exit 0
+    stop_signal = []
+
+    def request_stop(signum, frame):
+        stop_signal.append(signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
+
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
     # ---- training loop
-    global_step = 0
-    progress = tqdm(total=max_train_steps, desc="steps", disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=max_train_steps, initial=state.global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
     step_losses, micro_steps, grad_norm, t0 = torch.zeros(3, device=accelerator.device), 0, None, time.perf_counter()
-    for epoch in range(num_epochs):
+    for epoch in range(state.epoch, num_epochs):
+        if state.global_step >= max_train_steps:
+            break
+        state.epoch = epoch
         dataset.set_epoch(epoch)
         model.train()
-        for batch in dataloader:
+        # the epoch's batch order is a function of (seed, epoch); a resumed run skips the batches already used
+        loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch) if state.batches_in_epoch else dataloader
+        loader.set_epoch(epoch)
+        for batch in loader:
+            state.batches_in_epoch += 1
             with accelerator.accumulate(model):
                 # encode: images -> latents with the frozen VAE
                 with torch.no_grad():
@@ -512,34 +659,51 @@ def main(argv=None):
                 micro_steps += 1
             if not accelerator.sync_gradients:
                 continue
-            # ---- end of an optimizer step: log the mean over micro-batches and processes
-            global_step += 1
-            mean = (accelerator.reduce(step_losses, reduction="mean") / micro_steps).tolist()
+            # ---- end of an optimizer step: log the mean over micro-batches and processes (one reduce, which also
+            # tells every process whether any of them was asked to stop)
+            state.global_step += 1
+            stop_flag = torch.tensor([float(bool(stop_signal))], device=accelerator.device)
+            mean = accelerator.reduce(torch.cat([step_losses / micro_steps, stop_flag]), reduction="mean").tolist()
             logs = {"loss": mean[0], "instance_loss": mean[1], "lr": lr_scheduler.get_last_lr()[0],
                     "seconds_per_step": time.perf_counter() - t0}
             if class_paths:
                 logs["prior_loss"] = mean[2]
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
-            accelerator.log(logs, step=global_step)
+            accelerator.log(logs, step=state.global_step)
             progress.update(1)
             progress.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{logs['lr']:.2e}")
             step_losses.zero_()
-            micro_steps, t0 = 0, time.perf_counter()
-            if global_step >= max_train_steps:
+            micro_steps = 0
+            # ---- checkpoint, export, stop
+            stop = mean[3] > 0
+            if state.global_step % args.checkpointing_steps == 0 or stop:
+                checkpoint = save_checkpoint(accelerator, args, state, record)
+            if args.export_steps and state.global_step % args.export_steps == 0:
+                export_pipeline(accelerator, args, model, state.global_step)
+            if stop:
+                progress.close()
+                accelerator.print(f"stopped by {stop_signal[0] if stop_signal else 'a signal to another process'} "
+                                  f"after step {state.global_step}; the training state is in {checkpoint}. Continue "
+                                  "with the same command plus --resume_from_checkpoint latest")
+                accelerator.end_training()
+                for sig, handler in previous_handlers.items():
+                    signal.signal(sig, handler)
+                return
+            t0 = time.perf_counter()
+            if state.global_step >= max_train_steps:
                 break
-        if global_step >= max_train_steps:
-            break
+        state.batches_in_epoch = 0
     progress.close()
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
 
     # ---- save the pipeline: the trained modules in fp32; the frozen ones are re-read from the base model
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(model)
-        modules = {"unet": trained.unet}
-        if args.train_text_encoder:
-            modules["text_encoder"] = trained.text_encoder
-        save_pipeline(args, args.output_dir, **modules)
+        modules = {"unet": trained.unet, **({"text_encoder": trained.text_encoder} if args.train_text_encoder else {})}
+        save_pipeline(args, args.output_dir, torch.float32, modules)
         accelerator.print(f"saved the fine-tuned pipeline to {args.output_dir}")
         if args.push_to_hub:
             push_to_hub(args)

@@ -155,3 +155,20 @@ def test_the_error_reaches_the_shell_as_one_line(run, case, launch):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: instance image folder not found: {inst / 'nope'}"
     assert not out.exists()
+
+
+def test_resume_from_a_missing_or_partial_checkpoint(case):
+    args, inst, out = case
+    assert refuse(args, "--resume_from_checkpoint", str(out / "nope")) == f"error: checkpoint not found: {out / 'nope'}"
+    partial = out / "checkpoint-3"
+    partial.mkdir(parents=True)
+    (partial / "run_config.json").write_text("{}")
+    message = refuse(args, "--resume_from_checkpoint", str(partial))
+    assert message.startswith(f"error: {partial} is not a complete training checkpoint (missing model.safetensors")
+    assert [p.name for p in out.iterdir()] == ["checkpoint-3"]
+
+
+def test_a_folder_with_checkpoints_points_to_resume(case):
+    args, inst, out = case
+    (out / "checkpoint-3").mkdir(parents=True)
+    assert "pass --resume_from_checkpoint latest to continue it" in refuse(args)
