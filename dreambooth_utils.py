@@ -186,15 +186,78 @@ def add_model_args(parser):
 # Class-prior images (used by generate_priors.py, and by train_dreambooth.py when the class folder is short)
 
 
+def partial_state():
+    """accelerate's PartialState, honouring ACCELERATE_USE_CPU as Accelerator does (PartialState alone does not, and
+    processes launched on a machine without GPUs would then each run alone)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def image_seed(seed, index):
-    """The seed of image `index`: a function of (seed, index) alone, so the set does not depend on batch size or on
-    how many processes share the work."""
+    """The seed of image `index`: a function of (seed, index) alone, so the set does not depend on how many processes
+    share the work."""
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+PRIOR_MANIFEST = "manifest.json"
+# What makes a set of class images: the same values give the same bytes. The first five name the model and prompt.
+PRIOR_SETTINGS = ("pretrained_model_name_or_path", "revision", "variant", "unet_sha256", "class_prompt",
+                  "negative_prompt", "scheduler", "num_inference_steps", "guidance_scale", "resolution", "seed",
+                  "precision", "sample_batch_size")
+
+
 def prior_image_name(index):
     return f"{index:06d}.png"
+
+
+def unet_fingerprint(name_or_path, revision=None):
+    """sha256 of a local model's UNet weight files, or the commit of a hub model's cached snapshot (None if it is not
+    cached yet): a folder of class images made by another model, even one under the same path, is then told apart."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted((path / "unet").iterdir()):
+            if f.suffix in (".safetensors", ".bin"):
+                with open(f, "rb") as stream:
+                    while chunk := stream.read(1 << 24):
+                        digest.update(chunk)
+        return digest.hexdigest()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return "commit " + Path(snapshot_download(name_or_path, revision=revision, local_files_only=True)).name
+    except Exception:
+        return None
+
+
+def read_prior_manifest(class_dir):
+    path = Path(class_dir, PRIOR_MANIFEST)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["settings"]
+    except (ValueError, KeyError, TypeError):
+        fail(f"unreadable class-image manifest {path} (delete it, or use another class folder)")
+
+
+def check_prior_folder(class_dir, settings, must_match):
+    """Compare a class folder with its manifest: stop naming every field in `must_match` that differs; otherwise
+    return the settings to top it up with (the manifest's, so the new images belong to the same set). A folder of
+    images without a manifest is taken as it is (the user's own class photos)."""
+    old = read_prior_manifest(class_dir)
+    if old is None:
+        if Path(class_dir).is_dir() and list_images(class_dir, "class image", check=False):
+            note(f"{class_dir} has no {PRIOR_MANIFEST}: its images are used as they are")
+        return dict(settings)
+    differ = [f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in must_match
+              if old.get(k) != settings[k] and not (k == "unet_sha256" and None in (old.get(k), settings[k]))]
+    if differ:
+        fail(f"class folder {class_dir} was made with other settings ({'; '.join(differ)}); "
+             "use another folder, or pass --overwrite to generate generate_priors.py's images again")
+    return {**settings, **{k: old[k] for k in PRIOR_SETTINGS if k in old and k not in ("unet_sha256",)}}
 
 
 def missing_prior_indices(class_dir, num_images):
@@ -212,35 +275,35 @@ def missing_prior_indices(class_dir, num_images):
     return free[:need]
 
 
-def generate_prior_images(pipe, prompt, class_dir, indices, seed=0, batch_size=4, negative_prompt=None,
-                          num_inference_steps=50, guidance_scale=7.5, resolution=None, progress=None):
-    """Generate image i of `indices` with its own generator seeded from (seed, i) and write it to class_dir/i.png.
+def prior_blocks(indices, batch_size, process_index=0, num_processes=1):
+    """This process's share of the batches to run. Image i is always made in batch i // batch_size, whole, at the same
+    position: a batched forward pass rounds differently with other neighbours, so this is what makes the files
+    byte-identical for any number of processes and for a top-up."""
+    blocks = sorted({i // batch_size for i in indices})
+    return blocks[process_index::num_processes]
 
-    Each file is written under a temporary name and renamed, so a killed run never leaves a truncated image with a
-    real image's name.
-    """
-    class_dir = Path(class_dir)
+
+def generate_prior_images(pipe, class_dir, indices, blocks, settings, progress=None):
+    """Run each batch of `blocks` and write its images that are in `indices` to class_dir/i.png, each under a
+    temporary name and renamed, so a killed run never leaves a truncated image with a real image's name."""
+    class_dir, batch_size, wanted = Path(class_dir), settings["sample_batch_size"], set(indices)
     class_dir.mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(indices), batch_size):
-        batch = indices[start:start + batch_size]
+    negative = settings["negative_prompt"]
+    for block in blocks:
+        batch = list(range(block * batch_size, (block + 1) * batch_size))
         # CPU generators: the same initial noise on any device.
-        generators = [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in batch]
-        images = pipe(
-            [prompt] * len(batch),
-            negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=resolution,
-            width=resolution,
-            generator=generators,
-        ).images
+        generators = [torch.Generator("cpu").manual_seed(image_seed(settings["seed"], i)) for i in batch]
+        images = pipe([settings["class_prompt"]] * batch_size, negative_prompt=[negative] * batch_size if negative else None,
+                      num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
+                      height=settings["resolution"], width=settings["resolution"], generator=generators).images
         for i, image in zip(batch, images):
-            final = class_dir / prior_image_name(i)
-            tmp = class_dir / f".{final.name}.tmp"
-            image.save(tmp, format="PNG")
-            os.replace(tmp, final)
-        if progress is not None:
-            progress.update(len(batch))
+            if i in wanted:
+                final = class_dir / prior_image_name(i)
+                tmp = class_dir / f".{final.name}.tmp"
+                image.save(tmp, format="PNG")
+                os.replace(tmp, final)
+                if progress is not None:
+                    progress.update(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,9 +3,11 @@
     accelerate launch generate_priors.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --class_prompt "a photo of dog" --class_dir priors/dog --num_class_images 200
 
-Image i is made with its own generator seeded from (--seed, i) and saved as class_dir/00000i.png, so the set does
-not depend on the batch size or on how many processes share the work, and a rerun makes only the missing indices.
-train_dreambooth.py --with_prior_preservation calls the same code when its class folder is short.
+Image i is made with its own generator seeded from (--seed, i), always in batch i // --sample_batch_size, and saved as
+class_dir/00000i.png: the files are the same bytes however many processes share the work, and a rerun makes only the
+missing indices. manifest.json records what made the folder (model, UNet hash, prompt, sampler settings, versions);
+a rerun with other settings is refused unless --overwrite. train_dreambooth.py --with_prior_preservation calls the
+same code when its class folder is short.
 """
 
 import argparse
@@ -14,9 +16,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 import dreambooth_utils as du
-
-MANIFEST = "manifest.json"
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -39,6 +38,8 @@ def parse_args(argv=None):
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="weights dtype (default: fp16 on a GPU, else fp32)")
     g.add_argument("--seed", type=int, default=0, help="image i uses a generator seeded from (seed, i)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the generated images of a folder whose manifest records other settings")
     return p.parse_args(argv)
 
 
@@ -50,35 +51,44 @@ def main(argv=None):
     # ---- check the input before anything loads
     if args.num_class_images < 1 or args.sample_batch_size < 1 or args.num_inference_steps < 1:
         du.fail("--num_class_images, --sample_batch_size and --num_inference_steps must be at least 1")
-    if Path(args.class_dir).exists() and not Path(args.class_dir).is_dir():
-        du.fail(f"class folder is not a folder: {args.class_dir}")
+    class_dir = Path(args.class_dir)
+    if class_dir.exists() and not class_dir.is_dir():
+        du.fail(f"class folder is not a folder: {class_dir}")
     du.check_model_source(args.pretrained_model_name_or_path)
-    missing = du.missing_prior_indices(args.class_dir, args.num_class_images)
 
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = du.partial_state()
+    precision = args.mixed_precision or ("fp16" if state.device.type == "cuda" else "fp32")
+    settings = {**{k: v for k, v in vars(args).items() if k in du.PRIOR_SETTINGS}, "precision": precision,
+                "unet_sha256": du.unet_fingerprint(args.pretrained_model_name_or_path, args.revision)}
+    if args.overwrite:
+        old = du.read_prior_manifest(class_dir)
+        if old and any(old.get(k) != settings[k] for k in du.PRIOR_SETTINGS) and state.is_main_process:
+            for image in class_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):  # ours; the user's images stay
+                image.unlink()
+        state.wait_for_everyone()
+    else:
+        # the batch size changes rounding, not the images: a top-up keeps the folder's own
+        settings = du.check_prior_folder(class_dir, settings, [k for k in du.PRIOR_SETTINGS if k != "sample_batch_size"])
+    missing = du.missing_prior_indices(class_dir, args.num_class_images)
     if not missing:
-        state.print(f"{args.class_dir} already holds {args.num_class_images} class images; nothing to do")
+        state.print(f"{class_dir} already holds {args.num_class_images} class images; nothing to do")
         return
-    # ---- generate this process's share of the missing indices
-    precision = args.mixed_precision or ("fp16" if state.device.type == "cuda" else "no")
+    # ---- the run records itself, before the first image, so an interrupted folder says what it is
+    if state.is_main_process:
+        class_dir.mkdir(parents=True, exist_ok=True)
+        config = {**vars(args), "num_processes": state.num_processes, "generated_indices": len(missing)}
+        du.write_json(class_dir / du.PRIOR_MANIFEST, {**du.run_record(config, __file__), "settings": settings})
+    # ---- generate this process's share of the batches
     pipe = du.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant,
                             du.torch_dtype(precision), state.device)
-    du.set_scheduler(pipe, args.scheduler)
-    mine = missing[state.process_index::state.num_processes]
+    du.set_scheduler(pipe, settings["scheduler"])
+    blocks = du.prior_blocks(missing, settings["sample_batch_size"], state.process_index, state.num_processes)
+    mine = [i for i in missing if i // settings["sample_batch_size"] in set(blocks)]
     desc = f"class images (process {state.process_index} of {state.num_processes})"
     with tqdm(total=len(mine), desc=desc, disable=not state.is_local_main_process) as bar:
-        du.generate_prior_images(pipe, args.class_prompt, args.class_dir, mine, seed=args.seed,
-                                 batch_size=args.sample_batch_size, negative_prompt=args.negative_prompt,
-                                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                                 resolution=args.resolution, progress=bar)
+        du.generate_prior_images(pipe, class_dir, mine, blocks, settings, progress=bar)
     state.wait_for_everyone()
-    # ---- the run records itself
-    if state.is_main_process:
-        config = {**vars(args), "num_processes": state.num_processes, "generated_indices": len(missing)}
-        du.write_json(Path(args.class_dir, MANIFEST), du.run_record(config, __file__))
-        print(f"made {len(missing)} class images; {args.class_dir} now holds {args.num_class_images}")
+    state.print(f"made {len(missing)} class images; {class_dir} now holds {args.num_class_images}")
 
 
 if __name__ == "__main__":

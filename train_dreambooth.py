@@ -330,19 +330,32 @@ class DreamBoothModel(torch.nn.Module):
 
 
 def make_class_images(args, accelerator):
-    """Top the class folder up to --num_class_images with images from the base model (the code generate_priors.py
-    uses), sharded across processes by index."""
+    """Top the class folder up to --num_class_images with the code generate_priors.py uses, sharded across processes
+    by batch. A folder whose manifest names another model or prompt is refused; one that generate_priors.py made is
+    topped up with its own sampler settings, so the new images belong to the same set."""
+    precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
+    settings = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "revision": args.revision,
+                "variant": args.variant, "class_prompt": args.class_prompt, "negative_prompt": None,
+                "scheduler": None, "num_inference_steps": 50, "guidance_scale": 7.5, "resolution": args.resolution,
+                "seed": args.seed, "precision": "fp32" if precision == "no" else precision,
+                "sample_batch_size": args.sample_batch_size,
+                "unet_sha256": du.unet_fingerprint(args.pretrained_model_name_or_path, args.revision)}
+    settings = du.check_prior_folder(args.class_dir, settings, du.PRIOR_SETTINGS[:5])
     missing = du.missing_prior_indices(args.class_dir, args.num_class_images)
     if not missing:
         return
-    precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
-    accelerator.print(f"generating {len(missing)} class images in {args.class_dir} ({precision})")
+    accelerator.print(f"generating {len(missing)} class images in {args.class_dir} ({settings['precision']})")
+    if accelerator.is_main_process:
+        Path(args.class_dir).mkdir(parents=True, exist_ok=True)
+        record = du.run_record({**settings, "num_class_images": args.num_class_images}, __file__)
+        du.write_json(Path(args.class_dir, du.PRIOR_MANIFEST), {**record, "settings": settings})
     pipe = du.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant,
-                            du.torch_dtype(precision), accelerator.device)
-    mine = missing[accelerator.process_index::accelerator.num_processes]
+                            du.torch_dtype(settings["precision"]), accelerator.device)
+    du.set_scheduler(pipe, settings["scheduler"])
+    blocks = du.prior_blocks(missing, settings["sample_batch_size"], accelerator.process_index, accelerator.num_processes)
+    mine = [i for i in missing if i // settings["sample_batch_size"] in set(blocks)]
     with tqdm(total=len(mine), desc="class images", disable=not accelerator.is_local_main_process) as bar:
-        du.generate_prior_images(pipe, args.class_prompt, args.class_dir, mine, seed=args.seed or 0,
-                                 batch_size=args.sample_batch_size, resolution=args.resolution, progress=bar)
+        du.generate_prior_images(pipe, args.class_dir, mine, blocks, settings, progress=bar)
     del pipe
     gc.collect()
     if torch.cuda.is_available():
@@ -467,7 +480,7 @@ def main(argv=None):
     if args.with_prior_preservation and Path(args.class_dir).exists():
         du.list_images(args.class_dir, "class image")  # names a corrupt class image now, not mid-run
 
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
@@ -478,7 +491,7 @@ def main(argv=None):
         args.seed = args.resume_record["config"]["seed"]
     if args.seed is None:  # an unseeded run still records the seed it used, so it can be resumed and repeated
         args.seed = int.from_bytes(os.urandom(3), "little")
-        if PartialState().num_processes > 1:
+        if du.partial_state().num_processes > 1:
             args.seed = broadcast_object_list([args.seed])[0]
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -492,6 +505,7 @@ def main(argv=None):
     set_seed(args.seed, device_specific=True)
     if args.overwrite_output_dir and not args.resume_from_checkpoint and accelerator.is_main_process:
         for _, stale in du.list_checkpoints(args.output_dir):  # or `latest` and the rotation would mix two runs
+            du.note(f"--overwrite_output_dir: removing {stale} of an earlier run")
             shutil.rmtree(stale)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True

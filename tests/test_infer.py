@@ -1,59 +1,12 @@
-"""generate_priors.py and infer.py on the tiny model: files produced, determinism, top-up by index, metadata."""
+"""infer.py on the tiny model: files produced, determinism, settings inside each image, every scheduler."""
 
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 import dreambooth_utils as du
-import generate_priors
 import infer
-
-
-def priors_argv(model, class_dir, n, *extra):
-    return ["--model", model, "--class_prompt", "a photo of dog", "--class_dir", str(class_dir),
-            "--num_class_images", str(n), "--num_inference_steps", "2", "--resolution", "64", *map(str, extra)]
-
-
-def test_priors_are_named_by_index_recorded_and_topped_up_exactly(tiny_model, tmp_path):
-    d = tmp_path / "priors"
-    # batch size 1: a batched forward pass can round differently from a single one (see the note on issue 3)
-    generate_priors.main(priors_argv(tiny_model, d, 4, "--seed", 3, "--sample_batch_size", 1))
-    names = sorted(p.name for p in d.iterdir())
-    assert names == ["000000.png", "000001.png", "000002.png", "000003.png", "manifest.json"]
-    original = {n: (d / n).read_bytes() for n in names if n.endswith(".png")}
-    manifest = json.loads((d / "manifest.json").read_text())
-    assert manifest["config"]["class_prompt"] == "a photo of dog" and manifest["config"]["seed"] == 3
-    assert manifest["config"]["pretrained_model_name_or_path"] == tiny_model and "diffusers" in manifest["versions"]
-
-    # a killed run: one image gone, one temporary file left behind
-    (d / "000002.png").unlink()
-    (d / ".000001.png.tmp").write_bytes(b"half")
-    assert du.missing_prior_indices(d, 4) == [2]
-    generate_priors.main(priors_argv(tiny_model, d, 4, "--seed", 3, "--sample_batch_size", 1))
-    assert {n: (d / n).read_bytes() for n in original} == original  # the same bytes, image 2 made again alone
-
-
-def test_a_different_seed_gives_different_priors(tiny_model, tmp_path):
-    generate_priors.main(priors_argv(tiny_model, tmp_path / "a", 1, "--seed", 0))
-    generate_priors.main(priors_argv(tiny_model, tmp_path / "b", 1, "--seed", 1))
-    assert (tmp_path / "a" / "000000.png").read_bytes() != (tmp_path / "b" / "000000.png").read_bytes()
-
-
-def test_full_class_folder_generates_nothing(tiny_model, tmp_path, capsys):
-    d = tmp_path / "priors"
-    d.mkdir()
-    Image.new("RGB", (8, 8)).save(d / "mine.png")
-    generate_priors.main(priors_argv(tiny_model, d, 1))
-    assert sorted(p.name for p in d.iterdir()) == ["mine.png"]
-    assert "nothing to do" in capsys.readouterr().out
-
-
-def test_priors_refuse_a_missing_model(tmp_path):
-    with pytest.raises(SystemExit, match="error: model not found"):
-        generate_priors.main(priors_argv(str(tmp_path / "nope"), tmp_path / "d", 1))
-    assert not (tmp_path / "d").exists()
 
 
 def infer_argv(model, out, *extra):
