@@ -87,20 +87,21 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def check_model_source(name_or_path, components=MODEL_COMPONENTS):
-    """Fail early, before anything loads, when a local model folder is missing or lacks a component.
-
-    A string shaped like a hub id ("org/name") that is not a local folder is left to `from_pretrained`.
+    """Fail early, before anything loads, when a local model folder is missing or lacks a component. Returns the
+    model as the run records it: a local folder as an absolute path (a record then works from any directory), a
+    string shaped like a hub id ("org/name") as it is, left to `from_pretrained`.
     """
     path = Path(os.path.expanduser(name_or_path))
     if path.is_dir():
         missing = [c for c in components if not (path / c).is_dir()]
         if missing:
             fail(f"model folder {path} has no {', '.join(missing)} subfolder: is it a diffusers pipeline folder?")
-        return
+        return str(path.resolve())
     if path.exists():
         fail(f"model path is a file, not a diffusers pipeline folder: {path}")
     if not HUB_ID.match(name_or_path):
         fail(f"model not found: {name_or_path} (neither a local folder nor a hub id like 'org/name')")
+    return name_or_path
 
 
 def from_pretrained(cls, name_or_path, **kwargs):

@@ -54,7 +54,7 @@ def main(argv=None):
     class_dir = Path(args.class_dir)
     if class_dir.exists() and not class_dir.is_dir():
         du.fail(f"class folder is not a folder: {class_dir}")
-    du.check_model_source(args.pretrained_model_name_or_path)
+    args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path)
 
     state = du.partial_state()
     precision = args.mixed_precision or ("fp16" if state.device.type == "cuda" else "fp32")

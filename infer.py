@@ -1,19 +1,25 @@
-"""Generate images from a fine-tuned DreamBooth model, or any Stable Diffusion pipeline folder or hub id.
+"""Generate images from a fine-tuned DreamBooth model: a training output folder, an export (export-N), a training
+checkpoint (checkpoint-N, its base model read from the checkpoint's run_config.json), or any Stable Diffusion
+pipeline folder or hub id.
 
     python infer.py --pretrained_model_name_or_path sks-dog --prompt "a photo of sks dog on the moon" --seed 0
 
-Image j of each prompt uses its own generator seeded from (--seed, j), so any one image can be made again alone.
-Each PNG carries its settings in a `parameters` text chunk (the format AUTOMATIC1111 and Civitai read).
+Image j of each prompt uses its own generator seeded from (--seed, j) and is always made in batch j // --batch_size,
+so `--image_index j` with the same command makes that one image again, byte for byte. Each PNG carries its settings
+in a `parameters` text chunk (the format AUTOMATIC1111 and Civitai read) and as JSON in a `dreambooth` chunk.
 """
 
 import argparse
 import json
+import math
 import re
 import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
 
 import dreambooth_utils as du
 
@@ -26,10 +32,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     du.add_model_args(p)
     g = p.add_argument_group("prompts")
-    g.add_argument("--prompt", action="append", required=True, help="prompt; repeat the flag for several")
+    g.add_argument("--prompt", action="append", default=[], help="prompt; repeat the flag for several")
+    g.add_argument("--prompts_file", default=None, help="a text file of prompts, one a line (after any --prompt)")
     g.add_argument("--negative_prompt", default=None)
     g.add_argument("--num_images_per_prompt", type=int, default=4)
     g.add_argument("--seed", type=int, default=0, help="image j of a prompt uses a generator seeded from (seed, j)")
+    g.add_argument("--image_index", type=int, action="append", default=None,
+                   help="make only image j of each prompt (repeatable); the same bytes as in the full run")
     g = p.add_argument_group("sampling")
     g.add_argument("--num_inference_steps", type=int, default=30)
     g.add_argument("--guidance_scale", type=float, default=7.5)
@@ -37,13 +46,75 @@ def parse_args(argv=None):
     g.add_argument("--height", type=int, default=None, help="default: the model's")
     g.add_argument("--width", type=int, default=None, help="default: the model's")
     g.add_argument("--batch_size", type=int, default=4, help="images per forward pass")
-    g = p.add_argument_group("device")
+    g = p.add_argument_group("device and memory")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, else fp32")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention (CUDA only)")
+    g.add_argument("--attention_slicing", action="store_true", help="compute attention in slices (less memory, slower)")
+    g.add_argument("--cpu_offload", action="store_true", help="keep models on the CPU, each moved to the GPU when used")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first batch, faster after)")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default="samples", help="where the PNGs go")
+    g.add_argument("--grid", action="store_true", help="also write a grid image of each prompt's images")
     return p.parse_args(argv)
+
+
+def read_prompts(args):
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            du.fail(f"cannot read prompts file {args.prompts_file}: {e.strerror if isinstance(e, OSError) else e}")
+        if len(prompts) == len(args.prompt):
+            du.fail(f"prompts file {args.prompts_file} has no prompts")
+    if not prompts:
+        du.fail("give --prompt (repeatable) or --prompts_file")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models: a pipeline (folder or hub id), or a training checkpoint on top of the base model it was trained from
+
+
+def check_model(args):
+    """What the model path is, checked before anything loads: ("pipeline", name) or ("checkpoint", run config)."""
+    path = Path(args.pretrained_model_name_or_path).expanduser()
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        if (path / "model.safetensors").is_file() and (path / "run_config.json").is_file():
+            config = du.check_checkpoint(path)["config"]
+            base = config["pretrained_model_name_or_path"]
+            if not du.HUB_ID.match(base) and not Path(base).is_dir():
+                du.fail(f"the base model of checkpoint {path}, {base} (from its run_config.json), is not found")
+            du.check_model_source(base)
+            return "checkpoint", config
+        checkpoints = du.list_checkpoints(path)
+        if checkpoints:
+            du.fail(f"{path} holds no pipeline yet (the run has not finished); its newest checkpoint is {checkpoints[-1][1]}")
+        du.fail(f"{path} is neither a diffusers pipeline folder (no model_index.json) nor a training checkpoint")
+    return "pipeline", du.check_model_source(args.pretrained_model_name_or_path)
+
+
+def load_model(args, kind, source, dtype, device):
+    if kind == "pipeline":
+        return du.load_pipeline(source, args.revision, args.variant, dtype, device)
+    from safetensors.torch import load_file
+
+    pipe = du.load_pipeline(source["pretrained_model_name_or_path"], source["revision"], source["variant"], dtype, device)
+    # the checkpoint holds the trained model (UNet and text encoder) as accelerate saved it: "unet.*", "text_encoder.*"
+    state = load_file(Path(args.pretrained_model_name_or_path, "model.safetensors"))
+    for name in ("unet", "text_encoder"):
+        getattr(pipe, name).load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+    return pipe
+
+
+def warn_if_truncated(tokenizer, prompt, index):
+    """CLIP reads 77 tokens; say which words of a longer prompt it never sees."""
+    ids = tokenizer(prompt, verbose=False).input_ids
+    limit = tokenizer.model_max_length
+    if len(ids) > limit:
+        cut = tokenizer.decode(ids[limit - 1:-1])  # keep the start token and the end token out of the cut part
+        du.note(f"prompt {index} is longer than the text encoder's {limit} tokens; this part is cut: '{cut}'")
 
 
 def a1111_parameters(prompt, negative_prompt, steps, sampler, cfg, seed, width, height, model):
@@ -59,6 +130,15 @@ def slug(text, n=40):
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "prompt"
 
 
+def grid(images, columns=4):
+    columns = min(columns, len(images))
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * w, math.ceil(len(images) / columns) * h))
+    for k, image in enumerate(images):
+        sheet.paste(image, ((k % columns) * w, (k // columns) * h))
+    return sheet
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -67,40 +147,60 @@ def main(argv=None):
     # ---- check the input before anything loads
     if args.num_images_per_prompt < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
         du.fail("--num_images_per_prompt, --batch_size and --num_inference_steps must be at least 1")
-    du.check_model_source(args.pretrained_model_name_or_path)
+    prompts = read_prompts(args)
+    n = args.num_images_per_prompt
+    wanted = sorted(set(args.image_index)) if args.image_index else list(range(n))
+    if wanted[0] < 0 or wanted[-1] >= n:
+        du.fail(f"--image_index must be between 0 and --num_images_per_prompt - 1 ({n - 1})")
+    kind, source = check_model(args)
     if args.enable_xformers_memory_efficient_attention:
         du.check_xformers()
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if args.cpu_offload and not device.startswith("cuda"):
+        du.fail("--cpu_offload needs a CUDA GPU: it keeps the models on the CPU and moves each to the GPU when used")
     precision = args.dtype if args.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
 
     # ---- load
-    pipe = du.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, du.torch_dtype(precision), device)
+    pipe = load_model(args, kind, source, du.torch_dtype(precision), "cpu" if args.cpu_offload else device)
     du.set_scheduler(pipe, args.scheduler)
     if args.enable_xformers_memory_efficient_attention:
         du.enable_xformers(pipe)
+    if args.attention_slicing:
+        pipe.enable_attention_slicing()
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    if args.compile:
+        pipe.unet = torch.compile(pipe.unet)
     height = args.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = args.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     sampler = args.scheduler or pipe.scheduler.__class__.__name__
     model_name = Path(args.pretrained_model_name_or_path.rstrip("/")).name
 
-    # ---- generate
+    # ---- generate: image j of a prompt always in batch j // batch_size, so that it can be made again alone
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    blocks = sorted({j // args.batch_size for j in wanted})
     written, t0 = [], time.perf_counter()
-    for p_idx, prompt in enumerate(args.prompt):
-        for start in range(0, args.num_images_per_prompt, args.batch_size):
-            js = list(range(start, min(start + args.batch_size, args.num_images_per_prompt)))
+    bar = tqdm(total=len(prompts) * len(wanted), desc="images")
+    for p_idx, prompt in enumerate(prompts):
+        warn_if_truncated(pipe.tokenizer, prompt, p_idx)
+        made = []
+        for block in blocks:
+            js = list(range(block * args.batch_size, min((block + 1) * args.batch_size, n)))
             seeds = [du.image_seed(args.seed, j) for j in js]
             images = pipe([prompt] * len(js), negative_prompt=[args.negative_prompt] * len(js) if args.negative_prompt else None,
                           num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                           height=height, width=width,
                           generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
             for j, seed, image in zip(js, seeds, images):
+                if j not in wanted:
+                    continue
                 settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "image_index": j,
-                            "image_seed": seed, "num_inference_steps": args.num_inference_steps,
-                            "guidance_scale": args.guidance_scale, "sampler": sampler, "width": width, "height": height,
+                            "image_seed": seed, "num_images_per_prompt": n, "batch_size": args.batch_size,
+                            "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                            "sampler": sampler, "width": width, "height": height,
                             "model": args.pretrained_model_name_or_path, "dtype": precision}
                 info = PngInfo()
                 info.add_text("parameters", a1111_parameters(prompt, args.negative_prompt, args.num_inference_steps,
@@ -109,6 +209,11 @@ def main(argv=None):
                 path = out / f"p{p_idx:02d}-{slug(prompt)}-i{j:03d}-seed{args.seed}.png"
                 image.save(path, pnginfo=info)
                 written.append(path)
+                made.append(image)
+                bar.update(1)
+        if args.grid:
+            grid(made).save(out / f"p{p_idx:02d}-{slug(prompt)}-grid-seed{args.seed}.png")
+    bar.close()
     seconds = time.perf_counter() - t0
     print(f"wrote {len(written)} images to {out} ({len(written) / seconds:.2f} images/s)")
 

@@ -138,7 +138,7 @@ def check_args(args):
             du.fail(f"--{name} must be at least 1")
     if args.resolution % 8:
         du.fail(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
-    du.check_model_source(args.pretrained_model_name_or_path)
+    args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path)
     if args.enable_xformers_memory_efficient_attention:
         du.check_xformers()
     if args.use_8bit_adam:

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -46,8 +47,95 @@ def test_every_scheduler_runs_from_the_models_config(tiny_model_v, tmp_path, sch
     assert pipe.scheduler.config.prediction_type == "v_prediction"  # carried over from the model's config
 
 
-def test_infer_refuses_a_folder_that_is_not_a_pipeline(tmp_path):
+def test_image_j_alone_is_the_same_bytes_and_the_metadata_round_trips(tiny_model, tmp_path):
+    full, alone = tmp_path / "full", tmp_path / "alone"
+    common = ["--num_images_per_prompt", 5, "--batch_size", 2, "--seed", 7, "--grid"]
+    infer.main(infer_argv(tiny_model, full, *common))
+    infer.main(infer_argv(tiny_model, alone, *common, "--image_index", 3))
+    (one,) = [p for p in alone.glob("*.png") if "grid" not in p.name]
+    assert one.name == "p00-a_photo_of_sks_dog-i003-seed7.png"
+    assert one.read_bytes() == (full / one.name).read_bytes()
+    with Image.open(full / "p00-a_photo_of_sks_dog-grid-seed7.png") as sheet:
+        assert sheet.size == (4 * 64, 2 * 64)
+    with Image.open(one) as img:
+        settings = json.loads(img.text["dreambooth"])
+    assert settings == {"prompt": "a photo of sks dog", "negative_prompt": None, "seed": 7, "image_index": 3,
+                        "image_seed": du.image_seed(7, 3), "num_images_per_prompt": 5, "batch_size": 2,
+                        "num_inference_steps": 2, "guidance_scale": 7.5, "sampler": "PNDMScheduler", "width": 64,
+                        "height": 64, "model": tiny_model, "dtype": "fp32"}
+
+
+def test_prompts_file_and_a_long_prompt(tiny_model, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    long = "a photo of sks dog " + "x" * 100 + " on the moon"
+    prompts.write_text(f"a dog\n\n{long}\n")
+    infer.main(infer_argv(tiny_model, tmp_path / "out", "--prompts_file", prompts, "--num_images_per_prompt", 1))
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert [n.split("-")[0] for n in names] == ["p00", "p01", "p02"]  # --prompt first, then the file's lines
+    err = capsys.readouterr().err
+    assert "prompt 2 is longer than the text encoder's 77 tokens; this part is cut: '" in err
+    assert err.split("this part is cut: '")[1].split("'\n")[0].endswith("on the moon")
+
+
+def test_a_training_checkpoint_loads_on_its_recorded_base_model(run, tiny_model, photos, tmp_path):
+    """checkpoint-2 of a 2-step run holds the final weights: its images are the final pipeline's, pixel for pixel
+    (the files differ only in the model name they carry)."""
+    from test_train import train_args
+
+    out = tmp_path / "run"
+    run("train_dreambooth.py", *train_args(tiny_model, photos, out, "--train_text_encoder", "--max_train_steps", 2,
+                                           "--checkpointing_steps", 2, "--report_to", "none"))
+    infer.main(infer_argv(str(out), tmp_path / "final"))
+    infer.main(infer_argv(str(out / "checkpoint-2"), tmp_path / "checkpoint"))
+    final = sorted((tmp_path / "final").glob("*.png"))
+    assert len(final) == 2
+    for path in final:
+        assert np.array_equal(pixels(path), pixels(tmp_path / "checkpoint" / path.name))
+    infer.main(infer_argv(tiny_model, tmp_path / "base"))
+    assert not np.array_equal(pixels(tmp_path / "base" / final[0].name), pixels(final[0]))  # the trained weights loaded
+
+
+def pixels(path):
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
+def refuse(*argv):
+    with pytest.raises(SystemExit) as e:
+        infer.main([str(a) for a in argv])
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_bad_input(tiny_model, tmp_path):
+    out = tmp_path / "out"
     (tmp_path / "model").mkdir()
-    with pytest.raises(SystemExit, match="has no unet, vae, text_encoder, tokenizer, scheduler subfolder"):
-        infer.main(infer_argv(str(tmp_path / "model"), tmp_path / "out"))
-    assert not (tmp_path / "out").exists()
+    assert refuse(*infer_argv(str(tmp_path / "model"), out)) == (
+        f"error: {tmp_path / 'model'} is neither a diffusers pipeline folder (no model_index.json) nor a training checkpoint")
+    assert refuse(*infer_argv(str(tmp_path / "nope"), out)).startswith(f"error: model not found: {tmp_path / 'nope'}")
+    (tmp_path / "run" / "checkpoint-3").mkdir(parents=True)
+    assert refuse(*infer_argv(str(tmp_path / "run"), out)) == (
+        f"error: {tmp_path / 'run'} holds no pipeline yet (the run has not finished); its newest checkpoint is "
+        f"{tmp_path / 'run' / 'checkpoint-3'}")
+    assert refuse("--model", tiny_model) == "error: give --prompt (repeatable) or --prompts_file"
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert refuse("--model", tiny_model, "--prompts_file", tmp_path / "empty.txt") == (
+        f"error: prompts file {tmp_path / 'empty.txt'} has no prompts")
+    assert refuse("--model", tiny_model, "--prompts_file", tmp_path / "nope.txt").startswith(
+        f"error: cannot read prompts file {tmp_path / 'nope.txt'}")
+    assert refuse(*infer_argv(tiny_model, out, "--image_index", 2)) == (
+        "error: --image_index must be between 0 and --num_images_per_prompt - 1 (1)")
+    assert refuse(*infer_argv(tiny_model, out, "--cpu_offload", "--device", "cpu")).startswith(
+        "error: --cpu_offload needs a CUDA GPU")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_images_up_to_rounding(tiny_model, tmp_path):
+    """torch.compile of the UNet (about 40 s of compiling on a CPU, hence slow): fused kernels round differently."""
+    infer.main(infer_argv(tiny_model, tmp_path / "eager", "--num_images_per_prompt", 1))
+    infer.main(infer_argv(tiny_model, tmp_path / "compiled", "--num_images_per_prompt", 1, "--compile"))
+    (eager,) = (tmp_path / "eager").glob("*.png")
+    diff = np.abs(pixels(eager).astype(int) - pixels(tmp_path / "compiled" / eager.name).astype(int))
+    assert diff.max() <= 2
