@@ -1,6 +1,7 @@
 """What two or more of the scripts share: input checks, image listing, model loading, class-prior generation and
 the record each run leaves. The training loop is not here: it lives in train_dreambooth.py."""
 
+import argparse
 import hashlib
 import json
 import os
@@ -165,13 +166,63 @@ SCHEDULERS = {
 }
 
 
-def set_scheduler(pipe, name):
-    if name is None:
-        return
+def make_scheduler(name, config):
     import diffusers
 
     cls_name, kwargs = SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **kwargs)
+    return getattr(diffusers, cls_name).from_config(config, **kwargs)
+
+
+def set_scheduler(pipe, name):
+    if name is not None:
+        pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+
+
+def parse_args_with_config(parser, argv=None):
+    """parser.parse_args with `--config run.yaml`: the file's keys (flag names without the dashes) become defaults,
+    flags on the command line override them (a repeatable flag given on the command line replaces the file's list),
+    and a key that is no flag is an error that names it."""
+    parser.add_argument("--config", default=None, help="YAML file of flag values; flags on the command line override it")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    path = pre.parse_known_args(argv)[0].config
+    if not path:
+        return parser.parse_args(argv)
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        fail(f"cannot read config file {path}: {str(e).splitlines()[0]}")
+    if not isinstance(values, dict):
+        fail(f"config file {path} is not a mapping of flag names to values")
+    actions = {opt.lstrip("-"): a for a in parser._actions for opt in a.option_strings if opt.startswith("--")}
+    unknown = [str(k) for k in values if str(k).replace("-", "_") not in actions or k in ("help", "config")]
+    if unknown:
+        fail(f"config file {path} has unknown key(s): {', '.join(unknown)} (keys are flag names without the dashes)")
+    defaults, lists = {}, {}
+    for key, value in values.items():
+        action = actions[key.replace("-", "_")]
+        try:
+            if action.nargs == 0:  # a switch such as --train_text_encoder
+                if not isinstance(value, bool):
+                    raise ValueError("expected true or false")
+            elif value is not None and action.type:  # YAML reads 5e-6 as a string: convert as the flag would
+                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+            if action.choices and value is not None and value not in action.choices:
+                raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
+        except (TypeError, ValueError) as e:
+            fail(f"config file {path}: bad value {value!r} for {key}: {e}")
+        if isinstance(action, argparse._AppendAction):
+            value = lists[action.dest] = value if isinstance(value, list) else [value]
+        action.required = False
+        defaults[action.dest] = value
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    for dest, from_file in lists.items():  # argparse appends command-line values to a list default: keep only those
+        if len(getattr(args, dest)) > len(from_file):
+            setattr(args, dest, getattr(args, dest)[len(from_file):])
+    return args
 
 
 def add_model_args(parser):

@@ -40,7 +40,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="image i uses a generator seeded from (seed, i)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the generated images of a folder whose manifest records other settings")
-    return p.parse_args(argv)
+    return du.parse_args_with_config(p, argv)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default="samples", help="where the PNGs go")
     g.add_argument("--grid", action="store_true", help="also write a grid image of each prompt's images")
-    return p.parse_args(argv)
+    return du.parse_args_with_config(p, argv)
 
 
 def read_prompts(args):

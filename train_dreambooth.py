@@ -46,7 +46,7 @@ def parse_args(argv=None):
     g.add_argument("--dataset_config_name", default=None, help="config of --dataset_name")
     g.add_argument("--image_column", default="image", help="image column of --dataset_name")
     g.add_argument("--caption_column", default=None, help="caption column of --dataset_name (default: the instance prompt)")
-    g.add_argument("--instance_prompt", required=True, help="prompt with the rare identifier, e.g. 'a photo of sks dog'")
+    g.add_argument("--instance_prompt", default=None, help="prompt with the rare identifier, e.g. 'a photo of sks dog'")
     g.add_argument("--resolution", type=int, default=512, help="training images are resized and cropped to this square size")
     g.add_argument("--center_crop", action="store_true", help="crop the centre instead of a random square")
     g.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
@@ -107,21 +107,48 @@ def parse_args(argv=None):
     g.add_argument("--exports_total_limit", type=int, default=None, help="keep only the newest K exports")
     g.add_argument("--export_precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="weights of the exports")
 
+    g = p.add_argument_group("validation images")
+    g.add_argument("--validation_prompt", action="append", default=None,
+                   help="prompt to sample at step 0, every --validation_steps and at the end (repeatable)")
+    g.add_argument("--validation_negative_prompt", default=None)
+    g.add_argument("--num_validation_images", type=int, default=4, help="images per validation prompt (fixed seeds)")
+    g.add_argument("--validation_steps", type=int, default=100, help="sample every N optimizer steps")
+    g.add_argument("--validation_scheduler", default="dpm++_2m", choices=sorted(du.SCHEDULERS),
+                   help="sampler, built from the model's scheduler config")
+    g.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    g.add_argument("--validation_inference_steps", type=int, default=25)
+
     g = p.add_argument_group("output and logging")
-    g.add_argument("--output_dir", default="dreambooth-model", help="where the trained pipeline and run record go")
+    g.add_argument("--output_dir", default="dreambooth-model",
+                   help="where the trained pipeline and run record go ($VARIABLES are expanded, e.g. $WANDB_RUN_ID)")
     g.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a non-empty --output_dir")
     g.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"],
                    help="experiment tracker(s), through accelerate")
     g.add_argument("--tracker_project_name", default="dreambooth", help="project name in the tracker")
+    g.add_argument("--run_name", default=None, help="run name in W&B (default: W&B's)")
     g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
     g.add_argument("--push_to_hub", action="store_true", help="upload the trained pipeline to the Hugging Face Hub")
     g.add_argument("--hub_model_id", default=None, help="hub repository (default: the --output_dir folder name)")
     g.add_argument("--hub_token", default=None, help="hub token (default: the saved `hf auth login` token)")
-    return p.parse_args(argv)
+    return du.parse_args_with_config(p, argv)
+
+
+def wandb_login_missing():
+    """True when W&B would ask for a login: online mode and no key in WANDB_API_KEY or ~/.netrc (`wandb login`)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return False
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return False
+    from requests.utils import get_netrc_auth
+
+    return get_netrc_auth(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")) is None
 
 
 def check_args(args):
     """Everything that can be checked about the user's input before a model loads."""
+    if not args.instance_prompt:
+        du.fail("--instance_prompt is required (e.g. 'a photo of sks dog')")
+    args.output_dir = os.path.expandvars(args.output_dir)
     if (args.instance_dir is None) == (args.dataset_name is None):
         du.fail("give exactly one of --instance_dir and --dataset_name")
     if args.with_prior_preservation:
@@ -133,7 +160,8 @@ def check_args(args):
             du.fail("--num_class_images must be at least 1")
     elif args.class_dir or args.class_prompt:
         du.note("--class_dir/--class_prompt are ignored without --with_prior_preservation")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "resolution", "sample_batch_size"):
+    for name in ("train_batch_size", "gradient_accumulation_steps", "resolution", "sample_batch_size",
+                 "num_validation_images", "validation_steps", "validation_inference_steps"):
         if getattr(args, name) < 1:
             du.fail(f"--{name} must be at least 1")
     if args.resolution % 8:
@@ -151,6 +179,8 @@ def check_args(args):
             import wandb  # noqa: F401
         except ImportError:
             du.fail(f"--report_to {args.report_to} needs wandb: pip install wandb")
+        if wandb_login_missing():
+            du.fail("--report_to wandb needs a W&B login: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline")
     if args.push_to_hub:
         from huggingface_hub import get_token
 
@@ -322,6 +352,12 @@ class DreamBoothModel(torch.nn.Module):
         super().__init__()
         self.unet, self.text_encoder, self.train_text_encoder = unet, text_encoder, train_text_encoder
 
+    def train(self, mode=True):
+        super().train(mode)
+        if not self.train_text_encoder:
+            self.text_encoder.eval()  # a frozen text encoder never runs its dropout
+        return self
+
     def forward(self, noisy_latents, timesteps, input_ids):
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             prompt_embeds = self.text_encoder(input_ids)[0]
@@ -361,6 +397,47 @@ def make_class_images(args, accelerator):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     accelerator.wait_for_everyone()
+
+
+def log_validation(accelerator, args, model, vae, tokenizer, noise_scheduler, step):
+    """Sample the validation prompts with the in-memory models at fixed seeds (image j of every prompt has the same
+    seed at every step, so the images are comparable across steps); a PNG grid in output_dir/validation and images
+    in the trackers. Its random draws come from its own generators inside fork_rng, so the training random state is
+    untouched: the same command with and without validation trains the same weights."""
+    from diffusers import StableDiffusionPipeline
+
+    trained = accelerator.unwrap_model(model)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=trained.text_encoder, tokenizer=tokenizer, unet=trained.unet,
+                                   scheduler=du.make_scheduler(args.validation_scheduler, noise_scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    n, rows = args.num_validation_images, []
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    model.eval()
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
+        for prompt in args.validation_prompt:
+            rows.append(pipe([prompt] * n, negative_prompt=[args.validation_negative_prompt] * n
+                             if args.validation_negative_prompt else None,
+                             num_inference_steps=args.validation_inference_steps,
+                             guidance_scale=args.validation_guidance_scale, height=args.resolution, width=args.resolution,
+                             generator=[torch.Generator().manual_seed(du.image_seed(args.seed, j)) for j in range(n)]).images)
+    model.train()
+    sheet = Image.new("RGB", (n * args.resolution, len(rows) * args.resolution))
+    for r, images in enumerate(rows):
+        for j, image in enumerate(images):
+            sheet.paste(image, (j * args.resolution, r * args.resolution))
+    Path(args.output_dir, "validation").mkdir(parents=True, exist_ok=True)
+    sheet.save(Path(args.output_dir, "validation", f"step-{step:06d}.png"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for r, images in enumerate(rows):
+                tracker.writer.add_images(f"validation/{r}", np.stack([np.asarray(im) for im in images]), step,
+                                          dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=f"{j}: {prompt}") for prompt, images in
+                                        zip(args.validation_prompt, rows) for j, im in enumerate(images)]}, step=step)
 
 
 def save_pipeline(args, output_dir, dtype, trained):
@@ -422,7 +499,9 @@ RESUME_HARMLESS = {"output_dir", "overwrite_output_dir", "logging_dir", "report_
                    "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "resume_record",
                    "export_steps", "exports_total_limit", "export_precision", "dataloader_num_workers",
                    "gradient_checkpointing", "set_grads_to_none", "push_to_hub", "hub_model_id", "hub_token",
-                   "sample_batch_size", "prior_generation_precision"}
+                   "sample_batch_size", "prior_generation_precision", "run_name", "config", "validation_prompt",
+                   "validation_negative_prompt", "num_validation_images", "validation_steps", "validation_scheduler",
+                   "validation_guidance_scale", "validation_inference_steps"}
 
 
 def changed_settings(saved, current):
@@ -609,8 +688,12 @@ def main(argv=None):
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         du.write_json(Path(args.output_dir, "run_config.json"), record)
+        # the tracker gets the same resolved config as run_config.json, plus versions, command line and commit
         tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+        tracker_config.update({f"version/{k}": str(v) for k, v in record["versions"].items()},
+                              command=record["command"], git_commit=str(record["git_commit"]))
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config,
+                                  init_kwargs={"wandb": {"name": args.run_name, "dir": args.output_dir}})
     accelerator.print(
         f"DreamBooth: {len(instances)} instance images, {len(class_paths)} class images, "
         f"{accelerator.num_processes} process(es), global batch {global_batch} "
@@ -627,7 +710,14 @@ def main(argv=None):
 
     previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
+    def validate(step):  # on the main process only; the others wait at the next collective
+        if args.validation_prompt and accelerator.is_main_process:
+            log_validation(accelerator, args, model, vae, tokenizer, noise_scheduler, step)
+
     # ---- training loop
+    if state.global_step == 0:
+        validate(0)  # the base model's images: the baseline the later ones are compared with
+    images_per_step = global_batch * (2 if class_paths else 1)
     progress = tqdm(total=max_train_steps, initial=state.global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     step_losses, micro_steps, grad_norm, t0 = torch.zeros(3, device=accelerator.device), 0, None, time.perf_counter()
@@ -678,8 +768,11 @@ def main(argv=None):
             state.global_step += 1
             stop_flag = torch.tensor([float(bool(stop_signal))], device=accelerator.device)
             mean = accelerator.reduce(torch.cat([step_losses / micro_steps, stop_flag]), reduction="mean").tolist()
+            seconds = time.perf_counter() - t0
             logs = {"loss": mean[0], "instance_loss": mean[1], "lr": lr_scheduler.get_last_lr()[0],
-                    "seconds_per_step": time.perf_counter() - t0}
+                    "seconds_per_step": seconds, "images_per_second": images_per_step / seconds}
+            if torch.cuda.is_available():
+                logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if class_paths:
                 logs["prior_loss"] = mean[2]
             if grad_norm is not None:
@@ -689,7 +782,9 @@ def main(argv=None):
             progress.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{logs['lr']:.2e}")
             step_losses.zero_()
             micro_steps = 0
-            # ---- checkpoint, export, stop
+            # ---- validation images, checkpoint, export, stop
+            if state.global_step % args.validation_steps == 0:
+                validate(state.global_step)
             stop = mean[3] > 0
             if state.global_step % args.checkpointing_steps == 0 or stop:
                 checkpoint = save_checkpoint(accelerator, args, state, record)
@@ -709,6 +804,8 @@ def main(argv=None):
                 break
         state.batches_in_epoch = 0
     progress.close()
+    if state.global_step % args.validation_steps:
+        validate(state.global_step)  # the final model's images
     for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)
 

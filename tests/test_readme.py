@@ -44,3 +44,17 @@ def test_demo_runs_end_to_end(tmp_path, hf_home):
             assert img.size == (64, 64) and "sks dog on the moon" in img.text["parameters"]
     assert proc.stdout.strip().splitlines()[-1] == f"demo done: images in {tmp_path / 'demo' / 'samples'}, trained pipeline in {tmp_path / 'demo' / 'sks-dog'}"
     assert os.path.isfile(tmp_path / "demo" / "sks-dog" / "run_config.json")
+
+
+def test_the_example_config_and_sweep_use_real_flags():
+    import yaml
+
+    args = train_dreambooth.parse_args(["--config", str(ROOT / "configs" / "sks-dog.yaml")])
+    assert args.with_prior_preservation and args.learning_rate == 5e-6 and len(args.validation_prompt) == 3
+    sweep = yaml.safe_load((ROOT / "configs" / "wandb-sweep.yaml").read_text())
+    command = sweep["command"]
+    assert command[:3] == ["accelerate", "launch", "${program}"] and sweep["program"] == "train_dreambooth.py"
+    flags = [c for c in command if c.startswith("--")] + [f"--{name}" for name in sweep["parameters"]]
+    argv = [x for flag in flags for x in (flag, "1" if flag != "--report_to" else "wandb")]
+    argv[argv.index("--config") + 1] = str(ROOT / "configs" / "sks-dog.yaml")
+    train_dreambooth.parse_args(argv)  # exits if a flag does not exist
