@@ -234,6 +234,21 @@ def add_model_args(parser):
     return group
 
 
+# LoRA through peft: the attention projections of the UNet and of the CLIP text encoder, as diffusers' LoRA scripts
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name: load_lora_weights(folder) finds it
+
+
+def add_lora(model, config, targets):
+    """Inject LoRA adapters (the run config's rank, alpha, dropout) into a diffusers or transformers model."""
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=config["lora_rank"], lora_alpha=config["lora_alpha"] or config["lora_rank"],
+                                 lora_dropout=config["lora_dropout"], init_lora_weights="gaussian",
+                                 target_modules=targets))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Class-prior images (used by generate_priors.py, and by train_dreambooth.py when the class folder is short)
 

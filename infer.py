@@ -1,6 +1,6 @@
 """Generate images from a fine-tuned DreamBooth model: a training output folder, an export (export-N), a training
-checkpoint (checkpoint-N, its base model read from the checkpoint's run_config.json), or any Stable Diffusion
-pipeline folder or hub id.
+checkpoint (checkpoint-N), a LoRA run's folder (the base model of a checkpoint or LoRA run is read from its
+run_config.json), or any Stable Diffusion pipeline folder or hub id, optionally with --lora adapters.
 
     python infer.py --pretrained_model_name_or_path sks-dog --prompt "a photo of sks dog on the moon" --seed 0
 
@@ -30,7 +30,10 @@ import dreambooth_utils as du
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    du.add_model_args(p)
+    g = du.add_model_args(p)
+    g.add_argument("--lora", default=None, help="LoRA weights (a file, or a folder with pytorch_lora_weights.safetensors)")
+    g.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA adapters (0: the base model)")
+    g.add_argument("--fuse_lora", action="store_true", help="fuse the adapters into the weights (faster sampling)")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], help="prompt; repeat the flag for several")
     g.add_argument("--prompts_file", default=None, help="a text file of prompts, one a line (after any --prompt)")
@@ -77,17 +80,30 @@ def read_prompts(args):
 # Models: a pipeline (folder or hub id), or a training checkpoint on top of the base model it was trained from
 
 
+def base_of(path, config):
+    base = config["pretrained_model_name_or_path"]
+    if not du.HUB_ID.match(base) and not Path(base).is_dir():
+        du.fail(f"the base model of {path}, {base} (from its run_config.json), is not found")
+    du.check_model_source(base)
+    return config
+
+
 def check_model(args):
-    """What the model path is, checked before anything loads: ("pipeline", name) or ("checkpoint", run config)."""
+    """What the model path is, checked before anything loads: ("pipeline", name), ("checkpoint", run config) or
+    ("lora", run config); and that --lora, if given, exists."""
+    if args.lora and not Path(args.lora).exists():
+        du.fail(f"LoRA weights not found: {args.lora}")
+    if args.lora and Path(args.lora).is_dir() and not (Path(args.lora) / du.LORA_WEIGHTS).is_file():
+        du.fail(f"LoRA folder {args.lora} has no {du.LORA_WEIGHTS}")
     path = Path(args.pretrained_model_name_or_path).expanduser()
     if path.is_dir() and not (path / "model_index.json").is_file():
         if (path / "model.safetensors").is_file() and (path / "run_config.json").is_file():
-            config = du.check_checkpoint(path)["config"]
-            base = config["pretrained_model_name_or_path"]
-            if not du.HUB_ID.match(base) and not Path(base).is_dir():
-                du.fail(f"the base model of checkpoint {path}, {base} (from its run_config.json), is not found")
-            du.check_model_source(base)
-            return "checkpoint", config
+            return "checkpoint", base_of(path, du.check_checkpoint(path)["config"])
+        if (path / du.LORA_WEIGHTS).is_file() and (path / "run_config.json").is_file():
+            if args.lora:
+                du.fail(f"{path} is a LoRA run already; give its base model with --lora, or leave --lora out")
+            args.lora = str(path)
+            return "lora", base_of(path, json.loads((path / "run_config.json").read_text())["config"])
         checkpoints = du.list_checkpoints(path)
         if checkpoints:
             du.fail(f"{path} holds no pipeline yet (the run has not finished); its newest checkpoint is {checkpoints[-1][1]}")
@@ -97,14 +113,35 @@ def check_model(args):
 
 def load_model(args, kind, source, dtype, device):
     if kind == "pipeline":
-        return du.load_pipeline(source, args.revision, args.variant, dtype, device)
-    from safetensors.torch import load_file
+        pipe = du.load_pipeline(source, args.revision, args.variant, dtype, device)
+    else:
+        pipe = du.load_pipeline(source["pretrained_model_name_or_path"], source["revision"], source["variant"], dtype, device)
+    if kind == "checkpoint":
+        from safetensors.torch import load_file
 
-    pipe = du.load_pipeline(source["pretrained_model_name_or_path"], source["revision"], source["variant"], dtype, device)
-    # the checkpoint holds the trained model (UNet and text encoder) as accelerate saved it: "unet.*", "text_encoder.*"
-    state = load_file(Path(args.pretrained_model_name_or_path, "model.safetensors"))
-    for name in ("unet", "text_encoder"):
-        getattr(pipe, name).load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+        # the checkpoint holds the trained model as accelerate saved it: "unet.*" and "text_encoder.*", with the
+        # adapters of a LoRA run in place
+        if source.get("lora_rank"):
+            du.add_lora(pipe.unet, source, source["lora_target_modules"])
+            if source["train_text_encoder"]:
+                du.add_lora(pipe.text_encoder, source, du.TEXT_ENCODER_LORA_TARGETS)
+        state = load_file(Path(args.pretrained_model_name_or_path, "model.safetensors"))
+        for name in ("unet", "text_encoder"):
+            module = getattr(pipe, name)
+            module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+        if source.get("lora_rank"):
+            pipe.unet.to(dtype=dtype)  # the injected adapters start in fp32
+            pipe.text_encoder.to(dtype=dtype)
+    if args.lora:
+        folder, name = (args.lora, du.LORA_WEIGHTS) if Path(args.lora).is_dir() else (str(Path(args.lora).parent), Path(args.lora).name)
+        try:
+            pipe.load_lora_weights(folder, weight_name=name, adapter_name="dreambooth")
+        except (ValueError, KeyError, OSError) as e:
+            du.fail(f"cannot load LoRA weights {args.lora}: {str(e).strip().splitlines()[0]}")
+        if args.fuse_lora:
+            pipe.fuse_lora(lora_scale=args.lora_scale)
+        else:
+            pipe.set_adapters(["dreambooth"], adapter_weights=[args.lora_scale])
     return pipe
 
 
@@ -202,6 +239,8 @@ def main(argv=None):
                             "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
                             "sampler": sampler, "width": width, "height": height,
                             "model": args.pretrained_model_name_or_path, "dtype": precision}
+                if args.lora:
+                    settings.update(lora=args.lora, lora_scale=args.lora_scale)
                 info = PngInfo()
                 info.add_text("parameters", a1111_parameters(prompt, args.negative_prompt, args.num_inference_steps,
                                                              sampler, args.guidance_scale, seed, width, height, model_name))

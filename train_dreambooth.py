@@ -86,6 +86,14 @@ def parse_args(argv=None):
     g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR loss weighting gamma, 5.0 is usual (arxiv 2303.09556)")
     g.add_argument("--seed", type=int, default=None, help="seed (default: drawn at random and recorded in run_config.json)")
 
+    g = p.add_argument_group("LoRA (adapters instead of the full fine-tune)")
+    g.add_argument("--lora_rank", "--rank", dest="lora_rank", type=int, default=0,
+                   help="rank of LoRA adapters (0: full fine-tune); use a learning rate of about 1e-4 with LoRA")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, a scale of 1)")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout of the LoRA layers")
+    g.add_argument("--lora_target_modules", nargs="+", default=du.UNET_LORA_TARGETS,
+                   help="UNet modules that get adapters (the text encoder's q/k/v/out projections with --train_text_encoder)")
+
     g = p.add_argument_group("precision and memory")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="overrides accelerate's config; trainable weights stay fp32 either way")
@@ -164,6 +172,8 @@ def check_args(args):
                  "num_validation_images", "validation_steps", "validation_inference_steps"):
         if getattr(args, name) < 1:
             du.fail(f"--{name} must be at least 1")
+    if args.lora_rank < 0:
+        du.fail("--lora_rank must be 0 (full fine-tune) or more")
     if args.resolution % 8:
         du.fail(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
     args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path)
@@ -440,20 +450,42 @@ def log_validation(accelerator, args, model, vae, tokenizer, noise_scheduler, st
                                         zip(args.validation_prompt, rows) for j, im in enumerate(images)]}, step=step)
 
 
-def save_pipeline(args, output_dir, dtype, trained):
-    """The base pipeline in `dtype` with the trained weights copied in (cast on the way), saved in safetensors. It is
-    written to a temporary folder and moved into place with model_index.json last, so a folder that has one holds a
-    whole pipeline."""
+def save_lora(folder, dtype, trained):
+    """The adapters in diffusers' format (`pipe.load_lora_weights(folder)`; the LoRA config, alpha included, rides
+    along as metadata), and a copy with kohya's key names for the web UIs, made by diffusers' own converter."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    peft = {name: {k: v.to(dtype) for k, v in get_peft_model_state_dict(module).items()} for name, module in trained.items()}
+    StableDiffusionPipeline.save_lora_weights(
+        folder, safe_serialization=True,
+        **{f"{name}_lora_layers": convert_state_dict_to_diffusers(sd) for name, sd in peft.items()},
+        **{f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict() for name, module in trained.items()})
+    kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, sd in peft.items() for k, v in sd.items()})
+    alpha = trained["unet"].peft_config["default"].lora_alpha  # the converter writes alpha = rank; ours may differ
+    kohya = {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
+    save_file(kohya, Path(folder, du.LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors")))
+
+
+def save_weights(args, output_dir, dtype, trained):
+    """What a run produces, in safetensors: the base pipeline in `dtype` with the trained weights copied in (cast on
+    the way), or with LoRA the adapter files alone. Written to a temporary folder and moved into place with
+    model_index.json (or the LoRA file) last, so a folder that has one holds the whole result."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = du.from_pretrained(StableDiffusionPipeline, args.pretrained_model_name_or_path, revision=args.revision,
-                              variant=args.variant, dtype=dtype)
-    for name, module in trained.items():
-        getattr(pipe, name).load_state_dict(module.state_dict())
-    tmp = Path(output_dir) / ".pipeline.tmp"
+    tmp = Path(output_dir) / ".save.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    for item in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
+    if args.lora_rank:
+        save_lora(tmp, dtype, trained)
+    else:
+        pipe = du.from_pretrained(StableDiffusionPipeline, args.pretrained_model_name_or_path, revision=args.revision,
+                                  variant=args.variant, dtype=dtype)
+        for name, module in trained.items():
+            getattr(pipe, name).load_state_dict(module.state_dict())
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    for item in sorted(tmp.iterdir(), key=lambda p: p.name in ("model_index.json", du.LORA_WEIGHTS)):
         dest = Path(output_dir) / item.name
         if dest.is_dir():
             shutil.rmtree(dest)
@@ -537,13 +569,14 @@ def save_checkpoint(accelerator, args, state, record):
 
 
 def export_pipeline(accelerator, args, model, step):
-    """An inference-ready pipeline (export-N, --export_precision) beside the checkpoints; infer.py loads it."""
+    """An inference-ready pipeline or LoRA file (export-N, --export_precision) beside the checkpoints; infer.py loads
+    it."""
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(model)
         modules = {"unet": trained.unet, **({"text_encoder": trained.text_encoder} if args.train_text_encoder else {})}
         folder = Path(args.output_dir, f"export-{step}")
         folder.mkdir(exist_ok=True)
-        save_pipeline(args, folder, du.torch_dtype(args.export_precision), modules)
+        save_weights(args, folder, du.torch_dtype(args.export_precision), modules)
         remove_oldest(args.output_dir, "export", args.exports_total_limit)
     accelerator.wait_for_everyone()
 
@@ -563,7 +596,7 @@ def main(argv=None):
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import compute_snr
+    from diffusers.training_utils import cast_training_params, compute_snr
     from transformers import AutoTokenizer, CLIPTextModel
 
     if args.seed is None and args.resume_record:  # a resumed run keeps its seed
@@ -607,21 +640,28 @@ def main(argv=None):
     # The training noise schedule is the model's own scheduler config read as DDPM: same betas, same prediction type.
     noise_scheduler = du.from_pretrained(DDPMScheduler, args.pretrained_model_name_or_path, subfolder="scheduler", **model_kw)
     model_kw["variant"] = args.variant
-    # important! Frozen modules load in the half-precision weight dtype; trainable ones stay fp32, or the fp16 grad
-    # scaler fails with "Attempting to unscale FP16 gradients".
+    # important! Frozen weights load in the half-precision weight dtype; trained ones stay fp32, or the fp16 grad
+    # scaler fails with "Attempting to unscale FP16 gradients". With LoRA the base weights are frozen (half precision)
+    # and only the adapters train (fp32).
     weight_dtype = du.torch_dtype(accelerator.mixed_precision)
+    lora = args.lora_rank > 0
     text_encoder = du.from_pretrained(CLIPTextModel, args.pretrained_model_name_or_path, subfolder="text_encoder",
-                                      dtype=torch.float32 if args.train_text_encoder else weight_dtype, **model_kw)
+                                      dtype=torch.float32 if args.train_text_encoder and not lora else weight_dtype, **model_kw)
     vae = du.from_pretrained(AutoencoderKL, args.pretrained_model_name_or_path, subfolder="vae", dtype=weight_dtype, **model_kw)
     unet = du.from_pretrained(UNet2DConditionModel, args.pretrained_model_name_or_path, subfolder="unet",
-                              dtype=torch.float32, **model_kw)
+                              dtype=weight_dtype if lora else torch.float32, **model_kw)
     if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
         du.fail(f"the model's scheduler predicts {noise_scheduler.config.prediction_type!r}; supported: {PREDICTION_TYPES}")
     vae.requires_grad_(False).eval().to(accelerator.device)
-    text_encoder.requires_grad_(args.train_text_encoder)
+    text_encoder.requires_grad_(args.train_text_encoder and not lora)
     if not args.train_text_encoder:
         text_encoder.eval().to(accelerator.device)
-    unet.requires_grad_(True)
+    unet.requires_grad_(not lora)
+    if lora:
+        du.add_lora(unet, vars(args), args.lora_target_modules)
+        if args.train_text_encoder:
+            du.add_lora(text_encoder, vars(args), du.TEXT_ENCODER_LORA_TARGETS)
+        cast_training_params([unet, text_encoder], dtype=torch.float32)  # the adapters train in fp32
     if args.enable_xformers_memory_efficient_attention:
         du.enable_xformers(unet)
     if args.gradient_checkpointing:
@@ -809,13 +849,13 @@ def main(argv=None):
     for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)
 
-    # ---- save the pipeline: the trained modules in fp32; the frozen ones are re-read from the base model
+    # ---- save the pipeline (the trained modules in fp32; the frozen ones re-read from the base model) or the adapters
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(model)
         modules = {"unet": trained.unet, **({"text_encoder": trained.text_encoder} if args.train_text_encoder else {})}
-        save_pipeline(args, args.output_dir, torch.float32, modules)
-        accelerator.print(f"saved the fine-tuned pipeline to {args.output_dir}")
+        save_weights(args, args.output_dir, torch.float32, modules)
+        accelerator.print(f"saved the fine-tuned {'LoRA adapters' if args.lora_rank else 'pipeline'} to {args.output_dir}")
         if args.push_to_hub:
             push_to_hub(args)
     accelerator.end_training()
