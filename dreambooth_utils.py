@@ -253,6 +253,25 @@ def add_lora(model, config, targets):
 # Class-prior images (used by generate_priors.py, and by train_dreambooth.py when the class folder is short)
 
 
+def check_launch():
+    """One line instead of a CUDA traceback or a silent mistake when the launch cannot work as asked."""
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if processes_here > 1 and not on_cpu:
+        gpus = torch.cuda.device_count()
+        if gpus == 0:  # accelerate would run each process alone, every one writing the same files
+            fail(f"{processes_here} processes were launched on a machine without GPUs: "
+                 "add --cpu to `accelerate launch` (or ACCELERATE_USE_CPU=true) to train on CPU processes")
+        if processes_here > gpus:
+            fail(f"the launch asks for {processes_here} processes on this machine, which has {gpus} GPU(s): "
+                 "lower --num_processes (or num_processes in the accelerate config)")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            fail("the accelerate config asks for DeepSpeed, which is not installed: pip install deepspeed")
+
+
 def partial_state():
     """accelerate's PartialState, honouring ACCELERATE_USE_CPU as Accelerator does (PartialState alone does not, and
     processes launched on a machine without GPUs would then each run alone)."""

@@ -55,6 +55,7 @@ def main(argv=None):
     if class_dir.exists() and not class_dir.is_dir():
         du.fail(f"class folder is not a folder: {class_dir}")
     args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path)
+    du.check_launch()
 
     state = du.partial_state()
     precision = args.mixed_precision or ("fp16" if state.device.type == "cuda" else "fp32")

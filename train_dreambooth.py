@@ -177,6 +177,7 @@ def check_args(args):
     if args.resolution % 8:
         du.fail(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
     args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path)
+    du.check_launch()
     if args.enable_xformers_memory_efficient_attention:
         du.check_xformers()
     if args.use_8bit_adam:
@@ -458,15 +459,25 @@ def save_lora(folder, dtype, trained):
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    peft = {name: {k: v.to(dtype) for k, v in get_peft_model_state_dict(module).items()} for name, module in trained.items()}
+    peft = {name: {k: v.to(dtype) for k, v in get_peft_model_state_dict(module, state_dict=state).items()}
+            for name, (module, state) in trained.items()}
     StableDiffusionPipeline.save_lora_weights(
         folder, safe_serialization=True,
         **{f"{name}_lora_layers": convert_state_dict_to_diffusers(sd) for name, sd in peft.items()},
-        **{f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict() for name, module in trained.items()})
+        **{f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict() for name, (module, _) in trained.items()})
     kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, sd in peft.items() for k, v in sd.items()})
-    alpha = trained["unet"].peft_config["default"].lora_alpha  # the converter writes alpha = rank; ours may differ
+    alpha = trained["unet"][0].peft_config["default"].lora_alpha  # the converter writes alpha = rank; ours may differ
     kohya = {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
     save_file(kohya, Path(folder, du.LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors")))
+
+
+def trained_weights(accelerator, args, model):
+    """{name: (module, full state dict)} of the trained modules. Call it on every process: under FSDP (or DeepSpeed
+    ZeRO-3) accelerator.get_state_dict gathers the sharded weights onto the main process."""
+    state, unwrapped = accelerator.get_state_dict(model), accelerator.unwrap_model(model)
+    names = ["unet"] + (["text_encoder"] if args.train_text_encoder else [])
+    return {n: (getattr(unwrapped, n), {k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
+            for n in names}
 
 
 def save_weights(args, output_dir, dtype, trained):
@@ -482,8 +493,8 @@ def save_weights(args, output_dir, dtype, trained):
     else:
         pipe = du.from_pretrained(StableDiffusionPipeline, args.pretrained_model_name_or_path, revision=args.revision,
                                   variant=args.variant, dtype=dtype)
-        for name, module in trained.items():
-            getattr(pipe, name).load_state_dict(module.state_dict())
+        for name, (_, state) in trained.items():
+            getattr(pipe, name).load_state_dict(state)
         pipe.save_pretrained(tmp, safe_serialization=True)
     for item in sorted(tmp.iterdir(), key=lambda p: p.name in ("model_index.json", du.LORA_WEIGHTS)):
         dest = Path(output_dir) / item.name
@@ -571,12 +582,11 @@ def save_checkpoint(accelerator, args, state, record):
 def export_pipeline(accelerator, args, model, step):
     """An inference-ready pipeline or LoRA file (export-N, --export_precision) beside the checkpoints; infer.py loads
     it."""
+    trained = trained_weights(accelerator, args, model)
     if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(model)
-        modules = {"unet": trained.unet, **({"text_encoder": trained.text_encoder} if args.train_text_encoder else {})}
         folder = Path(args.output_dir, f"export-{step}")
         folder.mkdir(exist_ok=True)
-        save_weights(args, folder, du.torch_dtype(args.export_precision), modules)
+        save_weights(args, folder, du.torch_dtype(args.export_precision), trained)
         remove_oldest(args.output_dir, "export", args.exports_total_limit)
     accelerator.wait_for_everyone()
 
@@ -613,6 +623,11 @@ def main(argv=None):
         # the shuffle order of epoch e is a function of (seed, e) alone: a resumed run can replay it
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed and args.use_8bit_adam and deepspeed.deepspeed_config.get("zero_optimization", {}).get(
+            "offload_optimizer", {}).get("device", "none") != "none":
+        du.fail("--use_8bit_adam does not combine with DeepSpeed's optimizer offload (DeepSpeed replaces the optimizer "
+                "with its own CPU Adam): leave --use_8bit_adam out")
     # each process draws its own noise and timesteps (seed + process index)
     set_seed(args.seed, device_specific=True)
     if args.overwrite_output_dir and not args.resume_from_checkpoint and accelerator.is_main_process:
@@ -851,10 +866,9 @@ def main(argv=None):
 
     # ---- save the pipeline (the trained modules in fp32; the frozen ones re-read from the base model) or the adapters
     accelerator.wait_for_everyone()
+    trained = trained_weights(accelerator, args, model)
     if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(model)
-        modules = {"unet": trained.unet, **({"text_encoder": trained.text_encoder} if args.train_text_encoder else {})}
-        save_weights(args, args.output_dir, torch.float32, modules)
+        save_weights(args, args.output_dir, torch.float32, trained)
         accelerator.print(f"saved the fine-tuned {'LoRA adapters' if args.lora_rank else 'pipeline'} to {args.output_dir}")
         if args.push_to_hub:
             push_to_hub(args)
