@@ -103,6 +103,12 @@ def parse_args(argv=None):
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention (CUDA only); PyTorch SDPA is used otherwise")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="encode every training image once with the VAE (needs --center_crop; flips are cached both ways)")
+    g.add_argument("--pre_compute_text_embeddings", action="store_true",
+                   help="encode the prompts once and take the frozen text encoder off the accelerator")
+    g.add_argument("--channels_last", action="store_true", help="UNet in channels-last memory format")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first steps)")
 
     g = p.add_argument_group("checkpoints and exports")
     g.add_argument("--checkpointing_steps", type=int, default=500,
@@ -134,6 +140,8 @@ def parse_args(argv=None):
                    help="experiment tracker(s), through accelerate")
     g.add_argument("--tracker_project_name", default="dreambooth", help="project name in the tracker")
     g.add_argument("--run_name", default=None, help="run name in W&B (default: W&B's)")
+    g.add_argument("--logging_steps", type=int, default=1,
+                   help="log every N optimizer steps (the only time a step waits for the GPU)")
     g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
     g.add_argument("--push_to_hub", action="store_true", help="upload the trained pipeline to the Hugging Face Hub")
     g.add_argument("--hub_model_id", default=None, help="hub repository (default: the --output_dir folder name)")
@@ -169,9 +177,13 @@ def check_args(args):
     elif args.class_dir or args.class_prompt:
         du.note("--class_dir/--class_prompt are ignored without --with_prior_preservation")
     for name in ("train_batch_size", "gradient_accumulation_steps", "resolution", "sample_batch_size",
-                 "num_validation_images", "validation_steps", "validation_inference_steps"):
+                 "num_validation_images", "validation_steps", "validation_inference_steps", "logging_steps"):
         if getattr(args, name) < 1:
             du.fail(f"--{name} must be at least 1")
+    if args.cache_latents and not args.center_crop:
+        du.fail("--cache_latents needs --center_crop: a random crop differs every epoch (flips are fine, both are cached)")
+    if args.pre_compute_text_embeddings and args.train_text_encoder:
+        du.fail("--pre_compute_text_embeddings needs a frozen text encoder: leave out --train_text_encoder")
     if args.lora_rank < 0:
         du.fail("--lora_rank must be 0 (full fine-tune) or more")
     if args.resolution % 8:
@@ -312,12 +324,15 @@ def preprocess(image, size, center_crop, random_flip, generator):
 class DreamBoothDataset(Dataset):
     """Item i pairs instance example i (mod the number of instances) with class image i (mod the number of class
     images); an epoch is as long as the larger set. Random crops and flips come from a generator seeded by
-    (seed, epoch, i), so they do not depend on worker count or scheduling."""
+    (seed, epoch, i), so they do not depend on worker count or scheduling. With caches (--cache_latents,
+    --pre_compute_text_embeddings) an item holds the VAE's latent distribution and the prompt embedding instead of
+    pixels and token ids; the flip is drawn from the same generator, so the data are the same."""
 
     def __init__(self, instances, class_paths, class_prompt, tokenizer, size, center_crop, random_flip, seed):
         self.instances, self.class_paths, self.class_prompt = instances, class_paths, class_prompt
         self.tokenizer, self.size, self.center_crop, self.random_flip = tokenizer, size, center_crop, random_flip
         self.seed, self.epoch = seed, 0
+        self.latents = self.embeddings = None  # filled by cache_latents / cache_embeddings
 
     def __len__(self):
         return max(len(self.instances), len(self.class_paths))
@@ -329,26 +344,56 @@ class DreamBoothDataset(Dataset):
         return self.tokenizer(prompt, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
                               return_tensors="pt").input_ids[0]
 
+    def image(self, kind, index, image, generator):
+        if self.latents is not None:  # center crop only: the one random draw is the flip, as in preprocess
+            return self.latents[kind, index, bool(self.random_flip and torch.rand((), generator=generator) < 0.5)]
+        image = image if isinstance(image, Image.Image) else du.load_image(image)
+        return preprocess(image, self.size, self.center_crop, self.random_flip, generator)
+
+    def text(self, prompt):
+        return self.embeddings[prompt] if self.embeddings is not None else self.tokenize(prompt)
+
     def __getitem__(self, i):
         generator = torch.Generator().manual_seed(du.image_seed(self.seed, f"{self.epoch}:{i}"))
         image, prompt = self.instances[i % len(self.instances)]
-        image = image if isinstance(image, Image.Image) else du.load_image(image)
-        example = {"instance_pixels": preprocess(image, self.size, self.center_crop, self.random_flip, generator),
-                   "instance_ids": self.tokenize(prompt)}
+        example = {"instance_image": self.image("instance", i % len(self.instances), image, generator),
+                   "instance_text": self.text(prompt)}
         if self.class_paths:
-            image = du.load_image(self.class_paths[i % len(self.class_paths)])
-            example["class_pixels"] = preprocess(image, self.size, self.center_crop, self.random_flip, generator)
-            example["class_ids"] = self.tokenize(self.class_prompt)
+            j = i % len(self.class_paths)
+            example["class_image"] = self.image("class", j, self.class_paths[j], generator)
+            example["class_text"] = self.text(self.class_prompt)
         return example
 
 
 def collate(examples):
     """Instance examples first, then class examples, in one batch: one forward pass serves both losses."""
-    keys = [("instance_pixels", "instance_ids")] + ([("class_pixels", "class_ids")] if "class_pixels" in examples[0] else [])
-    pixels = [e[k] for k, _ in keys for e in examples]
-    ids = [e[k] for _, k in keys for e in examples]
-    return {"pixel_values": torch.stack(pixels).contiguous(memory_format=torch.contiguous_format),
-            "input_ids": torch.stack(ids)}
+    kinds = ["instance"] + (["class"] if "class_image" in examples[0] else [])
+    return {"images": torch.stack([e[f"{k}_image"] for k in kinds for e in examples]).contiguous(),
+            "texts": torch.stack([e[f"{k}_text"] for k in kinds for e in examples])}
+
+
+@torch.no_grad()
+def cache_latents(dataset, vae, device, progress=True):
+    """--cache_latents: the VAE's latent distribution (its parameters: mean and log-variance) of every training image,
+    encoded once, one image at a time, both flips when --random_flip. A step then samples from it with the training
+    random state, as vae.encode(...).latent_dist.sample() would."""
+    flips = (False, True) if dataset.random_flip else (False,)
+    sources = [("instance", i, image) for i, (image, _) in enumerate(dataset.instances)]
+    sources += [("class", j, path) for j, path in enumerate(dataset.class_paths)]
+    cache = {}
+    for kind, index, image in tqdm(sources, desc="caching latents", disable=not progress):
+        image = image if isinstance(image, Image.Image) else du.load_image(image)
+        pixels = preprocess(image, dataset.size, True, False, None)
+        for flip in flips:
+            batch = (pixels.flip(-1) if flip else pixels)[None].to(device, vae.dtype)
+            cache[kind, index, flip] = vae.encode(batch).latent_dist.parameters[0].cpu()
+    dataset.latents = cache
+
+
+@torch.no_grad()
+def cache_embeddings(dataset, prompts, text_encoder, device):
+    """--pre_compute_text_embeddings: the frozen text encoder's output for every prompt, encoded once."""
+    dataset.embeddings = {p: text_encoder(dataset.tokenize(p)[None].to(device))[0][0].cpu() for p in dict.fromkeys(prompts)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,13 +410,14 @@ class DreamBoothModel(torch.nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        if not self.train_text_encoder:
+        if not self.train_text_encoder and self.text_encoder is not None:
             self.text_encoder.eval()  # a frozen text encoder never runs its dropout
         return self
 
-    def forward(self, noisy_latents, timesteps, input_ids):
+    def forward(self, noisy_latents, timesteps, texts):
+        """texts: token ids, or prompt embeddings when they were pre-computed (the text encoder is then None)."""
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            prompt_embeds = self.text_encoder(input_ids)[0]
+            prompt_embeds = self.text_encoder(texts)[0] if self.text_encoder is not None else texts
         # a frozen text encoder runs in the half-precision weight dtype; the UNet's inputs share one dtype
         return self.unet(noisy_latents, timesteps, prompt_embeds.to(noisy_latents.dtype)).sample
 
@@ -410,7 +456,7 @@ def make_class_images(args, accelerator):
     accelerator.wait_for_everyone()
 
 
-def log_validation(accelerator, args, model, vae, tokenizer, noise_scheduler, step):
+def log_validation(accelerator, args, model, vae, tokenizer, noise_scheduler, step, text_encoder, embeddings):
     """Sample the validation prompts with the in-memory models at fixed seeds (image j of every prompt has the same
     seed at every step, so the images are comparable across steps); a PNG grid in output_dir/validation and images
     in the trackers. Its random draws come from its own generators inside fork_rng, so the training random state is
@@ -418,7 +464,7 @@ def log_validation(accelerator, args, model, vae, tokenizer, noise_scheduler, st
     from diffusers import StableDiffusionPipeline
 
     trained = accelerator.unwrap_model(model)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=trained.text_encoder, tokenizer=tokenizer, unet=trained.unet,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=trained.text_encoder or text_encoder, tokenizer=tokenizer, unet=trained.unet,
                                    scheduler=du.make_scheduler(args.validation_scheduler, noise_scheduler.config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -427,9 +473,14 @@ def log_validation(accelerator, args, model, vae, tokenizer, noise_scheduler, st
     model.eval()
     with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
         for prompt in args.validation_prompt:
-            rows.append(pipe([prompt] * n, negative_prompt=[args.validation_negative_prompt] * n
-                             if args.validation_negative_prompt else None,
-                             num_inference_steps=args.validation_inference_steps,
+            if embeddings:  # pre-computed: the text encoder is not on the accelerator
+                negative = embeddings[args.validation_negative_prompt or ""]
+                text = dict(prompt_embeds=embeddings[prompt].expand(n, -1, -1).to(accelerator.device),
+                            negative_prompt_embeds=negative.expand(n, -1, -1).to(accelerator.device))
+            else:
+                text = dict(prompt=[prompt] * n, negative_prompt=[args.validation_negative_prompt] * n
+                            if args.validation_negative_prompt else None)
+            rows.append(pipe(**text, num_inference_steps=args.validation_inference_steps,
                              guidance_scale=args.validation_guidance_scale, height=args.resolution, width=args.resolution,
                              generator=[torch.Generator().manual_seed(du.image_seed(args.seed, j)) for j in range(n)]).images)
     model.train()
@@ -544,7 +595,8 @@ RESUME_HARMLESS = {"output_dir", "overwrite_output_dir", "logging_dir", "report_
                    "gradient_checkpointing", "set_grads_to_none", "push_to_hub", "hub_model_id", "hub_token",
                    "sample_batch_size", "prior_generation_precision", "run_name", "config", "validation_prompt",
                    "validation_negative_prompt", "num_validation_images", "validation_steps", "validation_scheduler",
-                   "validation_guidance_scale", "validation_inference_steps"}
+                   "validation_guidance_scale", "validation_inference_steps", "logging_steps", "compile",
+                   "channels_last"}
 
 
 def changed_settings(saved, current):
@@ -605,6 +657,7 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, compute_snr
     from transformers import AutoTokenizer, CLIPTextModel
@@ -684,7 +737,24 @@ def main(argv=None):
         if args.train_text_encoder:
             # transformers 5 renamed gradient_checkpointing_enable; take whichever this version has
             getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
-    model = DreamBoothModel(unet, text_encoder, args.train_text_encoder)
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if args.compile:
+        unet.compile()  # in place: the state dict keeps its keys for checkpoints and saving
+
+    # ---- data, with the optional caches: then the VAE and the text encoder have nothing left to do in a step
+    dataset = DreamBoothDataset(instances, class_paths, args.class_prompt, tokenizer, args.resolution,
+                                args.center_crop, args.random_flip, args.seed)
+    if args.cache_latents:
+        cache_latents(dataset, vae, accelerator.device, accelerator.is_local_main_process)
+        if not args.validation_prompt:  # validation still decodes with it
+            vae.to("cpu")
+    if args.pre_compute_text_embeddings:
+        prompts = [p for _, p in instances] + ([args.class_prompt] if class_paths else [])
+        prompts += (args.validation_prompt or []) + [args.validation_negative_prompt or ""]
+        cache_embeddings(dataset, prompts, text_encoder, accelerator.device)
+        text_encoder.to("cpu")
+    model = DreamBoothModel(unet, None if args.pre_compute_text_embeddings else text_encoder, args.train_text_encoder)
     params = [p for p in model.parameters() if p.requires_grad]
 
     # ---- optimizer, data, schedule
@@ -699,12 +769,11 @@ def main(argv=None):
         optimizer_cls = torch.optim.AdamW
     optimizer = optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    dataset = DreamBoothDataset(instances, class_paths, args.class_prompt, tokenizer, args.resolution,
-                                args.center_crop, args.random_flip, args.seed or 0)
     # important! The loader gets its own generator: by default each new iterator draws a seed from the global
     # torch RNG, and a resumed run (which starts a new iterator mid-epoch) would then draw different noise.
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
                                              num_workers=args.dataloader_num_workers,
+                                             pin_memory=accelerator.device.type == "cuda",
                                              generator=torch.Generator().manual_seed(args.seed))
     # Steps per epoch after sharding across processes; the schedule is stepped once per process per optimizer step.
     steps_per_epoch = math.ceil(math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps)
@@ -767,7 +836,7 @@ def main(argv=None):
 
     def validate(step):  # on the main process only; the others wait at the next collective
         if args.validation_prompt and accelerator.is_main_process:
-            log_validation(accelerator, args, model, vae, tokenizer, noise_scheduler, step)
+            log_validation(accelerator, args, model, vae, tokenizer, noise_scheduler, step, text_encoder, dataset.embeddings)
 
     # ---- training loop
     if state.global_step == 0:
@@ -775,7 +844,14 @@ def main(argv=None):
     images_per_step = global_batch * (2 if class_paths else 1)
     progress = tqdm(total=max_train_steps, initial=state.global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    step_losses, micro_steps, grad_norm, t0 = torch.zeros(3, device=accelerator.device), 0, None, time.perf_counter()
+    if args.cache_latents:  # sample from the cached distribution with the training random state, as the VAE would
+        def encode(images):
+            return DiagonalGaussianDistribution(images).sample()
+    else:
+        def encode(images):
+            return vae.encode(images.to(weight_dtype)).latent_dist.sample()
+    step_losses, micro_steps, grad_norm = torch.zeros(3, device=accelerator.device), 0, None
+    window_steps, window_seconds, t0 = 0, 0.0, time.perf_counter()
     for epoch in range(state.epoch, num_epochs):
         if state.global_step >= max_train_steps:
             break
@@ -788,17 +864,16 @@ def main(argv=None):
         for batch in loader:
             state.batches_in_epoch += 1
             with accelerator.accumulate(model):
-                # encode: images -> latents with the frozen VAE
+                # encode: images -> latents with the frozen VAE (or from the cache)
                 with torch.no_grad():
-                    latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
-                    latents = latents.float() * vae.config.scaling_factor  # noise, target and loss in fp32
+                    latents = encode(batch["images"]).float() * vae.config.scaling_factor  # noise, target, loss: fp32
                 # forward diffusion: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at a random timestep per example
                 noise = sample_noise(latents, args.offset_noise)
                 timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                           device=latents.device).long()
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 # predict and compare: instance loss + lambda * prior loss
-                model_pred = model(noisy_latents, timesteps, batch["input_ids"])
+                model_pred = model(noisy_latents, timesteps, batch["texts"])
                 target = noise_target(noise_scheduler, latents, noise, timesteps)
                 weights = None
                 if args.snr_gamma:
@@ -818,29 +893,32 @@ def main(argv=None):
                 micro_steps += 1
             if not accelerator.sync_gradients:
                 continue
-            # ---- end of an optimizer step: log the mean over micro-batches and processes (one reduce, which also
-            # tells every process whether any of them was asked to stop)
+            # ---- end of an optimizer step. Every --logging_steps: the mean over the window's micro-batches and over
+            # the processes, in one reduce (the step's only wait for the GPU), which also tells every process
+            # whether any of them was asked to stop
             state.global_step += 1
-            stop_flag = torch.tensor([float(bool(stop_signal))], device=accelerator.device)
-            mean = accelerator.reduce(torch.cat([step_losses / micro_steps, stop_flag]), reduction="mean").tolist()
-            seconds = time.perf_counter() - t0
-            logs = {"loss": mean[0], "instance_loss": mean[1], "lr": lr_scheduler.get_last_lr()[0],
-                    "seconds_per_step": seconds, "images_per_second": images_per_step / seconds}
-            if torch.cuda.is_available():
-                logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            if class_paths:
-                logs["prior_loss"] = mean[2]
-            if grad_norm is not None:
-                logs["grad_norm"] = float(grad_norm)
-            accelerator.log(logs, step=state.global_step)
+            window_steps, window_seconds = window_steps + 1, window_seconds + time.perf_counter() - t0
             progress.update(1)
-            progress.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{logs['lr']:.2e}")
-            step_losses.zero_()
-            micro_steps = 0
+            stop = False
+            if state.global_step % args.logging_steps == 0 or state.global_step >= max_train_steps:
+                stop_flag = torch.tensor([float(bool(stop_signal))], device=accelerator.device)
+                mean = accelerator.reduce(torch.cat([step_losses / micro_steps, stop_flag]), reduction="mean").tolist()
+                logs = {"loss": mean[0], "instance_loss": mean[1], "lr": lr_scheduler.get_last_lr()[0],
+                        "seconds_per_step": window_seconds / window_steps,
+                        "images_per_second": images_per_step * window_steps / window_seconds}
+                if torch.cuda.is_available():
+                    logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                if class_paths:
+                    logs["prior_loss"] = mean[2]
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                accelerator.log(logs, step=state.global_step)
+                progress.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{logs['lr']:.2e}")
+                step_losses.zero_()
+                micro_steps, window_steps, window_seconds, stop = 0, 0, 0.0, mean[3] > 0
             # ---- validation images, checkpoint, export, stop
             if state.global_step % args.validation_steps == 0:
                 validate(state.global_step)
-            stop = mean[3] > 0
             if state.global_step % args.checkpointing_steps == 0 or stop:
                 checkpoint = save_checkpoint(accelerator, args, state, record)
             if args.export_steps and state.global_step % args.export_steps == 0:

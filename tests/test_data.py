@@ -100,10 +100,10 @@ def test_batch_holds_instances_first_then_class_images(tmp_path):
     ds = DreamBoothDataset(inst, cls, "dog", WordTokenizer(), 8, True, False, seed=0)
     assert len(ds) == 3  # the larger of the two sets
     batch = collate([ds[0], ds[1]])
-    assert batch["pixel_values"].shape == (4, 3, 8, 8)
+    assert batch["images"].shape == (4, 3, 8, 8)
     # rows 0-1: instances 0, 1; rows 2-3: class images 0, 1 (blue)
-    assert batch["input_ids"][:, 1].tolist() == [1, 2, 0, 0] and batch["input_ids"][:, 0].tolist() == [3, 3, 3, 3]
-    assert (batch["pixel_values"][2:, 2] > 0).all() and (batch["pixel_values"][:2, 2] == -1).all()
+    assert batch["texts"][:, 1].tolist() == [1, 2, 0, 0] and batch["texts"][:, 0].tolist() == [3, 3, 3, 3]
+    assert (batch["images"][2:, 2] > 0).all() and (batch["images"][:2, 2] == -1).all()
 
 
 def test_image_seeds_depend_only_on_seed_and_index():
