@@ -39,3 +39,15 @@ def test_cache_conflicts_are_refused(case):  # noqa: F811
     assert refuse(args, "--pre_compute_text_embeddings", "--train_text_encoder").startswith(
         "error: --pre_compute_text_embeddings needs a frozen text encoder")
     assert not out.exists()
+
+
+def test_benchmark_prints_a_table(hf_home):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "benchmark.py"), "--model", "tiny", "--steps", "1",
+                           "--warmup", "1", "--only", "baseline"], cwd=ROOT, env=script_env(hf_home),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "| configuration | steps/s | s/step | peak memory (GiB) |" in lines
+    (row,) = [line for line in lines if line.startswith("| baseline")]
+    steps_per_second, seconds, memory = (float(cell) for cell in row.strip("|").split("|")[1:])
+    assert steps_per_second > 0 and seconds > 0 and memory > 0

@@ -14,7 +14,7 @@ import generate_priors
 import infer
 import train_dreambooth
 
-ACCELERATE_FLAGS = {"--config_file", "--num_processes"}  # accelerate launch's own
+ACCELERATE_FLAGS = {"--config_file", "--num_processes", "--machine_rank", "--cpu"}  # accelerate launch's own
 
 
 def help_flags(module, capsys):
