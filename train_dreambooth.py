@@ -464,7 +464,8 @@ def log_validation(accelerator, args, model, vae, tokenizer, noise_scheduler, st
     from diffusers import StableDiffusionPipeline
 
     trained = accelerator.unwrap_model(model)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=trained.text_encoder or text_encoder, tokenizer=tokenizer, unet=trained.unet,
+    pipe = StableDiffusionPipeline(vae=vae, tokenizer=tokenizer, unet=trained.unet,
+                                   text_encoder=text_encoder if trained.text_encoder is None else trained.text_encoder,
                                    scheduler=du.make_scheduler(args.validation_scheduler, noise_scheduler.config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
