@@ -647,60 +647,23 @@ def export_pipeline(accelerator, args, model, step):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    # ---- check the input before anything loads
-    check_args(args)
-    instances = load_instance_examples(args)
-    if args.with_prior_preservation and Path(args.class_dir).exists():
-        du.list_images(args.class_dir, "class image")  # names a corrupt class image now, not mid-run
+def start_trackers(accelerator, args, record):
+    """accelerate's trackers, given the resolved config of run_config.json plus versions, command line and commit."""
+    config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in record["config"].items()}
+    config.update({f"version/{k}": str(v) for k, v in record["versions"].items()}, command=record["command"],
+                  git_commit=str(record["git_commit"]))
+    accelerator.init_trackers(args.tracker_project_name, config=config,
+                              init_kwargs={"wandb": {"name": args.run_name, "dir": args.output_dir}})
 
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+
+def load_models(args, accelerator):
+    """Tokenizer, noise scheduler, text encoder, VAE and UNet through from_pretrained: the VAE frozen, the UNet
+    trained (or its LoRA adapters), the text encoder trained with --train_text_encoder. Returns them with the
+    weight dtype of the frozen weights."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
+    from diffusers.training_utils import cast_training_params
     from transformers import AutoTokenizer, CLIPTextModel
 
-    if args.seed is None and args.resume_record:  # a resumed run keeps its seed
-        args.seed = args.resume_record["config"]["seed"]
-    if args.seed is None:  # an unseeded run still records the seed it used, so it can be resumed and repeated
-        args.seed = int.from_bytes(os.urandom(3), "little")
-        if du.partial_state().num_processes > 1:
-            args.seed = broadcast_object_list([args.seed])[0]
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)),
-        # the shuffle order of epoch e is a function of (seed, e) alone: a resumed run can replay it
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-    )
-    deepspeed = accelerator.state.deepspeed_plugin
-    if deepspeed and args.use_8bit_adam and deepspeed.deepspeed_config.get("zero_optimization", {}).get(
-            "offload_optimizer", {}).get("device", "none") != "none":
-        du.fail("--use_8bit_adam does not combine with DeepSpeed's optimizer offload (DeepSpeed replaces the optimizer "
-                "with its own CPU Adam): leave --use_8bit_adam out")
-    # each process draws its own noise and timesteps (seed + process index)
-    set_seed(args.seed, device_specific=True)
-    if args.overwrite_output_dir and not args.resume_from_checkpoint and accelerator.is_main_process:
-        for _, stale in du.list_checkpoints(args.output_dir):  # or `latest` and the rotation would mix two runs
-            du.note(f"--overwrite_output_dir: removing {stale} of an earlier run")
-            shutil.rmtree(stale)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    # ---- class images for prior preservation
-    if args.with_prior_preservation:
-        make_class_images(args, accelerator)
-        class_paths = du.list_images(args.class_dir, "class image", check=False)[: args.num_class_images]
-        if not class_paths:
-            du.fail(f"no images in class folder {args.class_dir}")
-    else:
-        class_paths = []
-
-    # ---- models: VAE frozen, UNet trained, text encoder trained or frozen
     model_kw = dict(revision=args.revision)
     if args.tokenizer_name:
         tokenizer = du.from_pretrained(AutoTokenizer, args.tokenizer_name, **model_kw)
@@ -742,6 +705,62 @@ def main(argv=None):
         unet.to(memory_format=torch.channels_last)
     if args.compile:
         unet.compile()  # in place: the state dict keeps its keys for checkpoints and saving
+    return tokenizer, noise_scheduler, text_encoder, vae, unet, weight_dtype
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # ---- check the input before anything loads
+    check_args(args)
+    instances = load_instance_examples(args)
+    if args.with_prior_preservation and Path(args.class_dir).exists():
+        du.list_images(args.class_dir, "class image")  # names a corrupt class image now, not mid-run
+
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_snr
+
+    if args.seed is None and args.resume_record:  # a resumed run keeps its seed
+        args.seed = args.resume_record["config"]["seed"]
+    if args.seed is None:  # an unseeded run still records the seed it used, so it can be resumed and repeated
+        args.seed = int.from_bytes(os.urandom(3), "little")
+        if du.partial_state().num_processes > 1:
+            args.seed = broadcast_object_list([args.seed])[0]
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)),
+        # the shuffle order of epoch e is a function of (seed, e) alone: a resumed run can replay it
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed and args.use_8bit_adam and deepspeed.deepspeed_config.get("zero_optimization", {}).get(
+            "offload_optimizer", {}).get("device", "none") != "none":
+        du.fail("--use_8bit_adam does not combine with DeepSpeed's optimizer offload (DeepSpeed replaces the optimizer "
+                "with its own CPU Adam): leave --use_8bit_adam out")
+    # each process draws its own noise and timesteps (seed + process index)
+    set_seed(args.seed, device_specific=True)
+    if args.overwrite_output_dir and not args.resume_from_checkpoint and accelerator.is_main_process:
+        for _, stale in du.list_checkpoints(args.output_dir):  # or `latest` and the rotation would mix two runs
+            du.note(f"--overwrite_output_dir: removing {stale} of an earlier run")
+            shutil.rmtree(stale)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # ---- class images for prior preservation
+    if args.with_prior_preservation:
+        make_class_images(args, accelerator)
+        class_paths = du.list_images(args.class_dir, "class image", check=False)[: args.num_class_images]
+        if not class_paths:
+            du.fail(f"no images in class folder {args.class_dir}")
+    else:
+        class_paths = []
+
+    # ---- models: VAE frozen, UNet trained, text encoder trained or frozen
+    tokenizer, noise_scheduler, text_encoder, vae, unet, weight_dtype = load_models(args, accelerator)
 
     # ---- data, with the optional caches: then the VAE and the text encoder have nothing left to do in a step
     dataset = DreamBoothDataset(instances, class_paths, args.class_prompt, tokenizer, args.resolution,
@@ -762,12 +781,11 @@ def main(argv=None):
     global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     if args.scale_lr:
         args.learning_rate *= global_batch
+    optimizer_cls = torch.optim.AdamW
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
     optimizer = optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     # important! The loader gets its own generator: by default each new iterator draws a seed from the global
@@ -813,12 +831,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         du.write_json(Path(args.output_dir, "run_config.json"), record)
-        # the tracker gets the same resolved config as run_config.json, plus versions, command line and commit
-        tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
-        tracker_config.update({f"version/{k}": str(v) for k, v in record["versions"].items()},
-                              command=record["command"], git_commit=str(record["git_commit"]))
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config,
-                                  init_kwargs={"wandb": {"name": args.run_name, "dir": args.output_dir}})
+        start_trackers(accelerator, args, record)
     accelerator.print(
         f"DreamBooth: {len(instances)} instance images, {len(class_paths)} class images, "
         f"{accelerator.num_processes} process(es), global batch {global_batch} "

@@ -2,6 +2,7 @@
 through the real from_pretrained path), a few subject photos, and a helper that runs a script as a user would."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,24 @@ def run(hf_home):
         return proc
 
     return _run
+
+
+@pytest.fixture
+def case(tmp_path, tiny_model, photos):
+    """Arguments of a valid run, with an output folder that does not exist yet."""
+    inst = tmp_path / "photos"
+    shutil.copytree(photos, inst)
+    out = tmp_path / "out"
+    args = {"--pretrained_model_name_or_path": tiny_model, "--instance_dir": str(inst),
+            "--instance_prompt": "a photo of sks dog", "--output_dir": str(out), "--resolution": "64"}
+    return args, inst, out
+
+
+@pytest.fixture(scope="session")
+def priors(tmp_path_factory, tiny_model):
+    """6 class images from generate_priors.py (2 sampling steps)."""
+    folder = tmp_path_factory.mktemp("priors")
+    subprocess.run([sys.executable, ROOT / "generate_priors.py", "--model", tiny_model, "--class_prompt", "a photo of dog",
+                    "--class_dir", folder, "--num_class_images", "6", "--num_inference_steps", "2", "--resolution", "64"],
+                   check=True, capture_output=True, env=script_env(tmp_path_factory.mktemp("home")))
+    return folder

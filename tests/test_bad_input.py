@@ -1,23 +1,10 @@
 """Bad input: one line that names the problem and the path, a non-zero exit, no traceback, nothing written."""
 
 import shutil
-from pathlib import Path
 
 import pytest
-from PIL import Image
 
 import train_dreambooth
-
-
-@pytest.fixture
-def case(tmp_path, tiny_model, photos):
-    """Arguments of a valid run, with an output folder that does not exist yet."""
-    inst = tmp_path / "photos"
-    shutil.copytree(photos, inst)
-    out = tmp_path / "out"
-    args = {"--pretrained_model_name_or_path": tiny_model, "--instance_dir": str(inst),
-            "--instance_prompt": "a photo of sks dog", "--output_dir": str(out), "--resolution": "64"}
-    return args, inst, out
 
 
 def argv(args, *flags):

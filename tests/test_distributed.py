@@ -13,7 +13,7 @@ import yaml
 
 import dreambooth_utils as du
 from conftest import ROOT, script_env
-from test_bad_input import case, refuse  # noqa: F401 (fixture)
+from test_bad_input import refuse
 from test_train import generates, train_args
 
 CONFIGS = {  # file: what the README says it sets up
@@ -65,7 +65,7 @@ def test_two_machines_on_loopback_complete_one_run(tiny_model, photos, hf_home, 
     generates(out)
 
 
-def test_launches_that_cannot_work_are_refused(case, monkeypatch):  # noqa: F811
+def test_launches_that_cannot_work_are_refused(case, monkeypatch):
     args, _, out = case
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import infer
-from test_resume import command, priors  # noqa: F401 (fixture)
+from test_resume import command
 from test_train import scalars, train_args, weights
 
 LORA = ["--lora_rank", 4, "--lora_alpha", 8, "--learning_rate", 1e-2]
@@ -24,7 +24,7 @@ def image(model, out, *extra):
         return np.asarray(img)
 
 
-def test_lora_trains_only_adapters_and_loads_everywhere(run, tiny_model, photos, priors, tmp_path, capsys):  # noqa: F811
+def test_lora_trains_only_adapters_and_loads_everywhere(run, tiny_model, photos, priors, tmp_path, capsys):
     out = tmp_path / "run"
     run("train_dreambooth.py", *train_args(
         tiny_model, photos, out, *LORA, "--with_prior_preservation", "--class_dir", priors, "--class_prompt",
@@ -71,7 +71,7 @@ def test_adapter_file_is_a_small_fraction_of_the_unet(run, tiny_model, photos, t
     assert lora < 0.1 * unet
 
 
-def test_lora_resume_is_bit_identical(run, tiny_model, photos, priors, tmp_path):  # noqa: F811
+def test_lora_resume_is_bit_identical(run, tiny_model, photos, priors, tmp_path):
     reference, out = tmp_path / "reference", tmp_path / "run"
     args = [*LORA, "--max_train_steps", 4]
     run("train_dreambooth.py", *command(tiny_model, photos, priors, reference, *args), launch=False)

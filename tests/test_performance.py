@@ -7,7 +7,7 @@ import sys
 import torch
 
 from conftest import ROOT, script_env
-from test_bad_input import case, refuse  # noqa: F401 (fixture)
+from test_bad_input import refuse
 from test_train import train_args, weights
 
 
@@ -33,7 +33,7 @@ def test_caches_with_prior_preservation_and_validation(run, tiny_model, photos, 
     assert (out / "validation" / "step-000002.png").is_file() and (out / "model_index.json").is_file()
 
 
-def test_cache_conflicts_are_refused(case):  # noqa: F811
+def test_cache_conflicts_are_refused(case):
     args, _, out = case
     assert refuse(args, "--cache_latents").startswith("error: --cache_latents needs --center_crop")
     assert refuse(args, "--pre_compute_text_embeddings", "--train_text_encoder").startswith(

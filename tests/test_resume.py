@@ -29,15 +29,6 @@ def command(tiny_model, photos, priors, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def priors(tmp_path_factory, tiny_model):
-    folder = tmp_path_factory.mktemp("priors")
-    subprocess.run([sys.executable, ROOT / "generate_priors.py", "--model", tiny_model, "--class_prompt", "a photo of dog",
-                    "--class_dir", folder, "--num_class_images", "6", "--num_inference_steps", "2", "--resolution", "64"],
-                   check=True, capture_output=True, env=script_env(tmp_path_factory.mktemp("home")))
-    return folder
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model, photos, priors, hf_home):
     """The uninterrupted run: 6 steps, checkpoints at 2, 4 and 6 of which the newest 2 are kept."""
     out = tmp_path_factory.mktemp("reference") / "run"

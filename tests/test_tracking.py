@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 import train_dreambooth
-from test_bad_input import case, refuse  # noqa: F401 (fixture)
+from test_bad_input import refuse
 from test_train import train_args, weights
 
 VALIDATION = ["--validation_prompt", "a photo of sks dog", "--validation_prompt", "a dog", "--num_validation_images", 2,
@@ -102,7 +102,7 @@ def test_wandb_offline_run_holds_the_config_metrics_and_images(run, tiny_model, 
         assert history[step]["validation/captions"] == ["0: a dog"]
 
 
-def test_wandb_without_a_login_is_refused(case, monkeypatch, tmp_path):  # noqa: F811
+def test_wandb_without_a_login_is_refused(case, monkeypatch, tmp_path):
     args, _, out = case
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
         monkeypatch.delenv(name, raising=False)
