@@ -1,0 +1,35 @@
+"""The toy world of issue 10: rendering is deterministic, and the evaluator reads every attribute back from rendered
+ground truth (it must, before it can judge generated images)."""
+
+import numpy as np
+
+from toyworld.world import PALETTE, SHAPES, expected, read_attributes, render, sample_attributes
+
+
+def test_rendering_is_a_function_of_the_seed():
+    assert np.array_equal(np.asarray(render(sample_attributes(7))), np.asarray(render(sample_attributes(7))))
+    assert sample_attributes(7) != sample_attributes(8)
+
+
+def test_the_evaluator_reads_rendered_ground_truth():
+    attributes = [sample_attributes(seed) for seed in range(600)]
+    assert {a.shape for a in attributes} == set(SHAPES) and {a.colour for a in attributes} == set(PALETTE)
+    wrong = [(a, read_attributes(render(a))) for a in attributes if read_attributes(render(a)) != expected(a)]
+    assert not wrong, wrong[:3]
+
+
+def test_the_subject_is_told_apart_from_plain_circles():
+    subjects = [sample_attributes(seed, subject=True) for seed in range(100)]
+    for a in subjects:
+        seen = read_attributes(render(a))
+        assert (seen["shape"], seen["background"], seen["pattern"]) == ("circle", a.background, True)
+    assert subjects[0].caption() == f"a photo of sks circle on a {subjects[0].background} background"
+    plain = [sample_attributes(seed, shape="circle") for seed in range(100)]
+    assert not any(read_attributes(render(a))["pattern"] for a in plain)
+
+
+def test_an_empty_image_has_no_object():
+    from PIL import Image
+
+    assert read_attributes(Image.new("RGB", (32, 32), PALETTE["blue"])) == {
+        "shape": None, "colour": None, "background": "blue", "pattern": False}
