@@ -1,0 +1,144 @@
+"""Pretrain a toy Stable Diffusion from scratch on the toy world (issue 10): a real diffusers pipeline folder with an
+AutoencoderKL (32 px -> 8x8x4 latents), a CLIP text model with a word-level tokenizer in CLIP format, a
+UNet2DConditionModel and Stable Diffusion's noise schedule. The subject's pattern is never shown.
+
+    python toyworld/pretrain.py --output_dir toyworld/toy-sd --vae_minutes 10 --unet_minutes 60 --seed 0
+
+Stage 1 trains the VAE on reconstruction (with SD's small KL term); stage 2 freezes it and trains the UNet and the
+text encoder together on the diffusion loss, dropping 10% of captions for classifier-free guidance. Each stage runs
+for a wall-clock budget; the folder records the command, seed and steps in `pretrain.json`.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+
+from toyworld.world import PALETTE, SHAPES, render, sample_attributes  # noqa: E402
+
+WORDS = ["a", "photo", "of", "on", "background", "sks", "dog", *SHAPES, *PALETTE]
+
+
+def write_word_tokenizer(folder):
+    """CLIP's byte-level BPE files, with merges that build every word of the world into one token (any other text
+    still tokenizes, character by character)."""
+    import make_tiny_model
+    from transformers import CLIPTokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    chars = make_tiny_model.bytes_to_unicode()
+    merges, tokens = [], chars + [c + "</w>" for c in chars]
+    for word in WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1]] + parts[2:]
+            tokens.append(parts[0])
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens + ["<|startoftext|>", "<|endoftext|>"]))}
+    Path(folder, "vocab.json").write_text(json.dumps(vocab))
+    Path(folder, "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tokenizer = CLIPTokenizer(str(Path(folder, "vocab.json")), str(Path(folder, "merges.txt")), model_max_length=77,
+                              pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def batch(rng, n):
+    """n rendered images in [-1, 1] (N, 3, 32, 32) and their captions."""
+    attributes = [sample_attributes(int(rng.integers(2**62))) for _ in range(n)]
+    pixels = np.stack([np.asarray(render(a), dtype=np.float32) / 127.5 - 1 for a in attributes])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2), [a.caption() for a in attributes]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output_dir", default="toyworld/toy-sd")
+    p.add_argument("--vae_minutes", type=float, default=10)
+    p.add_argument("--unet_minutes", type=float, default=60)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    out = Path(args.output_dir)
+    tokenizer = write_word_tokenizer(out / "tokenizer")
+    vae = AutoencoderKL(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1,
+                        norm_num_groups=32, sample_size=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=64, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128),
+                                layers_per_block=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=8, norm_num_groups=32)
+    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    num_train_timesteps=1000)
+    record = {"command": " ".join([sys.executable] + sys.argv), "seed": args.seed, "batch_size": args.batch_size}
+
+    # ---- stage 1: the VAE learns to reconstruct the world
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    t0, step = time.time(), 0
+    while time.time() - t0 < args.vae_minutes * 60:
+        pixels, _ = batch(rng, args.batch_size)
+        posterior = vae.encode(pixels).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample()).sample, pixels) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % 100 == 0:
+            print(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+    record["vae_steps"], record["vae_final_loss"] = step, loss.item()
+    vae.requires_grad_(False).eval()
+    with torch.no_grad():  # SD's scaling factor: unit variance latents
+        vae.register_to_config(scaling_factor=1 / vae.encode(batch(rng, 512)[0]).latent_dist.sample().std().item())
+
+    # ---- stage 2: the UNet and the text encoder learn to denoise latents given the caption
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    t0, step = time.time(), 0
+    while time.time() - t0 < args.unet_minutes * 60:
+        pixels, captions = batch(rng, args.batch_size)
+        captions = [c if rng.random() > 0.1 else "" for c in captions]  # unconditional, for classifier-free guidance
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, 1000, (len(latents),))
+        pred = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        if step % 100 == 0:
+            print(f"unet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+    record["unet_steps"], record["unet_final_loss"] = step, loss.item()
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"saved the toy model to {out}: {record}")
+
+
+if __name__ == "__main__":
+    main()
