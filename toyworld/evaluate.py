@@ -2,14 +2,21 @@
 
     python toyworld/evaluate.py --model toyworld/toy-sd --output_dir toy-eval
 
-Part one, here now: how well the base model follows prompts from the caption templates (shape, object colour and
-background accuracy, read back from the generated images by the world's evaluator). Still to come: DreamBooth runs
-on the subject and their subject fidelity, prompt fidelity, drift and diversity, as an ablation table.
+1. How well the base model follows prompts from the caption template: shape, object colour and background
+   accuracy, read back from the generated images by the world's evaluator.
+2. DreamBooth on the subject (a circle with a red top and a yellow bottom, never seen in pretraining; 4 instance
+   images) with generate_priors.py, train_dreambooth.py and infer.py, as an ablation table: full fine-tune with and
+   without prior preservation, with the text encoder, and LoRA. For each: subject fidelity (share of "a photo of sks
+   circle on a <colour> background" images that show the pattern), prompt fidelity (share of those with the asked
+   background), drift (share of plain "a photo of a circle" images that show the pattern: the paper's language
+   drift, which prior preservation is meant to prevent) and diversity (entropy of the object colours of those).
 """
 
 import argparse
 import json
+import math
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +26,68 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from toyworld.world import PALETTE, SHAPES, read_attributes  # noqa: E402
+from toyworld.world import PALETTE, SHAPES, SUBJECT, read_attributes, render, sample_attributes  # noqa: E402
+
+BACKGROUNDS = [c for c in PALETTE if c not in SUBJECT]
+ROWS = {  # name: train_dreambooth.py flags on top of the common ones
+    "full, prior preservation": ["--with_prior_preservation"],
+    "full, no prior preservation": [],
+    "full, prior preservation, text encoder": ["--with_prior_preservation", "--train_text_encoder"],
+    "LoRA rank 8, prior preservation": ["--with_prior_preservation", "--lora_rank", "8"],
+}
+
+
+def script(name, *args):
+    subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def sample(model, out, prompts, n, args):
+    """infer.py on each prompt; the evaluator's reading of every image, per prompt."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    script("infer.py", "--model", model, "--prompts_file", out / "prompts.txt", "--num_images_per_prompt", n,
+           "--seed", args.seed, "--num_inference_steps", args.num_inference_steps, "--guidance_scale",
+           args.guidance_scale, "--scheduler", "ddim", "--output_dir", out / "images")
+    return [[read_attributes(Image.open(f)) for f in sorted((out / "images").glob(f"p{i:02d}-*.png"))]
+            for i in range(len(prompts))]
+
+
+def subject_metrics(model, out, args):
+    subject = sample(model, out / "subject", [f"a photo of sks circle on a {b} background" for b in BACKGROUNDS],
+                     args.images_per_prompt, args)
+    plain = sample(model, out / "class", ["a photo of a circle"], 4 * args.images_per_prompt, args)[0]
+    seen = [s for images in subject for s in images]
+    colours = [s["colour"] for s in plain if s["colour"]]
+    shares = [colours.count(c) / len(colours) for c in set(colours)]
+    entropy = sum(-q * math.log2(q) for q in shares)  # 0 for one colour (or none), log2(6) for all six alike
+    return {"subject_fidelity": sum(s["pattern"] for s in seen) / len(seen),
+            "prompt_fidelity": sum(s["background"] == b for b, images in zip(BACKGROUNDS, subject) for s in images)
+            / len(seen),
+            "drift": sum(s["pattern"] for s in plain) / len(plain),
+            "diversity_bits": entropy}
+
+
+def dreambooth(model, out, args):
+    photos = out / "subject-photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    for i in range(4):  # 4 views: different places, sizes and backgrounds
+        render(sample_attributes(1000 + i, subject=True)).save(photos / f"sks-{i}.png")
+    script("generate_priors.py", "--model", model, "--class_prompt", "a photo of a circle", "--class_dir",
+           out / "priors", "--num_class_images", 50, "--num_inference_steps", args.num_inference_steps,
+           "--guidance_scale", args.guidance_scale, "--scheduler", "ddim", "--sample_batch_size", 10, "--seed", args.seed)
+    results = {"base model": subject_metrics(model, out / "base", args)}
+    for name, flags in ROWS.items():
+        run = out / name.replace(" ", "-").replace(",", "")
+        shutil.rmtree(run, ignore_errors=True)
+        lr = 1e-3 if "--lora_rank" in flags else args.learning_rate
+        script("train_dreambooth.py", "--model", model, "--instance_dir", photos, "--instance_prompt",
+               "a photo of sks circle", "--class_dir", out / "priors", "--class_prompt", "a photo of a circle",
+               "--num_class_images", 50, "--output_dir", run / "model", "--resolution", 32, "--center_crop",
+               "--train_batch_size", 2, "--max_train_steps", args.train_steps, "--learning_rate", lr,
+               "--lr_warmup_steps", 0, "--checkpointing_steps", 100000, "--report_to", "none", "--seed", args.seed, *flags)
+        results[name] = subject_metrics(str(run / "model"), run, args)
+    return results
 
 
 def prompt_following(model, out, num_prompts, images_per_prompt, seed, steps, guidance):
@@ -57,13 +125,24 @@ def main():
     p.add_argument("--num_inference_steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train_steps", type=int, default=200)
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--skip_dreambooth", action="store_true", help="only the base model's prompt following")
     args = p.parse_args()
-    accuracy, n = prompt_following(args.model, Path(args.output_dir) / "base", args.num_prompts, args.images_per_prompt,
+    out = Path(args.output_dir)
+    accuracy, n = prompt_following(args.model, out / "prompt-following", args.num_prompts, args.images_per_prompt,
                                    args.seed, args.num_inference_steps, args.guidance_scale)
-    print(json.dumps({"base_model_prompt_following": accuracy, "images": n}, indent=2))
+    report = {"base_model_prompt_following": accuracy, "images": n}
     print("| base model, prompts from the caption template | shape | colour | background | images |")
     print("|---|---|---|---|---|")
     print(f"| {args.model} | {accuracy['shape']:.0%} | {accuracy['colour']:.0%} | {accuracy['background']:.0%} | {n} |")
+    if not args.skip_dreambooth:
+        report["dreambooth"] = dreambooth(args.model, out, args)
+        print("\n| run | subject fidelity | prompt fidelity | drift | diversity (bits) |\n|---|---|---|---|---|")
+        for name, m in report["dreambooth"].items():
+            print(f"| {name} | {m['subject_fidelity']:.0%} | {m['prompt_fidelity']:.0%} | {m['drift']:.0%} | "
+                  f"{m['diversity_bits']:.2f} |")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
