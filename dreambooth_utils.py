@@ -256,8 +256,9 @@ def add_lora(model, config, targets):
 def check_launch():
     """One line instead of a CUDA traceback or a silent mistake when the launch cannot work as asked."""
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if processes_here > 1 and not on_cpu:
+    from accelerate.utils import parse_flag_from_env
+
+    if processes_here > 1 and not parse_flag_from_env("ACCELERATE_USE_CPU"):
         gpus = torch.cuda.device_count()
         if gpus == 0:  # accelerate would run each process alone, every one writing the same files
             fail(f"{processes_here} processes were launched on a machine without GPUs: "
@@ -367,6 +368,26 @@ def prior_blocks(indices, batch_size, process_index=0, num_processes=1):
     byte-identical for any number of processes and for a top-up."""
     blocks = sorted({i // batch_size for i in indices})
     return blocks[process_index::num_processes]
+
+
+def make_prior_images(state, class_dir, missing, settings, record):
+    """What generate_priors.py and train_dreambooth.py both do to fill a class folder: the manifest first (main
+    process), so an interrupted folder says what it is, then this process's share of the batches. `state` is
+    accelerate's PartialState or Accelerator."""
+    from tqdm.auto import tqdm
+
+    if state.is_main_process:
+        Path(class_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(class_dir, PRIOR_MANIFEST), {**record, "settings": settings})
+    pipe = load_pipeline(settings["pretrained_model_name_or_path"], settings["revision"], settings["variant"],
+                         torch_dtype(settings["precision"]), state.device)
+    set_scheduler(pipe, settings["scheduler"])
+    blocks = prior_blocks(missing, settings["sample_batch_size"], state.process_index, state.num_processes)
+    mine = [i for i in missing if i // settings["sample_batch_size"] in set(blocks)]
+    desc = f"class images (process {state.process_index} of {state.num_processes})"
+    with tqdm(total=len(mine), desc=desc, disable=not state.is_local_main_process) as bar:
+        generate_prior_images(pipe, class_dir, mine, blocks, settings, progress=bar)
+    state.wait_for_everyone()
 
 
 def generate_prior_images(pipe, class_dir, indices, blocks, settings, progress=None):

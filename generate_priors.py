@@ -13,8 +13,6 @@ same code when its class folder is short.
 import argparse
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 import dreambooth_utils as du
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,21 +72,9 @@ def main(argv=None):
     if not missing:
         state.print(f"{class_dir} already holds {args.num_class_images} class images; nothing to do")
         return
-    # ---- the run records itself, before the first image, so an interrupted folder says what it is
-    if state.is_main_process:
-        class_dir.mkdir(parents=True, exist_ok=True)
-        config = {**vars(args), "num_processes": state.num_processes, "generated_indices": len(missing)}
-        du.write_json(class_dir / du.PRIOR_MANIFEST, {**du.run_record(config, __file__), "settings": settings})
-    # ---- generate this process's share of the batches
-    pipe = du.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant,
-                            du.torch_dtype(precision), state.device)
-    du.set_scheduler(pipe, settings["scheduler"])
-    blocks = du.prior_blocks(missing, settings["sample_batch_size"], state.process_index, state.num_processes)
-    mine = [i for i in missing if i // settings["sample_batch_size"] in set(blocks)]
-    desc = f"class images (process {state.process_index} of {state.num_processes})"
-    with tqdm(total=len(mine), desc=desc, disable=not state.is_local_main_process) as bar:
-        du.generate_prior_images(pipe, class_dir, mine, blocks, settings, progress=bar)
-    state.wait_for_everyone()
+    # ---- the manifest (the run's record), then this process's share of the batches
+    config = {**vars(args), "num_processes": state.num_processes, "generated_indices": len(missing)}
+    du.make_prior_images(state, class_dir, missing, settings, du.run_record(config, __file__))
     state.print(f"made {len(missing)} class images; {class_dir} now holds {args.num_class_images}")
 
 

@@ -438,22 +438,11 @@ def make_class_images(args, accelerator):
     if not missing:
         return
     accelerator.print(f"generating {len(missing)} class images in {args.class_dir} ({settings['precision']})")
-    if accelerator.is_main_process:
-        Path(args.class_dir).mkdir(parents=True, exist_ok=True)
-        record = du.run_record({**settings, "num_class_images": args.num_class_images}, __file__)
-        du.write_json(Path(args.class_dir, du.PRIOR_MANIFEST), {**record, "settings": settings})
-    pipe = du.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant,
-                            du.torch_dtype(settings["precision"]), accelerator.device)
-    du.set_scheduler(pipe, settings["scheduler"])
-    blocks = du.prior_blocks(missing, settings["sample_batch_size"], accelerator.process_index, accelerator.num_processes)
-    mine = [i for i in missing if i // settings["sample_batch_size"] in set(blocks)]
-    with tqdm(total=len(mine), desc="class images", disable=not accelerator.is_local_main_process) as bar:
-        du.generate_prior_images(pipe, args.class_dir, mine, blocks, settings, progress=bar)
-    del pipe
-    gc.collect()
+    record = du.run_record({**settings, "num_class_images": args.num_class_images}, __file__)
+    du.make_prior_images(accelerator, args.class_dir, missing, settings, record)
+    gc.collect()  # the sampling pipeline is gone: give its memory back before the models load
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    accelerator.wait_for_everyone()
 
 
 def log_validation(accelerator, args, model, vae, tokenizer, noise_scheduler, step, text_encoder, embeddings):
