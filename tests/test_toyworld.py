@@ -1,9 +1,11 @@
 """The toy world of issue 10: rendering is deterministic, and the evaluator reads every attribute back from rendered
 ground truth (it must, before it can judge generated images)."""
 
+from dataclasses import replace
+
 import numpy as np
 
-from toyworld.world import PALETTE, SHAPES, expected, read_attributes, render, sample_attributes
+from toyworld.world import PALETTE, SHAPES, SUBJECT, expected, read_attributes, render, sample_attributes
 
 
 def test_rendering_is_a_function_of_the_seed():
@@ -26,6 +28,11 @@ def test_the_subject_is_told_apart_from_plain_circles():
     assert subjects[0].caption() == f"a photo of sks circle on a {subjects[0].background} background"
     plain = [sample_attributes(seed, shape="circle") for seed in range(100)]
     assert not any(read_attributes(render(a))["pattern"] for a in plain)
+    # the pattern is the subject's own: halves swapped, or split left/right, is another object
+    swapped = [replace(a, colour=SUBJECT[1], pattern=SUBJECT[::-1]) for a in subjects]
+    assert not any(read_attributes(render(a))["pattern"] for a in swapped)
+    sideways = [render(a).rotate(90) for a in subjects]
+    assert not any(read_attributes(image)["pattern"] for image in sideways)
 
 
 def test_an_empty_image_has_no_object():

@@ -2,11 +2,13 @@
 AutoencoderKL (32 px -> 8x8x4 latents), a CLIP text model with a word-level tokenizer in CLIP format, a
 UNet2DConditionModel and Stable Diffusion's noise schedule. The subject's pattern is never shown.
 
-    python toyworld/pretrain.py --output_dir toyworld/toy-sd --vae_minutes 10 --unet_minutes 60 --seed 0
+    python toyworld/pretrain.py --output_dir toyworld/toy-sd --vae_steps 1000 --unet_steps 5000 --seed 0
 
 Stage 1 trains the VAE on reconstruction (with SD's small KL term); stage 2 freezes it and trains the UNet and the
-text encoder together on the diffusion loss, dropping 10% of captions for classifier-free guidance. Each stage runs
-for a wall-clock budget; the folder records the command, seed and steps in `pretrain.json`.
+text encoder together on the diffusion loss, on captions that leave out the colour or the background 30% of the time
+each (so the class word alone, "a photo of a circle", means something) and with 10% dropped for classifier-free
+guidance. The model is a function of the command (steps, batch size, seed), not of the machine's speed; the folder
+records the command, seed, losses and wall time in `pretrain.json`.
 """
 
 import argparse
@@ -52,18 +54,20 @@ def write_word_tokenizer(folder):
     return tokenizer
 
 
-def batch(rng, n):
-    """n rendered images in [-1, 1] (N, 3, 32, 32) and their captions."""
+def batch(rng, n, leave_out=0.3):
+    """n rendered images in [-1, 1] (N, 3, 32, 32) and their captions, each leaving out the colour and the background
+    with probability `leave_out` (independently), so that the model also knows "a photo of a circle"."""
     attributes = [sample_attributes(int(rng.integers(2**62))) for _ in range(n)]
     pixels = np.stack([np.asarray(render(a), dtype=np.float32) / 127.5 - 1 for a in attributes])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2), [a.caption() for a in attributes]
+    captions = [a.caption(colour=rng.random() >= leave_out, background=rng.random() >= leave_out) for a in attributes]
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2), captions
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", default="toyworld/toy-sd")
-    p.add_argument("--vae_minutes", type=float, default=10)
-    p.add_argument("--unet_minutes", type=float, default=60)
+    p.add_argument("--vae_steps", type=int, default=1000)
+    p.add_argument("--unet_steps", type=int, default=5000, help="UNet and text encoder steps")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -87,22 +91,22 @@ def main():
                                 attention_head_dim=8, norm_num_groups=32)
     noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                     num_train_timesteps=1000)
-    record = {"command": " ".join([sys.executable] + sys.argv), "seed": args.seed, "batch_size": args.batch_size}
+    record = {"command": " ".join([sys.executable] + sys.argv), "seed": args.seed, "batch_size": args.batch_size,
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
 
     # ---- stage 1: the VAE learns to reconstruct the world
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    t0, step = time.time(), 0
-    while time.time() - t0 < args.vae_minutes * 60:
+    t0 = time.time()
+    for step in range(1, args.vae_steps + 1):
         pixels, _ = batch(rng, args.batch_size)
         posterior = vae.encode(pixels).latent_dist
         loss = F.mse_loss(vae.decode(posterior.sample()).sample, pixels) + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        step += 1
         if step % 100 == 0:
             print(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
-    record["vae_steps"], record["vae_final_loss"] = step, loss.item()
+    record.update(vae_steps=args.vae_steps, vae_final_loss=loss.item(), vae_seconds=round(time.time() - t0))
     vae.requires_grad_(False).eval()
     with torch.no_grad():  # SD's scaling factor: unit variance latents
         vae.register_to_config(scaling_factor=1 / vae.encode(batch(rng, 512)[0]).latent_dist.sample().std().item())
@@ -110,8 +114,8 @@ def main():
     # ---- stage 2: the UNet and the text encoder learn to denoise latents given the caption
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
-    t0, step = time.time(), 0
-    while time.time() - t0 < args.unet_minutes * 60:
+    t0 = time.time()
+    for step in range(1, args.unet_steps + 1):
         pixels, captions = batch(rng, args.batch_size)
         captions = [c if rng.random() > 0.1 else "" for c in captions]  # unconditional, for classifier-free guidance
         with torch.no_grad():
@@ -125,10 +129,9 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        step += 1
         if step % 100 == 0:
             print(f"unet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
-    record["unet_steps"], record["unet_final_loss"] = step, loss.item()
+    record.update(unet_steps=args.unet_steps, unet_final_loss=loss.item(), unet_seconds=round(time.time() - t0))
 
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)

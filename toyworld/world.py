@@ -2,13 +2,15 @@
 attributes back from an image (issue 10).
 
 Every image is one object (a circle, square or triangle in one of six colours, of some size, somewhere) on a plain
-background of another colour, with a templated caption: "a photo of a red circle on a blue background". Rendering is
-a pure function of the attributes, and the attributes a pure function of a seed. The DreamBooth subject is an object
-pretraining never shows: a circle whose top half and bottom half have two different colours ("sks circle").
+background of another colour, with a templated caption: "a photo of a red circle on a blue background", the colour or
+the background sometimes left out ("a photo of a circle"). Rendering is a pure function of the attributes, and the
+attributes a pure function of a seed. The DreamBooth subject is an object pretraining never shows: a circle with a red
+top half and a yellow bottom half ("sks circle").
 
 The evaluator works on any RGB image of the world's size, rendered or generated: background = the colour of the
 border, object = the pixels far from it, colour = the nearest palette colour, shape = how much of its bounding box
-the object fills, pattern = two palette colours each covering a large share of the object.
+the object fills, pattern = the subject's look: 3/4 of the object's top half in the subject's top colour and 3/4 of
+its bottom half in its bottom colour.
 """
 
 import random
@@ -34,10 +36,11 @@ class Attributes:
     y: int
     pattern: tuple = ()  # (top colour, bottom colour) for the subject; empty for plain objects
 
-    def caption(self, token="sks"):
-        if self.pattern:
-            return f"a photo of {token} {self.shape} on a {self.background} background"
-        return f"a photo of a {self.colour} {self.shape} on a {self.background} background"
+    def caption(self, token="sks", colour=True, background=True):
+        """The templated caption; colour=False / background=False leave those words out, as real captions leave
+        out details ("a photo of a circle")."""
+        noun = f"{token} {self.shape}" if self.pattern else f"a {self.colour} {self.shape}" if colour else f"a {self.shape}"
+        return f"a photo of {noun}" + (f" on a {self.background} background" if background else "")
 
 
 def sample_attributes(seed, shape=None, colour=None, background=None, subject=False):
@@ -74,7 +77,7 @@ def nearest_colour(rgb):
     return names[int(np.argmin(distances))]
 
 
-def read_attributes(image, object_distance=80.0, pattern_share=0.25):
+def read_attributes(image, object_distance=80.0, pattern_share=0.75):
     """{"shape", "colour", "background", "pattern"} read from an image (None where there is no object)."""
     pixels = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), dtype=float)
     border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
@@ -86,12 +89,52 @@ def read_attributes(image, object_distance=80.0, pattern_share=0.25):
     ys, xs = np.nonzero(mask)
     fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     shape = "triangle" if fill < 0.65 else "circle" if fill < 0.9 else "square"
-    names = [nearest_colour(p) for p in pixels[mask]]
-    counts = sorted(((names.count(n), n) for n in set(names)), reverse=True)
-    pattern = len(counts) > 1 and counts[1][0] >= pattern_share * len(names)
-    return {"shape": shape, "colour": counts[0][1], "background": background, "pattern": bool(pattern)}
+    names = np.array([nearest_colour(p) for p in pixels[mask]])
+    values, counts = np.unique(names, return_counts=True)
+    middle = (ys.min() + ys.max()) / 2  # the subject: 3/4 of the top half SUBJECT[0], 3/4 of the bottom SUBJECT[1]
+    pattern = (np.mean(names[ys < middle] == SUBJECT[0]) >= pattern_share
+               and np.mean(names[ys > middle] == SUBJECT[1]) >= pattern_share)
+    return {"shape": shape, "colour": str(values[np.argmax(counts)]), "background": background,
+            "pattern": bool(pattern)}
 
 
 def expected(a):
     """What read_attributes should say about an image rendered from `a`."""
     return {"shape": a.shape, "colour": a.colour, "background": a.background, "pattern": bool(a.pattern)}
+
+
+SUBJECT_PHOTO_BACKGROUNDS = ("white", "green")  # the subject is never shown on blue or purple: new contexts to ask for
+
+
+def write_subject_photos(folder, n=4, seed=1000):
+    """The DreamBooth instance photos: the subject in n places and sizes, on a white or a green background."""
+    from pathlib import Path
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        background = SUBJECT_PHOTO_BACKGROUNDS[i % len(SUBJECT_PHOTO_BACKGROUNDS)]
+        render(sample_attributes(seed + i, subject=True, background=background)).save(Path(folder, f"sks-{i}.png"))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The toy world from the shell: write the subject's photos (the "
+                                     "DreamBooth instance images), or read images back with the evaluator.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    photos = commands.add_parser("photos", help="write the subject's photos to a folder")
+    photos.add_argument("output_dir")
+    photos.add_argument("--num_images", type=int, default=4)
+    read = commands.add_parser("read", help="print what the evaluator sees in each image")
+    read.add_argument("images", nargs="+")
+    args = parser.parse_args()
+    if args.command == "photos":
+        write_subject_photos(args.output_dir, args.num_images)
+        print(f"wrote {args.num_images} photos of the subject to {args.output_dir}")
+    else:
+        seen = [read_attributes(Image.open(path)) for path in args.images]
+        for path, s in zip(args.images, seen):
+            thing = ("the subject (red top, yellow bottom)" if s["pattern"] else f"a {s['colour']} {s['shape']}"
+                     if s["shape"] else "no object")
+            print(f"{path}: {thing} on a {s['background']} background")
+        print(f"the subject's pattern is in {sum(s['pattern'] for s in seen)} of {len(seen)} images")
