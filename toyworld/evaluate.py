@@ -13,7 +13,7 @@
    - drift: share of plain "a photo of a circle" images that show the subject (the paper's language drift, which
      prior preservation is meant to prevent), and share of them that still show a circle;
    - diversity: entropy of the object colours of those (log2(6) = 2.58 bits would be all six colours alike).
-""""""
+"""
 
 import argparse
 import json
