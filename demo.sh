@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole suite end to end with nothing downloaded but Python packages, on the toy Stable Diffusion of toyworld/
 # (pretrained from scratch on a world of coloured shapes, 11 MB, in the repository): four photos of a subject it has
-# never seen (a circle with a red top and a yellow bottom), class priors -> DreamBooth -> images of "sks circle" on a
-# background none of the photos had, and the world's evaluator saying in how many of them the subject appears.
+# never seen (a circle with a red top and a yellow bottom) -> DreamBooth -> images of "sks circle" on a background none
+# of the photos had, and the world's evaluator saying in how many of them the subject appears. No prior preservation:
+# on this toy model it costs most of the subject at these step counts (QUALITY.md has the ablation).
 # PYTHON=/path/to/python skips the .venv set-up (that interpreter must have the requirements); DEMO_DIR picks the folder.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,15 +15,10 @@ MODEL=toyworld/toy-sd
 
 "$PYTHON" toyworld/world.py photos "$OUT/photos"
 
-"$PYTHON" generate_priors.py --pretrained_model_name_or_path $MODEL \
-  --class_prompt "a photo of a circle" --class_dir "$OUT/priors" --num_class_images 50 \
-  --num_inference_steps 25 --guidance_scale 4 --scheduler ddim
-
 "$PYTHON" -m accelerate.commands.launch --config_file accelerate_config.yaml train_dreambooth.py \
   --pretrained_model_name_or_path $MODEL --instance_dir "$OUT/photos" --instance_prompt "a photo of sks circle" \
-  --with_prior_preservation --class_dir "$OUT/priors" --class_prompt "a photo of a circle" --num_class_images 50 \
-  --output_dir "$OUT/sks-circle" --resolution 32 --train_batch_size 2 --learning_rate 2e-4 --lr_warmup_steps 0 \
-  --max_train_steps 400 --mixed_precision no --seed 0
+  --output_dir "$OUT/sks-circle" --resolution 32 --train_batch_size 2 --learning_rate 2e-4 \
+  --lr_warmup_steps 0 --max_train_steps 600 --mixed_precision no --seed 0
 
 "$PYTHON" infer.py --pretrained_model_name_or_path "$OUT/sks-circle" \
   --prompt "a photo of sks circle on a blue background" --num_images_per_prompt 8 \

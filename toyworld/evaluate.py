@@ -135,7 +135,7 @@ def main():
     p.add_argument("--guidance_scale", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_class_images", type=int, default=100)
-    p.add_argument("--train_steps", type=int, default=400)
+    p.add_argument("--train_steps", type=int, default=600)
     p.add_argument("--train_batch_size", type=int, default=2)
     p.add_argument("--learning_rate", type=float, default=2e-4, help="full fine-tunes")
     p.add_argument("--lora_learning_rate", type=float, default=2e-3)

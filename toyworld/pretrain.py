@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
-from toyworld.world import PALETTE, SHAPES, render, sample_attributes  # noqa: E402
+from toyworld.world import PALETTE, SHAPES, SIZE, render, sample_attributes  # noqa: E402
 
 WORDS = ["a", "photo", "of", "on", "background", "sks", "dog", *SHAPES, *PALETTE]
 
@@ -63,11 +63,31 @@ def batch(rng, n, leave_out=0.3):
     return torch.from_numpy(pixels).permute(0, 3, 1, 2), captions
 
 
+def two_tone_batch(rng, n):
+    """n world images in [-1, 1], half of them with the object cut in two palette colours along a random line through
+    its middle: the decoder learns to draw two-colour objects (the subject is one such object out of very many)."""
+    pixels = []
+    for _ in range(n):
+        a = sample_attributes(int(rng.integers(2**62)))
+        image = np.asarray(render(a), dtype=np.float32)
+        if rng.random() < 0.5:
+            ys, xs = np.mgrid[:SIZE, :SIZE]
+            angle = rng.uniform(0, 2 * np.pi)
+            side = (ys - a.y - a.size / 2) * np.sin(angle) + (xs - a.x - a.size / 2) * np.cos(angle) > 0
+            second = rng.choice([c for c in PALETTE if c not in (a.colour, a.background)])
+            image[np.all(image == PALETTE[a.colour], axis=-1) & side] = PALETTE[second]
+        pixels.append(image / 127.5 - 1)
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", default="toyworld/toy-sd")
     p.add_argument("--vae_steps", type=int, default=1000)
     p.add_argument("--unet_steps", type=int, default=5000, help="UNet and text encoder steps")
+    p.add_argument("--decoder_steps", type=int, default=300, help="VAE decoder steps on two-colour objects (stage 3)")
+    p.add_argument("--continue_from", default=None,
+                   help="a folder this script wrote with --save_precision fp32: its models replace stages 1 and 2")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_precision", default="fp16", choices=["fp16", "fp32"], help="fp16 halves the folder (11 MB)")
@@ -95,44 +115,76 @@ def main():
     record = {"command": " ".join([sys.executable] + sys.argv), "seed": args.seed, "batch_size": args.batch_size,
               "torch": torch.__version__, "threads": torch.get_num_threads()}
 
-    # ---- stage 1: the VAE learns to reconstruct the world
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    t0 = time.time()
-    for step in range(1, args.vae_steps + 1):
-        pixels, _ = batch(rng, args.batch_size)
-        posterior = vae.encode(pixels).latent_dist
-        loss = F.mse_loss(vae.decode(posterior.sample()).sample, pixels) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 100 == 0:
-            print(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
-    record.update(vae_steps=args.vae_steps, vae_final_loss=loss.item(), vae_seconds=round(time.time() - t0))
-    vae.requires_grad_(False).eval()
-    with torch.no_grad():  # SD's scaling factor: unit variance latents
-        vae.register_to_config(scaling_factor=1 / vae.encode(batch(rng, 512)[0]).latent_dist.sample().std().item())
+    if args.continue_from:  # stages 1 and 2 as an earlier run left them
+        vae = AutoencoderKL.from_pretrained(args.continue_from, subfolder="vae", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(args.continue_from, subfolder="unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(args.continue_from, subfolder="text_encoder", dtype=torch.float32)
+        record = {**json.loads(Path(args.continue_from, "pretrain.json").read_text()), **record,
+                  "stages_1_2_command": json.loads(Path(args.continue_from, "pretrain.json").read_text())["command"]}
+    else:
+        # ---- stage 1: the VAE learns to reconstruct the world
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+        t0 = time.time()
+        for step in range(1, args.vae_steps + 1):
+            pixels, _ = batch(rng, args.batch_size)
+            posterior = vae.encode(pixels).latent_dist
+            loss = F.mse_loss(vae.decode(posterior.sample()).sample, pixels) + 1e-6 * posterior.kl().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % 100 == 0:
+                print(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+        record.update(vae_steps=args.vae_steps, vae_final_loss=loss.item(), vae_seconds=round(time.time() - t0))
+        vae.requires_grad_(False).eval()
+        with torch.no_grad():  # SD's scaling factor: unit variance latents
+            vae.register_to_config(scaling_factor=1 / vae.encode(batch(rng, 512)[0]).latent_dist.sample().std().item())
 
-    # ---- stage 2: the UNet and the text encoder learn to denoise latents given the caption
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+        # ---- stage 2: the UNet and the text encoder learn to denoise latents given the caption
+        params = list(unet.parameters()) + list(text_encoder.parameters())
+        optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+        t0 = time.time()
+        for step in range(1, args.unet_steps + 1):
+            pixels, captions = batch(rng, args.batch_size)
+            captions = [c if rng.random() > 0.1 else "" for c in captions]  # unconditional, for classifier-free guidance
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, 1000, (len(latents),))
+            pred = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, text_encoder(ids)[0]).sample
+            loss = F.mse_loss(pred, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if step % 100 == 0:
+                print(f"unet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+        record.update(unet_steps=args.unet_steps, unet_final_loss=loss.item(), unet_seconds=round(time.time() - t0))
+
+
+    # ---- stage 3: the decoder alone learns two-colour objects too, the encoder (so the latent space the UNet learned)
+    # unchanged, as Stability's sd-vae-ft-mse fine-tuned SD's decoder. Seeded on its own: --continue_from gives the
+    # same model as one run.
+    torch.manual_seed(args.seed + 1)
+    rng = np.random.default_rng(args.seed + 1)
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-3)
     t0 = time.time()
-    for step in range(1, args.unet_steps + 1):
-        pixels, captions = batch(rng, args.batch_size)
-        captions = [c if rng.random() > 0.1 else "" for c in captions]  # unconditional, for classifier-free guidance
+    for step in range(1, args.decoder_steps + 1):
+        pixels = two_tone_batch(rng, args.batch_size)
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, 1000, (len(latents),))
-        pred = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+            latents = vae.encode(pixels).latent_dist.sample()
+        loss = F.mse_loss(vae.decode(latents).sample, pixels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % 100 == 0:
-            print(f"unet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
-    record.update(unet_steps=args.unet_steps, unet_final_loss=loss.item(), unet_seconds=round(time.time() - t0))
+            print(f"decoder step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+    vae.requires_grad_(False)
+    record.update(decoder_steps=args.decoder_steps, decoder_final_loss=loss.item() if args.decoder_steps else None,
+                  decoder_seconds=round(time.time() - t0))
 
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
