@@ -1,14 +1,16 @@
 """Pretrain a toy Stable Diffusion from scratch on the toy world (issue 10): a real diffusers pipeline folder with an
 AutoencoderKL (32 px -> 8x8x4 latents), a CLIP text model with a word-level tokenizer in CLIP format, a
-UNet2DConditionModel and Stable Diffusion's noise schedule. The subject's pattern is never shown.
+UNet2DConditionModel and Stable Diffusion's noise schedule.
 
-    python toyworld/pretrain.py --output_dir toyworld/toy-sd --vae_steps 1000 --unet_steps 5000 --seed 0
+    python toyworld/pretrain.py --output_dir toyworld/toy-sd --vae_steps 1000 --unet_steps 5000 --decoder_steps 300 --seed 0
 
 Stage 1 trains the VAE on reconstruction (with SD's small KL term); stage 2 freezes it and trains the UNet and the
 text encoder together on the diffusion loss, on captions that leave out the colour or the background 30% of the time
 each (so the class word alone, "a photo of a circle", means something) and with 10% dropped for classifier-free
-guidance. The model is a function of the command (steps, batch size, seed), not of the machine's speed; the folder
-records the command, seed, losses and wall time in `pretrain.json`.
+guidance; stage 3 fine-tunes the VAE decoder alone on objects cut in two random colours along random lines, so the
+frozen VAE can draw a two-colour subject (the UNet and the text encoder never see one, and no caption names one).
+The model is a function of the command (steps, batch size, seed), not of the machine's speed; the folder records the
+command, seed, losses and wall time in `pretrain.json`.
 """
 
 import argparse
@@ -119,8 +121,8 @@ def main():
         vae = AutoencoderKL.from_pretrained(args.continue_from, subfolder="vae", torch_dtype=torch.float32)
         unet = UNet2DConditionModel.from_pretrained(args.continue_from, subfolder="unet", torch_dtype=torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(args.continue_from, subfolder="text_encoder", dtype=torch.float32)
-        record = {**json.loads(Path(args.continue_from, "pretrain.json").read_text()), **record,
-                  "stages_1_2_command": json.loads(Path(args.continue_from, "pretrain.json").read_text())["command"]}
+        earlier = json.loads(Path(args.continue_from, "pretrain.json").read_text())
+        record = {**earlier, **record, "stages_1_2_command": earlier["command"]}
     else:
         # ---- stage 1: the VAE learns to reconstruct the world
         optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
@@ -160,7 +162,6 @@ def main():
             if step % 100 == 0:
                 print(f"unet step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
         record.update(unet_steps=args.unet_steps, unet_final_loss=loss.item(), unet_seconds=round(time.time() - t0))
-
 
     # ---- stage 3: the decoder alone learns two-colour objects too, the encoder (so the latent space the UNet learned)
     # unchanged, as Stability's sd-vae-ft-mse fine-tuned SD's decoder. Seeded on its own: --continue_from gives the

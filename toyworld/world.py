@@ -4,8 +4,8 @@ attributes back from an image (issue 10).
 Every image is one object (a circle, square or triangle in one of six colours, of some size, somewhere) on a plain
 background of another colour, with a templated caption: "a photo of a red circle on a blue background", the colour or
 the background sometimes left out ("a photo of a circle"). Rendering is a pure function of the attributes, and the
-attributes a pure function of a seed. The DreamBooth subject is an object pretraining never shows: a circle with a red
-top half and a yellow bottom half ("sks circle").
+attributes a pure function of a seed. The DreamBooth subject is an object the UNet and the text encoder never see in
+pretraining: a circle with a red top half and a yellow bottom half ("sks circle").
 
 The evaluator works on any RGB image of the world's size, rendered or generated: background = the colour of the
 border, object = the pixels far from it, colour = the nearest palette colour, shape = how much of its bounding box
