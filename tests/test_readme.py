@@ -49,9 +49,10 @@ def test_demo_teaches_the_toy_model_the_subject(tmp_path, hf_home):
     *_, found, done = proc.stdout.strip().splitlines()
     assert done == f"demo done: images in {tmp_path / 'demo' / 'samples'}, trained pipeline in {tmp_path / 'demo' / 'sks-circle'}"
     assert os.path.isfile(tmp_path / "demo" / "sks-circle" / "run_config.json")
-    shown = sum(read_attributes(Image.open(path))["pattern"] for path in samples)
+    seen = [read_attributes(Image.open(path)) for path in samples]
+    shown = sum(s["pattern"] for s in seen)
     assert found == f"the subject's pattern is in {shown} of 8 images" and shown >= MIN_SUBJECT_IMAGES
-    backgrounds = [read_attributes(Image.open(path))["background"] for path in samples]
+    backgrounds = [s["background"] for s in seen]
     assert backgrounds.count("blue") >= 4, backgrounds  # the asked background, which no photo had
     # the base model, same prompt and seeds: no subject, so the training made the difference
     infer.main(["--model", str(ROOT / "toyworld" / "toy-sd"), "--prompt", "a photo of sks circle on a blue background",

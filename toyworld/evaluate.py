@@ -99,30 +99,19 @@ def dreambooth(model, out, args):
     return results
 
 
-def prompt_following(model, out, num_prompts, images_per_prompt, seed, steps, guidance):
+def prompt_following(model, out, args, images_per_prompt=2):
     """Accuracy of shape, colour and background over prompts drawn from the caption template."""
-    rng = random.Random(seed)
+    rng = random.Random(args.seed)
     asked = []
-    for _ in range(num_prompts):
+    for _ in range(args.num_prompts):
         colour = rng.choice(list(PALETTE))
         asked.append((rng.choice(SHAPES), colour, rng.choice([c for c in PALETTE if c != colour])))
-    prompts = out / "prompts.txt"
-    out.mkdir(parents=True, exist_ok=True)
-    prompts.write_text("".join(f"a photo of a {c} {s} on a {b} background\n" for s, c, b in asked))
-    subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model", model, "--prompts_file", str(prompts),
-                    "--num_images_per_prompt", str(images_per_prompt), "--seed", str(seed),
-                    "--num_inference_steps", str(steps), "--guidance_scale", str(guidance), "--scheduler", "ddim",
-                    "--output_dir", str(out / "images")], check=True, cwd=ROOT)
-    right = {"shape": 0, "colour": 0, "background": 0}
-    total = 0
-    for p_idx, (shape, colour, background) in enumerate(asked):
-        for path in sorted((out / "images").glob(f"p{p_idx:02d}-*.png")):
-            seen = read_attributes(Image.open(path))
-            right["shape"] += seen["shape"] == shape
-            right["colour"] += seen["colour"] == colour
-            right["background"] += seen["background"] == background
-            total += 1
-    return {k: v / total for k, v in right.items()}, total
+    readings = sample(model, out, [f"a photo of a {c} {s} on a {b} background" for s, c, b in asked],
+                      images_per_prompt, args)
+    pairs = [(dict(shape=shape, colour=colour, background=background), seen)
+             for (shape, colour, background), images in zip(asked, readings) for seen in images]
+    keys = ("shape", "colour", "background")
+    return {k: sum(want[k] == seen[k] for want, seen in pairs) / len(pairs) for k in keys}, len(pairs)
 
 
 def main():
@@ -144,8 +133,7 @@ def main():
     args = p.parse_args()
     out = Path(args.output_dir)
     t0 = time.time()
-    accuracy, n = prompt_following(args.model, out / "prompt-following", args.num_prompts, 2, args.seed,
-                                   args.num_inference_steps, args.guidance_scale)
+    accuracy, n = prompt_following(args.model, out / "prompt-following", args)
     report = {"settings": vars(args), "base_model_prompt_following": accuracy, "images": n}
     print("| base model, prompts from the caption template | shape | colour | background | images |")
     print("|---|---|---|---|---|")
