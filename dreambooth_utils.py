@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,11 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 CAPTION_EXTENSION = ".txt"
 QUIET_EXTENSIONS = {CAPTION_EXTENSION, ".json"}  # captions and manifests sit beside images; skip them silently
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Flags whose value is a credential. The rule for every script: a secret is used, never recorded. Its value is
+# redacted in sys.argv as soon as the flags are parsed (so trackers that record the command line, such as W&B, never
+# see it), and in every run record (run_config.json, checkpoints, the trackers' config). Add any new credential here.
+SECRET_FLAGS = frozenset({"hub_token"})
+REDACTED = "***"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,7 +193,7 @@ def parse_args_with_config(parser, argv=None):
     pre.add_argument("--config", default=None)
     path = pre.parse_known_args(argv)[0].config
     if not path:
-        return parser.parse_args(argv)
+        return hide_secrets(parser.parse_args(argv), argv)
     import yaml
 
     try:
@@ -222,7 +228,38 @@ def parse_args_with_config(parser, argv=None):
     for dest, from_file in lists.items():  # argparse appends command-line values to a list default: keep only those
         if len(getattr(args, dest)) > len(from_file):
             setattr(args, dest, getattr(args, dest)[len(from_file):])
+    return hide_secrets(args, argv)
+
+
+def redact_argv(argv):
+    """The command line with the value of every SECRET_FLAGS flag replaced by REDACTED, in any spelling argparse
+    accepts: `--hub_token X`, `--hub_token=X` and abbreviations such as `--hub_tok X`."""
+    def secret(option):
+        return len(option) > 2 and any(f"--{name}".startswith(option) for name in SECRET_FLAGS)
+
+    out, hide_next = [], False
+    for arg in argv:
+        option, eq, _ = arg.partition("=")
+        out.append(REDACTED if hide_next else f"{option}={REDACTED}" if eq and secret(option) else arg)
+        hide_next = not hide_next and not eq and secret(arg)
+    return out
+
+
+def hide_secrets(args, argv=None):
+    """After parsing: take secrets given on the command line out of sys.argv (W&B, for one, records sys.argv), with a
+    note that the shell history still has them."""
+    given = [name for name in SECRET_FLAGS if getattr(args, name, None)]
+    if given and argv is None and redact_argv(sys.argv) != sys.argv:
+        sys.argv[:] = redact_argv(sys.argv)
+        if os.environ.get("RANK", "0") == "0":
+            note(f"--{given[0]} on the command line stays in your shell history: prefer `hf auth login` or the "
+                 "HF_TOKEN environment variable (this run never writes the token)")
     return args
+
+
+def redact(config):
+    """A copy of a config dict with the values of SECRET_FLAGS replaced by REDACTED."""
+    return {k: REDACTED if k in SECRET_FLAGS and v else v for k, v in config.items()}
 
 
 def add_model_args(parser):
@@ -449,15 +486,69 @@ def hardware():
 
 
 def run_record(config, script):
-    """Resolved config, command line, versions, git commit and hardware: enough to rerun the job months later."""
+    """Resolved config, command line, versions, git commit and hardware: enough to rerun the job months later.
+    Secrets (SECRET_FLAGS) are redacted in the config and in the command line."""
     return {
         "script": os.path.basename(script),
-        "command": " ".join([sys.executable] + sys.argv),
-        "config": config,
+        "command": shlex.join(redact_argv([sys.executable] + sys.argv)),
+        "config": redact(config),
         "versions": library_versions(),
         "git_commit": git_commit(),
         "hardware": hardware(),
     }
+
+
+def scrub_records(folder):
+    """Redact secrets in the run records (run_config.json) of a run folder and its checkpoints that an earlier
+    version of this suite wrote in plain text. Returns the records it rewrote."""
+    scrubbed = []
+    for path in sorted([Path(folder, "run_config.json"), *Path(folder).glob("checkpoint-*/run_config.json")]):
+        try:
+            record = json.loads(path.read_text())
+            config = record["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        words = str(record.get("command", "")).split()
+        if redact(config) != config or redact_argv(words) != words:
+            write_json(path, {**record, "config": redact(config), "command": " ".join(redact_argv(words))})
+            scrubbed.append(path)
+    return scrubbed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Hub: what a run folder uploads
+
+HUB_SKIPPED = ("checkpoint-*", "export-*", "wandb", "logs")  # training state, exports and tracker files stay local
+WEIGHT_SUFFIXES = {".safetensors", ".bin"}
+
+
+def hub_files(folder, skip=()):
+    """Relative paths of the files a run folder uploads, sorted: the pipeline or LoRA files, the run record and the
+    validation grids; not checkpoints, exports, logs (`skip` adds the logging folder), tracker files or hidden files."""
+    from fnmatch import fnmatch
+
+    folder, patterns = Path(folder), (*HUB_SKIPPED, *skip)
+    return [p.relative_to(folder) for p in sorted(folder.rglob("*")) if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+            and not any(fnmatch(p.relative_to(folder).parts[0], pattern) for pattern in patterns)]
+
+
+def push_to_hub(folder, repo_id, token=None, skip=(), message="DreamBooth fine-tune"):
+    """Upload hub_files(folder) to a model repository in one commit. Refuses, before any network call, when a file to
+    upload holds the token (the check that the suite's records never carry one)."""
+    from huggingface_hub import CommitOperationAdd, create_commit, create_repo, get_token
+
+    files, secret = hub_files(folder, skip), (token or get_token() or "").encode()
+    leaking = [f for f in files if secret and f.suffix not in WEIGHT_SUFFIXES and secret in Path(folder, f).read_bytes()]
+    if leaking:
+        fail(f"not pushing {folder}: {leaking[0]} holds the Hub token in plain text (delete the file, revoke the token)")
+    try:
+        repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
+        create_commit(repo_id, [CommitOperationAdd(f.as_posix(), str(Path(folder, f))) for f in files],
+                      commit_message=message, token=token)
+    except Exception as e:  # network, auth or permission: the local files are saved either way
+        fail(f"the results are saved in {folder}, but pushing them to {repo_id} failed: {str(e).strip().splitlines()[0]}")
+    print(f"pushed {len(files)} files of {folder} to the hub as {repo_id}")
 
 
 def write_json(path, obj):

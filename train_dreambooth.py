@@ -145,7 +145,8 @@ def parse_args(argv=None):
     g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
     g.add_argument("--push_to_hub", action="store_true", help="upload the trained pipeline to the Hugging Face Hub")
     g.add_argument("--hub_model_id", default=None, help="hub repository (default: the --output_dir folder name)")
-    g.add_argument("--hub_token", default=None, help="hub token (default: the saved `hf auth login` token)")
+    g.add_argument("--hub_token", default=None,
+                   help="hub token (default: the `hf auth login` token or HF_TOKEN); used, never written or logged")
     return du.parse_args_with_config(p, argv)
 
 
@@ -208,7 +209,7 @@ def check_args(args):
         from huggingface_hub import get_token
 
         if not (args.hub_token or get_token()):
-            du.fail("--push_to_hub needs a Hugging Face login: run `hf auth login` or pass --hub_token")
+            du.fail("--push_to_hub needs a Hugging Face login: run `hf auth login` or set HF_TOKEN")
     for name in ("checkpointing_steps", "checkpoints_total_limit", "export_steps", "exports_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             du.fail(f"--{name} must be at least 1")
@@ -545,20 +546,6 @@ def save_weights(args, output_dir, dtype, trained):
     tmp.rmdir()
 
 
-def push_to_hub(args):
-    """Upload the output folder (pipeline and run record, not the logs) to a hub model repository."""
-    from huggingface_hub import create_repo, upload_folder
-
-    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
-    try:
-        repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
-        upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                      commit_message="DreamBooth fine-tune", ignore_patterns=[f"{args.logging_dir}/**", ".*"])
-    except Exception as e:  # network, auth or permission: the local pipeline is saved either way
-        du.fail(f"the pipeline is saved in {args.output_dir}, but pushing it to {repo_id} failed: {e}")
-    print(f"pushed {args.output_dir} to the hub as {repo_id}")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: the whole training state through accelerate, so that a resumed run is bit-identical to one that was
 # never interrupted (same batches, same noise, same weights)
@@ -819,6 +806,11 @@ def main(argv=None):
         accelerator.print(f"resumed from {args.resume_from_checkpoint} at step {state.global_step}")
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        if args.resume_from_checkpoint:  # records of versions that wrote secrets in plain text
+            scrubbed = du.scrub_records(args.output_dir) + du.scrub_records(Path(args.resume_from_checkpoint).parent)
+            if scrubbed:
+                du.note(f"redacted a Hub token that an older version wrote into {len(scrubbed)} run record(s) such as "
+                        f"{scrubbed[0]}; its logs may still hold it: revoke it at huggingface.co/settings/tokens")
         du.write_json(Path(args.output_dir, "run_config.json"), record)
         start_trackers(accelerator, args, record)
     accelerator.print(
@@ -952,7 +944,8 @@ def main(argv=None):
         save_weights(args, args.output_dir, torch.float32, trained)
         accelerator.print(f"saved the fine-tuned {'LoRA adapters' if args.lora_rank else 'pipeline'} to {args.output_dir}")
         if args.push_to_hub:
-            push_to_hub(args)
+            du.push_to_hub(args.output_dir, args.hub_model_id or Path(args.output_dir).resolve().name, args.hub_token,
+                           skip=[Path(args.logging_dir).parts[0]])
     accelerator.end_training()
 
 
