@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +19,6 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_EXTENSION = ".txt"
 QUIET_EXTENSIONS = {CAPTION_EXTENSION, ".json"}  # captions and manifests sit beside images; skip them silently
-MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Flags whose value is a credential. The rule for every script: a secret is used, never recorded. Its value is
 # redacted in sys.argv as soon as the flags are parsed (so trackers that record the command line, such as W&B, never
 # see it), and in every run record (run_config.json, checkpoints, the trackers' config). Add any new credential here.
@@ -37,6 +37,11 @@ def fail(message):
 
 def note(message):
     print(f"note: {message}", file=sys.stderr)
+
+
+def first_line(error):
+    """The first line of an exception's message (library errors run to several), or its type when it has none."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,14 +98,61 @@ def read_caption(image_path, default):
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def check_model_source(name_or_path, components=MODEL_COMPONENTS):
-    """Fail early, before anything loads, when a local model folder is missing or lacks a component. Returns the
-    model as the run records it: a local folder as an absolute path (a record then works from any directory), a
-    string shaped like a hub id ("org/name") as it is, left to `from_pretrained`.
+@dataclass(frozen=True)
+class Family:
+    """What differs between the model families for loading and saving, chosen once from the model itself."""
+    name: str
+    pipeline: str  # the diffusers pipeline class
+    text_encoders: tuple  # (subfolder, transformers class) of each text encoder, in the order prompts go through them
+    tokenizers: tuple  # the subfolders of their tokenizers
+    pipeline_kwargs: tuple  # (name, value) pairs from_pretrained needs so that nothing else loads
+    upcast_vae: bool  # the pipeline decodes in fp32 when the VAE's config says force_upcast (SDXL's overflows in fp16)
+
+    @property
+    def components(self):
+        return ("unet", "vae", "scheduler", *(name for name, _ in self.text_encoders), *self.tokenizers)
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline)
+
+
+SD = Family("sd", "StableDiffusionPipeline", (("text_encoder", "CLIPTextModel"),), ("tokenizer",),
+            (("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)), False)
+# SDXL: two text encoders (the second with a projection: its pooled output conditions the UNet too). No invisible
+# watermark: the same seed gives the same bytes whether or not the invisible-watermark package is installed.
+SDXL = Family("sdxl", "StableDiffusionXLPipeline",
+              (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
+              ("tokenizer", "tokenizer_2"), (("add_watermarker", False),), True)
+FAMILIES = {family.name: family for family in (SD, SDXL)}
+
+
+def read_model(name_or_path, revision=None):
+    """(family, native resolution) from the model's own UNet and VAE configs, before any weights load. SDXL's UNet takes
+    the pooled text embedding and the size/crop time ids (addition_embed_type "text_time"); the native resolution is
+    the UNet's sample size times the VAE's downsampling (512 SD 1.5, 768 SD 2.x, 1024 SDXL)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    try:
+        unet = UNet2DConditionModel.load_config(name_or_path, subfolder="unet", revision=revision)
+        vae = AutoencoderKL.load_config(name_or_path, subfolder="vae", revision=revision)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load the model config of {name_or_path}: {first_line(e)}")
+    family = SDXL if unet.get("addition_embed_type") == "text_time" else SD
+    return family, unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def check_model_source(name_or_path):
+    """Fail early, before anything loads, when a local model folder is missing or lacks a component of its family.
+    Returns the model as the run records it: a local folder as an absolute path (a record then works from any
+    directory), a string shaped like a hub id ("org/name") as it is, left to `from_pretrained`.
     """
     path = Path(os.path.expanduser(name_or_path))
     if path.is_dir():
-        missing = [c for c in components if not (path / c).is_dir()]
+        if not (path / "unet").is_dir():
+            fail(f"model folder {path} has no unet subfolder: is it a diffusers pipeline folder?")
+        missing = [c for c in read_model(str(path))[0].components if not (path / c).is_dir()]
         if missing:
             fail(f"model folder {path} has no {', '.join(missing)} subfolder: is it a diffusers pipeline folder?")
         return str(path.resolve())
@@ -116,8 +168,22 @@ def from_pretrained(cls, name_or_path, **kwargs):
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        fail(f"cannot load {cls.__name__} from {name_or_path}: {first_line}")
+        fail(f"cannot load {cls.__name__} from {name_or_path}: {first_line(e)}")
+
+
+def load_vae(name_or_path, vae_path=None, revision=None, variant=None, dtype=torch.float32, upcast=False):
+    """The model's own VAE, or a separate one (--pretrained_vae_model_name_or_path: a folder or hub id of an
+    AutoencoderKL, e.g. an fp16-safe SDXL VAE), in `dtype`; in fp32 when `upcast` and the VAE's config says
+    force_upcast, as StableDiffusionXLPipeline decodes (SDXL's own VAE overflows in fp16)."""
+    from diffusers import AutoencoderKL
+
+    source, kw = (vae_path, {}) if vae_path else (name_or_path, dict(subfolder="vae", revision=revision))
+    try:
+        if upcast and AutoencoderKL.load_config(source, **kw).get("force_upcast", True):
+            dtype = torch.float32
+    except (OSError, ValueError) as e:
+        fail(f"cannot read the VAE config of {source}: {first_line(e)}")
+    return from_pretrained(AutoencoderKL, source, dtype=dtype, **kw, **({} if vae_path else dict(variant=variant)))
 
 
 def torch_dtype(precision):
@@ -142,21 +208,17 @@ def enable_xformers(model):
         fail(f"--enable_xformers_memory_efficient_attention: xformers cannot run on this setup ({e})")
 
 
-def load_pipeline(name_or_path, revision=None, variant=None, dtype=torch.float32, device="cpu"):
-    """A StableDiffusionPipeline for sampling: safety checker off, no progress bar of its own."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = from_pretrained(
-        StableDiffusionPipeline,
-        name_or_path,
-        revision=revision,
-        variant=variant,
-        dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+def load_pipeline(name_or_path, revision=None, variant=None, dtype=torch.float32, device="cpu", vae_path=None, **components):
+    """The model's pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) for sampling: safety checker and
+    watermark off, no progress bar. Components given as keywords (in-memory models) are used as they are, not loaded,
+    and device None leaves every component where it is."""
+    family = read_model(name_or_path, revision)[0]
+    if vae_path and "vae" not in components:
+        components["vae"] = load_vae(name_or_path, vae_path, revision, dtype=dtype)
+    pipe = from_pretrained(family.pipeline_class(), name_or_path, revision=revision, variant=variant, dtype=dtype,
+                           **dict(family.pipeline_kwargs), **components)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device) if device else pipe
 
 
 # Samplers by their usual short names, each built from the model's own scheduler config so that its betas and
@@ -268,6 +330,8 @@ def add_model_args(parser):
                        help="hub id or local diffusers pipeline folder of the base model")
     group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of the model")
     group.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16")
+    group.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                       help="a separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16")
     return group
 
 
@@ -286,8 +350,50 @@ def add_lora(model, config, targets):
                                  target_modules=targets))
 
 
+def save_lora(folder, family, dtype, trained):
+    """Adapters of {name: (module, state dict)} ("unet", "text_encoder", "text_encoder_2") in diffusers' format
+    (`pipe.load_lora_weights(folder)` of the family's pipeline; the LoRA config, alpha included, rides along as
+    metadata), and a copy with kohya's key names (lora_unet_, lora_te1_, lora_te2_) for the web UIs, made by
+    diffusers' own converter."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    peft = {name: {k: v.to(dtype) for k, v in get_peft_model_state_dict(module, state_dict=state).items()}
+            for name, (module, state) in trained.items()}
+    family.pipeline_class().save_lora_weights(
+        folder, safe_serialization=True,
+        **{f"{name}_lora_layers": convert_state_dict_to_diffusers(sd) for name, sd in peft.items()},
+        **{f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict() for name, (module, _) in trained.items()})
+    kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, sd in peft.items() for k, v in sd.items()})
+    alpha = trained["unet"][0].peft_config["default"].lora_alpha  # the converter writes alpha = rank; ours may differ
+    kohya = {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
+    save_file(kohya, Path(folder, LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors")))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Class-prior images (used by generate_priors.py, and by train_dreambooth.py when the class folder is short)
+
+
+def require(module, flag):
+    """One line with the pip command when an optional package that a flag needs is not installed."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        fail(f"{flag} needs {module}: pip install {module}")
+
+
+def wandb_login_missing():
+    """True when W&B would ask for a login: online mode and no key in WANDB_API_KEY or ~/.netrc (`wandb login`)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return False
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return False
+    from requests.utils import get_netrc_auth
+
+    return get_netrc_auth(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")) is None
 
 
 def check_launch():
@@ -310,6 +416,14 @@ def check_launch():
             fail("the accelerate config asks for DeepSpeed, which is not installed: pip install deepspeed")
 
 
+def check_deepspeed(accelerator, use_8bit_adam):
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed and use_8bit_adam and deepspeed.deepspeed_config.get("zero_optimization", {}).get(
+            "offload_optimizer", {}).get("device", "none") != "none":
+        fail("--use_8bit_adam does not combine with DeepSpeed's optimizer offload (DeepSpeed replaces the optimizer "
+             "with its own CPU Adam): leave --use_8bit_adam out")
+
+
 def partial_state():
     """accelerate's PartialState, honouring ACCELERATE_USE_CPU as Accelerator does (PartialState alone does not, and
     processes launched on a machine without GPUs would then each run alone)."""
@@ -330,7 +444,10 @@ PRIOR_MANIFEST = "manifest.json"
 # What makes a set of class images: the same values give the same bytes. The first five name the model and prompt.
 PRIOR_SETTINGS = ("pretrained_model_name_or_path", "revision", "variant", "unet_sha256", "class_prompt",
                   "negative_prompt", "scheduler", "num_inference_steps", "guidance_scale", "resolution", "seed",
-                  "precision", "sample_batch_size")
+                  "precision", "sample_batch_size", "pretrained_vae_model_name_or_path")
+# generate_priors.py's defaults, which train_dreambooth.py uses when it fills a class folder itself
+PRIOR_DEFAULTS = {"negative_prompt": None, "scheduler": None, "num_inference_steps": 50, "guidance_scale": 7.5,
+                  "sample_batch_size": 4}
 
 
 def prior_image_name(index):
@@ -417,7 +534,7 @@ def make_prior_images(state, class_dir, missing, settings, record):
         Path(class_dir).mkdir(parents=True, exist_ok=True)
         write_json(Path(class_dir, PRIOR_MANIFEST), {**record, "settings": settings})
     pipe = load_pipeline(settings["pretrained_model_name_or_path"], settings["revision"], settings["variant"],
-                         torch_dtype(settings["precision"]), state.device)
+                         torch_dtype(settings["precision"]), state.device, settings.get("pretrained_vae_model_name_or_path"))
     set_scheduler(pipe, settings["scheduler"])
     blocks = prior_blocks(missing, settings["sample_batch_size"], state.process_index, state.num_processes)
     mine = [i for i in missing if i // settings["sample_batch_size"] in set(blocks)]
@@ -498,11 +615,11 @@ def run_record(config, script):
     }
 
 
-def scrub_records(folder):
-    """Redact secrets in the run records (run_config.json) of a run folder and its checkpoints that an earlier
-    version of this suite wrote in plain text. Returns the records it rewrote."""
+def scrub_records(*folders):
+    """Redact secrets in the run records (run_config.json) of run folders and their checkpoints that an earlier
+    version of this suite wrote in plain text, and say so. Returns the records it rewrote."""
     scrubbed = []
-    for path in sorted([Path(folder, "run_config.json"), *Path(folder).glob("checkpoint-*/run_config.json")]):
+    for path in sorted({p for f in folders for p in [Path(f, "run_config.json"), *Path(f).glob("checkpoint-*/run_config.json")]}):
         try:
             record = json.loads(path.read_text())
             config = record["config"]
@@ -512,6 +629,9 @@ def scrub_records(folder):
         if redact(config) != config or redact_argv(words) != words:
             write_json(path, {**record, "config": redact(config), "command": " ".join(redact_argv(words))})
             scrubbed.append(path)
+    if scrubbed:
+        note(f"redacted a Hub token that an older version wrote into {len(scrubbed)} run record(s) such as "
+             f"{scrubbed[0]}; its logs may still hold it: revoke it at huggingface.co/settings/tokens")
     return scrubbed
 
 
@@ -533,6 +653,13 @@ def hub_files(folder, skip=()):
             and not any(fnmatch(p.relative_to(folder).parts[0], pattern) for pattern in patterns)]
 
 
+def check_hub_login(token):
+    from huggingface_hub import get_token
+
+    if not (token or get_token()):
+        fail("--push_to_hub needs a Hugging Face login: run `hf auth login` or set HF_TOKEN")
+
+
 def push_to_hub(folder, repo_id, token=None, skip=(), message="DreamBooth fine-tune"):
     """Upload hub_files(folder) to a model repository in one commit. Refuses, before any network call, when a file to
     upload holds the token (the check that the suite's records never carry one)."""
@@ -547,7 +674,7 @@ def push_to_hub(folder, repo_id, token=None, skip=(), message="DreamBooth fine-t
         create_commit(repo_id, [CommitOperationAdd(f.as_posix(), str(Path(folder, f))) for f in files],
                       commit_message=message, token=token)
     except Exception as e:  # network, auth or permission: the local files are saved either way
-        fail(f"the results are saved in {folder}, but pushing them to {repo_id} failed: {str(e).strip().splitlines()[0]}")
+        fail(f"the results are saved in {folder}, but pushing them to {repo_id} failed: {first_line(e)}")
     print(f"pushed {len(files)} files of {folder} to the hub as {repo_id}")
 
 

@@ -1,4 +1,4 @@
-"""Generate the class-prior images of DreamBooth's prior-preservation loss from the base model.
+"""Generate the class-prior images of DreamBooth's prior-preservation loss from the base model (SD 1.x/2.x or SDXL).
 
     accelerate launch generate_priors.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --class_prompt "a photo of dog" --class_dir priors/dog --num_class_images 200
@@ -27,12 +27,13 @@ def parse_args(argv=None):
     g.add_argument("--class_dir", "--class_data_dir", dest="class_dir", required=True, help="folder the images go to")
     g.add_argument("--num_class_images", type=int, default=100, help="images the folder should hold")
     g = p.add_argument_group("sampling")
-    g.add_argument("--negative_prompt", default=None)
-    g.add_argument("--num_inference_steps", type=int, default=50)
-    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--negative_prompt", default=du.PRIOR_DEFAULTS["negative_prompt"])
+    g.add_argument("--num_inference_steps", type=int, default=du.PRIOR_DEFAULTS["num_inference_steps"])
+    g.add_argument("--guidance_scale", type=float, default=du.PRIOR_DEFAULTS["guidance_scale"])
     g.add_argument("--scheduler", default=None, choices=sorted(du.SCHEDULERS), help="sampler (default: the model's own)")
     g.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
-    g.add_argument("--sample_batch_size", type=int, default=4, help="images per forward pass, per process")
+    g.add_argument("--sample_batch_size", type=int, default=du.PRIOR_DEFAULTS["sample_batch_size"],
+                   help="images per forward pass, per process")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="weights dtype (default: fp16 on a GPU, else fp32)")
     g.add_argument("--seed", type=int, default=0, help="image i uses a generator seeded from (seed, i)")

@@ -1,6 +1,6 @@
 """Generate images from a fine-tuned DreamBooth model: a training output folder, an export (export-N), a training
 checkpoint (checkpoint-N), a LoRA run's folder (the base model of a checkpoint or LoRA run is read from its
-run_config.json), or any Stable Diffusion pipeline folder or hub id, optionally with --lora adapters.
+run_config.json), or any Stable Diffusion 1.x/2.x or SDXL pipeline folder or hub id, optionally with --lora adapters.
 
     python infer.py --pretrained_model_name_or_path sks-dog --prompt "a photo of sks dog on the moon" --seed 0
 
@@ -113,31 +113,28 @@ def check_model(args):
 
 def load_model(args, kind, source, dtype, device):
     if kind == "pipeline":
-        pipe = du.load_pipeline(source, args.revision, args.variant, dtype, device)
+        pipe = du.load_pipeline(source, args.revision, args.variant, dtype, device, args.pretrained_vae_model_name_or_path)
     else:
-        pipe = du.load_pipeline(source["pretrained_model_name_or_path"], source["revision"], source["variant"], dtype, device)
+        pipe = du.load_pipeline(source["pretrained_model_name_or_path"], source["revision"], source["variant"], dtype,
+                                device, args.pretrained_vae_model_name_or_path or source.get("pretrained_vae_model_name_or_path"))
     if kind == "checkpoint":
         from safetensors.torch import load_file
 
-        # the checkpoint holds the trained model as accelerate saved it: "unet.*" and "text_encoder.*", with the
-        # adapters of a LoRA run in place
-        if source.get("lora_rank"):
-            du.add_lora(pipe.unet, source, source["lora_target_modules"])
-            if source["train_text_encoder"]:
-                du.add_lora(pipe.text_encoder, source, du.TEXT_ENCODER_LORA_TARGETS)
+        # the checkpoint holds the trained model as accelerate saved it: "unet.*", "text_encoder.*" and SDXL's
+        # "text_encoder_2.*" (no text encoder when the embeddings were pre-computed), LoRA adapters in place
         state = load_file(Path(args.pretrained_model_name_or_path, "model.safetensors"))
-        for name in ("unet", "text_encoder"):
+        for name in sorted({k.split(".")[0] for k in state}):
             module = getattr(pipe, name)
+            if source.get("lora_rank") and (name == "unet" or source["train_text_encoder"]):
+                du.add_lora(module, source, source["lora_target_modules"] if name == "unet" else du.TEXT_ENCODER_LORA_TARGETS)
             module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
-        if source.get("lora_rank"):
-            pipe.unet.to(dtype=dtype)  # the injected adapters start in fp32
-            pipe.text_encoder.to(dtype=dtype)
+            module.to(device, dtype)  # the injected adapters start in fp32
     if args.lora:
         folder, name = (args.lora, du.LORA_WEIGHTS) if Path(args.lora).is_dir() else (str(Path(args.lora).parent), Path(args.lora).name)
         try:
             pipe.load_lora_weights(folder, weight_name=name, adapter_name="dreambooth")
         except (ValueError, KeyError, OSError) as e:
-            du.fail(f"cannot load LoRA weights {args.lora}: {str(e).strip().splitlines()[0]}")
+            du.fail(f"cannot load LoRA weights {args.lora}: {du.first_line(e)}")
         if args.fuse_lora:
             pipe.fuse_lora(lora_scale=args.lora_scale)
         else:

@@ -1,7 +1,9 @@
-"""DreamBooth fine-tuning of Stable Diffusion 1.x/2.x (Ruiz et al. 2022, https://arxiv.org/abs/2208.12242).
+"""DreamBooth fine-tuning of Stable Diffusion 1.x/2.x and SDXL (Ruiz et al. 2022, https://arxiv.org/abs/2208.12242).
 
 Teaches a model a subject from 3-5 photos, bound to a rare token ("a photo of sks dog"), optionally with the
-paper's class-prior preservation loss. The VAE is frozen, the UNet is trained, the text encoder optionally.
+paper's class-prior preservation loss. The VAE is frozen, the UNet is trained, the text encoder(s) optionally. The
+model family is read from the model itself; what differs (prompt encoding, SDXL's extra UNet inputs, the pipeline
+class) is chosen once, before the loop.
 
     accelerate launch train_dreambooth.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --instance_dir photos/ --instance_prompt "a photo of sks dog" --output_dir sks-dog \
@@ -35,7 +37,16 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Arguments
 
 
+# Flag groups whose settings cannot change the trained weights: a resume warns about a change to any other flag.
+RESUME_HARMLESS_GROUPS = ("speed (does not change what is learned)", "checkpoints and exports", "validation images",
+                          "output and logging")
+
+
 def parse_args(argv=None):
+    return du.parse_args_with_config(build_parser(), argv)
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     du.add_model_args(p).add_argument("--tokenizer_name", default=None, help="tokenizer to use instead of the model's own")
 
@@ -47,10 +58,10 @@ def parse_args(argv=None):
     g.add_argument("--image_column", default="image", help="image column of --dataset_name")
     g.add_argument("--caption_column", default=None, help="caption column of --dataset_name (default: the instance prompt)")
     g.add_argument("--instance_prompt", default=None, help="prompt with the rare identifier, e.g. 'a photo of sks dog'")
-    g.add_argument("--resolution", type=int, default=512, help="training images are resized and cropped to this square size")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="square training size (default: the model's own: 512 SD 1.5, 768 SD 2.x, 1024 SDXL)")
     g.add_argument("--center_crop", action="store_true", help="crop the centre instead of a random square")
     g.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="data loading subprocesses (0: main process)")
 
     g = p.add_argument_group("prior preservation")
     g.add_argument("--with_prior_preservation", action="store_true", help="add the paper's class-prior loss")
@@ -64,7 +75,7 @@ def parse_args(argv=None):
                    help="precision of class-image generation (default: fp16 on a GPU, else fp32)")
 
     g = p.add_argument_group("training")
-    g.add_argument("--train_text_encoder", action="store_true", help="also fine-tune the text encoder")
+    g.add_argument("--train_text_encoder", action="store_true", help="also fine-tune the text encoder (SDXL: both)")
     g.add_argument("--train_batch_size", type=int, default=4, help="instance images per device per step")
     g.add_argument("--num_train_epochs", type=int, default=1, help="epochs, unless --max_train_steps is given")
     g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_train_epochs")
@@ -92,23 +103,26 @@ def parse_args(argv=None):
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, a scale of 1)")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout of the LoRA layers")
     g.add_argument("--lora_target_modules", nargs="+", default=du.UNET_LORA_TARGETS,
-                   help="UNet modules that get adapters (the text encoder's q/k/v/out projections with --train_text_encoder)")
+                   help="UNet modules that get adapters (the text encoders' q/k/v/out projections with --train_text_encoder)")
 
     g = p.add_argument_group("precision and memory")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="overrides accelerate's config; trainable weights stay fp32 either way")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
-    g.add_argument("--set_grads_to_none", action="store_true", help="free gradients between steps instead of zeroing")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention (CUDA only); PyTorch SDPA is used otherwise")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
     g.add_argument("--cache_latents", action="store_true",
                    help="encode every training image once with the VAE (needs --center_crop; flips are cached both ways)")
     g.add_argument("--pre_compute_text_embeddings", action="store_true",
-                   help="encode the prompts once and take the frozen text encoder off the accelerator")
+                   help="encode the prompts once and take the frozen text encoder(s) off the accelerator")
+
+    g = p.add_argument_group("speed (does not change what is learned)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--set_grads_to_none", action="store_true", help="free gradients between steps instead of zeroing")
     g.add_argument("--channels_last", action="store_true", help="UNet in channels-last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first steps)")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="data loading subprocesses (0: main process)")
 
     g = p.add_argument_group("checkpoints and exports")
     g.add_argument("--checkpointing_steps", type=int, default=500,
@@ -127,6 +141,7 @@ def parse_args(argv=None):
     g.add_argument("--validation_negative_prompt", default=None)
     g.add_argument("--num_validation_images", type=int, default=4, help="images per validation prompt (fixed seeds)")
     g.add_argument("--validation_steps", type=int, default=100, help="sample every N optimizer steps")
+    g.add_argument("--validation_epochs", type=int, default=None, help="instead: every N epochs (diffusers' SDXL flag)")
     g.add_argument("--validation_scheduler", default="dpm++_2m", choices=sorted(du.SCHEDULERS),
                    help="sampler, built from the model's scheduler config")
     g.add_argument("--validation_guidance_scale", type=float, default=7.5)
@@ -147,18 +162,7 @@ def parse_args(argv=None):
     g.add_argument("--hub_model_id", default=None, help="hub repository (default: the --output_dir folder name)")
     g.add_argument("--hub_token", default=None,
                    help="hub token (default: the `hf auth login` token or HF_TOKEN); used, never written or logged")
-    return du.parse_args_with_config(p, argv)
-
-
-def wandb_login_missing():
-    """True when W&B would ask for a login: online mode and no key in WANDB_API_KEY or ~/.netrc (`wandb login`)."""
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
-        return False
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return False
-    from requests.utils import get_netrc_auth
-
-    return get_netrc_auth(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")) is None
+    return p
 
 
 def check_args(args):
@@ -177,9 +181,10 @@ def check_args(args):
             du.fail("--num_class_images must be at least 1")
     elif args.class_dir or args.class_prompt:
         du.note("--class_dir/--class_prompt are ignored without --with_prior_preservation")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "resolution", "sample_batch_size",
-                 "num_validation_images", "validation_steps", "validation_inference_steps", "logging_steps"):
-        if getattr(args, name) < 1:
+    for name in ("train_batch_size", "gradient_accumulation_steps", "sample_batch_size", "num_validation_images",
+                 "validation_steps", "validation_epochs", "validation_inference_steps", "logging_steps",
+                 "checkpointing_steps", "checkpoints_total_limit", "export_steps", "exports_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             du.fail(f"--{name} must be at least 1")
     if args.cache_latents and not args.center_crop:
         du.fail("--cache_latents needs --center_crop: a random crop differs every epoch (flips are fine, both are cached)")
@@ -187,32 +192,23 @@ def check_args(args):
         du.fail("--pre_compute_text_embeddings needs a frozen text encoder: leave out --train_text_encoder")
     if args.lora_rank < 0:
         du.fail("--lora_rank must be 0 (full fine-tune) or more")
-    if args.resolution % 8:
-        du.fail(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
     args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path)
+    family, native_resolution = du.read_model(args.pretrained_model_name_or_path, args.revision)
+    args.model_family = family.name
+    args.resolution = native_resolution if args.resolution is None else args.resolution
+    if args.resolution < 8 or args.resolution % 8:
+        du.fail(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
     du.check_launch()
     if args.enable_xformers_memory_efficient_attention:
         du.check_xformers()
     if args.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            du.fail("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+        du.require("bitsandbytes", "--use_8bit_adam")
     if args.report_to in ("wandb", "all"):
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            du.fail(f"--report_to {args.report_to} needs wandb: pip install wandb")
-        if wandb_login_missing():
+        du.require("wandb", f"--report_to {args.report_to}")
+        if du.wandb_login_missing():
             du.fail("--report_to wandb needs a W&B login: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline")
     if args.push_to_hub:
-        from huggingface_hub import get_token
-
-        if not (args.hub_token or get_token()):
-            du.fail("--push_to_hub needs a Hugging Face login: run `hf auth login` or set HF_TOKEN")
-    for name in ("checkpointing_steps", "checkpoints_total_limit", "export_steps", "exports_total_limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            du.fail(f"--{name} must be at least 1")
+        du.check_hub_login(args.hub_token)
     out = Path(args.output_dir)
     args.resume_record = None
     if args.resume_from_checkpoint == "latest":
@@ -241,7 +237,7 @@ def load_instance_examples(args):
 
         ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train")
     except Exception as e:
-        du.fail(f"cannot load dataset {args.dataset_name}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}")
+        du.fail(f"cannot load dataset {args.dataset_name}: {du.first_line(e)}")
     for column in (args.image_column, args.caption_column):
         if column and column not in ds.column_names:
             du.fail(f"dataset {args.dataset_name} has no column '{column}' (columns: {', '.join(ds.column_names)})")
@@ -305,11 +301,13 @@ def sample_noise(latents, offset_noise=False):
 # Data
 
 
-def preprocess(image, size, center_crop, random_flip, generator):
-    """Resize the short side to `size`, crop a square (centre or random), maybe flip; a CHW tensor in [-1, 1]."""
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+def preprocess(image, size, center_crop, random_flip, generator, flip=False):
+    """Resize the short side to `size`, crop a square (centre or random), maybe flip. Returns a CHW tensor in [-1, 1]
+    and SDXL's micro-conditioning of the image: (original height, original width, crop top, crop left, size, size),
+    the crop in the resized image and mirrored with the flip, as diffusers' SDXL scripts compute it."""
+    w0, h0 = image.size
+    scale = size / min(w0, h0)
+    image = image.resize((max(size, round(w0 * scale)), max(size, round(h0 * scale))), Image.BILINEAR)
     w, h = image.size
     if center_crop:
         left, top = (w - size) // 2, (h - size) // 2
@@ -317,21 +315,23 @@ def preprocess(image, size, center_crop, random_flip, generator):
         left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
         top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
     image = image.crop((left, top, left + size, top + size))
-    if random_flip and torch.rand((), generator=generator) < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    if flip or random_flip and torch.rand((), generator=generator) < 0.5:
+        image, left = image.transpose(Image.FLIP_LEFT_RIGHT), w - size - left
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return pixels, torch.tensor([h0, w0, top, left, size, size], dtype=torch.float32)
 
 
 class DreamBoothDataset(Dataset):
     """Item i pairs instance example i (mod the number of instances) with class image i (mod the number of class
     images); an epoch is as long as the larger set. Random crops and flips come from a generator seeded by
-    (seed, epoch, i), so they do not depend on worker count or scheduling. With caches (--cache_latents,
-    --pre_compute_text_embeddings) an item holds the VAE's latent distribution and the prompt embedding instead of
-    pixels and token ids; the flip is drawn from the same generator, so the data are the same."""
+    (seed, epoch, i), so they do not depend on worker count or scheduling. An image comes with its size and crop
+    (SDXL's time ids; SD 1.x/2.x does not use them), a prompt as the token ids of each tokenizer. With caches
+    (--cache_latents, --pre_compute_text_embeddings) an item holds the VAE's latent distribution and the prompt
+    embeddings instead of pixels and token ids; the flip is drawn from the same generator, so the data are the same."""
 
-    def __init__(self, instances, class_paths, class_prompt, tokenizer, size, center_crop, random_flip, seed):
+    def __init__(self, instances, class_paths, class_prompt, tokenizers, size, center_crop, random_flip, seed):
         self.instances, self.class_paths, self.class_prompt = instances, class_paths, class_prompt
-        self.tokenizer, self.size, self.center_crop, self.random_flip = tokenizer, size, center_crop, random_flip
+        self.tokenizers, self.size, self.center_crop, self.random_flip = tokenizers, size, center_crop, random_flip
         self.seed, self.epoch = seed, 0
         self.latents = self.embeddings = None  # filled by cache_latents / cache_embeddings
 
@@ -342,8 +342,9 @@ class DreamBoothDataset(Dataset):
         self.epoch = epoch
 
     def tokenize(self, prompt):
-        return self.tokenizer(prompt, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
-                              return_tensors="pt").input_ids[0]
+        """(number of tokenizers, max length) token ids."""
+        return torch.stack([t(prompt, padding="max_length", truncation=True, max_length=t.model_max_length,
+                              return_tensors="pt").input_ids[0] for t in self.tokenizers])
 
     def image(self, kind, index, image, generator):
         if self.latents is not None:  # center crop only: the one random draw is the flip, as in preprocess
@@ -352,75 +353,104 @@ class DreamBoothDataset(Dataset):
         return preprocess(image, self.size, self.center_crop, self.random_flip, generator)
 
     def text(self, prompt):
-        return self.embeddings[prompt] if self.embeddings is not None else self.tokenize(prompt)
+        return self.embeddings[prompt] if self.embeddings is not None else (self.tokenize(prompt),)
 
     def __getitem__(self, i):
         generator = torch.Generator().manual_seed(du.image_seed(self.seed, f"{self.epoch}:{i}"))
         image, prompt = self.instances[i % len(self.instances)]
-        example = {"instance_image": self.image("instance", i % len(self.instances), image, generator),
-                   "instance_text": self.text(prompt)}
+        examples = [(self.image("instance", i % len(self.instances), image, generator), self.text(prompt))]
         if self.class_paths:
             j = i % len(self.class_paths)
-            example["class_image"] = self.image("class", j, self.class_paths[j], generator)
-            example["class_text"] = self.text(self.class_prompt)
-        return example
+            examples.append((self.image("class", j, self.class_paths[j], generator), self.text(self.class_prompt)))
+        return examples
 
 
-def collate(examples):
-    """Instance examples first, then class examples, in one batch: one forward pass serves both losses."""
-    kinds = ["instance"] + (["class"] if "class_image" in examples[0] else [])
-    return {"images": torch.stack([e[f"{k}_image"] for k in kinds for e in examples]).contiguous(),
-            "texts": torch.stack([e[f"{k}_text"] for k in kinds for e in examples])}
+def collate(items):
+    """Instance examples first, then class examples, in one batch: one forward pass serves both losses. `texts` is
+    (token ids,) or, pre-computed, (prompt embeddings, pooled embeddings)."""
+    examples = [item[k] for k in range(len(items[0])) for item in items]
+    (images, time_ids), texts = zip(*[e[0] for e in examples]), list(zip(*[e[1] for e in examples]))
+    return {"images": torch.stack(images).contiguous(), "time_ids": torch.stack(time_ids),
+            "texts": tuple(torch.stack(t) for t in texts)}
 
 
 @torch.no_grad()
 def cache_latents(dataset, vae, device, progress=True):
     """--cache_latents: the VAE's latent distribution (its parameters: mean and log-variance) of every training image,
-    encoded once, one image at a time, both flips when --random_flip. A step then samples from it with the training
-    random state, as vae.encode(...).latent_dist.sample() would."""
+    encoded once, one image at a time, both flips when --random_flip, with its time ids. A step then samples from it
+    with the training random state, as vae.encode(...).latent_dist.sample() would."""
     flips = (False, True) if dataset.random_flip else (False,)
     sources = [("instance", i, image) for i, (image, _) in enumerate(dataset.instances)]
     sources += [("class", j, path) for j, path in enumerate(dataset.class_paths)]
     cache = {}
     for kind, index, image in tqdm(sources, desc="caching latents", disable=not progress):
         image = image if isinstance(image, Image.Image) else du.load_image(image)
-        pixels = preprocess(image, dataset.size, True, False, None)
         for flip in flips:
-            batch = (pixels.flip(-1) if flip else pixels)[None].to(device, vae.dtype)
-            cache[kind, index, flip] = vae.encode(batch).latent_dist.parameters[0].cpu()
+            pixels, time_ids = preprocess(image, dataset.size, True, False, None, flip)
+            cache[kind, index, flip] = (vae.encode(pixels[None].to(device, vae.dtype)).latent_dist.parameters[0].cpu(),
+                                        time_ids)
     dataset.latents = cache
 
 
 @torch.no_grad()
-def cache_embeddings(dataset, prompts, text_encoder, device):
-    """--pre_compute_text_embeddings: the frozen text encoder's output for every prompt, encoded once."""
-    dataset.embeddings = {p: text_encoder(dataset.tokenize(p)[None].to(device))[0][0].cpu() for p in dict.fromkeys(prompts)}
+def cache_embeddings(dataset, prompts, encode_prompt, text_encoders, device):
+    """--pre_compute_text_embeddings: the frozen text encoders' output (prompt and pooled embeddings) for every
+    prompt, encoded once."""
+    dataset.embeddings = {p: tuple(t[0].cpu() for t in encode_prompt(text_encoders, dataset.tokenize(p)[None].to(device)))
+                          for p in dict.fromkeys(prompts)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 
 
-class DreamBoothModel(torch.nn.Module):
-    """The text encoder and the UNet as one module, so that one `accelerator.prepare` and one `accumulate` cover
-    both: gradient accumulation then works for the pair on any number of processes."""
+def encode_sd(text_encoders, ids):
+    """SD 1.x/2.x: the text encoder's last hidden state (StableDiffusionPipeline.encode_prompt). Its pooled output
+    rides along unused: this UNet has no added embedding and ignores it."""
+    out = text_encoders[0](ids[:, 0])
+    return out.last_hidden_state, out.pooler_output
 
-    def __init__(self, unet, text_encoder, train_text_encoder):
+
+def encode_sdxl(text_encoders, ids):
+    """SDXL: the penultimate hidden states of both encoders side by side, and the second's projected pooled output
+    (StableDiffusionXLPipeline.encode_prompt)."""
+    outs = [encoder(ids[:, i], output_hidden_states=True) for i, encoder in enumerate(text_encoders)]
+    return torch.cat([out.hidden_states[-2] for out in outs], dim=-1), outs[-1].text_embeds
+
+
+ENCODE_PROMPT = {"sd": encode_sd, "sdxl": encode_sdxl}
+
+
+class DreamBoothModel(torch.nn.Module):
+    """The UNet and the text encoders as one module, so that one `accelerator.prepare` and one `accumulate` cover
+    them all: gradient accumulation then works on any number of processes. The text encoders keep their pipeline
+    names (text_encoder, text_encoder_2) as attributes, so the checkpoint's keys are the pipeline's."""
+
+    def __init__(self, unet, text_encoders, encode_prompt, train_text_encoder):
         super().__init__()
-        self.unet, self.text_encoder, self.train_text_encoder = unet, text_encoder, train_text_encoder
+        self.unet, self.encode_prompt, self.train_text_encoder = unet, encode_prompt, train_text_encoder
+        self.text_encoder_names = list(text_encoders)
+        for name, encoder in text_encoders.items():
+            setattr(self, name, encoder)
 
     def train(self, mode=True):
         super().train(mode)
-        if not self.train_text_encoder and self.text_encoder is not None:
-            self.text_encoder.eval()  # a frozen text encoder never runs its dropout
+        for name in [] if self.train_text_encoder else self.text_encoder_names:
+            getattr(self, name).eval()  # a frozen text encoder never runs its dropout
         return self
 
-    def forward(self, noisy_latents, timesteps, texts):
-        """texts: token ids, or prompt embeddings when they were pre-computed (the text encoder is then None)."""
+    def encode(self, ids):
+        return self.encode_prompt([getattr(self, name) for name in self.text_encoder_names], ids)
+
+    def forward(self, noisy_latents, timesteps, texts, time_ids):
+        """texts: (token ids,), or (prompt embeddings, pooled embeddings) when they were pre-computed (the model then
+        holds no text encoder). SDXL's UNet adds the pooled embedding and the size/crop time ids to its timestep
+        embedding; SD 1.x/2.x's ignores added_cond_kwargs."""
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            prompt_embeds = self.text_encoder(texts)[0] if self.text_encoder is not None else texts
-        # a frozen text encoder runs in the half-precision weight dtype; the UNet's inputs share one dtype
-        return self.unet(noisy_latents, timesteps, prompt_embeds.to(noisy_latents.dtype)).sample
+            prompt_embeds, pooled = self.encode(*texts) if self.text_encoder_names else texts
+        dtype = noisy_latents.dtype  # frozen text encoders run in the half-precision weight dtype: one dtype here
+        return self.unet(noisy_latents, timesteps, prompt_embeds.to(dtype),
+                         added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}).sample
 
 
 def make_class_images(args, accelerator):
@@ -428,11 +458,8 @@ def make_class_images(args, accelerator):
     by batch. A folder whose manifest names another model or prompt is refused; one that generate_priors.py made is
     topped up with its own sampler settings, so the new images belong to the same set."""
     precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
-    settings = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "revision": args.revision,
-                "variant": args.variant, "class_prompt": args.class_prompt, "negative_prompt": None,
-                "scheduler": None, "num_inference_steps": 50, "guidance_scale": 7.5, "resolution": args.resolution,
-                "seed": args.seed, "precision": "fp32" if precision == "no" else precision,
-                "sample_batch_size": args.sample_batch_size,
+    settings = {**du.PRIOR_DEFAULTS, **{k: getattr(args, k) for k in du.PRIOR_SETTINGS if hasattr(args, k)},
+                "precision": "fp32" if precision == "no" else precision,
                 "unet_sha256": du.unet_fingerprint(args.pretrained_model_name_or_path, args.revision)}
     settings = du.check_prior_folder(args.class_dir, settings, du.PRIOR_SETTINGS[:5])
     missing = du.missing_prior_indices(args.class_dir, args.num_class_images)
@@ -442,39 +469,38 @@ def make_class_images(args, accelerator):
     record = du.run_record({**settings, "num_class_images": args.num_class_images}, __file__)
     du.make_prior_images(accelerator, args.class_dir, missing, settings, record)
     gc.collect()  # the sampling pipeline is gone: give its memory back before the models load
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # a no-op without CUDA
 
 
-def log_validation(accelerator, args, model, vae, tokenizer, noise_scheduler, step, text_encoder, embeddings):
-    """Sample the validation prompts with the in-memory models at fixed seeds (image j of every prompt has the same
-    seed at every step, so the images are comparable across steps); a PNG grid in output_dir/validation and images
-    in the trackers. Its random draws come from its own generators inside fork_rng, so the training random state is
-    untouched: the same command with and without validation trains the same weights."""
-    from diffusers import StableDiffusionPipeline
+def validation_pipeline(args, family, model, vae, tokenizers, text_encoders, noise_scheduler):
+    """The family's pipeline around the in-memory models (nothing loads but the pipeline's config)."""
+    trained = {name: getattr(model, name) for name in model.text_encoder_names}
+    return du.load_pipeline(args.pretrained_model_name_or_path, args.revision, device=None, vae=vae, unet=model.unet,
+                            scheduler=du.make_scheduler(args.validation_scheduler, noise_scheduler.config),
+                            **dict(zip(family.tokenizers, tokenizers)), **{**text_encoders, **trained})
 
-    trained = accelerator.unwrap_model(model)
-    pipe = StableDiffusionPipeline(vae=vae, tokenizer=tokenizer, unet=trained.unet,
-                                   text_encoder=text_encoder if trained.text_encoder is None else trained.text_encoder,
-                                   scheduler=du.make_scheduler(args.validation_scheduler, noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    n, rows = args.num_validation_images, []
+
+def log_validation(accelerator, args, pipe, embeddings, step):
+    """Sample the validation prompts at fixed seeds (image j of every prompt has the same seed at every step, so the
+    images are comparable across steps); a PNG grid in output_dir/validation and images in the trackers. Its random
+    draws come from its own generators inside fork_rng, so the training random state is untouched: the same command
+    with and without validation trains the same weights."""
+    n, rows, negative = args.num_validation_images, [], args.validation_negative_prompt
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    model.eval()
     with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
         for prompt in args.validation_prompt:
-            if embeddings:  # pre-computed: the text encoder is not on the accelerator
-                negative = embeddings[args.validation_negative_prompt or ""]
-                text = dict(prompt_embeds=embeddings[prompt].expand(n, -1, -1).to(accelerator.device),
-                            negative_prompt_embeds=negative.expand(n, -1, -1).to(accelerator.device))
-            else:
-                text = dict(prompt=[prompt] * n, negative_prompt=[args.validation_negative_prompt] * n
-                            if args.validation_negative_prompt else None)
+            text = dict(prompt=[prompt] * n, negative_prompt=[negative] * n if negative else None)
+            if embeddings:  # pre-computed: the text encoders are not on the accelerator
+                text = {}
+                for key, p in (("", prompt), ("negative_", negative or "")):
+                    embeds, pooled = (e.expand(n, *e.shape).to(accelerator.device) for e in embeddings[p])
+                    if key and not negative and pipe.config.get("force_zeros_for_empty_prompt"):
+                        embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)  # as the pipeline does
+                    text.update({f"{key}prompt_embeds": embeds, **({f"{key}pooled_prompt_embeds": pooled}
+                                                                  if args.model_family == "sdxl" else {})})
             rows.append(pipe(**text, num_inference_steps=args.validation_inference_steps,
                              guidance_scale=args.validation_guidance_scale, height=args.resolution, width=args.resolution,
                              generator=[torch.Generator().manual_seed(du.image_seed(args.seed, j)) for j in range(n)]).images)
-    model.train()
     sheet = Image.new("RGB", (n * args.resolution, len(rows) * args.resolution))
     for r, images in enumerate(rows):
         for j, image in enumerate(images):
@@ -493,48 +519,27 @@ def log_validation(accelerator, args, model, vae, tokenizer, noise_scheduler, st
                                         zip(args.validation_prompt, rows) for j, im in enumerate(images)]}, step=step)
 
 
-def save_lora(folder, dtype, trained):
-    """The adapters in diffusers' format (`pipe.load_lora_weights(folder)`; the LoRA config, alpha included, rides
-    along as metadata), and a copy with kohya's key names for the web UIs, made by diffusers' own converter."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    peft = {name: {k: v.to(dtype) for k, v in get_peft_model_state_dict(module, state_dict=state).items()}
-            for name, (module, state) in trained.items()}
-    StableDiffusionPipeline.save_lora_weights(
-        folder, safe_serialization=True,
-        **{f"{name}_lora_layers": convert_state_dict_to_diffusers(sd) for name, sd in peft.items()},
-        **{f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict() for name, (module, _) in trained.items()})
-    kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, sd in peft.items() for k, v in sd.items()})
-    alpha = trained["unet"][0].peft_config["default"].lora_alpha  # the converter writes alpha = rank; ours may differ
-    kohya = {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
-    save_file(kohya, Path(folder, du.LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors")))
-
-
 def trained_weights(accelerator, args, model):
     """{name: (module, full state dict)} of the trained modules. Call it on every process: under FSDP (or DeepSpeed
     ZeRO-3) accelerator.get_state_dict gathers the sharded weights onto the main process."""
     state, unwrapped = accelerator.get_state_dict(model), accelerator.unwrap_model(model)
-    names = ["unet"] + (["text_encoder"] if args.train_text_encoder else [])
+    names = ["unet"] + (unwrapped.text_encoder_names if args.train_text_encoder else [])
     return {n: (getattr(unwrapped, n), {k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
             for n in names}
 
 
 def save_weights(args, output_dir, dtype, trained):
-    """What a run produces, in safetensors: the base pipeline in `dtype` with the trained weights copied in (cast on
-    the way), or with LoRA the adapter files alone. Written to a temporary folder and moved into place with
-    model_index.json (or the LoRA file) last, so a folder that has one holds the whole result."""
-    from diffusers import StableDiffusionPipeline
-
+    """What a run produces, in safetensors: the base pipeline (with the separate VAE, if one was given) in `dtype`
+    with the trained weights copied in (cast on the way), or with LoRA the adapter files alone. Written to a temporary
+    folder and moved into place with model_index.json (or the LoRA file) last, so a folder that has one holds the
+    whole result."""
     tmp = Path(output_dir) / ".save.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if args.lora_rank:
-        save_lora(tmp, dtype, trained)
+        du.save_lora(tmp, du.FAMILIES[args.model_family], dtype, trained)
     else:
-        pipe = du.from_pretrained(StableDiffusionPipeline, args.pretrained_model_name_or_path, revision=args.revision,
-                                  variant=args.variant, dtype=dtype)
+        pipe = du.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype, None,
+                                args.pretrained_vae_model_name_or_path)
         for name, (_, state) in trained.items():
             getattr(pipe, name).load_state_dict(state)
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -565,19 +570,10 @@ class TrainState:
         vars(self).update(state)
 
 
-# Settings whose change cannot alter the trained weights; a resume warns about any other change.
-RESUME_HARMLESS = {"output_dir", "overwrite_output_dir", "logging_dir", "report_to", "tracker_project_name",
-                   "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "resume_record",
-                   "export_steps", "exports_total_limit", "export_precision", "dataloader_num_workers",
-                   "gradient_checkpointing", "set_grads_to_none", "push_to_hub", "hub_model_id", "hub_token",
-                   "sample_batch_size", "prior_generation_precision", "run_name", "config", "validation_prompt",
-                   "validation_negative_prompt", "num_validation_images", "validation_steps", "validation_scheduler",
-                   "validation_guidance_scale", "validation_inference_steps", "logging_steps", "compile",
-                   "channels_last"}
-
-
 def changed_settings(saved, current):
-    return sorted(k for k in current if k not in RESUME_HARMLESS and k in saved and saved[k] != current[k])
+    """Settings that differ from the checkpoint's record, leaving out the flag groups that cannot change the weights."""
+    harmless = {a.dest for g in build_parser()._action_groups if g.title in RESUME_HARMLESS_GROUPS for a in g._group_actions}
+    return sorted(k for k in current if k not in harmless | {"config"} and k in saved and saved[k] != current[k])
 
 
 def remove_oldest(output_dir, prefix, keep):
@@ -632,56 +628,65 @@ def start_trackers(accelerator, args, record):
                               init_kwargs={"wandb": {"name": args.run_name, "dir": args.output_dir}})
 
 
-def load_models(args, accelerator):
-    """Tokenizer, noise scheduler, text encoder, VAE and UNet through from_pretrained: the VAE frozen, the UNet
-    trained (or its LoRA adapters), the text encoder trained with --train_text_encoder. Returns them with the
-    weight dtype of the frozen weights."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+def load_models(args, accelerator, family):
+    """Tokenizers, noise scheduler, text encoders, VAE and UNet through from_pretrained: the VAE frozen, the UNet
+    trained (or its LoRA adapters), the text encoders trained with --train_text_encoder."""
+    import transformers
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import cast_training_params
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import AutoTokenizer
 
-    model_kw = dict(revision=args.revision)
+    model, kw = args.pretrained_model_name_or_path, dict(revision=args.revision)
+    tokenizers = [du.from_pretrained(AutoTokenizer, model, subfolder=sub, **kw) for sub in family.tokenizers]
     if args.tokenizer_name:
-        tokenizer = du.from_pretrained(AutoTokenizer, args.tokenizer_name, **model_kw)
-    else:
-        tokenizer = du.from_pretrained(AutoTokenizer, args.pretrained_model_name_or_path, subfolder="tokenizer", **model_kw)
+        tokenizers[0] = du.from_pretrained(AutoTokenizer, args.tokenizer_name, **kw)
     # The training noise schedule is the model's own scheduler config read as DDPM: same betas, same prediction type.
-    noise_scheduler = du.from_pretrained(DDPMScheduler, args.pretrained_model_name_or_path, subfolder="scheduler", **model_kw)
-    model_kw["variant"] = args.variant
+    noise_scheduler = du.from_pretrained(DDPMScheduler, model, subfolder="scheduler", **kw)
+    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        du.fail(f"the model's scheduler predicts {noise_scheduler.config.prediction_type!r}; supported: {PREDICTION_TYPES}")
+    kw["variant"] = args.variant
     # important! Frozen weights load in the half-precision weight dtype; trained ones stay fp32, or the fp16 grad
     # scaler fails with "Attempting to unscale FP16 gradients". With LoRA the base weights are frozen (half precision)
     # and only the adapters train (fp32).
     weight_dtype = du.torch_dtype(accelerator.mixed_precision)
     lora = args.lora_rank > 0
-    text_encoder = du.from_pretrained(CLIPTextModel, args.pretrained_model_name_or_path, subfolder="text_encoder",
-                                      dtype=torch.float32 if args.train_text_encoder and not lora else weight_dtype, **model_kw)
-    vae = du.from_pretrained(AutoencoderKL, args.pretrained_model_name_or_path, subfolder="vae", dtype=weight_dtype, **model_kw)
-    unet = du.from_pretrained(UNet2DConditionModel, args.pretrained_model_name_or_path, subfolder="unet",
-                              dtype=weight_dtype if lora else torch.float32, **model_kw)
-    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
-        du.fail(f"the model's scheduler predicts {noise_scheduler.config.prediction_type!r}; supported: {PREDICTION_TYPES}")
+    text_dtype = torch.float32 if args.train_text_encoder and not lora else weight_dtype
+    text_encoders = {name: du.from_pretrained(getattr(transformers, cls), model, subfolder=name, dtype=text_dtype, **kw)
+                     for name, cls in family.text_encoders}
+    # important! SDXL's own VAE overflows in fp16: fp32 then, as its pipeline does (or give an fp16-safe VAE)
+    vae = du.load_vae(model, args.pretrained_vae_model_name_or_path, args.revision, args.variant, weight_dtype,
+                      family.upcast_vae)
+    unet = du.from_pretrained(UNet2DConditionModel, model, subfolder="unet",
+                              dtype=weight_dtype if lora else torch.float32, **kw)
     vae.requires_grad_(False).eval().to(accelerator.device)
-    text_encoder.requires_grad_(args.train_text_encoder and not lora)
-    if not args.train_text_encoder:
-        text_encoder.eval().to(accelerator.device)
+    for encoder in text_encoders.values():
+        encoder.requires_grad_(args.train_text_encoder and not lora)
+        if not args.train_text_encoder:
+            encoder.eval().to(accelerator.device)
     unet.requires_grad_(not lora)
     if lora:
         du.add_lora(unet, vars(args), args.lora_target_modules)
-        if args.train_text_encoder:
-            du.add_lora(text_encoder, vars(args), du.TEXT_ENCODER_LORA_TARGETS)
-        cast_training_params([unet, text_encoder], dtype=torch.float32)  # the adapters train in fp32
+        for encoder in text_encoders.values() if args.train_text_encoder else []:
+            du.add_lora(encoder, vars(args), du.TEXT_ENCODER_LORA_TARGETS)
+        cast_training_params([unet, *text_encoders.values()], dtype=torch.float32)  # the adapters train in fp32
+    if args.train_text_encoder and family.name == "sdxl":
+        # important! SDXL reads the first encoder's penultimate layer: its last layer and final norm never reach the
+        # loss. Frozen (with any adapters in them), so that DDP does not wait for gradients that never come.
+        first = getattr(text_encoders["text_encoder"], "text_model", text_encoders["text_encoder"])  # transformers 4/5
+        first.encoder.layers[-1].requires_grad_(False)
+        first.final_layer_norm.requires_grad_(False)
     if args.enable_xformers_memory_efficient_attention:
         du.enable_xformers(unet)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
+        for encoder in text_encoders.values() if args.train_text_encoder else []:
             # transformers 5 renamed gradient_checkpointing_enable; take whichever this version has
-            getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
+            getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
     if args.compile:
         unet.compile()  # in place: the state dict keeps its keys for checkpoints and saving
-    return tokenizer, noise_scheduler, text_encoder, vae, unet, weight_dtype
+    return tokenizers, noise_scheduler, text_encoders, vae, unet
 
 
 def main(argv=None):
@@ -712,11 +717,7 @@ def main(argv=None):
         # the shuffle order of epoch e is a function of (seed, e) alone: a resumed run can replay it
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    deepspeed = accelerator.state.deepspeed_plugin
-    if deepspeed and args.use_8bit_adam and deepspeed.deepspeed_config.get("zero_optimization", {}).get(
-            "offload_optimizer", {}).get("device", "none") != "none":
-        du.fail("--use_8bit_adam does not combine with DeepSpeed's optimizer offload (DeepSpeed replaces the optimizer "
-                "with its own CPU Adam): leave --use_8bit_adam out")
+    du.check_deepspeed(accelerator, args.use_8bit_adam)
     # each process draws its own noise and timesteps (seed + process index)
     set_seed(args.seed, device_specific=True)
     if args.overwrite_output_dir and not args.resume_from_checkpoint and accelerator.is_main_process:
@@ -727,19 +728,19 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---- class images for prior preservation
+    class_paths = []
     if args.with_prior_preservation:
         make_class_images(args, accelerator)
         class_paths = du.list_images(args.class_dir, "class image", check=False)[: args.num_class_images]
         if not class_paths:
             du.fail(f"no images in class folder {args.class_dir}")
-    else:
-        class_paths = []
 
-    # ---- models: VAE frozen, UNet trained, text encoder trained or frozen
-    tokenizer, noise_scheduler, text_encoder, vae, unet, weight_dtype = load_models(args, accelerator)
+    # ---- models: VAE frozen, UNet trained, text encoders trained or frozen; the family's prompt encoding
+    family = du.FAMILIES[args.model_family]
+    tokenizers, noise_scheduler, text_encoders, vae, unet = load_models(args, accelerator, family)
 
-    # ---- data, with the optional caches: then the VAE and the text encoder have nothing left to do in a step
-    dataset = DreamBoothDataset(instances, class_paths, args.class_prompt, tokenizer, args.resolution,
+    # ---- data, with the optional caches: then the VAE and the text encoders have nothing left to do in a step
+    dataset = DreamBoothDataset(instances, class_paths, args.class_prompt, tokenizers, args.resolution,
                                 args.center_crop, args.random_flip, args.seed)
     if args.cache_latents:
         cache_latents(dataset, vae, accelerator.device, accelerator.is_local_main_process)
@@ -748,9 +749,11 @@ def main(argv=None):
     if args.pre_compute_text_embeddings:
         prompts = [p for _, p in instances] + ([args.class_prompt] if class_paths else [])
         prompts += (args.validation_prompt or []) + [args.validation_negative_prompt or ""]
-        cache_embeddings(dataset, prompts, text_encoder, accelerator.device)
-        text_encoder.to("cpu")
-    model = DreamBoothModel(unet, None if args.pre_compute_text_embeddings else text_encoder, args.train_text_encoder)
+        cache_embeddings(dataset, prompts, ENCODE_PROMPT[family.name], list(text_encoders.values()), accelerator.device)
+        for encoder in text_encoders.values():
+            encoder.to("cpu")
+    model = DreamBoothModel(unet, {} if args.pre_compute_text_embeddings else text_encoders, ENCODE_PROMPT[family.name],
+                            args.train_text_encoder)
     params = [p for p in model.parameters() if p.requires_grad]
 
     # ---- optimizer, data, schedule
@@ -774,6 +777,8 @@ def main(argv=None):
     steps_per_epoch = math.ceil(math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    if args.validation_epochs:
+        args.validation_steps = args.validation_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_train_steps * accelerator.num_processes,
@@ -800,21 +805,19 @@ def main(argv=None):
         try:
             accelerator.load_state(args.resume_from_checkpoint)
         except Exception as e:
-            du.fail(f"cannot load checkpoint {args.resume_from_checkpoint}: {str(e).strip().splitlines()[0]}")
+            du.fail(f"cannot load checkpoint {args.resume_from_checkpoint}: {du.first_line(e)}")
         # important! the loaded weights are copied into the fp32 trainable parameters: fp16 grads can't appear
         assert all(p.dtype == torch.float32 for p in params)
         accelerator.print(f"resumed from {args.resume_from_checkpoint} at step {state.global_step}")
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.resume_from_checkpoint:  # records of versions that wrote secrets in plain text
-            scrubbed = du.scrub_records(args.output_dir) + du.scrub_records(Path(args.resume_from_checkpoint).parent)
-            if scrubbed:
-                du.note(f"redacted a Hub token that an older version wrote into {len(scrubbed)} run record(s) such as "
-                        f"{scrubbed[0]}; its logs may still hold it: revoke it at huggingface.co/settings/tokens")
+            du.scrub_records(args.output_dir, Path(args.resume_from_checkpoint).parent)
         du.write_json(Path(args.output_dir, "run_config.json"), record)
         start_trackers(accelerator, args, record)
     accelerator.print(
-        f"DreamBooth: {len(instances)} instance images, {len(class_paths)} class images, "
+        f"DreamBooth: {family.pipeline.removesuffix('Pipeline')}, {len(instances)} instance images, "
+        f"{len(class_paths)} class images, "
         f"{accelerator.num_processes} process(es), global batch {global_batch} "
         f"({args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes}), "
         f"{max_train_steps} optimizer steps, {config['trainable_parameters']:,} trainable parameters, "
@@ -831,7 +834,11 @@ def main(argv=None):
 
     def validate(step):  # on the main process only; the others wait at the next collective
         if args.validation_prompt and accelerator.is_main_process:
-            log_validation(accelerator, args, model, vae, tokenizer, noise_scheduler, step, text_encoder, dataset.embeddings)
+            model.eval()
+            pipe = validation_pipeline(args, family, accelerator.unwrap_model(model), vae, tokenizers, text_encoders,
+                                       noise_scheduler)
+            log_validation(accelerator, args, pipe, dataset.embeddings, step)
+            model.train()
 
     # ---- training loop
     if state.global_step == 0:
@@ -844,7 +851,7 @@ def main(argv=None):
             return DiagonalGaussianDistribution(images).sample()
     else:
         def encode(images):
-            return vae.encode(images.to(weight_dtype)).latent_dist.sample()
+            return vae.encode(images.to(vae.dtype)).latent_dist.sample()
     step_losses, micro_steps, grad_norm = torch.zeros(3, device=accelerator.device), 0, None
     window_steps, window_seconds, t0 = 0, 0.0, time.perf_counter()
     for epoch in range(state.epoch, num_epochs):
@@ -868,7 +875,7 @@ def main(argv=None):
                                           device=latents.device).long()
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 # predict and compare: instance loss + lambda * prior loss
-                model_pred = model(noisy_latents, timesteps, batch["texts"])
+                model_pred = model(noisy_latents, timesteps, batch["texts"], batch["time_ids"])
                 target = noise_target(noise_scheduler, latents, noise, timesteps)
                 weights = None
                 if args.snr_gamma:

@@ -3,12 +3,15 @@ memory (the GPU's max allocated memory, or the process's max RSS on a CPU).
 
     python bench/benchmark.py --model tiny                 # seconds, any machine (the test suite runs this)
     python bench/benchmark.py --model mid --steps 5        # minutes on 2 CPU cores
-    python bench/benchmark.py --model sd15 --resolution 512 --steps 20   # the SD 1.5 architecture: a GPU
+    python bench/benchmark.py --model sd15 --steps 20      # the SD 1.5 architecture at 512 px: a GPU
+    python bench/benchmark.py --model sdxl --steps 10      # the SDXL architecture at 1024 px: a GPU
 
-Each row is `python train_dreambooth.py ...` on a model folder written here with random weights (`tiny` and `mid`
-built from small configs, `sd15` from the real SD 1.5 configs in ../shared/sd15-architecture): a step costs the same
-whatever the weights. Batch 1 with prior preservation, as DreamBooth is usually run. Rows change one thing at a time
-from the baseline, then a row with everything that saves memory and one with everything that saves time.
+Each row is `python train_dreambooth.py ...` on a model folder written here with random weights (`tiny`,
+`tiny-sdxl` and `mid` built from small configs, `sd15` and `sdxl` from the real configs in bench/architectures):
+a step costs the same whatever the weights. Batch 1 with prior preservation, as DreamBooth is usually run. The
+SD rows change one thing at a time from the baseline, then a row with everything that saves memory and one with
+everything that saves time; the SDXL rows are the memory targets of the README. On a GPU with a known peak, the
+model FLOP utilisation (MFU) of the SD 1.5 and SDXL rows counts the step's model FLOPs (bench/architectures).
 """
 
 import argparse
@@ -25,35 +28,60 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-SD15 = ROOT.parent / "shared" / "sd15-architecture"
+ARCHITECTURES = ROOT / "bench" / "architectures"
+# Model TFLOP of one step with prior preservation (UNet batch 2, forward + backward = 3 forwards), latents and
+# embeddings cached: from the UNet forward at the native size (bench/architectures/*/README.md)
+STEP_TFLOP = {"sd15": 3 * 2 * 0.80, "sdxl": 3 * 2 * 6.76}
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L4": 121, "A10": 125, "4090": 165}  # dense fp16/bf16
 
 
 def make_model(kind, folder):
     import make_tiny_model
 
-    if kind == "tiny":
-        return make_tiny_model.make_tiny_pipeline(folder)
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    if kind in ("tiny", "tiny-sdxl"):
+        return make_tiny_model.make_tiny_pipeline(folder, family="sdxl" if kind == "tiny-sdxl" else "sd")
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    configs = {name: json.loads((SD15 / f"{name}_config.json").read_text())
-               for name in ("unet", "vae", "text_encoder", "scheduler")}
+    arch = ARCHITECTURES / ("sdxl" if kind == "sdxl" else "sd15")
+    configs = {p.name.removesuffix("_config.json"): json.loads(p.read_text()) for p in arch.glob("*_config.json")}
     if kind == "mid":  # the SD 1.5 layout at about a tenth of the width and depth: minutes on a CPU
         configs["unet"].update(block_out_channels=[64, 128, 256, 256], cross_attention_dim=256, attention_head_dim=4)
         configs["vae"].update(block_out_channels=[32, 64, 128, 128])
         configs["text_encoder"].update(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                                        num_attention_heads=4, projection_dim=256)
     # any CLIP-format tokenizer works for timing: its ids only need to be in the text encoder's vocabulary
-    tokenizer = make_tiny_model.write_clip_tokenizer(os.path.join(folder, "tokenizer"))
-    configs["text_encoder"].pop("architectures", None)
     torch.manual_seed(0)
-    pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel.from_config(configs["unet"]), vae=AutoencoderKL.from_config(configs["vae"]),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])), tokenizer=tokenizer,
-        scheduler=PNDMScheduler.from_config(configs["scheduler"]), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+
+    def text_encoder(name, cls):
+        return cls(CLIPTextConfig(**{k: v for k, v in configs[name].items() if k != "architectures"}))
+
+    parts = dict(unet=UNet2DConditionModel.from_config(configs["unet"]), vae=AutoencoderKL.from_config(configs["vae"]),
+                 text_encoder=text_encoder("text_encoder", CLIPTextModel),
+                 tokenizer=make_tiny_model.write_clip_tokenizer(os.path.join(folder, "tokenizer")))
+    if kind == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            **parts, text_encoder_2=text_encoder("text_encoder_2", CLIPTextModelWithProjection),
+            tokenizer_2=make_tiny_model.write_clip_tokenizer(os.path.join(folder, "tokenizer_2"), pad_token="!"),
+            scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]), add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**parts, scheduler=PNDMScheduler.from_config(configs["scheduler"]),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if kind != "mid":  # half the disk and load time; trained weights load as fp32 either way
+        pipe.to(torch.float16)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def sdxl_matrix(gpu):
+    """The memory targets: 1024 px, fp16, 8-bit Adam, gradient checkpointing, cached latents."""
+    base = ["--mixed_precision", "fp16" if gpu else "no", "--use_8bit_adam", "--gradient_checkpointing", "--cache_latents"]
+    return [("SDXL LoRA rank 4 UNet, + embeddings cached (target 10 GB)", base + ["--lora_rank", "4",
+                                                                                "--pre_compute_text_embeddings"]),
+            ("SDXL LoRA rank 4 UNet + both text encoders (target 14 GB)", base + ["--lora_rank", "4",
+                                                                                 "--train_text_encoder"]),
+            ("SDXL full UNet, + embeddings cached (target 32 GB)", base + ["--pre_compute_text_embeddings"])]
 
 
 def matrix(gpu):
@@ -111,13 +139,15 @@ def run_row(model, photos, out, flags, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=["tiny", "mid", "sd15"], default="tiny")
-    p.add_argument("--resolution", type=int, default=None, help="default: 64 tiny, 256 mid, 512 sd15")
+    p.add_argument("--model", choices=["tiny", "tiny-sdxl", "mid", "sd15", "sdxl"], default="tiny")
+    p.add_argument("--resolution", type=int, default=None, help="default: 64 tiny, 256 mid, 512 sd15, 1024 sdxl")
+    p.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense fp16 peak, for MFU (default: known GPUs)")
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--only", default=None, help="run only the rows whose name contains this")
     args = p.parse_args()
-    args.resolution = args.resolution or {"tiny": 64, "mid": 256, "sd15": 512}[args.model]
+    if args.resolution is None:
+        args.resolution = {"tiny": 64, "tiny-sdxl": 64, "mid": 256, "sd15": 512, "sdxl": 1024}[args.model]
     gpu = torch.cuda.is_available()
     machine = torch.cuda.get_device_name() if gpu else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads"
     work = Path(tempfile.mkdtemp(prefix="dreambooth-bench-"))
@@ -127,12 +157,17 @@ def main():
     make_tiny_model.make_sample_photos(str(work / "photos"), n=4, size=args.resolution + args.resolution // 8)
     print(f"model {args.model} at {args.resolution} px, batch 1 + 1 class image, {args.steps} timed steps after "
           f"{args.warmup}; {machine}; torch {torch.__version__}")
-    print("| configuration | steps/s | s/step | peak memory (GiB) |\n|---|---|---|---|", flush=True)
-    for i, (name, flags) in enumerate(matrix(gpu)):
+    peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if gpu and k in machine), None)
+    mfu = STEP_TFLOP.get(args.model) and peak_tflops
+    print("| configuration | steps/s | s/step | peak memory (GiB) |" + (" MFU |\n" if mfu else "\n") +
+          "|---|---|---|---|" + ("---|" if mfu else ""), flush=True)
+    rows = sdxl_matrix(gpu) if "sdxl" in args.model else matrix(gpu)
+    for i, (name, flags) in enumerate(rows):
         if args.only and args.only not in name:
             continue
         seconds, peak = run_row(model, str(work / "photos"), str(work / f"run{i}"), flags, args)
-        print(f"| {name} | {1 / seconds:.2f} | {seconds:.3f} | {peak:.2f} |", flush=True)
+        utilisation = f" {STEP_TFLOP[args.model] / seconds / peak_tflops:.1%} |" if mfu else ""
+        print(f"| {name} | {1 / seconds:.2f} | {seconds:.3f} | {peak:.2f} |{utilisation}", flush=True)
     print(f"memory: {'torch.cuda.max_memory_allocated' if gpu else 'max RSS of the training process'}")
 
 

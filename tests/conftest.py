@@ -44,6 +44,11 @@ def tiny_model_v(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    return str(make_tiny_model.make_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sdxl"), family="sdxl"))
+
+
+@pytest.fixture(scope="session")
 def photos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos")
     make_tiny_model.make_sample_photos(str(folder), n=4, size=72)

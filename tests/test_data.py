@@ -72,17 +72,18 @@ def test_sidecar_caption_replaces_the_prompt(tmp_path):
 def test_center_crop_takes_the_middle_and_scales_to_minus_one_one():
     img = Image.new("RGB", (30, 10), (0, 0, 0))
     img.paste((255, 255, 255), (10, 0, 20, 10))  # white middle third
-    out = preprocess(img, 10, center_crop=True, random_flip=False, generator=torch.Generator().manual_seed(0))
+    out, time_ids = preprocess(img, 10, center_crop=True, random_flip=False, generator=torch.Generator().manual_seed(0))
     assert out.shape == (3, 10, 10) and out.dtype == torch.float32
     assert torch.equal(out, torch.ones(3, 10, 10))
+    assert time_ids.tolist() == [10, 30, 0, 10, 10, 10]  # original (h, w), crop (top, left), target (h, w)
 
 
 def test_random_crop_and_flip_follow_the_generator():
     img = Image.linear_gradient("L").rotate(90).convert("RGB").resize((48, 32))  # varies left to right
-    a = preprocess(img, 16, False, True, torch.Generator().manual_seed(1))
-    b = preprocess(img, 16, False, True, torch.Generator().manual_seed(1))
-    outs = {preprocess(img, 16, False, True, torch.Generator().manual_seed(s)).sum().item() for s in range(8)}
-    assert torch.equal(a, b) and len(outs) > 1
+    a, a_ids = preprocess(img, 16, False, True, torch.Generator().manual_seed(1))
+    b, b_ids = preprocess(img, 16, False, True, torch.Generator().manual_seed(1))
+    outs = {preprocess(img, 16, False, True, torch.Generator().manual_seed(s))[0].sum().item() for s in range(8)}
+    assert torch.equal(a, b) and torch.equal(a_ids, b_ids) and len(outs) > 1
 
 
 class WordTokenizer:
@@ -97,12 +98,14 @@ class WordTokenizer:
 def test_batch_holds_instances_first_then_class_images(tmp_path):
     inst = [(save(tmp_path / f"i{k}.png", color=(k, 0, 0)), f"sks {'x' * (k + 1)}") for k in range(2)]
     cls = [save(tmp_path / f"c{k}.png", color=(0, 0, 200 + k)) for k in range(3)]
-    ds = DreamBoothDataset(inst, cls, "dog", WordTokenizer(), 8, True, False, seed=0)
+    ds = DreamBoothDataset(inst, cls, "dog", [WordTokenizer()], 8, True, False, seed=0)
     assert len(ds) == 3  # the larger of the two sets
     batch = collate([ds[0], ds[1]])
-    assert batch["images"].shape == (4, 3, 8, 8)
-    # rows 0-1: instances 0, 1; rows 2-3: class images 0, 1 (blue)
-    assert batch["texts"][:, 1].tolist() == [1, 2, 0, 0] and batch["texts"][:, 0].tolist() == [3, 3, 3, 3]
+    assert batch["images"].shape == (4, 3, 8, 8) and batch["time_ids"].shape == (4, 6)
+    # rows 0-1: instances 0, 1; rows 2-3: class images 0, 1 (blue); token ids of the one tokenizer
+    (texts,) = batch["texts"]
+    assert texts.shape == (4, 1, 6)
+    assert texts[:, 0, 1].tolist() == [1, 2, 0, 0] and texts[:, 0, 0].tolist() == [3, 3, 3, 3]
     assert (batch["images"][2:, 2] > 0).all() and (batch["images"][:2, 2] == -1).all()
 
 

@@ -4,6 +4,7 @@ encoding every step; and the benchmark script runs (its numbers go to BENCHMARKS
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, script_env
@@ -41,13 +42,14 @@ def test_cache_conflicts_are_refused(case):
     assert not out.exists()
 
 
-def test_benchmark_prints_a_table(hf_home):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "benchmark.py"), "--model", "tiny", "--steps", "1",
-                           "--warmup", "1", "--only", "baseline"], cwd=ROOT, env=script_env(hf_home),
+@pytest.mark.parametrize("model, row", [("tiny", "baseline"), ("tiny-sdxl", "SDXL full UNet")])
+def test_benchmark_prints_a_table(hf_home, model, row):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "benchmark.py"), "--model", model, "--steps", "1",
+                           "--warmup", "1", "--only", row], cwd=ROOT, env=script_env(hf_home),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert "| configuration | steps/s | s/step | peak memory (GiB) |" in lines
-    (row,) = [line for line in lines if line.startswith("| baseline")]
-    steps_per_second, seconds, memory = (float(cell) for cell in row.strip("|").split("|")[1:])
+    (line,) = [line for line in lines if line.startswith(f"| {row}")]
+    steps_per_second, seconds, memory = (float(cell) for cell in line.strip("|").split("|")[1:])
     assert steps_per_second > 0 and seconds > 0 and memory > 0

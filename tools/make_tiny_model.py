@@ -6,6 +6,11 @@ images it makes are noise. It exists for the demo and the tests (a few MB, a tra
 second on a CPU).
 
     python tools/make_tiny_model.py --output_dir tiny-sd [--prediction_type v_prediction] [--images_dir photos]
+    python tools/make_tiny_model.py --output_dir tiny-sdxl --family sdxl
+
+The SDXL one is built as diffusers' own SDXL tests build theirs: a `text_time` UNet (small `addition_time_embed_dim`
+and `projection_class_embeddings_input_dim`), a `CLIPTextModel` and a `CLIPTextModelWithProjection` whose hidden
+states side by side are the UNet's cross-attention width, and two tokenizers.
 """
 
 import argparse
@@ -30,7 +35,7 @@ def bytes_to_unicode():
     return [chr(c) for c in cs]
 
 
-def write_clip_tokenizer(folder):
+def write_clip_tokenizer(folder, pad_token="<|endoftext|>"):
     """A CLIP-format tokenizer with a byte-level vocabulary (every character, alone and word-final) and a few merges."""
     os.makedirs(folder, exist_ok=True)
     chars = bytes_to_unicode()
@@ -45,15 +50,51 @@ def write_clip_tokenizer(folder):
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer(
-        os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77, pad_token="<|endoftext|>"
+        os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77, pad_token=pad_token
     )
     tokenizer.save_pretrained(folder)
     return tokenizer
 
 
-def make_tiny_pipeline(output_dir, prediction_type="epsilon", seed=0):
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_vae(**kwargs):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=64,
+        **kwargs,
+    )
+
+
+def tiny_text_config(tokenizer):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def make_tiny_pipeline(output_dir, prediction_type="epsilon", seed=0, family="sd"):
+    if family == "sdxl":
+        return make_tiny_sdxl_pipeline(output_dir, prediction_type, seed)
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = write_clip_tokenizer(os.path.join(output_dir, "tokenizer"))
@@ -69,31 +110,8 @@ def make_tiny_pipeline(output_dir, prediction_type="epsilon", seed=0):
         attention_head_dim=4,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=32,
-        sample_size=64,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    vae = tiny_vae()
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
     # The scheduler Stable Diffusion 1.5 ships (PNDM, scaled-linear betas); training reads the same config.
     scheduler = PNDMScheduler(
         beta_start=0.00085,
@@ -114,6 +132,58 @@ def make_tiny_pipeline(output_dir, prediction_type="epsilon", seed=0):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    return output_dir
+
+
+def make_tiny_sdxl_pipeline(output_dir, prediction_type="epsilon", seed=0):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(os.path.join(output_dir, "tokenizer"))
+    tokenizer_2 = write_clip_tokenizer(os.path.join(output_dir, "tokenizer_2"), pad_token="!")  # as SDXL's second
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",  # SDXL's micro-conditioning: pooled text embedding + size/crop time ids
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids of 8 each, and the pooled embedding
+        cross_attention_dim=64,  # the two text encoders' hidden states side by side
+        norm_num_groups=32,
+    )
+    vae = tiny_vae(force_upcast=True, scaling_factor=0.13025)  # SDXL's VAE: kept in fp32 under fp16
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer_2))
+    # The scheduler SDXL base 1.0 ships (Euler, scaled-linear betas, leading spacing)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
     pipe.save_pretrained(output_dir, safe_serialization=True)
     return output_dir
@@ -142,10 +212,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="where the pipeline folder is written")
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
+    parser.add_argument("--family", default="sd", choices=["sd", "sdxl"], help="Stable Diffusion 1.x/2.x or SDXL")
     parser.add_argument("--images_dir", default=None, help="also write a few sample subject photos here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    make_tiny_pipeline(args.output_dir, args.prediction_type, args.seed)
+    make_tiny_pipeline(args.output_dir, args.prediction_type, args.seed, args.family)
     print(f"tiny model written to {args.output_dir}")
     if args.images_dir:
         make_sample_photos(args.images_dir, seed=args.seed)
