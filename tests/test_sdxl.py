@@ -144,7 +144,9 @@ def test_full_fine_tune_with_priors_both_text_encoders_and_a_separate_vae(run, t
     assert all(torch.equal(separate[k], tuned_vae[k]) for k in separate)  # the VAE it trained with, unchanged
     record = json.loads((out / "run_config.json").read_text())["config"]
     assert record["model_family"] == "sdxl" and record["resolution"] == 64
-    assert (out / "export-3" / "model_index.json").is_file() and (out / "validation" / "step-000003.png").is_file()
+    assert (out / "validation" / "step-000003.png").is_file()
+    exported = image(str(out / "export-3"), tmp_path / "export")  # fp16 export of the final weights, via infer.py
+    assert exported.shape == (64, 64, 3) and not np.array_equal(exported, image(tiny_sdxl, tmp_path / "base"))
     with Image.open(out / "validation" / "step-000003.png") as grid:
         assert grid.size == (64, 64)
 

@@ -90,6 +90,13 @@ def tiny_text_config(tokenizer):
     )
 
 
+# What the tiny UNets share, and the noise schedule both families ship (scaled-linear betas); training reads the
+# model's scheduler config as DDPM.
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                 norm_num_groups=32)
+BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
+
+
 def make_tiny_pipeline(output_dir, prediction_type="epsilon", seed=0, family="sd"):
     if family == "sdxl":
         return make_tiny_sdxl_pipeline(output_dir, prediction_type, seed)
@@ -99,30 +106,16 @@ def make_tiny_pipeline(output_dir, prediction_type="epsilon", seed=0, family="sd
     torch.manual_seed(seed)
     tokenizer = write_clip_tokenizer(os.path.join(output_dir, "tokenizer"))
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        **TINY_UNET,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=4,
-        norm_num_groups=32,
     )
     vae = tiny_vae()
     text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
-    # The scheduler Stable Diffusion 1.5 ships (PNDM, scaled-linear betas); training reads the same config.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
-        prediction_type=prediction_type,
-    )
+    # The scheduler Stable Diffusion 1.5 ships
+    scheduler = PNDMScheduler(**BETAS, skip_prk_steps=True, set_alpha_to_one=False, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
@@ -145,11 +138,7 @@ def make_tiny_sdxl_pipeline(output_dir, prediction_type="epsilon", seed=0):
     tokenizer = write_clip_tokenizer(os.path.join(output_dir, "tokenizer"))
     tokenizer_2 = write_clip_tokenizer(os.path.join(output_dir, "tokenizer_2"), pad_token="!")  # as SDXL's second
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        **TINY_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
@@ -159,21 +148,12 @@ def make_tiny_sdxl_pipeline(output_dir, prediction_type="epsilon", seed=0):
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids of 8 each, and the pooled embedding
         cross_attention_dim=64,  # the two text encoders' hidden states side by side
-        norm_num_groups=32,
     )
     vae = tiny_vae(force_upcast=True, scaling_factor=0.13025)  # SDXL's VAE: kept in fp32 under fp16
     text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
     text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer_2))
-    # The scheduler SDXL base 1.0 ships (Euler, scaled-linear betas, leading spacing)
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type=prediction_type,
-    )
+    # The scheduler SDXL base 1.0 ships
+    scheduler = EulerDiscreteScheduler(**BETAS, timestep_spacing="leading", prediction_type=prediction_type)
     pipe = StableDiffusionXLPipeline(
         unet=unet,
         vae=vae,
