@@ -211,12 +211,15 @@ def test_resume_mid_epoch_and_two_processes_are_exact(run, tiny_sdxl, photos, tm
 
 def test_cached_latents_and_embeddings_train_the_same_weights(run, tiny_sdxl, photos, tmp_path):
     common = ["--train_batch_size", 1, "--center_crop", "--random_flip", "--max_train_steps", 3, "--report_to", "none",
-              "--validation_prompt", "a dog", "--num_validation_images", 1, "--validation_inference_steps", 2]
+              "--validation_prompt", "a dog", "--num_validation_images", 1, "--validation_inference_steps", 2,
+              "--validation_epochs", 1]  # diffusers' SDXL spelling: 4 photos at batch 1 make 4 steps an epoch
     run("train_dreambooth.py", *train_args(tiny_sdxl, photos, tmp_path / "live", *common))
     run("train_dreambooth.py", *train_args(tiny_sdxl, photos, tmp_path / "cached", *common, "--cache_latents",
                                            "--pre_compute_text_embeddings"))
     live, cached = weights(tmp_path / "live", "unet"), weights(tmp_path / "cached", "unet")
     assert all(torch.equal(live[k], cached[k]) for k in live)
+    assert json.loads((tmp_path / "live" / "run_config.json").read_text())["config"]["validation_steps"] == 4
+    assert sorted(p.name for p in (tmp_path / "live" / "validation").iterdir()) == ["step-000000.png", "step-000003.png"]
     # validation from pre-computed embeddings (zeros for the empty negative prompt, as the pipeline does) draws the
     # same images as the pipeline encoding the prompts itself
     assert (tmp_path / "live" / "validation" / "step-000000.png").read_bytes() == \
