@@ -20,9 +20,12 @@ MODEL=toyworld/toy-sd
   --output_dir "$OUT/sks-circle" --resolution 32 --train_batch_size 2 --learning_rate 2e-4 \
   --lr_warmup_steps 0 --max_train_steps 600 --mixed_precision no --seed 0
 
-"$PYTHON" infer.py --pretrained_model_name_or_path "$OUT/sks-circle" \
-  --prompt "a photo of sks circle on a blue background" --num_images_per_prompt 8 \
-  --num_inference_steps 25 --guidance_scale 4 --scheduler ddim --grid --output_dir "$OUT/samples"
+# the same prompt and seeds on the fine-tuned model and on the base model
+SAMPLE=(--prompt "a photo of sks circle on a blue background" --num_images_per_prompt 8 --num_inference_steps 25
+        --guidance_scale 4 --scheduler ddim)
+"$PYTHON" infer.py --pretrained_model_name_or_path "$OUT/sks-circle" "${SAMPLE[@]}" --grid --output_dir "$OUT/samples"
+"$PYTHON" infer.py --pretrained_model_name_or_path $MODEL "${SAMPLE[@]}" --output_dir "$OUT/base-samples"
 
-"$PYTHON" toyworld/world.py read "$OUT"/samples/*-i*.png
+"$PYTHON" toyworld/world.py read "$OUT"/samples/*.png
+echo "the base model, same prompt and seeds: $("$PYTHON" toyworld/world.py read "$OUT"/base-samples/*.png | tail -1)"
 echo "demo done: images in $OUT/samples, trained pipeline in $OUT/sks-circle"

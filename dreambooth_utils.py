@@ -2,14 +2,17 @@
 the record each run leaves. The training loop is not here: it lives in train_dreambooth.py."""
 
 import argparse
+import difflib
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
 import shlex
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,13 @@ QUIET_EXTENSIONS = {CAPTION_EXTENSION, ".json"}  # captions and manifests sit be
 # see it), and in every run record (run_config.json, checkpoints, the trackers' config). Add any new credential here.
 SECRET_FLAGS = frozenset({"hub_token"})
 REDACTED = "***"
+# Library warnings about things the suite never uses: transformers' image processors (they want torchvision) and
+# bitsandbytes' 4-bit CPU kernels. Dropped by a filter on their loggers; every other warning stays.
+IRRELEVANT_WARNINGS = {"transformers.utils.import_utils": "requires torchvision (not installed)",
+                       "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
+for _logger, _text in IRRELEVANT_WARNINGS.items():
+    logging.getLogger(_logger).addFilter(lambda record, text=_text: text not in record.getMessage())
+warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")  # diffusers' call
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,6 +108,12 @@ def read_caption(image_path, default):
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def hub_offline():
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE
+
+
 @dataclass(frozen=True)
 class Family:
     """What differs between the model families for loading and saving, chosen once from the model itself."""
@@ -138,12 +154,12 @@ def read_model(name_or_path, revision=None):
         unet = UNet2DConditionModel.load_config(name_or_path, subfolder="unet", revision=revision)
         vae = AutoencoderKL.load_config(name_or_path, subfolder="vae", revision=revision)
     except (OSError, ValueError) as e:
-        fail(f"cannot load the model config of {name_or_path}: {first_line(e)}")
+        load_error("the model config", name_or_path, e)
     family = SDXL if unet.get("addition_embed_type") == "text_time" else SD
     return family, unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-def check_model_source(name_or_path):
+def check_model_source(name_or_path, revision=None):
     """Fail early, before anything loads, when a local model folder is missing or lacks a component of its family.
     Returns the model as the run records it: a local folder as an absolute path (a record then works from any
     directory), a string shaped like a hub id ("org/name") as it is, left to `from_pretrained`.
@@ -158,9 +174,49 @@ def check_model_source(name_or_path):
         return str(path.resolve())
     if path.exists():
         fail(f"model path is a file, not a diffusers pipeline folder: {path}")
+    # "org/name" could be a hub id; a path that starts like one, or whose first part is a folder here, is a typo
+    if name_or_path.startswith((".", "/", "~")) or Path(name_or_path.split("/")[0]).is_dir():
+        fail(f"model folder not found: {name_or_path}")
     if not HUB_ID.match(name_or_path):
         fail(f"model not found: {name_or_path} (neither a local folder nor a hub id like 'org/name')")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "model_index.json", revision=revision), str):
+        return name_or_path  # in the cache: the library falls back to it if the Hub cannot be reached
+    if hub_offline():
+        fail(f"{name_or_path} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it once "
+             "with the network on, or give a local folder")
+    if not hub_reachable():  # at once, instead of the library's retries (about 30 s) and a long message
+        fail(f"cannot reach the Hugging Face Hub to download {name_or_path}: check the network, or give a local folder")
     return name_or_path
+
+
+def hub_reachable(timeout=5):
+    """A TCP connection to the Hub's host (skipped behind a proxy, which only the HTTP client knows how to use)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_error(what, name_or_path, error):
+    """One line for a failure to find or download a model: when the Hub could not be reached, say so and how to work
+    offline instead of the library's long message."""
+    text = f"{error!r} {error.__cause__!r} {error.__context__!r}".lower()
+    if not hub_offline() and not Path(name_or_path).is_dir() and any(
+            k in text for k in ("connect", "timeout", "timed out", "name resolution", "network", "offline")):
+        fail(f"cannot reach the Hugging Face Hub to load {what} {name_or_path}: check the network, or work offline "
+             "with HF_HUB_OFFLINE=1 (models already in the cache) or a local folder")
+    fail(f"cannot load {what} from {name_or_path}: {first_line(error)}")
 
 
 def from_pretrained(cls, name_or_path, **kwargs):
@@ -168,7 +224,7 @@ def from_pretrained(cls, name_or_path, **kwargs):
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
-        fail(f"cannot load {cls.__name__} from {name_or_path}: {first_line(e)}")
+        load_error(cls.__name__, name_or_path, e)
 
 
 def load_vae(name_or_path, vae_path=None, revision=None, variant=None, dtype=torch.float32, upcast=False):
@@ -244,6 +300,30 @@ def make_scheduler(name, config):
 def set_scheduler(pipe, name):
     if name is not None:
         pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once: not for switches and unset values, nor where the help text already says its default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a mistake in one line: the error, a close match for a mistyped flag, and a pointer to --help
+    instead of the whole usage."""
+
+    def __init__(self, doc):
+        super().__init__(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+
+    def error(self, message):
+        options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        unknown = message.split("unrecognized arguments: ")[-1].split() if "unrecognized arguments" in message else []
+        hints = [f"did you mean {close[0]}?" for arg in unknown if arg.startswith("--")
+                 for close in [difflib.get_close_matches(arg.split("=")[0], options, n=1)] if close]
+        self.exit(2, f"error: {message}{' (' + '; '.join(hints) + ')' if hints else ''}; see {self.prog} --help\n")
 
 
 def parse_args_with_config(parser, argv=None):
@@ -324,10 +404,9 @@ def redact(config):
     return {k: REDACTED if k in SECRET_FLAGS and v else v for k, v in config.items()}
 
 
-def add_model_args(parser):
+def add_model_args(parser, model_help="hub id or local diffusers pipeline folder of the base model"):
     group = parser.add_argument_group("model")
-    group.add_argument("--pretrained_model_name_or_path", "--model", required=True,
-                       help="hub id or local diffusers pipeline folder of the base model")
+    group.add_argument("--pretrained_model_name_or_path", "--model", required=True, help=model_help)
     group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of the model")
     group.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16")
     group.add_argument("--pretrained_vae_model_name_or_path", default=None,

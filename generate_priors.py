@@ -10,7 +10,6 @@ a rerun with other settings is refused unless --overwrite. train_dreambooth.py -
 same code when its class folder is short.
 """
 
-import argparse
 from pathlib import Path
 
 import dreambooth_utils as du
@@ -20,16 +19,22 @@ import dreambooth_utils as du
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return du.parse_args_with_config(build_parser(), argv)
+
+
+def build_parser():
+    p = du.ArgumentParser(__doc__)
     du.add_model_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--class_prompt", required=True, help="prompt of the class, e.g. 'a photo of dog'")
     g.add_argument("--class_dir", "--class_data_dir", dest="class_dir", required=True, help="folder the images go to")
     g.add_argument("--num_class_images", type=int, default=100, help="images the folder should hold")
     g = p.add_argument_group("sampling")
-    g.add_argument("--negative_prompt", default=du.PRIOR_DEFAULTS["negative_prompt"])
-    g.add_argument("--num_inference_steps", type=int, default=du.PRIOR_DEFAULTS["num_inference_steps"])
-    g.add_argument("--guidance_scale", type=float, default=du.PRIOR_DEFAULTS["guidance_scale"])
+    g.add_argument("--negative_prompt", default=du.PRIOR_DEFAULTS["negative_prompt"], help="negative prompt")
+    g.add_argument("--num_inference_steps", type=int, default=du.PRIOR_DEFAULTS["num_inference_steps"],
+                   help="sampling steps per image")
+    g.add_argument("--guidance_scale", type=float, default=du.PRIOR_DEFAULTS["guidance_scale"],
+                   help="classifier-free guidance scale")
     g.add_argument("--scheduler", default=None, choices=sorted(du.SCHEDULERS), help="sampler (default: the model's own)")
     g.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
     g.add_argument("--sample_batch_size", type=int, default=du.PRIOR_DEFAULTS["sample_batch_size"],
@@ -39,7 +44,7 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="image i uses a generator seeded from (seed, i)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the generated images of a folder whose manifest records other settings")
-    return du.parse_args_with_config(p, argv)
+    return p
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,7 +58,7 @@ def main(argv=None):
     class_dir = Path(args.class_dir)
     if class_dir.exists() and not class_dir.is_dir():
         du.fail(f"class folder is not a folder: {class_dir}")
-    args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path)
+    args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path, args.revision)
     du.check_launch()
 
     state = du.partial_state()

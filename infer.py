@@ -9,9 +9,9 @@ so `--image_index j` with the same command makes that one image again, byte for 
 in a `parameters` text chunk (the format AUTOMATIC1111 and Civitai read) and as JSON in a `dreambooth` chunk.
 """
 
-import argparse
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -29,28 +29,35 @@ import dreambooth_utils as du
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = du.add_model_args(p)
+    return du.parse_args_with_config(build_parser(), argv)
+
+
+def build_parser():
+    p = du.ArgumentParser(__doc__)
+    g = du.add_model_args(p, "the model to sample: a training output folder, an export, a checkpoint, or any pipeline "
+                             "folder or hub id")
     g.add_argument("--lora", default=None, help="LoRA weights (a file, or a folder with pytorch_lora_weights.safetensors)")
     g.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA adapters (0: the base model)")
     g.add_argument("--fuse_lora", action="store_true", help="fuse the adapters into the weights (faster sampling)")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], help="prompt; repeat the flag for several")
     g.add_argument("--prompts_file", default=None, help="a text file of prompts, one a line (after any --prompt)")
-    g.add_argument("--negative_prompt", default=None)
-    g.add_argument("--num_images_per_prompt", type=int, default=4)
+    g.add_argument("--negative_prompt", default=None, help="negative prompt of every image")
+    g.add_argument("--num_images_per_prompt", type=int, default=4, help="images of each prompt")
     g.add_argument("--seed", type=int, default=0, help="image j of a prompt uses a generator seeded from (seed, j)")
     g.add_argument("--image_index", type=int, action="append", default=None,
                    help="make only image j of each prompt (repeatable); the same bytes as in the full run")
     g = p.add_argument_group("sampling")
-    g.add_argument("--num_inference_steps", type=int, default=30)
-    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--num_inference_steps", type=int, default=30, help="sampling steps")
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
     g.add_argument("--scheduler", default=None, choices=sorted(du.SCHEDULERS), help="sampler (default: the model's own)")
     g.add_argument("--height", type=int, default=None, help="default: the model's")
     g.add_argument("--width", type=int, default=None, help="default: the model's")
     g.add_argument("--batch_size", type=int, default=4, help="images per forward pass")
     g = p.add_argument_group("device and memory")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    g.add_argument("--cpu_threads", type=int, default=None,
+                   help="threads on a CPU (default: OMP_NUM_THREADS, else half the cores: other work does not starve it)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, else fp32")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention (CUDA only)")
     g.add_argument("--attention_slicing", action="store_true", help="compute attention in slices (less memory, slower)")
@@ -59,7 +66,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default="samples", help="where the PNGs go")
     g.add_argument("--grid", action="store_true", help="also write a grid image of each prompt's images")
-    return du.parse_args_with_config(p, argv)
+    return p
 
 
 def read_prompts(args):
@@ -84,7 +91,7 @@ def base_of(path, config):
     base = config["pretrained_model_name_or_path"]
     if not du.HUB_ID.match(base) and not Path(base).is_dir():
         du.fail(f"the base model of {path}, {base} (from its run_config.json), is not found")
-    du.check_model_source(base)
+    du.check_model_source(base, config.get("revision"))
     return config
 
 
@@ -108,7 +115,7 @@ def check_model(args):
         if checkpoints:
             du.fail(f"{path} holds no pipeline yet (the run has not finished); its newest checkpoint is {checkpoints[-1][1]}")
         du.fail(f"{path} is neither a diffusers pipeline folder (no model_index.json) nor a training checkpoint")
-    return "pipeline", du.check_model_source(args.pretrained_model_name_or_path)
+    return "pipeline", du.check_model_source(args.pretrained_model_name_or_path, args.revision)
 
 
 def load_model(args, kind, source, dtype, device):
@@ -179,8 +186,12 @@ def grid(images, columns=4):
 def main(argv=None):
     args = parse_args(argv)
     # ---- check the input before anything loads
-    if args.num_images_per_prompt < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
-        du.fail("--num_images_per_prompt, --batch_size and --num_inference_steps must be at least 1")
+    for name in ("num_images_per_prompt", "batch_size", "num_inference_steps", "cpu_threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            du.fail(f"--{name} must be at least 1")
+    for name in ("height", "width"):
+        if getattr(args, name) is not None and (getattr(args, name) < 8 or getattr(args, name) % 8):
+            du.fail(f"--{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {getattr(args, name)}")
     prompts = read_prompts(args)
     n = args.num_images_per_prompt
     wanted = sorted(set(args.image_index)) if args.image_index else list(range(n))
@@ -195,6 +206,9 @@ def main(argv=None):
     if args.cpu_offload and not device.startswith("cuda"):
         du.fail("--cpu_offload needs a CUDA GPU: it keeps the models on the CPU and moves each to the GPU when used")
     precision = args.dtype if args.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
+    if device == "cpu":  # PyTorch takes every core by default, and then slows to a crawl beside any other busy process
+        torch.set_num_threads(args.cpu_threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or
+                              max(1, len(os.sched_getaffinity(0)) // 2))
 
     # ---- load
     pipe = load_model(args, kind, source, du.torch_dtype(precision), "cpu" if args.cpu_offload else device)
@@ -207,8 +221,7 @@ def main(argv=None):
         pipe.enable_model_cpu_offload(device=device)
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)
-    height = args.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = args.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = (size or pipe.unet.config.sample_size * pipe.vae_scale_factor for size in (args.height, args.width))
     sampler = args.scheduler or pipe.scheduler.__class__.__name__
     model_name = Path(args.pretrained_model_name_or_path.rstrip("/")).name
 
@@ -217,7 +230,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     blocks = sorted({j // args.batch_size for j in wanted})
     written, t0 = [], time.perf_counter()
-    bar = tqdm(total=len(prompts) * len(wanted), desc="images")
+    bar = tqdm(total=len(prompts) * len(blocks) * args.num_inference_steps, desc="sampling", unit="step")
+
+    def step_done(pipe, i, t, tensors):  # the pipeline's own per-step callback: the bar is right from the first step
+        bar.update(1)
+        return tensors
+
     for p_idx, prompt in enumerate(prompts):
         warn_if_truncated(pipe.tokenizer, prompt, p_idx)
         made = []
@@ -226,8 +244,11 @@ def main(argv=None):
             seeds = [du.image_seed(args.seed, j) for j in js]
             images = pipe([prompt] * len(js), negative_prompt=[args.negative_prompt] * len(js) if args.negative_prompt else None,
                           num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                          height=height, width=width,
+                          height=height, width=width, callback_on_step_end=step_done,
                           generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+            if p_idx == 0 and block == blocks[0]:  # some samplers take a step more than asked: count the real ones
+                bar.total = bar.n * len(prompts) * len(blocks)
+                bar.refresh()
             for j, seed, image in zip(js, seeds, images):
                 if j not in wanted:
                     continue
@@ -246,7 +267,6 @@ def main(argv=None):
                 image.save(path, pnginfo=info)
                 written.append(path)
                 made.append(image)
-                bar.update(1)
         if args.grid:
             grid(made).save(out / f"p{p_idx:02d}-{slug(prompt)}-grid-seed{args.seed}.png")
     bar.close()

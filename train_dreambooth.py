@@ -12,7 +12,6 @@ class) is chosen once, before the loop.
 Flags shared with diffusers' examples/dreambooth/train_dreambooth.py keep diffusers' names and meanings.
 """
 
-import argparse
 import gc
 import math
 import os
@@ -47,7 +46,7 @@ def parse_args(argv=None):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = du.ArgumentParser(__doc__)
     du.add_model_args(p).add_argument("--tokenizer_name", default=None, help="tokenizer to use instead of the model's own")
 
     g = p.add_argument_group("data")
@@ -88,10 +87,10 @@ def build_parser():
     g.add_argument("--lr_warmup_steps", type=int, default=500, help="warmup steps of the schedule")
     g.add_argument("--lr_num_cycles", type=int, default=1, help="hard restarts of cosine_with_restarts")
     g.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial schedule")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's first-moment decay")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's second-moment decay")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW's epsilon")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
     g.add_argument("--offset_noise", action="store_true", help="add offset noise (crosslabs.org/blog/diffusion-with-offset-noise)")
     g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR loss weighting gamma, 5.0 is usual (arxiv 2303.09556)")
@@ -138,14 +137,14 @@ def build_parser():
     g = p.add_argument_group("validation images")
     g.add_argument("--validation_prompt", action="append", default=None,
                    help="prompt to sample at step 0, every --validation_steps and at the end (repeatable)")
-    g.add_argument("--validation_negative_prompt", default=None)
+    g.add_argument("--validation_negative_prompt", default=None, help="negative prompt of the validation images")
     g.add_argument("--num_validation_images", type=int, default=4, help="images per validation prompt (fixed seeds)")
     g.add_argument("--validation_steps", type=int, default=100, help="sample every N optimizer steps")
     g.add_argument("--validation_epochs", type=int, default=None, help="instead: every N epochs (diffusers' SDXL flag)")
     g.add_argument("--validation_scheduler", default="dpm++_2m", choices=sorted(du.SCHEDULERS),
                    help="sampler, built from the model's scheduler config")
-    g.add_argument("--validation_guidance_scale", type=float, default=7.5)
-    g.add_argument("--validation_inference_steps", type=int, default=25)
+    g.add_argument("--validation_guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--validation_inference_steps", type=int, default=25, help="sampling steps per validation image")
 
     g = p.add_argument_group("output and logging")
     g.add_argument("--output_dir", default="dreambooth-model",
@@ -192,7 +191,7 @@ def check_args(args):
         du.fail("--pre_compute_text_embeddings needs a frozen text encoder: leave out --train_text_encoder")
     if args.lora_rank < 0:
         du.fail("--lora_rank must be 0 (full fine-tune) or more")
-    args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path)
+    args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path, args.revision)
     family, native_resolution = du.read_model(args.pretrained_model_name_or_path, args.revision)
     args.model_family = family.name
     args.resolution = native_resolution if args.resolution is None else args.resolution

@@ -57,12 +57,15 @@ def make_model(kind, folder):
     def text_encoder(name, cls):
         return cls(CLIPTextConfig(**{k: v for k, v in configs[name].items() if k != "architectures"}))
 
-    parts = dict(unet=UNet2DConditionModel.from_config(configs["unet"]), vae=AutoencoderKL.from_config(configs["vae"]),
-                 text_encoder=text_encoder("text_encoder", CLIPTextModel),
-                 tokenizer=make_tiny_model.write_clip_tokenizer(os.path.join(folder, "tokenizer")))
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random initialisation of 3.5 B weights
+        parts = dict(unet=UNet2DConditionModel.from_config(configs["unet"]), vae=AutoencoderKL.from_config(configs["vae"]),
+                     text_encoder=text_encoder("text_encoder", CLIPTextModel))
+        if kind == "sdxl":
+            parts["text_encoder_2"] = text_encoder("text_encoder_2", CLIPTextModelWithProjection)
+    parts["tokenizer"] = make_tiny_model.write_clip_tokenizer(os.path.join(folder, "tokenizer"))
     if kind == "sdxl":
         pipe = StableDiffusionXLPipeline(
-            **parts, text_encoder_2=text_encoder("text_encoder_2", CLIPTextModelWithProjection),
+            **parts,
             tokenizer_2=make_tiny_model.write_clip_tokenizer(os.path.join(folder, "tokenizer_2"), pad_token="!"),
             scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]), add_watermarker=False)
     else:
@@ -113,9 +116,24 @@ def matrix(gpu):
     return rows
 
 
+# --profile: the training run inside torch.profiler, its kernel table and the CUDA memory summary written to a file
+PROFILE = """import sys, torch
+from torch.profiler import ProfilerActivity, profile
+sys.path.insert(0, sys.argv[1])
+import train_dreambooth
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], profile_memory=True) as prof:
+    train_dreambooth.main(sys.argv[3:])
+with open(sys.argv[2], "w") as f:
+    f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40) + "\\n" +
+            (torch.cuda.memory_summary() if torch.cuda.is_available() else ""))
+"""
+
+
 def run_row(model, photos, out, flags, args):
     """One training run; returns (median seconds per step after warm-up, peak memory in GiB)."""
-    cmd = [sys.executable, str(ROOT / "train_dreambooth.py"), "--pretrained_model_name_or_path", model,
+    script = ["-c", PROFILE, str(ROOT), str(Path(args.profile, "profile.txt"))] if args.profile else \
+        [str(ROOT / "train_dreambooth.py")]
+    cmd = [sys.executable, *script, "--pretrained_model_name_or_path", model,
            "--instance_dir", photos, "--instance_prompt", "a photo of sks dog", "--with_prior_preservation",
            "--class_dir", photos, "--class_prompt", "a photo of dog", "--num_class_images", "4",
            "--output_dir", out, "--resolution", str(args.resolution), "--train_batch_size", "1",
@@ -144,16 +162,21 @@ def main():
     p.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense fp16 peak, for MFU (default: known GPUs)")
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
-    p.add_argument("--only", default=None, help="run only the rows whose name contains this")
+    p.add_argument("--only", action="append", default=None,
+                   help="run only the rows whose name contains this (repeatable: any of them)")
+    p.add_argument("--profile", default=None, help="a folder: profile the rows' runs (torch.profiler) into profile.txt")
     args = p.parse_args()
     if args.resolution is None:
         args.resolution = {"tiny": 64, "tiny-sdxl": 64, "mid": 256, "sd15": 512, "sdxl": 1024}[args.model]
     gpu = torch.cuda.is_available()
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     machine = torch.cuda.get_device_name() if gpu else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads"
     work = Path(tempfile.mkdtemp(prefix="dreambooth-bench-"))
     import make_tiny_model
 
     model = make_model(args.model, str(work / "model"))
+    torch.cuda.empty_cache()  # the random weights were made on the GPU: give their memory back to the runs
     make_tiny_model.make_sample_photos(str(work / "photos"), n=4, size=args.resolution + args.resolution // 8)
     print(f"model {args.model} at {args.resolution} px, batch 1 + 1 class image, {args.steps} timed steps after "
           f"{args.warmup}; {machine}; torch {torch.__version__}")
@@ -163,7 +186,7 @@ def main():
           "|---|---|---|---|" + ("---|" if mfu else ""), flush=True)
     rows = sdxl_matrix(gpu) if "sdxl" in args.model else matrix(gpu)
     for i, (name, flags) in enumerate(rows):
-        if args.only and args.only not in name:
+        if args.only and not any(part in name for part in args.only):
             continue
         seconds, peak = run_row(model, str(work / "photos"), str(work / f"run{i}"), flags, args)
         utilisation = f" {STEP_TFLOP[args.model] / seconds / peak_tflops:.1%} |" if mfu else ""

@@ -113,7 +113,7 @@ def test_bad_input(tiny_model, tmp_path):
     (tmp_path / "model").mkdir()
     assert refuse(*infer_argv(str(tmp_path / "model"), out)) == (
         f"error: {tmp_path / 'model'} is neither a diffusers pipeline folder (no model_index.json) nor a training checkpoint")
-    assert refuse(*infer_argv(str(tmp_path / "nope"), out)).startswith(f"error: model not found: {tmp_path / 'nope'}")
+    assert refuse(*infer_argv(str(tmp_path / "nope"), out)) == f"error: model folder not found: {tmp_path / 'nope'}"
     (tmp_path / "run" / "checkpoint-3").mkdir(parents=True)
     assert refuse(*infer_argv(str(tmp_path / "run"), out)) == (
         f"error: {tmp_path / 'run'} holds no pipeline yet (the run has not finished); its newest checkpoint is "

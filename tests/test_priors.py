@@ -103,7 +103,7 @@ def test_user_class_photos_without_a_manifest_are_used_as_they_are(tiny_model, t
 
 
 def test_priors_refuse_a_missing_model(tmp_path):
-    with pytest.raises(SystemExit, match="error: model not found"):
+    with pytest.raises(SystemExit, match="error: model folder not found"):
         generate_priors.main(priors_argv(str(tmp_path / "nope"), tmp_path / "d", 1))
     assert not (tmp_path / "d").exists()
 

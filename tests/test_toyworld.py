@@ -1,4 +1,4 @@
-"""The toy world of issue 10: rendering is deterministic, and the evaluator reads every attribute back from rendered
+"""The toy world: rendering is deterministic, and the evaluator reads every attribute back from rendered
 ground truth (it must, before it can judge generated images)."""
 
 from dataclasses import replace

@@ -1,4 +1,4 @@
-"""Measure a toy-world model with the suite's own scripts, as a user would run them (issue 10).
+"""Measure a toy-world model with the suite's own scripts, as a user would run them.
 
     python toyworld/evaluate.py --model toyworld/toy-sd --output_dir toy-eval
 

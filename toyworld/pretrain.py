@@ -1,4 +1,4 @@
-"""Pretrain a toy Stable Diffusion from scratch on the toy world (issue 10): a real diffusers pipeline folder with an
+"""Pretrain a toy Stable Diffusion from scratch on the toy world: a real diffusers pipeline folder with an
 AutoencoderKL (32 px -> 8x8x4 latents), a CLIP text model with a word-level tokenizer in CLIP format, a
 UNet2DConditionModel and Stable Diffusion's noise schedule.
 

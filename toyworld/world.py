@@ -1,5 +1,5 @@
 """A procedural image world small enough to train a Stable Diffusion on a CPU, and an evaluator that reads its
-attributes back from an image (issue 10).
+attributes back from an image.
 
 Every image is one object (a circle, square or triangle in one of six colours, of some size, somewhere) on a plain
 background of another colour, with a templated caption: "a photo of a red circle on a blue background", the colour or
@@ -14,6 +14,7 @@ its bottom half in its bottom colour.
 """
 
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,17 +124,31 @@ if __name__ == "__main__":
                                      "DreamBooth instance images), or read images back with the evaluator.")
     commands = parser.add_subparsers(dest="command", required=True)
     photos = commands.add_parser("photos", help="write the subject's photos to a folder")
-    photos.add_argument("output_dir")
-    photos.add_argument("--num_images", type=int, default=4)
+    photos.add_argument("output_dir", help="folder the photos go to")
+    photos.add_argument("--num_images", type=int, default=4, help="how many photos")
     read = commands.add_parser("read", help="print what the evaluator sees in each image")
-    read.add_argument("images", nargs="+")
+    read.add_argument("images", nargs="+", help="image files of the world's size (others, such as grids, are skipped)")
     args = parser.parse_args()
     if args.command == "photos":
         write_subject_photos(args.output_dir, args.num_images)
         print(f"wrote {args.num_images} photos of the subject to {args.output_dir}")
     else:
-        seen = [read_attributes(Image.open(path)) for path in args.images]
-        for path, s in zip(args.images, seen):
+        images = {}
+        for path in args.images:
+            try:
+                with Image.open(path) as img:
+                    images[path] = img.convert("RGB")
+            except (OSError, ValueError) as e:  # a folder, a missing file or not an image
+                raise SystemExit(f"error: cannot read image {path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+        skipped = [p for p, img in images.items() if img.size != (SIZE, SIZE)]
+        if skipped:
+            print(f"note: skipping {len(skipped)} image(s) not of the world's {SIZE}x{SIZE} size (grids?): "
+                  f"{', '.join(map(str, skipped[:3]))}", file=sys.stderr)
+        paths = [p for p in images if p not in skipped]
+        if not paths:
+            raise SystemExit(f"error: none of the {len(images)} image(s) is a {SIZE}x{SIZE} image of the world")
+        seen = [read_attributes(images[path]) for path in paths]
+        for path, s in zip(paths, seen):
             thing = ("the subject (red top, yellow bottom)" if s["pattern"] else f"a {s['colour']} {s['shape']}"
                      if s["shape"] else "no object")
             print(f"{path}: {thing} on a {s['background']} background")
