@@ -49,9 +49,42 @@ def note(message):
     print(f"note: {message}", file=sys.stderr)
 
 
-def first_line(error):
-    """The first line of an exception's message (library errors run to several), or its type when it has none."""
-    return str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+def first_line(error, limit=300):
+    """The first telling line of an exception's message (library errors run to several, and some open with a bare
+    "Error(s) in ...:"), cut to `limit` characters, or the exception's type when it has no message."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    line = next((line for line in lines if not line.endswith(":")), lines[0] if lines else error.__class__.__name__)
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def check_writable(path, what):
+    """Fail now, before any model loads, when `path` (a folder, existing or not) cannot be written: a file in its
+    place, or no permission. The probe is a temporary folder in its nearest existing ancestor, removed at once."""
+    import tempfile
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        fail(f"{what} is a file, not a folder: {path}")
+    ancestor = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not ancestor.is_dir():
+        fail(f"{what} {path} is inside a file: {ancestor}")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".write-test-"))
+    except OSError as e:
+        fail(f"cannot write {what} {path}: {e.strerror} ({ancestor})")
+
+
+def run(main):
+    """Call a script's main(); a full disk (or quota) ends in one line, not a traceback: what was being written is a
+    temporary file or folder, so nothing is left that looks complete."""
+    import errno
+
+    try:
+        main()
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        fail(f"no space left on the device while writing {e.filename or 'the results'}: free some space and run again")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,7 +94,31 @@ def first_line(error):
 def load_image(path):
     """An RGB image the right way up: phone photos store their rotation in EXIF, which PIL ignores unless asked."""
     with Image.open(path) as img:
-        return ImageOps.exif_transpose(img).convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(img), path)
+
+
+def to_rgb(image, name):
+    """8-bit RGB. Deeper images are scaled, not clipped (a 16-bit PNG would train as white, a float TIFF as black);
+    transparent pixels are composited on white (PIL's convert would make them black)."""
+    import numpy as np
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = values.min(), values.max()
+        top = next((t for t in ((1.0,) if image.mode == "F" else ()) + (255.0, 65535.0) if high <= t), None)
+        if low < 0 or top is None:
+            fail(f"cannot read image {name}: its {image.mode} values run from {low:g} to {high:g}, no range an image "
+                 "has (save it as 8- or 16-bit)")
+        image = Image.fromarray(np.round(values / top * 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        white.alpha_composite(image.convert("RGBA"))
+        return white.convert("RGB")
+    return image.convert("RGB")
+
+
+def has_transparency(image):
+    return image.mode in ("RGBA", "LA", "PA", "P") and image.convert("RGBA").getchannel("A").getextrema()[0] < 255
 
 
 def list_images(folder, what, check=True):
@@ -83,12 +140,20 @@ def list_images(folder, what, check=True):
     if skipped:
         note(f"skipping {len(skipped)} non-image file(s) in {folder}: {', '.join(p.name for p in skipped[:5])}")
     if check:
+        transparent = []
         for path in images:
             try:
                 with Image.open(path) as img:
                     img.load()
+                    to_rgb(img, path)
+                    transparent += [path.name] if has_transparency(img) else []
+            except SystemExit:
+                raise
             except Exception as e:  # PIL raises several types for bad files; all mean the same thing here
                 fail(f"cannot read image {path}: {e}")
+        if transparent:
+            note(f"{len(transparent)} image(s) in {folder} have transparent pixels, which train as white: "
+                 f"{', '.join(transparent[:5])}")
     return images
 
 
@@ -96,7 +161,11 @@ def read_caption(image_path, default):
     """The caption in `photo.txt` beside `photo.jpg`, if there is one, replaces the default prompt."""
     sidecar = Path(image_path).with_suffix(CAPTION_EXTENSION)
     if sidecar.is_file():
-        text = sidecar.read_text(encoding="utf-8").strip()
+        try:
+            text = sidecar.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read caption {sidecar}: {e.reason if isinstance(e, UnicodeDecodeError) else e.strerror} "
+                 "(captions are UTF-8 text)")
         if text:
             return text
     return default
@@ -302,6 +371,38 @@ def set_scheduler(pipe, name):
         pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
 
 
+def number(kind, low=None, high=None, above=None, below=None, multiple_of=None):
+    """An argparse type for a number in a range, declared with its flag: the command line and --config go through
+    it alike, so a value out of range is one line before anything loads."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        for bad, says in ((value != value or value in (float("inf"), float("-inf")), "a finite number"),
+                          (low is not None and value < low, f"at least {low}"),
+                          (above is not None and value <= above, f"more than {above}"),
+                          (high is not None and value > high, f"at most {high}"),
+                          (below is not None and value >= below, f"less than {below}"),
+                          (multiple_of and value % multiple_of, f"a multiple of {multiple_of}")):
+            if bad:
+                raise argparse.ArgumentTypeError(f"must be {says}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+# The ranges the scripts' numeric flags use
+COUNT = number(int, low=1)  # steps, images, batch sizes
+NATURAL = number(int, low=0)
+POSITIVE = number(float, above=0)
+NONNEGATIVE = number(float, low=0)
+FRACTION = number(float, low=0, below=1)  # Adam's betas, dropout
+SIZE = number(int, low=8, multiple_of=8)  # pixels: the VAE downsamples by 8
+SEED = number(int, low=0, high=2**32 - 1025)  # numpy's limit, less room for a seed per process
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults shown once: not for switches and unset values, nor where the help text already says its default."""
 
@@ -315,8 +416,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a mistake in one line: the error, a close match for a mistyped flag, and a pointer to --help
     instead of the whole usage."""
 
-    def __init__(self, doc):
-        super().__init__(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+    def __init__(self, doc, script):
+        super().__init__(prog=os.path.basename(script), description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
 
     def error(self, message):
         options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
@@ -355,14 +456,21 @@ def parse_args_with_config(parser, argv=None):
             if action.nargs == 0:  # a switch such as --train_text_encoder
                 if not isinstance(value, bool):
                     raise ValueError("expected true or false")
-            elif value is not None and action.type:  # YAML reads 5e-6 as a string: convert as the flag would
-                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
-            if action.choices and value is not None and value not in action.choices:
-                raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
-        except (TypeError, ValueError) as e:
+            elif value is not None:  # each value goes through the flag's own type, as its text would on the command line
+                many = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)
+                items = value if isinstance(value, list) and many else [value]
+                for v in items:
+                    if isinstance(v, (list, dict)) or not (action.type or isinstance(v, str)):
+                        raise ValueError("expected text" if not action.type else "expected one value")
+                items = [action.type(str(v)) if action.type else v for v in items]
+                for v in items:
+                    if action.choices and v not in action.choices:
+                        raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
+                value = items if many else items[0]
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
             fail(f"config file {path}: bad value {value!r} for {key}: {e}")
         if isinstance(action, argparse._AppendAction):
-            value = lists[action.dest] = value if isinstance(value, list) else [value]
+            lists[action.dest] = value
         action.required = False
         defaults[action.dest] = value
     parser.set_defaults(**defaults)
@@ -798,4 +906,19 @@ def check_checkpoint(path):
         missing = [f"random_states_{i}.pkl" for i in range(num_processes) if not (path / f"random_states_{i}.pkl").is_file()]
     if missing:
         fail(f"{path} is not a complete training checkpoint (missing {', '.join(missing)})")
+    # a damaged file would fail mid-load with a message that names none, or (an RNG state) be skipped by accelerate
+    # with a note at INFO level, and the resume would silently not be exact
+    for name in [*CHECKPOINT_FILES, *(f"random_states_{i}.pkl" for i in range(1, num_processes))]:
+        try:
+            if (path / name).stat().st_size == 0:
+                raise ValueError("empty")
+            if name == "model.safetensors":
+                from safetensors import safe_open
+
+                with safe_open(path / name, "pt") as weights:
+                    weights.keys()
+            elif name.startswith("random_states"):
+                torch.load(path / name, weights_only=False)
+        except Exception as e:
+            fail(f"{path / name} is damaged ({first_line(e)}): resume from another checkpoint")
     return record

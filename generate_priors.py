@@ -23,25 +23,25 @@ def parse_args(argv=None):
 
 
 def build_parser():
-    p = du.ArgumentParser(__doc__)
+    p = du.ArgumentParser(__doc__, __file__)
     du.add_model_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--class_prompt", required=True, help="prompt of the class, e.g. 'a photo of dog'")
     g.add_argument("--class_dir", "--class_data_dir", dest="class_dir", required=True, help="folder the images go to")
-    g.add_argument("--num_class_images", type=int, default=100, help="images the folder should hold")
+    g.add_argument("--num_class_images", type=du.COUNT, default=100, help="images the folder should hold")
     g = p.add_argument_group("sampling")
     g.add_argument("--negative_prompt", default=du.PRIOR_DEFAULTS["negative_prompt"], help="negative prompt")
-    g.add_argument("--num_inference_steps", type=int, default=du.PRIOR_DEFAULTS["num_inference_steps"],
+    g.add_argument("--num_inference_steps", type=du.COUNT, default=du.PRIOR_DEFAULTS["num_inference_steps"],
                    help="sampling steps per image")
-    g.add_argument("--guidance_scale", type=float, default=du.PRIOR_DEFAULTS["guidance_scale"],
+    g.add_argument("--guidance_scale", type=du.NONNEGATIVE, default=du.PRIOR_DEFAULTS["guidance_scale"],
                    help="classifier-free guidance scale")
     g.add_argument("--scheduler", default=None, choices=sorted(du.SCHEDULERS), help="sampler (default: the model's own)")
-    g.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
-    g.add_argument("--sample_batch_size", type=int, default=du.PRIOR_DEFAULTS["sample_batch_size"],
+    g.add_argument("--resolution", type=du.SIZE, default=None, help="image size (default: the model's)")
+    g.add_argument("--sample_batch_size", type=du.COUNT, default=du.PRIOR_DEFAULTS["sample_batch_size"],
                    help="images per forward pass, per process")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="weights dtype (default: fp16 on a GPU, else fp32)")
-    g.add_argument("--seed", type=int, default=0, help="image i uses a generator seeded from (seed, i)")
+    g.add_argument("--seed", type=du.NATURAL, default=0, help="image i uses a generator seeded from (seed, i)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the generated images of a folder whose manifest records other settings")
     return p
@@ -53,11 +53,10 @@ def build_parser():
 def main(argv=None):
     args = parse_args(argv)
     # ---- check the input before anything loads
-    if args.num_class_images < 1 or args.sample_batch_size < 1 or args.num_inference_steps < 1:
-        du.fail("--num_class_images, --sample_batch_size and --num_inference_steps must be at least 1")
     class_dir = Path(args.class_dir)
-    if class_dir.exists() and not class_dir.is_dir():
-        du.fail(f"class folder is not a folder: {class_dir}")
+    if not args.class_prompt.strip():
+        du.fail("--class_prompt is empty (e.g. 'a photo of dog')")
+    du.check_writable(class_dir, "class folder")
     args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path, args.revision)
     du.check_launch()
 
@@ -85,4 +84,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    du.run(main)

@@ -33,30 +33,30 @@ def parse_args(argv=None):
 
 
 def build_parser():
-    p = du.ArgumentParser(__doc__)
+    p = du.ArgumentParser(__doc__, __file__)
     g = du.add_model_args(p, "the model to sample: a training output folder, an export, a checkpoint, or any pipeline "
                              "folder or hub id")
     g.add_argument("--lora", default=None, help="LoRA weights (a file, or a folder with pytorch_lora_weights.safetensors)")
-    g.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA adapters (0: the base model)")
+    g.add_argument("--lora_scale", type=du.number(float), default=1.0, help="strength of the LoRA adapters (0: the base model)")
     g.add_argument("--fuse_lora", action="store_true", help="fuse the adapters into the weights (faster sampling)")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], help="prompt; repeat the flag for several")
     g.add_argument("--prompts_file", default=None, help="a text file of prompts, one a line (after any --prompt)")
     g.add_argument("--negative_prompt", default=None, help="negative prompt of every image")
-    g.add_argument("--num_images_per_prompt", type=int, default=4, help="images of each prompt")
-    g.add_argument("--seed", type=int, default=0, help="image j of a prompt uses a generator seeded from (seed, j)")
-    g.add_argument("--image_index", type=int, action="append", default=None,
+    g.add_argument("--num_images_per_prompt", type=du.COUNT, default=4, help="images of each prompt")
+    g.add_argument("--seed", type=du.NATURAL, default=0, help="image j of a prompt uses a generator seeded from (seed, j)")
+    g.add_argument("--image_index", type=du.NATURAL, action="append", default=None,
                    help="make only image j of each prompt (repeatable); the same bytes as in the full run")
     g = p.add_argument_group("sampling")
-    g.add_argument("--num_inference_steps", type=int, default=30, help="sampling steps")
-    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--num_inference_steps", type=du.COUNT, default=30, help="sampling steps")
+    g.add_argument("--guidance_scale", type=du.NONNEGATIVE, default=7.5, help="classifier-free guidance scale")
     g.add_argument("--scheduler", default=None, choices=sorted(du.SCHEDULERS), help="sampler (default: the model's own)")
-    g.add_argument("--height", type=int, default=None, help="default: the model's")
-    g.add_argument("--width", type=int, default=None, help="default: the model's")
-    g.add_argument("--batch_size", type=int, default=4, help="images per forward pass")
+    g.add_argument("--height", type=du.SIZE, default=None, help="default: the model's")
+    g.add_argument("--width", type=du.SIZE, default=None, help="default: the model's")
+    g.add_argument("--batch_size", type=du.COUNT, default=4, help="images per forward pass")
     g = p.add_argument_group("device and memory")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    g.add_argument("--cpu_threads", type=int, default=None,
+    g.add_argument("--cpu_threads", type=du.COUNT, default=None,
                    help="threads on a CPU (default: OMP_NUM_THREADS, else half the cores: other work does not starve it)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, else fp32")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention (CUDA only)")
@@ -186,23 +186,28 @@ def grid(images, columns=4):
 def main(argv=None):
     args = parse_args(argv)
     # ---- check the input before anything loads
-    for name in ("num_images_per_prompt", "batch_size", "num_inference_steps", "cpu_threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            du.fail(f"--{name} must be at least 1")
-    for name in ("height", "width"):
-        if getattr(args, name) is not None and (getattr(args, name) < 8 or getattr(args, name) % 8):
-            du.fail(f"--{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {getattr(args, name)}")
     prompts = read_prompts(args)
     n = args.num_images_per_prompt
     wanted = sorted(set(args.image_index)) if args.image_index else list(range(n))
     if wanted[0] < 0 or wanted[-1] >= n:
         du.fail(f"--image_index must be between 0 and --num_images_per_prompt - 1 ({n - 1})")
     kind, source = check_model(args)
+    if args.lora_scale != 1.0 and not args.lora:
+        du.note("--lora_scale has no effect without LoRA adapters (--lora, or a LoRA run's folder)")
+    du.check_writable(args.output_dir, "--output_dir")
     if args.enable_xformers_memory_efficient_attention:
         du.check_xformers()
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        kind_of_device = torch.device(device)
+    except RuntimeError:
+        du.fail(f"--device {device} is not a device: auto, cpu, cuda, cuda:N or mps")
+    if kind_of_device.type == "cuda" and (kind_of_device.index or 0) >= torch.cuda.device_count():
+        du.fail(f"--device {device}: {torch.cuda.device_count()} CUDA GPU(s) are visible here")
+    if kind_of_device.type == "mps" and not torch.backends.mps.is_available():
+        du.fail(f"--device {device}: Apple's MPS is not available here")
     if args.cpu_offload and not device.startswith("cuda"):
         du.fail("--cpu_offload needs a CUDA GPU: it keeps the models on the CPU and moves each to the GPU when used")
     precision = args.dtype if args.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
@@ -275,4 +280,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    du.run(main)

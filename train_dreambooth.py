@@ -15,6 +15,7 @@ Flags shared with diffusers' examples/dreambooth/train_dreambooth.py keep diffus
 import gc
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -46,7 +47,7 @@ def parse_args(argv=None):
 
 
 def build_parser():
-    p = du.ArgumentParser(__doc__)
+    p = du.ArgumentParser(__doc__, __file__)
     du.add_model_args(p).add_argument("--tokenizer_name", default=None, help="tokenizer to use instead of the model's own")
 
     g = p.add_argument_group("data")
@@ -57,7 +58,7 @@ def build_parser():
     g.add_argument("--image_column", default="image", help="image column of --dataset_name")
     g.add_argument("--caption_column", default=None, help="caption column of --dataset_name (default: the instance prompt)")
     g.add_argument("--instance_prompt", default=None, help="prompt with the rare identifier, e.g. 'a photo of sks dog'")
-    g.add_argument("--resolution", type=int, default=None,
+    g.add_argument("--resolution", type=du.SIZE, default=None,
                    help="square training size (default: the model's own: 512 SD 1.5, 768 SD 2.x, 1024 SDXL)")
     g.add_argument("--center_crop", action="store_true", help="crop the centre instead of a random square")
     g.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
@@ -67,40 +68,40 @@ def build_parser():
     g.add_argument("--class_dir", "--class_data_dir", dest="class_dir", default=None,
                    help="folder of class images; missing ones are generated from the base model")
     g.add_argument("--class_prompt", default=None, help="prompt of the class, e.g. 'a photo of dog'")
-    g.add_argument("--num_class_images", type=int, default=100, help="class images to use (generated if the folder has fewer)")
-    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the prior loss (lambda in the paper)")
-    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
+    g.add_argument("--num_class_images", type=du.COUNT, default=100, help="class images to use (generated if the folder has fewer)")
+    g.add_argument("--prior_loss_weight", type=du.NONNEGATIVE, default=1.0, help="weight of the prior loss (lambda in the paper)")
+    g.add_argument("--sample_batch_size", type=du.COUNT, default=4, help="batch size when generating class images")
     g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
                    help="precision of class-image generation (default: fp16 on a GPU, else fp32)")
 
     g = p.add_argument_group("training")
     g.add_argument("--train_text_encoder", action="store_true", help="also fine-tune the text encoder (SDXL: both)")
-    g.add_argument("--train_batch_size", type=int, default=4, help="instance images per device per step")
-    g.add_argument("--num_train_epochs", type=int, default=1, help="epochs, unless --max_train_steps is given")
-    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_train_epochs")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--learning_rate", type=float, default=5e-6, help="peak learning rate")
+    g.add_argument("--train_batch_size", type=du.COUNT, default=4, help="instance images per device per step")
+    g.add_argument("--num_train_epochs", type=du.COUNT, default=1, help="epochs, unless --max_train_steps is given")
+    g.add_argument("--max_train_steps", type=du.COUNT, default=None, help="optimizer steps; overrides --num_train_epochs")
+    g.add_argument("--gradient_accumulation_steps", type=du.COUNT, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--learning_rate", type=du.POSITIVE, default=5e-6, help="peak learning rate")
     g.add_argument("--scale_lr", action="store_true", help="multiply the learning rate by the global batch size")
     g.add_argument("--lr_scheduler", default="constant",
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
                    help="learning-rate schedule (diffusers' get_scheduler)")
-    g.add_argument("--lr_warmup_steps", type=int, default=500, help="warmup steps of the schedule")
-    g.add_argument("--lr_num_cycles", type=int, default=1, help="hard restarts of cosine_with_restarts")
-    g.add_argument("--lr_power", type=float, default=1.0, help="power of the polynomial schedule")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's first-moment decay")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's second-moment decay")
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW's epsilon")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
+    g.add_argument("--lr_warmup_steps", type=du.NATURAL, default=500, help="warmup steps of the schedule")
+    g.add_argument("--lr_num_cycles", type=du.COUNT, default=1, help="hard restarts of cosine_with_restarts")
+    g.add_argument("--lr_power", type=du.POSITIVE, default=1.0, help="power of the polynomial schedule")
+    g.add_argument("--adam_beta1", type=du.FRACTION, default=0.9, help="AdamW's first-moment decay")
+    g.add_argument("--adam_beta2", type=du.FRACTION, default=0.999, help="AdamW's second-moment decay")
+    g.add_argument("--adam_weight_decay", type=du.NONNEGATIVE, default=1e-2, help="AdamW's decoupled weight decay")
+    g.add_argument("--adam_epsilon", type=du.POSITIVE, default=1e-8, help="AdamW's epsilon")
+    g.add_argument("--max_grad_norm", type=du.NONNEGATIVE, default=1.0, help="gradient clipping norm (0: no clipping)")
     g.add_argument("--offset_noise", action="store_true", help="add offset noise (crosslabs.org/blog/diffusion-with-offset-noise)")
-    g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR loss weighting gamma, 5.0 is usual (arxiv 2303.09556)")
-    g.add_argument("--seed", type=int, default=None, help="seed (default: drawn at random and recorded in run_config.json)")
+    g.add_argument("--snr_gamma", type=du.POSITIVE, default=None, help="min-SNR loss weighting gamma, 5.0 is usual (arxiv 2303.09556)")
+    g.add_argument("--seed", type=du.SEED, default=None, help="seed (default: drawn at random and recorded in run_config.json)")
 
     g = p.add_argument_group("LoRA (adapters instead of the full fine-tune)")
-    g.add_argument("--lora_rank", "--rank", dest="lora_rank", type=int, default=0,
+    g.add_argument("--lora_rank", "--rank", dest="lora_rank", type=du.NATURAL, default=0,
                    help="rank of LoRA adapters (0: full fine-tune); use a learning rate of about 1e-4 with LoRA")
-    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, a scale of 1)")
-    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout of the LoRA layers")
+    g.add_argument("--lora_alpha", type=du.POSITIVE, default=None, help="LoRA alpha (default: the rank, a scale of 1)")
+    g.add_argument("--lora_dropout", type=du.FRACTION, default=0.0, help="dropout of the LoRA layers")
     g.add_argument("--lora_target_modules", nargs="+", default=du.UNET_LORA_TARGETS,
                    help="UNet modules that get adapters (the text encoders' q/k/v/out projections with --train_text_encoder)")
 
@@ -121,30 +122,30 @@ def build_parser():
     g.add_argument("--set_grads_to_none", action="store_true", help="free gradients between steps instead of zeroing")
     g.add_argument("--channels_last", action="store_true", help="UNet in channels-last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first steps)")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="data loading subprocesses (0: main process)")
+    g.add_argument("--dataloader_num_workers", type=du.NATURAL, default=0, help="data loading subprocesses (0: main process)")
 
     g = p.add_argument_group("checkpoints and exports")
-    g.add_argument("--checkpointing_steps", type=int, default=500,
+    g.add_argument("--checkpointing_steps", type=du.COUNT, default=500,
                    help="save the full training state (accelerate's save_state) every N optimizer steps")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest K checkpoints")
+    g.add_argument("--checkpoints_total_limit", type=du.COUNT, default=None, help="keep only the newest K checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' (the newest checkpoint in --output_dir, or a fresh start if there is none) or a path")
-    g.add_argument("--export_steps", type=int, default=None,
+    g.add_argument("--export_steps", type=du.COUNT, default=None,
                    help="also write an inference pipeline (export-N) every N optimizer steps")
-    g.add_argument("--exports_total_limit", type=int, default=None, help="keep only the newest K exports")
+    g.add_argument("--exports_total_limit", type=du.COUNT, default=None, help="keep only the newest K exports")
     g.add_argument("--export_precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="weights of the exports")
 
     g = p.add_argument_group("validation images")
     g.add_argument("--validation_prompt", action="append", default=None,
                    help="prompt to sample at step 0, every --validation_steps and at the end (repeatable)")
     g.add_argument("--validation_negative_prompt", default=None, help="negative prompt of the validation images")
-    g.add_argument("--num_validation_images", type=int, default=4, help="images per validation prompt (fixed seeds)")
-    g.add_argument("--validation_steps", type=int, default=100, help="sample every N optimizer steps")
-    g.add_argument("--validation_epochs", type=int, default=None, help="instead: every N epochs (diffusers' SDXL flag)")
+    g.add_argument("--num_validation_images", type=du.COUNT, default=4, help="images per validation prompt (fixed seeds)")
+    g.add_argument("--validation_steps", type=du.COUNT, default=100, help="sample every N optimizer steps")
+    g.add_argument("--validation_epochs", type=du.COUNT, default=None, help="instead: every N epochs (diffusers' SDXL flag)")
     g.add_argument("--validation_scheduler", default="dpm++_2m", choices=sorted(du.SCHEDULERS),
                    help="sampler, built from the model's scheduler config")
-    g.add_argument("--validation_guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
-    g.add_argument("--validation_inference_steps", type=int, default=25, help="sampling steps per validation image")
+    g.add_argument("--validation_guidance_scale", type=du.NONNEGATIVE, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--validation_inference_steps", type=du.COUNT, default=25, help="sampling steps per validation image")
 
     g = p.add_argument_group("output and logging")
     g.add_argument("--output_dir", default="dreambooth-model",
@@ -154,7 +155,7 @@ def build_parser():
                    help="experiment tracker(s), through accelerate")
     g.add_argument("--tracker_project_name", default="dreambooth", help="project name in the tracker")
     g.add_argument("--run_name", default=None, help="run name in W&B (default: W&B's)")
-    g.add_argument("--logging_steps", type=int, default=1,
+    g.add_argument("--logging_steps", type=du.COUNT, default=1,
                    help="log every N optimizer steps (the only time a step waits for the GPU)")
     g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
     g.add_argument("--push_to_hub", action="store_true", help="upload the trained pipeline to the Hugging Face Hub")
@@ -169,6 +170,9 @@ def check_args(args):
     if not args.instance_prompt:
         du.fail("--instance_prompt is required (e.g. 'a photo of sks dog')")
     args.output_dir = os.path.expandvars(args.output_dir)
+    if unset := re.search(r"\$\{?\w+\}?", args.output_dir):  # expandvars leaves an unset variable as it is
+        du.fail(f"--output_dir uses {unset.group()}, which is not set")
+    du.check_writable(args.output_dir, "--output_dir")
     if (args.instance_dir is None) == (args.dataset_name is None):
         du.fail("give exactly one of --instance_dir and --dataset_name")
     if args.with_prior_preservation:
@@ -176,27 +180,16 @@ def check_args(args):
             du.fail("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
         if not args.class_dir:
             du.fail("--with_prior_preservation needs --class_dir (a folder; missing class images are generated)")
-        if args.num_class_images < 1:
-            du.fail("--num_class_images must be at least 1")
     elif args.class_dir or args.class_prompt:
         du.note("--class_dir/--class_prompt are ignored without --with_prior_preservation")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "sample_batch_size", "num_validation_images",
-                 "validation_steps", "validation_epochs", "validation_inference_steps", "logging_steps",
-                 "checkpointing_steps", "checkpoints_total_limit", "export_steps", "exports_total_limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            du.fail(f"--{name} must be at least 1")
     if args.cache_latents and not args.center_crop:
         du.fail("--cache_latents needs --center_crop: a random crop differs every epoch (flips are fine, both are cached)")
     if args.pre_compute_text_embeddings and args.train_text_encoder:
         du.fail("--pre_compute_text_embeddings needs a frozen text encoder: leave out --train_text_encoder")
-    if args.lora_rank < 0:
-        du.fail("--lora_rank must be 0 (full fine-tune) or more")
     args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path, args.revision)
     family, native_resolution = du.read_model(args.pretrained_model_name_or_path, args.revision)
     args.model_family = family.name
     args.resolution = native_resolution if args.resolution is None else args.resolution
-    if args.resolution < 8 or args.resolution % 8:
-        du.fail(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
     du.check_launch()
     if args.enable_xformers_memory_efficient_attention:
         du.check_xformers()
@@ -219,7 +212,7 @@ def check_args(args):
             args.resume_from_checkpoint = None
     if args.resume_from_checkpoint:
         args.resume_record = du.check_checkpoint(args.resume_from_checkpoint)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite_output_dir:
+    elif out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
         hint = "--resume_from_checkpoint latest to continue it, " if du.list_checkpoints(out) else ""
         du.fail(f"output folder is not empty: {out} (pass {hint}another --output_dir, or --overwrite_output_dir)")
 
@@ -245,7 +238,7 @@ def load_instance_examples(args):
     examples = []
     for i in range(len(ds)):
         try:
-            image = ds[i][args.image_column].convert("RGB")
+            image = du.to_rgb(ds[i][args.image_column], f"{args.dataset_name}[{i}]")
         except Exception as e:
             du.fail(f"cannot read image {i} of dataset {args.dataset_name}: {e}")
         caption = ds[i][args.caption_column] if args.caption_column else None
@@ -804,6 +797,10 @@ def main(argv=None):
         try:
             accelerator.load_state(args.resume_from_checkpoint)
         except Exception as e:
+            made_from = args.resume_record["config"].get("pretrained_model_name_or_path")
+            if made_from != args.pretrained_model_name_or_path:
+                du.fail(f"checkpoint {args.resume_from_checkpoint} was made from the model {made_from}, not "
+                        f"{args.pretrained_model_name_or_path}: resume with that model ({du.first_line(e, 120)})")
             du.fail(f"cannot load checkpoint {args.resume_from_checkpoint}: {du.first_line(e)}")
         # important! the loaded weights are copied into the fp32 trainable parameters: fp16 grads can't appear
         assert all(p.dtype == torch.float32 for p in params)
@@ -956,4 +953,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    du.run(main)

@@ -1,0 +1,226 @@
+"""Bad input, table-driven: each row is an input to one script, the one line it must print, its exit code, and that
+nothing was written. Every row that can be checked before a model loads is checked then, so these run in-process in
+milliseconds. Numeric flags declare their range with the flag (dreambooth_utils.number): the command line and
+--config go through the same check, and a new numeric flag without a range fails the test below."""
+
+import errno
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import dreambooth_utils as du
+import generate_priors
+import infer
+import train_dreambooth
+
+SCRIPTS = {"train": train_dreambooth, "priors": generate_priors, "infer": infer}
+
+
+def outcome(script, argv, capsys):
+    """(exit code, the one line printed) of main(argv)."""
+    with pytest.raises(SystemExit) as e:
+        SCRIPTS[script].main([str(a) for a in argv])
+    code, err = e.value.code, capsys.readouterr().err
+    if isinstance(code, str):  # du.fail: the message is the exit value, and the process exits 1
+        return 1, code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return code, lines[0]
+
+
+@pytest.fixture
+def base(tiny_model, photos, tmp_path):
+    """Valid arguments of each script; a row adds or replaces flags."""
+    out = tmp_path / "out"
+    return out, {
+        "train": ["--model", tiny_model, "--instance_dir", photos, "--instance_prompt", "a photo of sks dog",
+                  "--output_dir", out, "--resolution", 64],
+        "priors": ["--model", tiny_model, "--class_prompt", "a photo of dog", "--class_dir", out],
+        "infer": ["--model", tiny_model, "--prompt", "a photo of sks dog", "--output_dir", out],
+    }
+
+
+ROWS = [  # script, extra flags, exit code, the line
+    ("train", ["--max_train_steps", 0], 2, "error: argument --max_train_steps: must be at least 1, got 0"),
+    ("train", ["--max_train_steps", -1], 2, "error: argument --max_train_steps: must be at least 1, got -1"),
+    ("train", ["--num_train_epochs", 0], 2, "error: argument --num_train_epochs: must be at least 1, got 0"),
+    ("train", ["--learning_rate", -1], 2, "error: argument --learning_rate: must be more than 0, got -1"),
+    ("train", ["--learning_rate", "nan"], 2, "error: argument --learning_rate: must be a finite number, got nan"),
+    ("train", ["--dataloader_num_workers", -1], 2, "error: argument --dataloader_num_workers: must be at least 0, got -1"),
+    ("train", ["--resolution", 63], 2, "error: argument --resolution: must be a multiple of 8, got 63"),
+    ("train", ["--adam_beta1", 1], 2, "error: argument --adam_beta1: must be less than 1, got 1"),
+    ("train", ["--seed", -1], 2, "error: argument --seed: must be at least 0, got -1"),
+    ("train", ["--train_batch_size", "two"], 2, "error: argument --train_batch_size: expected an integer, got 'two'"),
+    ("train", ["--rank", -4], 2, "error: argument --lora_rank/--rank: must be at least 0, got -4"),
+    ("priors", ["--resolution", 63], 2, "error: argument --resolution: must be a multiple of 8, got 63"),
+    ("priors", ["--resolution", 0], 2, "error: argument --resolution: must be at least 8, got 0"),
+    ("priors", ["--class_prompt", " "], 1, "error: --class_prompt is empty (e.g. 'a photo of dog')"),
+    ("infer", ["--height", 50], 2, "error: argument --height: must be a multiple of 8, got 50"),
+    ("infer", ["--width", 0], 2, "error: argument --width: must be at least 8, got 0"),
+    ("infer", ["--device", "foo"], 1, "error: --device foo is not a device: auto, cpu, cuda, cuda:N or mps"),
+    ("infer", ["--image_index", -1], 2, "error: argument --image_index: must be at least 0, got -1"),
+    ("infer", ["--seedd", 3], 2, "error: unrecognized arguments: --seedd 3 (did you mean --seed?)"),
+]
+
+
+@pytest.mark.parametrize("script, extra, code, line", ROWS, ids=[f"{r[0]} {' '.join(map(str, r[1]))}" for r in ROWS])
+def test_a_bad_flag_value_is_one_line_before_anything_loads(base, capsys, script, extra, code, line):
+    out, argv = base
+    assert outcome(script, argv[script] + extra, capsys) == (code, line + (f"; see {SCRIPTS[script].__name__}.py --help"
+                                                                           if code == 2 else ""))
+    assert not out.exists()
+
+
+def test_lora_scale_without_lora_is_noted(base, capsys):
+    out, argv = base
+    with pytest.raises(SystemExit):  # the device check after the note stops it before a model loads
+        infer.main([str(a) for a in argv["infer"] + ["--lora_scale", 0.5, "--device", "foo"]])
+    assert "note: --lora_scale has no effect without LoRA adapters" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_a_cuda_device_without_cuda(base, capsys):
+    out, argv = base
+    assert outcome("infer", argv["infer"] + ["--device", "cuda"], capsys) == (
+        1, "error: --device cuda: 0 CUDA GPU(s) are visible here")
+
+
+CONFIG_ROWS = [  # YAML text, the message after "config file PATH: "
+    ("train_batch_size: 2.7", "bad value 2.7 for train_batch_size: expected an integer, got '2.7'"),
+    ("resolution: 64.9", "bad value 64.9 for resolution: expected an integer, got '64.9'"),
+    ("resolution: true", "bad value True for resolution: expected an integer, got 'True'"),
+    ("learning_rate: [1, 2]", "bad value [1, 2] for learning_rate: expected one value"),
+    ("learning_rate: -1", "bad value -1 for learning_rate: must be more than 0, got -1"),
+    ("validation_prompt: 5", "bad value 5 for validation_prompt: expected text"),
+    ("instance_prompt: {a: 1}", "bad value {'a': 1} for instance_prompt: expected text"),
+]
+
+
+@pytest.mark.parametrize("text, message", CONFIG_ROWS, ids=[r[0] for r in CONFIG_ROWS])
+def test_a_config_value_passes_the_checks_of_the_command_line(base, capsys, tmp_path, text, message):
+    out, argv = base
+    config = tmp_path / "run.yaml"
+    config.write_text(text + "\n")
+    assert outcome("train", argv["train"] + ["--config", config], capsys) == (1, f"error: config file {config}: {message}")
+    assert not out.exists()
+
+
+def test_every_numeric_flag_declares_its_range(capsys):
+    for name, module in SCRIPTS.items():
+        for action in module.build_parser()._actions:
+            if action.type in (int, float):
+                raise AssertionError(f"{name}: --{action.dest} is a bare {action.type.__name__}: give it a range")
+
+
+def test_output_locations_that_cannot_be_written(base, capsys, tmp_path):
+    out, argv = base
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    for script, flag in (("train", "--output_dir"), ("infer", "--output_dir"), ("priors", "--class_dir")):
+        what = "class folder" if script == "priors" else flag
+        assert outcome(script, argv[script] + [flag, a_file, "--overwrite_output_dir"] * (script == "train") +
+                       ([flag, a_file] if script != "train" else []), capsys) == (
+            1, f"error: {what} is a file, not a folder: {a_file}")
+        assert outcome(script, argv[script] + [flag, "/sys/dreambooth-out"], capsys) == (
+            1, f"error: cannot write {what} /sys/dreambooth-out: Operation not permitted (/sys)")
+    assert a_file.read_text() == "mine"
+    assert outcome("train", argv["train"] + ["--output_dir", tmp_path / "runs" / "$NOPE_VAR"], capsys) == (
+        1, "error: --output_dir uses $NOPE_VAR, which is not set")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_caption_that_is_not_utf8_is_named(base, capsys, tmp_path, photos):
+    out, argv = base
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    (folder / "photo_1.txt").write_bytes("a photo of sks dog, caf\u00e9".encode("latin-1"))
+    code, line = outcome("train", argv["train"] + ["--instance_dir", folder], capsys)
+    assert (code, line) == (1, f"error: cannot read caption {folder / 'photo_1.txt'}: unexpected end of data "
+                               "(captions are UTF-8 text)")
+
+
+def fake_checkpoint(folder, **files):
+    """The files of a one-process checkpoint, each valid enough to pass the check but for the ones given."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({"unet.w": torch.zeros(2)}, folder / "model.safetensors")
+    torch.save({}, folder / "random_states_0.pkl")
+    for name in ("optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl"):
+        (folder / name).write_bytes(b"x")
+    (folder / "run_config.json").write_text(json.dumps({"config": {"num_processes": 1}}))
+    for name, data in files.items():
+        (folder / name.replace("__", ".")).write_bytes(data)
+    return folder
+
+
+def test_a_damaged_checkpoint_file_is_named(base, capsys, tmp_path):
+    out, argv = base
+    empty_rng = fake_checkpoint(tmp_path / "a" / "checkpoint-2", random_states_0__pkl=b"")
+    assert outcome("train", argv["train"] + ["--resume_from_checkpoint", empty_rng], capsys) == (
+        1, f"error: {empty_rng / 'random_states_0.pkl'} is damaged (empty): resume from another checkpoint")
+    truncated = fake_checkpoint(tmp_path / "b" / "checkpoint-2")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    for script in ("train", "infer"):
+        flags = ["--resume_from_checkpoint", truncated] if script == "train" else ["--model", truncated]
+        code, line = outcome(script, argv[script] + flags, capsys)
+        assert code == 1 and line.startswith(f"error: {truncated / 'model.safetensors'} is damaged (")
+    assert not out.exists()
+
+
+def test_a_full_disk_is_one_line(capsys):
+    def main():
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/run/.save.tmp/unet")
+
+    with pytest.raises(SystemExit) as e:
+        du.run(main)
+    assert e.value.code == ("error: no space left on the device while writing /data/run/.save.tmp/unet: free some "
+                            "space and run again")
+
+
+@pytest.mark.parametrize("mode, values, expected", [
+    ("I;16", np.array([[0, 32768, 65535]], dtype=np.uint16), [0, 128, 255]),  # a 16-bit PNG, scaled (not white)
+    ("F", np.array([[0.0, 0.5, 1.0]], dtype=np.float32), [0, 128, 255]),  # a float TIFF in [0, 1] (not black)
+])
+def test_deep_images_are_scaled_not_clipped(tmp_path, mode, values, expected):
+    path = tmp_path / ("deep.png" if mode == "I;16" else "deep.tif")
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == mode
+    assert np.asarray(du.load_image(path))[0, :, 0].tolist() == expected
+
+
+def test_a_float_image_out_of_any_range_is_refused(tmp_path):
+    path = tmp_path / "hdr.tif"
+    Image.fromarray(np.array([[0.0, 1e6]], dtype=np.float32)).save(path)
+    with pytest.raises(SystemExit, match=f"cannot read image {path}: its F values run from 0 to 1e\\+06"):
+        du.list_images(tmp_path, "instance image")
+
+
+def test_transparent_pixels_are_white_and_noted(tmp_path, capsys):
+    cut_out = np.zeros((4, 4, 4), dtype=np.uint8)
+    cut_out[:2] = (200, 30, 30, 255)  # the subject, opaque; the rest transparent
+    Image.fromarray(cut_out, "RGBA").save(tmp_path / "cut-out.png")
+    du.list_images(tmp_path, "instance image")
+    assert "1 image(s) in" in capsys.readouterr().err
+    rgb = np.asarray(du.load_image(tmp_path / "cut-out.png"))
+    assert rgb[0, 0].tolist() == [200, 30, 30] and rgb[3, 3].tolist() == [255, 255, 255]
+
+
+def test_resuming_with_another_model_names_both(run, tiny_model, tiny_sdxl, photos, tmp_path):
+    from test_train import train_args
+
+    out = tmp_path / "run"
+    run("train_dreambooth.py", *train_args(tiny_model, photos, out, "--max_train_steps", 1, "--checkpointing_steps", 1,
+                                           "--report_to", "none"), launch=False)
+    proc = run("train_dreambooth.py", *train_args(tiny_sdxl, photos, out, "--max_train_steps", 2, "--report_to", "none",
+                                                  "--resume_from_checkpoint", "latest"), launch=False, check=False)
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: checkpoint {out / 'checkpoint-1'} was made from the model {tiny_model}, not "
+                           f"{tiny_sdxl}: resume with that model (")
