@@ -802,6 +802,16 @@ def run_record(config, script):
     }
 
 
+def save_code(folder, script):
+    """The script and this module as they ran, beside the run record: research forks are seldom committed, so the git
+    commit alone does not say what ran."""
+    import shutil
+
+    Path(folder, "code").mkdir(parents=True, exist_ok=True)
+    for source in (script, __file__):
+        shutil.copyfile(source, Path(folder, "code", os.path.basename(source)))
+
+
 def scrub_records(*folders):
     """Redact secrets in the run records (run_config.json) of run folders and their checkpoints that an earlier
     version of this suite wrote in plain text, and say so. Returns the records it rewrote."""
@@ -825,19 +835,18 @@ def scrub_records(*folders):
 # ----------------------------------------------------------------------------------------------------------------
 # The Hub: what a run folder uploads
 
-HUB_SKIPPED = ("checkpoint-*", "export-*", "wandb", "logs")  # training state, exports and tracker files stay local
-WEIGHT_SUFFIXES = {".safetensors", ".bin"}
+def hub_ignore_patterns(logging_dir="logs"):
+    """What the upload of a run folder leaves out, as huggingface_hub patterns: training state (checkpoints are
+    gigabytes of optimizer moments), exports, logs, tracker files and hidden files."""
+    return ["checkpoint-*", "export-*", "wandb/*", f"{logging_dir.strip('/')}/*", ".*", "*/.*"]
 
 
-def hub_files(folder, skip=()):
-    """Relative paths of the files a run folder uploads, sorted: the pipeline or LoRA files, the run record and the
-    validation grids; not checkpoints, exports, logs (`skip` adds the logging folder), tracker files or hidden files."""
-    from fnmatch import fnmatch
+def hub_files(folder, ignore_patterns):
+    """The files upload_folder sends with these patterns: huggingface_hub's own filter over the folder's files."""
+    from huggingface_hub.utils import filter_repo_objects
 
-    folder, patterns = Path(folder), (*HUB_SKIPPED, *skip)
-    return [p.relative_to(folder) for p in sorted(folder.rglob("*")) if p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-            and not any(fnmatch(p.relative_to(folder).parts[0], pattern) for pattern in patterns)]
+    paths = sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
+    return list(filter_repo_objects(paths, ignore_patterns=ignore_patterns))
 
 
 def check_hub_login(token):
@@ -847,22 +856,22 @@ def check_hub_login(token):
         fail("--push_to_hub needs a Hugging Face login: run `hf auth login` or set HF_TOKEN")
 
 
-def push_to_hub(folder, repo_id, token=None, skip=(), message="DreamBooth fine-tune"):
-    """Upload hub_files(folder) to a model repository in one commit. Refuses, before any network call, when a file to
-    upload holds the token (the check that the suite's records never carry one)."""
-    from huggingface_hub import CommitOperationAdd, create_commit, create_repo, get_token
+def push_to_hub(folder, repo_id, token=None, logging_dir="logs", message="DreamBooth fine-tune"):
+    """Upload a run folder to a model repository in one commit, without its training state and logs. Refuses, before
+    any network call, when a file to upload holds the token (the check that the suite's records never carry one)."""
+    from huggingface_hub import create_repo, get_token, upload_folder
 
-    files, secret = hub_files(folder, skip), (token or get_token() or "").encode()
-    leaking = [f for f in files if secret and f.suffix not in WEIGHT_SUFFIXES and secret in Path(folder, f).read_bytes()]
+    ignore, secret = hub_ignore_patterns(logging_dir), (token or get_token() or "").encode()
+    leaking = [f for f in hub_files(folder, ignore) if secret and Path(f).suffix not in (".safetensors", ".bin")
+               and secret in Path(folder, f).read_bytes()]
     if leaking:
         fail(f"not pushing {folder}: {leaking[0]} holds the Hub token in plain text (delete the file, revoke the token)")
     try:
         repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
-        create_commit(repo_id, [CommitOperationAdd(f.as_posix(), str(Path(folder, f))) for f in files],
-                      commit_message=message, token=token)
+        upload_folder(repo_id=repo_id, folder_path=folder, ignore_patterns=ignore, commit_message=message, token=token)
     except Exception as e:  # network, auth or permission: the local files are saved either way
         fail(f"the results are saved in {folder}, but pushing them to {repo_id} failed: {first_line(e)}")
-    print(f"pushed {len(files)} files of {folder} to the hub as {repo_id}")
+    print(f"pushed {folder} to the hub as {repo_id}")
 
 
 def write_json(path, obj):

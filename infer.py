@@ -158,12 +158,26 @@ def warn_if_truncated(tokenizer, prompt, index):
         du.note(f"prompt {index} is longer than the text encoder's {limit} tokens; this part is cut: '{cut}'")
 
 
-def a1111_parameters(prompt, negative_prompt, steps, sampler, cfg, seed, width, height, model):
-    """Generation settings as AUTOMATIC1111 writes them into a PNG's `parameters` chunk."""
+# diffusers' schedulers under the names AUTOMATIC1111 writes (and Civitai and the other UIs read)
+A1111_SAMPLERS = {"DDIMScheduler": "DDIM", "PNDMScheduler": "PLMS", "EulerDiscreteScheduler": "Euler",
+                  "EulerAncestralDiscreteScheduler": "Euler a", "DPMSolverMultistepScheduler": "DPM++ 2M",
+                  "UniPCMultistepScheduler": "UniPC", "LMSDiscreteScheduler": "LMS", "HeunDiscreteScheduler": "Heun"}
+
+
+def a1111_sampler(scheduler):
+    name = A1111_SAMPLERS.get(scheduler.__class__.__name__, scheduler.__class__.__name__)
+    return name + (" Karras" if scheduler.config.get("use_karras_sigmas") else "")
+
+
+def a1111_parameters(prompt, negative_prompt, steps, sampler, cfg, seed, index, width, height, model, lora=None):
+    """Generation settings as AUTOMATIC1111 writes them into a PNG's `parameters` chunk. The seed is the one given to
+    infer.py, with the image's index: the UIs draw their noise another way, so the same seed makes the same image
+    only here (`infer.py --seed S --image_index J`)."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg}, Seed: {seed}, Size: {width}x{height}, Model: {model}")
+    lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg}, Seed: {seed}, Size: {width}x{height}, "
+                 f"Model: {model}, Image index: {index}" + (f", Lora: {lora}" if lora else ""))
     return "\n".join(lines)
 
 
@@ -227,7 +241,7 @@ def main(argv=None):
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)
     height, width = (size or pipe.unet.config.sample_size * pipe.vae_scale_factor for size in (args.height, args.width))
-    sampler = args.scheduler or pipe.scheduler.__class__.__name__
+    sampler = a1111_sampler(pipe.scheduler)
     model_name = Path(args.pretrained_model_name_or_path.rstrip("/")).name
 
     # ---- generate: image j of a prompt always in batch j // batch_size, so that it can be made again alone
@@ -260,13 +274,15 @@ def main(argv=None):
                 settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "image_index": j,
                             "image_seed": seed, "num_images_per_prompt": n, "batch_size": args.batch_size,
                             "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-                            "sampler": sampler, "width": width, "height": height,
+                            "sampler": sampler, "scheduler": args.scheduler or pipe.scheduler.__class__.__name__,
+                            "width": width, "height": height,
                             "model": args.pretrained_model_name_or_path, "dtype": precision}
                 if args.lora:
                     settings.update(lora=args.lora, lora_scale=args.lora_scale)
                 info = PngInfo()
-                info.add_text("parameters", a1111_parameters(prompt, args.negative_prompt, args.num_inference_steps,
-                                                             sampler, args.guidance_scale, seed, width, height, model_name))
+                lora = f"{Path(args.lora).name}:{args.lora_scale:g}" if args.lora else None
+                info.add_text("parameters", a1111_parameters(prompt, args.negative_prompt, args.num_inference_steps, sampler,
+                                                             args.guidance_scale, args.seed, j, width, height, model_name, lora))
                 info.add_text("dreambooth", json.dumps(settings))
                 path = out / f"p{p_idx:02d}-{slug(prompt)}-i{j:03d}-seed{args.seed}.png"
                 image.save(path, pnginfo=info)

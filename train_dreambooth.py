@@ -94,7 +94,9 @@ def build_parser():
     g.add_argument("--adam_epsilon", type=du.POSITIVE, default=1e-8, help="AdamW's epsilon")
     g.add_argument("--max_grad_norm", type=du.NONNEGATIVE, default=1.0, help="gradient clipping norm (0: no clipping)")
     g.add_argument("--offset_noise", action="store_true", help="add offset noise (crosslabs.org/blog/diffusion-with-offset-noise)")
-    g.add_argument("--snr_gamma", type=du.POSITIVE, default=None, help="min-SNR loss weighting gamma, 5.0 is usual (arxiv 2303.09556)")
+    g.add_argument("--snr_gamma", type=du.POSITIVE, default=None,
+                   help="min-SNR loss weighting gamma, 5.0 is usual (arxiv 2303.09556; v-prediction: the paper's "
+                        "min(SNR, gamma) / (SNR + 1), not diffusers' min(SNR, gamma) / SNR + 1)")
     g.add_argument("--seed", type=du.SEED, default=None, help="seed (default: drawn at random and recorded in run_config.json)")
 
     g = p.add_argument_group("LoRA (adapters instead of the full fine-tune)")
@@ -129,7 +131,8 @@ def build_parser():
                    help="save the full training state (accelerate's save_state) every N optimizer steps")
     g.add_argument("--checkpoints_total_limit", type=du.COUNT, default=None, help="keep only the newest K checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None,
-                   help="'latest' (the newest checkpoint in --output_dir, or a fresh start if there is none) or a path")
+                   help="'latest' (the newest checkpoint in --output_dir, or a fresh start if there is none), a path, "
+                        "or a checkpoint-N folder name in --output_dir")
     g.add_argument("--export_steps", type=du.COUNT, default=None,
                    help="also write an inference pipeline (export-N) every N optimizer steps")
     g.add_argument("--exports_total_limit", type=du.COUNT, default=None, help="keep only the newest K exports")
@@ -210,6 +213,8 @@ def check_args(args):
         else:  # the same command can start a preemptible job and restart it
             du.note(f"no checkpoint in {out} yet: starting a new run")
             args.resume_from_checkpoint = None
+    if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).exists() and (out / args.resume_from_checkpoint).is_dir():
+        args.resume_from_checkpoint = str(out / args.resume_from_checkpoint)  # a bare "checkpoint-N", as diffusers takes it
     if args.resume_from_checkpoint:
         args.resume_record = du.check_checkpoint(args.resume_from_checkpoint)
     elif out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
@@ -810,6 +815,7 @@ def main(argv=None):
         if args.resume_from_checkpoint:  # records of versions that wrote secrets in plain text
             du.scrub_records(args.output_dir, Path(args.resume_from_checkpoint).parent)
         du.write_json(Path(args.output_dir, "run_config.json"), record)
+        du.save_code(args.output_dir, __file__)
         start_trackers(accelerator, args, record)
     accelerator.print(
         f"DreamBooth: {family.pipeline.removesuffix('Pipeline')}, {len(instances)} instance images, "
@@ -948,7 +954,7 @@ def main(argv=None):
         accelerator.print(f"saved the fine-tuned {'LoRA adapters' if args.lora_rank else 'pipeline'} to {args.output_dir}")
         if args.push_to_hub:
             du.push_to_hub(args.output_dir, args.hub_model_id or Path(args.output_dir).resolve().name, args.hub_token,
-                           skip=[Path(args.logging_dir).parts[0]])
+                           args.logging_dir)
     accelerator.end_training()
 
 

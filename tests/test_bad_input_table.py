@@ -174,6 +174,15 @@ def test_a_damaged_checkpoint_file_is_named(base, capsys, tmp_path):
     assert not out.exists()
 
 
+def test_a_bare_checkpoint_name_is_found_in_the_output_dir(base, tmp_path):
+    """diffusers' script takes `--resume_from_checkpoint checkpoint-N` relative to --output_dir"""
+    out, argv = base
+    fake_checkpoint(out / "checkpoint-2")
+    args = train_dreambooth.parse_args([str(a) for a in argv["train"] + ["--resume_from_checkpoint", "checkpoint-2"]])
+    train_dreambooth.check_args(args)
+    assert args.resume_from_checkpoint == str(out / "checkpoint-2")
+
+
 def test_a_full_disk_is_one_line(capsys):
     def main():
         raise OSError(errno.ENOSPC, "No space left on device", "/data/run/.save.tmp/unet")

@@ -242,4 +242,5 @@ def test_priors_and_infer_keep_their_determinism(run, tiny_sdxl, tmp_path):
     (name, data), = pngs(tmp_path / "third").items()
     assert pngs(tmp_path / "all")[name] == data
     with Image.open(tmp_path / "third" / name) as img:
-        assert "Sampler: EulerDiscreteScheduler" in img.text["parameters"]
+        assert "Sampler: Euler, CFG scale: 7.5, Seed: 7, Size: 64x64, Model: tiny-sdxl, Image index: 2" in \
+            img.text["parameters"]

@@ -62,27 +62,32 @@ def test_the_token_is_in_no_file_of_the_run_and_no_printed_line(token_run):
 
 
 def test_the_hub_upload_carries_the_result_and_no_file_with_the_token(token_run, monkeypatch):
+    """The push without the network: what upload_folder is asked to send, read with huggingface_hub's own filter."""
     import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
 
     out, _ = token_run
     calls = {}
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.update(repo=(repo_id, kw)) or
                         huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
-    monkeypatch.setattr(huggingface_hub, "create_commit", lambda repo_id, ops, **kw: calls.update(commit=(ops, kw)))
-    du.push_to_hub(out, "me/sks-dog", TOKEN, skip=["logs"])
-    ops, kw = calls["commit"]
-    uploaded = sorted(op.path_in_repo for op in ops)
-    assert calls["repo"][1]["token"] == TOKEN and kw["token"] == TOKEN  # the token is still used for the Hub calls
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.update(upload=kw))
+    du.push_to_hub(out, "me/sks-dog", TOKEN)
+    upload = calls["upload"]
+    assert calls["repo"][1]["token"] == TOKEN and upload["token"] == TOKEN  # the token is still used for the Hub calls
+    assert upload["folder_path"] == out and upload["repo_id"] == "me/sks-dog"
+    every_file = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    uploaded = list(filter_repo_objects(every_file, ignore_patterns=upload["ignore_patterns"]))
     assert {"pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "run_config.json",
-            "validation/step-000002.png"} <= set(uploaded)
+            "validation/step-000002.png", "code/train_dreambooth.py"} <= set(uploaded)
     assert not [f for f in uploaded if f.split("/")[0] in ("logs", "wandb") or f.startswith(("checkpoint-", "export-"))]
+    assert len(uploaded) < len(every_file)
     assert not [f for f in uploaded if TOKEN.encode() in (out / f).read_bytes()]
 
     leaky = out / "notes.txt"  # a file of the user's that holds the token is refused before any Hub call
     leaky.write_text(f"my token: {TOKEN}\n")
     calls.clear()
     with pytest.raises(SystemExit) as e:
-        du.push_to_hub(out, "me/sks-dog", TOKEN, skip=["logs"])
+        du.push_to_hub(out, "me/sks-dog", TOKEN)
     assert str(e.value) == f"error: not pushing {out}: notes.txt holds the Hub token in plain text (delete the file, revoke the token)"
     assert calls == {}
     leaky.unlink()

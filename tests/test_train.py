@@ -69,6 +69,8 @@ def test_prior_preservation_with_text_encoder_8bit_adam_and_accumulation(run, ti
     assert record["config"]["num_class_images_used"] == 3 and record["config"]["use_8bit_adam"] is True
     assert {"torch", "diffusers", "transformers", "accelerate", "bitsandbytes"} <= record["versions"].keys()
     assert "train_dreambooth.py" in record["command"] and "--with_prior_preservation" in record["command"]
+    for name in ("train_dreambooth.py", "dreambooth_utils.py"):  # the code as it ran
+        assert (out / "code" / name).read_text() == (Path(__file__).parent.parent / name).read_text()
 
     logged = scalars(out / "logs")
     assert sorted(logged["loss"]) == [1, 2, 3]
