@@ -537,27 +537,6 @@ def add_lora(model, config, targets):
                                  target_modules=targets))
 
 
-def save_lora(folder, family, dtype, trained):
-    """Adapters of {name: (module, state dict)} ("unet", "text_encoder", "text_encoder_2") in diffusers' format
-    (`pipe.load_lora_weights(folder)` of the family's pipeline; the LoRA config, alpha included, rides along as
-    metadata), and a copy with kohya's key names (lora_unet_, lora_te1_, lora_te2_) for the web UIs, made by
-    diffusers' own converter."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    peft = {name: {k: v.to(dtype) for k, v in get_peft_model_state_dict(module, state_dict=state).items()}
-            for name, (module, state) in trained.items()}
-    family.pipeline_class().save_lora_weights(
-        folder, safe_serialization=True,
-        **{f"{name}_lora_layers": convert_state_dict_to_diffusers(sd) for name, sd in peft.items()},
-        **{f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict() for name, (module, _) in trained.items()})
-    kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, sd in peft.items() for k, v in sd.items()})
-    alpha = trained["unet"][0].peft_config["default"].lora_alpha  # the converter writes alpha = rank; ours may differ
-    kohya = {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
-    save_file(kohya, Path(folder, LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors")))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Class-prior images (used by generate_priors.py, and by train_dreambooth.py when the class folder is short)
 
@@ -572,15 +551,18 @@ def require(module, flag):
         fail(f"{flag} needs {module}: pip install {module}")
 
 
-def wandb_login_missing():
-    """True when W&B would ask for a login: online mode and no key in WANDB_API_KEY or ~/.netrc (`wandb login`)."""
+def check_wandb(flag):
+    """wandb installed, and no login prompt ahead: offline mode, or a key in WANDB_API_KEY or ~/.netrc (`wandb login`)
+    (W&B would otherwise stop the run to ask for one)."""
+    require("wandb", flag)
     if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
-        return False
+        return
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return False
+        return
     from requests.utils import get_netrc_auth
 
-    return get_netrc_auth(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")) is None
+    if get_netrc_auth(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")) is None:
+        fail("--report_to wandb needs a W&B login: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline")
 
 
 def check_launch():
@@ -830,48 +812,6 @@ def scrub_records(*folders):
         note(f"redacted a Hub token that an older version wrote into {len(scrubbed)} run record(s) such as "
              f"{scrubbed[0]}; its logs may still hold it: revoke it at huggingface.co/settings/tokens")
     return scrubbed
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The Hub: what a run folder uploads
-
-def hub_ignore_patterns(logging_dir="logs"):
-    """What the upload of a run folder leaves out, as huggingface_hub patterns: training state (checkpoints are
-    gigabytes of optimizer moments), exports, logs, tracker files and hidden files."""
-    return ["checkpoint-*", "export-*", "wandb/*", f"{logging_dir.strip('/')}/*", ".*", "*/.*"]
-
-
-def hub_files(folder, ignore_patterns):
-    """The files upload_folder sends with these patterns: huggingface_hub's own filter over the folder's files."""
-    from huggingface_hub.utils import filter_repo_objects
-
-    paths = sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
-    return list(filter_repo_objects(paths, ignore_patterns=ignore_patterns))
-
-
-def check_hub_login(token):
-    from huggingface_hub import get_token
-
-    if not (token or get_token()):
-        fail("--push_to_hub needs a Hugging Face login: run `hf auth login` or set HF_TOKEN")
-
-
-def push_to_hub(folder, repo_id, token=None, logging_dir="logs", message="DreamBooth fine-tune"):
-    """Upload a run folder to a model repository in one commit, without its training state and logs. Refuses, before
-    any network call, when a file to upload holds the token (the check that the suite's records never carry one)."""
-    from huggingface_hub import create_repo, get_token, upload_folder
-
-    ignore, secret = hub_ignore_patterns(logging_dir), (token or get_token() or "").encode()
-    leaking = [f for f in hub_files(folder, ignore) if secret and Path(f).suffix not in (".safetensors", ".bin")
-               and secret in Path(folder, f).read_bytes()]
-    if leaking:
-        fail(f"not pushing {folder}: {leaking[0]} holds the Hub token in plain text (delete the file, revoke the token)")
-    try:
-        repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
-        upload_folder(repo_id=repo_id, folder_path=folder, ignore_patterns=ignore, commit_message=message, token=token)
-    except Exception as e:  # network, auth or permission: the local files are saved either way
-        fail(f"the results are saved in {folder}, but pushing them to {repo_id} failed: {first_line(e)}")
-    print(f"pushed {folder} to the hub as {repo_id}")
 
 
 def write_json(path, obj):

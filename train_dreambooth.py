@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 import dreambooth_utils as du
+import export
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -199,11 +200,9 @@ def check_args(args):
     if args.use_8bit_adam:
         du.require("bitsandbytes", "--use_8bit_adam")
     if args.report_to in ("wandb", "all"):
-        du.require("wandb", f"--report_to {args.report_to}")
-        if du.wandb_login_missing():
-            du.fail("--report_to wandb needs a W&B login: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline")
+        du.check_wandb(f"--report_to {args.report_to}")
     if args.push_to_hub:
-        du.check_hub_login(args.hub_token)
+        export.check_hub_login(args.hub_token)
     out = Path(args.output_dir)
     args.resume_record = None
     if args.resume_from_checkpoint == "latest":
@@ -533,7 +532,7 @@ def save_weights(args, output_dir, dtype, trained):
     tmp = Path(output_dir) / ".save.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if args.lora_rank:
-        du.save_lora(tmp, du.FAMILIES[args.model_family], dtype, trained)
+        export.save_lora(tmp, du.FAMILIES[args.model_family], dtype, trained)
     else:
         pipe = du.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype, None,
                                 args.pretrained_vae_model_name_or_path)
@@ -721,8 +720,7 @@ def main(argv=None):
         for _, stale in du.list_checkpoints(args.output_dir):  # or `latest` and the rotation would mix two runs
             du.note(f"--overwrite_output_dir: removing {stale} of an earlier run")
             shutil.rmtree(stale)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32  # off is PyTorch's default; no effect without CUDA
 
     # ---- class images for prior preservation
     class_paths = []
@@ -953,7 +951,7 @@ def main(argv=None):
         save_weights(args, args.output_dir, torch.float32, trained)
         accelerator.print(f"saved the fine-tuned {'LoRA adapters' if args.lora_rank else 'pipeline'} to {args.output_dir}")
         if args.push_to_hub:
-            du.push_to_hub(args.output_dir, args.hub_model_id or Path(args.output_dir).resolve().name, args.hub_token,
+            export.push_to_hub(args.output_dir, args.hub_model_id or Path(args.output_dir).resolve().name, args.hub_token,
                            args.logging_dir)
     accelerator.end_training()
 

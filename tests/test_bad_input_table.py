@@ -14,11 +14,12 @@ import yaml
 from PIL import Image
 
 import dreambooth_utils as du
+import export
 import generate_priors
 import infer
 import train_dreambooth
 
-SCRIPTS = {"train": train_dreambooth, "priors": generate_priors, "infer": infer}
+SCRIPTS = {"train": train_dreambooth, "priors": generate_priors, "infer": infer, "export": export}
 
 
 def outcome(script, argv, capsys):

@@ -8,15 +8,19 @@ import time
 
 import pytest
 
+import export
 import generate_priors
 import infer
 import train_dreambooth
 from conftest import ROOT, script_env
 
-SCRIPTS = {"train_dreambooth.py": train_dreambooth, "generate_priors.py": generate_priors, "infer.py": infer}
+SCRIPTS = {"train_dreambooth.py": train_dreambooth, "generate_priors.py": generate_priors, "infer.py": infer,
+           "export.py": export}
 ARGS = {"train_dreambooth.py": ["--instance_dir", "photos", "--instance_prompt", "a photo of sks dog"],
         "generate_priors.py": ["--class_prompt", "a dog", "--class_dir", "priors"],
         "infer.py": ["--prompt", "a photo of sks dog"]}
+TYPOS = {"train_dreambooth.py": ("--seeed", "--seed"), "generate_priors.py": ("--seeed", "--seed"),
+         "infer.py": ("--seeed", "--seed"), "export.py": ("--push_to_hb", "--push_to_hub")}
 
 
 def shell(hf_home, script, *args, env=None, cwd=ROOT):
@@ -27,7 +31,7 @@ def shell(hf_home, script, *args, env=None, cwd=ROOT):
     return proc, time.perf_counter() - t0
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", ARGS)
 def test_a_mistyped_local_folder_is_named_at_once(hf_home, tmp_path, script):
     """"runs/sks-dgo" has a slash, so it could be a hub id; its first part is a folder here, so it is a typo."""
     (tmp_path / "runs").mkdir()
@@ -47,10 +51,12 @@ def test_a_hub_id_when_the_hub_cannot_be_reached(hf_home):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_mistyped_flag_gets_a_suggestion_not_the_usage(hf_home, script):
-    proc, _ = shell(hf_home, script, "--model", "x/y", "--seeed", 3, *ARGS[script])
+    typo, right = TYPOS[script]
+    argv = ["--model", "x/y", *ARGS[script]] if script in ARGS else ["some-run"]
+    proc, _ = shell(hf_home, script, *argv, typo, 3)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: unrecognized arguments: --seeed 3 (did you mean --seed?); see {script} --help"]
+        f"error: unrecognized arguments: {typo} 3 (did you mean {right}?); see {script} --help"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -62,7 +68,8 @@ def test_every_flag_has_help_and_its_default_once(script, capsys):
     actions = parser_owner.build_parser()._actions
     assert all(a.help for a in actions), [a.dest for a in actions if not a.help]
     assert "(default: None)" not in text and "(default: False)" not in text
-    assert "(default: 0)" in text  # a default of 0 is a value, not "unset"
+    if any(a.default == 0 and a.default is not False for a in actions):
+        assert "(default: 0)" in text  # a default of 0 is a value, not "unset"
     for entry in re.split(r"\n  (?=-)", text):  # one option's help
         assert len(re.findall(r"\(default", entry)) <= 1, entry
     assert text.count(".") and "\n\n" in text

@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import ROOT, script_env
 
+import export
 import generate_priors
 import infer
 import train_dreambooth
@@ -26,7 +27,7 @@ def help_flags(module, capsys):
 
 
 def test_every_flag_in_the_readme_exists(capsys):
-    known = ACCELERATE_FLAGS.union(*(help_flags(m, capsys) for m in (train_dreambooth, generate_priors, infer)))
+    known = ACCELERATE_FLAGS.union(*(help_flags(m, capsys) for m in (train_dreambooth, generate_priors, infer, export)))
     readme = (ROOT / "README.md").read_text()
     shown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]+", readme))
     assert shown - known == set()

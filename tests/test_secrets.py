@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import dreambooth_utils as du
+import export
 from test_train import train_args
 
 TOKEN = "hf_FakeTokenForTheTest0123456789abcdef"
@@ -71,7 +72,7 @@ def test_the_hub_upload_carries_the_result_and_no_file_with_the_token(token_run,
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.update(repo=(repo_id, kw)) or
                         huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.update(upload=kw))
-    du.push_to_hub(out, "me/sks-dog", TOKEN)
+    export.push_to_hub(out, "me/sks-dog", TOKEN)
     upload = calls["upload"]
     assert calls["repo"][1]["token"] == TOKEN and upload["token"] == TOKEN  # the token is still used for the Hub calls
     assert upload["folder_path"] == out and upload["repo_id"] == "me/sks-dog"
@@ -87,10 +88,32 @@ def test_the_hub_upload_carries_the_result_and_no_file_with_the_token(token_run,
     leaky.write_text(f"my token: {TOKEN}\n")
     calls.clear()
     with pytest.raises(SystemExit) as e:
-        du.push_to_hub(out, "me/sks-dog", TOKEN)
+        export.push_to_hub(out, "me/sks-dog", TOKEN)
     assert str(e.value) == f"error: not pushing {out}: notes.txt holds the Hub token in plain text (delete the file, revoke the token)"
     assert calls == {}
     leaky.unlink()
+
+
+def test_export_publishes_a_finished_run_from_the_shell(token_run, monkeypatch, tmp_path, capsys):
+    import huggingface_hub
+
+    out, _ = token_run
+    calls = {}
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: huggingface_hub.RepoUrl(
+        f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.update(upload=kw))
+    export.main([str(out), "--push_to_hub", "--hub_model_id", "me/sks-dog", "--hub_token", TOKEN])
+    assert calls["upload"]["repo_id"] == "me/sks-dog" and calls["upload"]["token"] == TOKEN
+    assert "checkpoint-*" in calls["upload"]["ignore_patterns"] and "logs/*" in calls["upload"]["ignore_patterns"]
+    assert "pushed" in capsys.readouterr().out
+    for folder, message in ((tmp_path, f"{tmp_path} is not a training output folder (no run_config.json)"),
+                            (out / "checkpoint-1", f"{out / 'checkpoint-1'} holds no finished result yet")):
+        with pytest.raises(SystemExit) as e:
+            export.main([str(folder), "--push_to_hub"])
+        assert str(e.value).startswith(f"error: {message}")
+    with pytest.raises(SystemExit) as e:
+        export.main([str(out)])
+    assert str(e.value) == "error: nothing to do: give --push_to_hub"
 
 
 def test_resuming_a_run_recorded_by_an_older_version_redacts_its_records(token_run, run, tiny_model, photos, tmp_path):
