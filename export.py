@@ -38,6 +38,73 @@ def save_lora(folder, family, dtype, trained):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The model card: what the Hub shows, and what a user needs to load the result
+
+
+def base_license(base):
+    """The base model's license from its own card, when that card is at hand (a local folder's README.md, or the hub
+    model's in the local cache); None otherwise (the card then points to the base model)."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    path = Path(base, "README.md") if Path(base).is_dir() else try_to_load_from_cache(base, "README.md")
+    try:
+        return ModelCard.load(path).data.license if isinstance(path, (str, Path)) and Path(path).is_file() else None
+    except Exception:  # a README that is no model card
+        return None
+
+
+def model_card(folder, config):
+    """A README.md model card (huggingface_hub's ModelCard): metadata the Hub reads (base model, license, tags,
+    instance prompt), the method and its settings, the newest validation grid, and how to load the result."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    family, lora, base = du.FAMILIES[config.get("model_family", "sd")], bool(config.get("lora_rank")), \
+        config["pretrained_model_name_or_path"]
+    hub_base = base if du.HUB_ID.match(base) and not Path(base).exists() else None
+    tags = ["text-to-image", "diffusers", "diffusers-training", "dreambooth",
+            "stable-diffusion-xl" if family is du.SDXL else "stable-diffusion"] + (["lora"] if lora else [])
+    data = ModelCardData(base_model=hub_base, license=base_license(base), library_name="diffusers", tags=tags,
+                         instance_prompt=config["instance_prompt"])
+    method = (f"LoRA (rank {config['lora_rank']}, alpha {config['lora_alpha'] or config['lora_rank']})" if lora
+              else "full fine-tune") + (" of the UNet and the text encoder(s)" if config.get("train_text_encoder")
+                                        else " of the UNet")
+    prior = (f"with prior preservation ({config['num_class_images_used']} images of \"{config['class_prompt']}\", "
+             f"weight {config['prior_loss_weight']})" if config.get("with_prior_preservation") else "without prior preservation")
+    load = (f"pipe = {family.pipeline}.from_pretrained(\"{base}\", torch_dtype=torch.float16).to(\"cuda\")\n"
+            "pipe.load_lora_weights(\"THIS_REPO_OR_FOLDER\")" if lora else
+            f"pipe = {family.pipeline}.from_pretrained(\"THIS_REPO_OR_FOLDER\", torch_dtype=torch.float16).to(\"cuda\")")
+    grids = sorted(Path(folder, "validation").glob("step-*.png"))
+    body = f"""
+# DreamBooth: {config['instance_prompt']}
+
+A DreamBooth ([Ruiz et al. 2022](https://arxiv.org/abs/2208.12242)) {method} of `{base}`, {prior}:
+{config['total_optimizer_steps']} optimizer steps at a global batch of {config['global_batch_size']}, learning rate
+{config['learning_rate']}, {config['resolution']} px, seed {config['seed']}. Every setting is in `run_config.json`, the
+code that ran in `code/`.
+
+Prompt the subject as it was trained: **{config['instance_prompt']}**.
+""" + (f"""
+![validation images at step {int(grids[-1].stem.split('-')[1])}](validation/{grids[-1].name})
+""" if grids else "") + f"""
+## How to use
+
+```python
+import torch
+from diffusers import {family.pipeline}
+
+{load}
+image = pipe("{config['instance_prompt']}", num_inference_steps=30).images[0]
+```
+""" + ("""
+`pytorch_lora_weights_kohya.safetensors` holds the same adapters under kohya's names, for AUTOMATIC1111, ComfyUI and
+the other web UIs.
+""" if lora else "") + f"""
+The license is the base model's{'' if data.license else f' (see `{base}`)'}.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The Hub
 
 
@@ -113,9 +180,11 @@ def main(argv=None):
     if not args.push_to_hub:
         du.fail("nothing to do: give --push_to_hub")
     check_hub_login(args.hub_token)
-    logging_dir = json.loads((run / "run_config.json").read_text())["config"].get("logging_dir", "logs")
-    # ---- publish
-    push_to_hub(run, args.hub_model_id or run.resolve().name, args.hub_token, logging_dir)
+    config = json.loads((run / "run_config.json").read_text())["config"]
+    # ---- publish, with a model card if the run has none yet
+    if not (run / "README.md").is_file():
+        model_card(run, config).save(run / "README.md")
+    push_to_hub(run, args.hub_model_id or run.resolve().name, args.hub_token, config.get("logging_dir", "logs"))
 
 
 if __name__ == "__main__":

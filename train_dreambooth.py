@@ -435,15 +435,13 @@ class DreamBoothModel(torch.nn.Module):
             getattr(self, name).eval()  # a frozen text encoder never runs its dropout
         return self
 
-    def encode(self, ids):
-        return self.encode_prompt([getattr(self, name) for name in self.text_encoder_names], ids)
-
     def forward(self, noisy_latents, timesteps, texts, time_ids):
         """texts: (token ids,), or (prompt embeddings, pooled embeddings) when they were pre-computed (the model then
         holds no text encoder). SDXL's UNet adds the pooled embedding and the size/crop time ids to its timestep
         embedding; SD 1.x/2.x's ignores added_cond_kwargs."""
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            prompt_embeds, pooled = self.encode(*texts) if self.text_encoder_names else texts
+            encoders = [getattr(self, name) for name in self.text_encoder_names]
+            prompt_embeds, pooled = self.encode_prompt(encoders, *texts) if encoders else texts
         dtype = noisy_latents.dtype  # frozen text encoders run in the half-precision weight dtype: one dtype here
         return self.unet(noisy_latents, timesteps, prompt_embeds.to(dtype),
                          added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}).sample
@@ -949,6 +947,7 @@ def main(argv=None):
     trained = trained_weights(accelerator, args, model)
     if accelerator.is_main_process:
         save_weights(args, args.output_dir, torch.float32, trained)
+        export.model_card(args.output_dir, record["config"]).save(Path(args.output_dir, "README.md"))
         accelerator.print(f"saved the fine-tuned {'LoRA adapters' if args.lora_rank else 'pipeline'} to {args.output_dir}")
         if args.push_to_hub:
             export.push_to_hub(args.output_dir, args.hub_model_id or Path(args.output_dir).resolve().name, args.hub_token,

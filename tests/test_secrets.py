@@ -79,7 +79,7 @@ def test_the_hub_upload_carries_the_result_and_no_file_with_the_token(token_run,
     every_file = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     uploaded = list(filter_repo_objects(every_file, ignore_patterns=upload["ignore_patterns"]))
     assert {"pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "run_config.json",
-            "validation/step-000002.png", "code/train_dreambooth.py"} <= set(uploaded)
+            "README.md", "validation/step-000002.png", "code/train_dreambooth.py"} <= set(uploaded)
     assert not [f for f in uploaded if f.split("/")[0] in ("logs", "wandb") or f.startswith(("checkpoint-", "export-"))]
     assert len(uploaded) < len(every_file)
     assert not [f for f in uploaded if TOKEN.encode() in (out / f).read_bytes()]
@@ -133,3 +133,26 @@ def test_resuming_a_run_recorded_by_an_older_version_redacts_its_records(token_r
     assert "at step 1" in proc.stdout and "redacted a Hub token that an older version wrote into 2 run record(s)" in proc.stderr
     assert files_holding(out) == [] and TOKEN not in proc.stdout + proc.stderr
     assert json.loads((out / "checkpoint-1" / "run_config.json").read_text())["config"]["hub_token"] == "***"
+
+
+def test_the_model_card_parses_and_says_how_to_load_the_result(token_run, tiny_model, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out, _ = token_run
+    card = ModelCard.load(out / "README.md")  # written by the run, parsed by huggingface_hub
+    assert card.data.library_name == "diffusers" and card.data.instance_prompt == "a photo of sks dog"
+    assert {"dreambooth", "lora", "stable-diffusion", "text-to-image"} <= set(card.data.tags)
+    assert card.data.base_model is None  # a local folder is no hub id; the text names it
+    assert f"LoRA (rank 2, alpha 2) of the UNet of `{tiny_model}`, without prior preservation" in card.text
+    assert "pipe.load_lora_weights(" in card.text and "![validation images at step 2](validation/step-000002.png)" in card.text
+    # a hub base model: its id in the metadata; an SDXL full fine-tune
+    config = json.loads((out / "run_config.json").read_text())["config"]
+    config.update(pretrained_model_name_or_path="stabilityai/stable-diffusion-xl-base-1.0", model_family="sdxl",
+                  lora_rank=0, train_text_encoder=True)
+    card = ModelCard(str(export.model_card(out, config)))
+    assert card.data.base_model == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert "stable-diffusion-xl" in card.data.tags and "lora" not in card.data.tags
+    assert "StableDiffusionXLPipeline.from_pretrained(\"THIS_REPO_OR_FOLDER\"" in card.text
+    assert "full fine-tune of the UNet and the text encoder(s)" in card.text
+    (tmp_path / "README.md").write_text("---\nlicense: openrail++\n---\n# a base model\n")
+    assert export.base_license(str(tmp_path)) == "openrail++"  # the base model's license, from its own card
