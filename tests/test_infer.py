@@ -82,13 +82,16 @@ def test_prompts_file_and_a_long_prompt(tiny_model, tmp_path, capsys):
     assert err.split("this part is cut: '")[1].split("'\n")[0].endswith("on the moon")
 
 
-def test_a_training_checkpoint_loads_on_its_recorded_base_model(run, tiny_model, photos, tmp_path):
+@pytest.mark.parametrize("flags", [["--train_text_encoder"], ["--pre_compute_text_embeddings"]],
+                         ids=["text-encoder-trained", "embeddings-pre-computed"])
+def test_a_training_checkpoint_loads_on_its_recorded_base_model(run, tiny_model, photos, tmp_path, flags):
     """checkpoint-2 of a 2-step run holds the final weights: its images are the final pipeline's, pixel for pixel
-    (the files differ only in the model name they carry)."""
+    (the files differ only in the model name they carry). With pre-computed embeddings the checkpoint holds no text
+    encoder, and the base model's is used."""
     from test_train import train_args
 
     out = tmp_path / "run"
-    run("train_dreambooth.py", *train_args(tiny_model, photos, out, "--train_text_encoder", "--max_train_steps", 2,
+    run("train_dreambooth.py", *train_args(tiny_model, photos, out, *flags, "--max_train_steps", 2,
                                            "--checkpointing_steps", 2, "--report_to", "none"))
     infer.main(infer_argv(str(out), tmp_path / "final"))
     infer.main(infer_argv(str(out / "checkpoint-2"), tmp_path / "checkpoint"))
