@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import warnings
@@ -787,8 +788,6 @@ def run_record(config, script):
 def save_code(folder, script):
     """The script and this module as they ran, beside the run record: research forks are seldom committed, so the git
     commit alone does not say what ran."""
-    import shutil
-
     Path(folder, "code").mkdir(parents=True, exist_ok=True)
     for source in (script, __file__):
         shutil.copyfile(source, Path(folder, "code", os.path.basename(source)))
@@ -837,6 +836,15 @@ def list_checkpoints(output_dir):
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT.match(p.name)) and p.is_dir()] \
         if folder.is_dir() else []
     return sorted(found)
+
+
+def remove_oldest(output_dir, prefix, keep):
+    """Keep the newest `keep` finished `prefix-N` folders. Rotation happens after the new one is complete, so an
+    interrupted save never costs the previous checkpoint (accelerate's own rotation deletes first)."""
+    folders = sorted((int(p.name.split("-")[1]), p) for p in Path(output_dir).glob(f"{prefix}-*")
+                     if p.is_dir() and p.name.split("-")[1].isdigit())
+    for _, folder in folders[:-keep] if keep else []:
+        shutil.rmtree(folder)
 
 
 def check_checkpoint(path):

@@ -137,7 +137,10 @@ def build_parser():
     g.add_argument("--export_steps", type=du.COUNT, default=None,
                    help="also write an inference pipeline (export-N) every N optimizer steps")
     g.add_argument("--exports_total_limit", type=du.COUNT, default=None, help="keep only the newest K exports")
-    g.add_argument("--export_precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="weights of the exports")
+    g.add_argument("--export_precision", default="fp16", choices=["fp16", "bf16", "fp32"],
+                   help="weights of the exports and of the single files")
+    g.add_argument("--save_single_file", action="store_true",
+                   help="also write the pipeline (and each export) as one .safetensors file for the web UIs")
 
     g = p.add_argument_group("validation images")
     g.add_argument("--validation_prompt", action="append", default=None,
@@ -188,6 +191,8 @@ def check_args(args):
         du.note("--class_dir/--class_prompt are ignored without --with_prior_preservation")
     if args.cache_latents and not args.center_crop:
         du.fail("--cache_latents needs --center_crop: a random crop differs every epoch (flips are fine, both are cached)")
+    if args.save_single_file and args.lora_rank:
+        du.fail("--save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file")
     if args.pre_compute_text_embeddings and args.train_text_encoder:
         du.fail("--pre_compute_text_embeddings needs a frozen text encoder: leave out --train_text_encoder")
     args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path, args.revision)
@@ -522,11 +527,11 @@ def trained_weights(accelerator, args, model):
             for n in names}
 
 
-def save_weights(args, output_dir, dtype, trained):
+def save_weights(args, output_dir, dtype, trained, name):
     """What a run produces, in safetensors: the base pipeline (with the separate VAE, if one was given) in `dtype`
-    with the trained weights copied in (cast on the way), or with LoRA the adapter files alone. Written to a temporary
-    folder and moved into place with model_index.json (or the LoRA file) last, so a folder that has one holds the
-    whole result."""
+    with the trained weights copied in (cast on the way), and with --save_single_file the same as `name`.safetensors
+    in the web UIs' layout; or with LoRA the adapter files alone. Written to a temporary folder and moved into place
+    with model_index.json (or the LoRA file) last, so a folder that has one holds the whole result."""
     tmp = Path(output_dir) / ".save.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if args.lora_rank:
@@ -534,9 +539,11 @@ def save_weights(args, output_dir, dtype, trained):
     else:
         pipe = du.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype, None,
                                 args.pretrained_vae_model_name_or_path)
-        for name, (_, state) in trained.items():
-            getattr(pipe, name).load_state_dict(state)
+        for module, (_, state) in trained.items():
+            getattr(pipe, module).load_state_dict(state)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if args.save_single_file:
+            export.save_single_file(tmp, tmp / f"{name}.safetensors", du.torch_dtype(args.export_precision), vars(args))
     for item in sorted(tmp.iterdir(), key=lambda p: p.name in ("model_index.json", du.LORA_WEIGHTS)):
         dest = Path(output_dir) / item.name
         if dest.is_dir():
@@ -570,15 +577,6 @@ def changed_settings(saved, current):
     return sorted(k for k in current if k not in harmless | {"config"} and k in saved and saved[k] != current[k])
 
 
-def remove_oldest(output_dir, prefix, keep):
-    """Keep the newest `keep` finished `prefix-N` folders. Rotation happens after the new one is complete, so an
-    interrupted save never costs the previous checkpoint (accelerate's own rotation deletes first)."""
-    folders = sorted((int(p.name.split("-")[1]), p) for p in Path(output_dir).glob(f"{prefix}-*")
-                     if p.is_dir() and p.name.split("-")[1].isdigit())
-    for _, folder in folders[:-keep] if keep else []:
-        shutil.rmtree(folder)
-
-
 def save_checkpoint(accelerator, args, state, record):
     """accelerate's save_state into checkpoint-N.tmp on every process, then a rename: `latest` only ever sees
     finished checkpoints."""
@@ -593,7 +591,7 @@ def save_checkpoint(accelerator, args, state, record):
         du.write_json(tmp / "run_config.json", record)  # a checkpoint carries its config (resume, infer.py)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        remove_oldest(args.output_dir, "checkpoint", args.checkpoints_total_limit)
+        du.remove_oldest(args.output_dir, "checkpoint", args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return final
 
@@ -605,8 +603,9 @@ def export_pipeline(accelerator, args, model, step):
     if accelerator.is_main_process:
         folder = Path(args.output_dir, f"export-{step}")
         folder.mkdir(exist_ok=True)
-        save_weights(args, folder, du.torch_dtype(args.export_precision), trained)
-        remove_oldest(args.output_dir, "export", args.exports_total_limit)
+        save_weights(args, folder, du.torch_dtype(args.export_precision), trained,
+                     f"{Path(args.output_dir).resolve().name}-step-{step}")
+        du.remove_oldest(args.output_dir, "export", args.exports_total_limit)
     accelerator.wait_for_everyone()
 
 
@@ -946,7 +945,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     trained = trained_weights(accelerator, args, model)
     if accelerator.is_main_process:
-        save_weights(args, args.output_dir, torch.float32, trained)
+        save_weights(args, args.output_dir, torch.float32, trained, Path(args.output_dir).resolve().name)
         export.model_card(args.output_dir, record["config"]).save(Path(args.output_dir, "README.md"))
         accelerator.print(f"saved the fine-tuned {'LoRA adapters' if args.lora_rank else 'pipeline'} to {args.output_dir}")
         if args.push_to_hub:

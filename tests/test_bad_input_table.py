@@ -37,12 +37,16 @@ def outcome(script, argv, capsys):
 @pytest.fixture
 def base(tiny_model, photos, tmp_path):
     """Valid arguments of each script; a row adds or replaces flags."""
-    out = tmp_path / "out"
+    out, lora_run = tmp_path / "out", tmp_path / "lora-run"  # a finished LoRA run, as far as export.py looks
+    lora_run.mkdir()
+    (lora_run / "run_config.json").write_text('{"config": {}}')
+    (lora_run / du.LORA_WEIGHTS).write_bytes(b"adapters")
     return out, {
         "train": ["--model", tiny_model, "--instance_dir", photos, "--instance_prompt", "a photo of sks dog",
                   "--output_dir", out, "--resolution", 64],
         "priors": ["--model", tiny_model, "--class_prompt", "a photo of dog", "--class_dir", out],
         "infer": ["--model", tiny_model, "--prompt", "a photo of sks dog", "--output_dir", out],
+        "export": [lora_run],
     }
 
 
@@ -58,6 +62,10 @@ ROWS = [  # script, extra flags, exit code, the line
     ("train", ["--seed", -1], 2, "error: argument --seed: must be at least 0, got -1"),
     ("train", ["--train_batch_size", "two"], 2, "error: argument --train_batch_size: expected an integer, got 'two'"),
     ("train", ["--rank", -4], 2, "error: argument --lora_rank/--rank: must be at least 0, got -4"),
+    ("train", ["--save_single_file", "--rank", 4], 1,
+     "error: --save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file"),
+    ("export", ["--single_file"], 1, "error: --single_file writes a whole model, and {lora} holds LoRA adapters: their "
+                                     "file for the web UIs is pytorch_lora_weights_kohya.safetensors"),
     ("priors", ["--resolution", 63], 2, "error: argument --resolution: must be a multiple of 8, got 63"),
     ("priors", ["--resolution", 0], 2, "error: argument --resolution: must be at least 8, got 0"),
     ("priors", ["--class_prompt", " "], 1, "error: --class_prompt is empty (e.g. 'a photo of dog')"),
@@ -72,6 +80,7 @@ ROWS = [  # script, extra flags, exit code, the line
 @pytest.mark.parametrize("script, extra, code, line", ROWS, ids=[f"{r[0]} {' '.join(map(str, r[1]))}" for r in ROWS])
 def test_a_bad_flag_value_is_one_line_before_anything_loads(base, capsys, script, extra, code, line):
     out, argv = base
+    line = line.format(lora=argv["export"][0])
     assert outcome(script, argv[script] + extra, capsys) == (code, line + (f"; see {SCRIPTS[script].__name__}.py --help"
                                                                            if code == 2 else ""))
     assert not out.exists()

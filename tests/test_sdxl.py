@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import dreambooth_utils as du
+import export
 import infer
 import train_dreambooth
 from test_lora import image
@@ -147,6 +148,11 @@ def test_full_fine_tune_with_priors_both_text_encoders_and_a_separate_vae(run, t
     assert (out / "validation" / "step-000003.png").is_file()
     exported = image(str(out / "export-3"), tmp_path / "export")  # fp16 export of the final weights, via infer.py
     assert exported.shape == (64, 64, 3) and not np.array_equal(exported, image(tiny_sdxl, tmp_path / "base"))
+    # the fine-tuned SDXL as one file in SGM's layout, read back by diffusers' single-file loader
+    from test_single_file import same_model
+
+    export.main([str(out), "--single_file", "--precision", "fp32"])
+    same_model(out, out / "out.safetensors")
     with Image.open(out / "validation" / "step-000003.png") as grid:
         assert grid.size == (64, 64)
 

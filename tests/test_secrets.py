@@ -106,14 +106,14 @@ def test_export_publishes_a_finished_run_from_the_shell(token_run, monkeypatch, 
     assert calls["upload"]["repo_id"] == "me/sks-dog" and calls["upload"]["token"] == TOKEN
     assert "checkpoint-*" in calls["upload"]["ignore_patterns"] and "logs/*" in calls["upload"]["ignore_patterns"]
     assert "pushed" in capsys.readouterr().out
-    for folder, message in ((tmp_path, f"{tmp_path} is not a training output folder (no run_config.json)"),
+    for folder, message in ((tmp_path, f"{tmp_path} is not a training output folder or an export of one"),
                             (out / "checkpoint-1", f"{out / 'checkpoint-1'} holds no finished result yet")):
         with pytest.raises(SystemExit) as e:
             export.main([str(folder), "--push_to_hub"])
         assert str(e.value).startswith(f"error: {message}")
     with pytest.raises(SystemExit) as e:
         export.main([str(out)])
-    assert str(e.value) == "error: nothing to do: give --push_to_hub"
+    assert str(e.value) == "error: nothing to do: give --single_file, --push_to_hub or both"
 
 
 def test_resuming_a_run_recorded_by_an_older_version_redacts_its_records(token_run, run, tiny_model, photos, tmp_path):

@@ -73,12 +73,12 @@ def tiny_vae(**kwargs):
     )
 
 
-def tiny_text_config(tokenizer):
+def tiny_text_config(tokenizer, hidden_size=32):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -147,11 +147,12 @@ def make_tiny_sdxl_pipeline(output_dir, prediction_type="epsilon", seed=0):
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids of 8 each, and the pooled embedding
-        cross_attention_dim=64,  # the two text encoders' hidden states side by side
+        cross_attention_dim=32 + 48,  # the two text encoders' hidden states side by side
     )
     vae = tiny_vae(force_upcast=True, scaling_factor=0.13025)  # SDXL's VAE: kept in fp32 under fp16
     text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
-    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer_2))
+    # wider than the first, as in SDXL (768 and 1280): loaders tell the two apart by their width
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer_2, hidden_size=48))
     # The scheduler SDXL base 1.0 ships
     scheduler = EulerDiscreteScheduler(**BETAS, timestep_spacing="leading", prediction_type=prediction_type)
     pipe = StableDiffusionXLPipeline(
