@@ -229,12 +229,15 @@ def read_model(name_or_path, revision=None):
     return family, unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-def check_model_source(name_or_path, revision=None):
+def check_model_source(name_or_path, revision=None, single_file_config=None):
     """Fail early, before anything loads, when a local model folder is missing or lacks a component of its family.
     Returns the model as the run records it: a local folder as an absolute path (a record then works from any
-    directory), a string shaped like a hub id ("org/name") as it is, left to `from_pretrained`.
+    directory), a string shaped like a hub id ("org/name") as it is, left to `from_pretrained`; a single .safetensors
+    file (the web UIs' kind) as the diffusers folder it was converted to.
     """
     path = Path(os.path.expanduser(name_or_path))
+    if path.is_file() and path.suffix == ".safetensors":
+        return single_file_folder(path, single_file_config)
     if path.is_dir():
         if not (path / "unet").is_dir():
             fail(f"model folder {path} has no unet subfolder: is it a diffusers pipeline folder?")
@@ -243,7 +246,7 @@ def check_model_source(name_or_path, revision=None):
             fail(f"model folder {path} has no {', '.join(missing)} subfolder: is it a diffusers pipeline folder?")
         return str(path.resolve())
     if path.exists():
-        fail(f"model path is a file, not a diffusers pipeline folder: {path}")
+        fail(f"model path is a file, not a diffusers pipeline folder or a .safetensors single file: {path}")
     # "org/name" could be a hub id; a path that starts like one, or whose first part is a folder here, is a typo
     if name_or_path.startswith((".", "/", "~")) or Path(name_or_path.split("/")[0]).is_dir():
         fail(f"model folder not found: {name_or_path}")
@@ -287,6 +290,35 @@ def load_error(what, name_or_path, error):
         fail(f"cannot reach the Hugging Face Hub to load {what} {name_or_path}: check the network, or work offline "
              "with HF_HUB_OFFLINE=1 (models already in the cache) or a local folder")
     fail(f"cannot load {what} from {name_or_path}: {first_line(error)}")
+
+
+def single_file_folder(path, config=None):
+    """A single-file checkpoint as a diffusers pipeline folder: converted once by diffusers' from_single_file and kept
+    in the Hugging Face cache (keyed by the file's path, size and time, and the config). `config` is a diffusers
+    folder or hub id with the component configs (default: diffusers picks one for the file's architecture on the Hub)."""
+    from huggingface_hub import constants
+    from safetensors import safe_open
+
+    path, stat = Path(path).resolve(), Path(path).stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{config}".encode()).hexdigest()[:16]
+    folder = Path(constants.HF_HOME, "dreambooth-single-file", f"{path.stem}-{key}")
+    if (folder / "model_index.json").is_file():
+        return str(folder)
+    try:
+        with safe_open(path, "pt") as f:
+            family = SDXL if any(k.startswith("conditioner.embedders.1.") for k in f.keys()) else SD
+    except Exception as e:
+        fail(f"cannot read the single-file model {path}: {first_line(e)}")
+    note(f"converting {path.name} ({family.pipeline}) to diffusers' layout once, into {folder}")
+    try:
+        pipe = family.pipeline_class().from_single_file(str(path), config=config, **dict(family.pipeline_kwargs))
+    except Exception as e:  # most often: no config at hand offline
+        fail(f"cannot convert the single-file model {path}: {first_line(e)} (--single_file_config takes a diffusers "
+             "folder or hub id of the same architecture)")
+    tmp = folder.with_name(folder.name + ".tmp")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, folder)
+    return str(folder)
 
 
 def from_pretrained(cls, name_or_path, **kwargs):
@@ -513,13 +545,16 @@ def redact(config):
     return {k: REDACTED if k in SECRET_FLAGS and v else v for k, v in config.items()}
 
 
-def add_model_args(parser, model_help="hub id or local diffusers pipeline folder of the base model"):
+def add_model_args(parser, model_help="hub id or local diffusers pipeline folder of the base model, or one .safetensors "
+                                      "file in the web UIs' layout"):
     group = parser.add_argument_group("model")
     group.add_argument("--pretrained_model_name_or_path", "--model", required=True, help=model_help)
     group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of the model")
     group.add_argument("--variant", default=None, help="weight variant to load, e.g. fp16")
     group.add_argument("--pretrained_vae_model_name_or_path", default=None,
                        help="a separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16")
+    group.add_argument("--single_file_config", default=None,
+                       help="for a model given as one .safetensors file: a diffusers folder or hub id with its configs")
     return group
 
 

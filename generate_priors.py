@@ -57,7 +57,8 @@ def main(argv=None):
     if not args.class_prompt.strip():
         du.fail("--class_prompt is empty (e.g. 'a photo of dog')")
     du.check_writable(class_dir, "class folder")
-    args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path, args.revision)
+    args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path, args.revision,
+                                                               args.single_file_config)
     du.check_launch()
 
     state = du.partial_state()

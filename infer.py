@@ -115,7 +115,7 @@ def check_model(args):
         if checkpoints:
             du.fail(f"{path} holds no pipeline yet (the run has not finished); its newest checkpoint is {checkpoints[-1][1]}")
         du.fail(f"{path} is neither a diffusers pipeline folder (no model_index.json) nor a training checkpoint")
-    return "pipeline", du.check_model_source(args.pretrained_model_name_or_path, args.revision)
+    return "pipeline", du.check_model_source(args.pretrained_model_name_or_path, args.revision, args.single_file_config)
 
 
 def load_model(args, kind, source, dtype, device):

@@ -195,7 +195,8 @@ def check_args(args):
         du.fail("--save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file")
     if args.pre_compute_text_embeddings and args.train_text_encoder:
         du.fail("--pre_compute_text_embeddings needs a frozen text encoder: leave out --train_text_encoder")
-    args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path, args.revision)
+    args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path, args.revision,
+                                                               args.single_file_config)
     family, native_resolution = du.read_model(args.pretrained_model_name_or_path, args.revision)
     args.model_family = family.name
     args.resolution = native_resolution if args.resolution is None else args.resolution

@@ -184,6 +184,15 @@ def test_a_damaged_checkpoint_file_is_named(base, capsys, tmp_path):
     assert not out.exists()
 
 
+def test_a_single_file_that_is_no_model(base, capsys, tmp_path):
+    out, argv = base
+    junk = tmp_path / "model.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    code, line = outcome("train", argv["train"] + ["--model", junk], capsys)
+    assert code == 1 and line.startswith(f"error: cannot read the single-file model {junk}: ")
+    assert not out.exists()
+
+
 def test_a_bare_checkpoint_name_is_found_in_the_output_dir(base, tmp_path):
     """diffusers' script takes `--resume_from_checkpoint checkpoint-N` relative to --output_dir"""
     out, argv = base

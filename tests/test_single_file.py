@@ -76,3 +76,29 @@ def test_training_writes_single_files_of_the_pipeline_and_its_exports(run, tiny_
     export.main([str(out / "export-2"), "--single_file", "--precision", "fp32"])
     again = load_file(out / "export-2" / "sks-dog-step-2.safetensors")
     assert written.keys() == again.keys() and all(torch.equal(written[k], again[k]) for k in written)  # final = step 2
+
+
+def test_training_and_sampling_from_a_single_file(run, tiny_model, photos, tmp_path):
+    """What many web-UI users have is one file: it trains (converted once, through diffusers' from_single_file, into
+    the cache) to the same weights as the diffusers folder it came from, and infer.py samples it."""
+    from test_train import weights
+
+    single = export.save_single_file(tiny_model, tmp_path / "tiny.safetensors", torch.float32)
+    common = ["--max_train_steps", 2, "--report_to", "none", "--train_text_encoder"]
+    run("train_dreambooth.py", *train_args(tiny_model, photos, tmp_path / "from-folder", *common))
+    proc = run("train_dreambooth.py", *train_args(single, photos, tmp_path / "from-file", *common,
+                                                  "--single_file_config", tiny_model))
+    assert "converting tiny.safetensors (StableDiffusionPipeline) to diffusers' layout once" in proc.stderr
+    for component in ("unet", "text_encoder"):
+        a, b = weights(tmp_path / "from-folder", component), weights(tmp_path / "from-file", component)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component
+    argv = ["--prompt", "a photo of sks dog", "--num_images_per_prompt", 1, "--num_inference_steps", 2,
+            "--height", 64, "--width", 64]
+    proc = run("infer.py", "--model", single, "--single_file_config", tiny_model, *argv, "--output_dir",
+               tmp_path / "file-images", launch=False)
+    assert "converting" not in proc.stderr  # the conversion is cached
+    run("infer.py", "--model", tiny_model, *argv, "--output_dir", tmp_path / "folder-images", launch=False)
+    (a,), (b,) = (list((tmp_path / d).glob("*.png")) for d in ("file-images", "folder-images"))
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
