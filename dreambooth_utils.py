@@ -860,9 +860,10 @@ def write_json(path, obj):
 # Training checkpoints: `checkpoint-N` folders written by accelerate's save_state, renamed into place when complete
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# what accelerate's save_state writes for our one model, optimizer, schedule and trainer state, plus our run record
-CHECKPOINT_FILES = ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
-                    "custom_checkpoint_0.pkl", "run_config.json")
+# what every accelerate back end writes for our trainer state, plus our run record; the weights in one of these
+# layouts: diffusers' (export.diffusers_checkpoints: unet/, or the LoRA file), accelerate's own, DeepSpeed's, FSDP's
+CHECKPOINT_FILES = ("random_states_0.pkl", "custom_checkpoint_0.pkl", "run_config.json")
+CHECKPOINT_WEIGHTS = ("unet", LORA_WEIGHTS, "model.safetensors", "pytorch_model", "pytorch_model_fsdp_0")
 
 
 def list_checkpoints(output_dir):
@@ -888,6 +889,8 @@ def check_checkpoint(path):
     if not path.is_dir():
         fail(f"checkpoint not found: {path}")
     missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if not any((path / name).exists() for name in CHECKPOINT_WEIGHTS):
+        missing.append("the trained weights")
     if not missing:
         try:
             record = json.loads((path / "run_config.json").read_text())
@@ -900,16 +903,17 @@ def check_checkpoint(path):
         fail(f"{path} is not a complete training checkpoint (missing {', '.join(missing)})")
     # a damaged file would fail mid-load with a message that names none, or (an RNG state) be skipped by accelerate
     # with a note at INFO level, and the resume would silently not be exact
-    for name in [*CHECKPOINT_FILES, *(f"random_states_{i}.pkl" for i in range(1, num_processes))]:
+    weights = [p.relative_to(path) for p in [*path.glob("*.safetensors"), *path.glob("*/*.safetensors")]]
+    for name in [*CHECKPOINT_FILES, *(f"random_states_{i}.pkl" for i in range(1, num_processes)), *weights]:
         try:
             if (path / name).stat().st_size == 0:
                 raise ValueError("empty")
-            if name == "model.safetensors":
+            if str(name).endswith(".safetensors"):
                 from safetensors import safe_open
 
-                with safe_open(path / name, "pt") as weights:
-                    weights.keys()
-            elif name.startswith("random_states"):
+                with safe_open(path / name, "pt") as f:
+                    f.keys()
+            elif str(name).startswith("random_states"):
                 torch.load(path / name, weights_only=False)
         except Exception as e:
             fail(f"{path / name} is damaged ({first_line(e)}): resume from another checkpoint")

@@ -41,6 +41,62 @@ def save_lora(folder, family, dtype, trained):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Checkpoints in diffusers' layout
+
+
+def diffusers_checkpoints(accelerator, family, lora, names):
+    """Training checkpoints whose weights other tools load: checkpoint-N/unet (and text_encoder, text_encoder_2 when
+    they train) as `from_pretrained(..., subfolder="checkpoint-N/unet")` reads them, or a LoRA run's adapter files.
+    accelerate's save/load hooks take the model over; it saves and loads the rest of the training state as before.
+    The weights are written once, in fp32, so a resume stays exact; a checkpoint of accelerate's own layout
+    (model.safetensors) still resumes. DeepSpeed and FSDP keep their sharded formats."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        return
+
+    def trained(model):
+        model = accelerator.unwrap_model(model)
+        return {name: (getattr(model, name), getattr(model, name).state_dict()) for name in names}
+
+    def save(models, weights, folder):
+        if accelerator.is_main_process:
+            if lora:
+                save_lora(folder, family, torch.float32, trained(models[0]))
+            for name, (module, _) in {} if lora else trained(models[0]).items():
+                module.save_pretrained(Path(folder, name), safe_serialization=True)
+        weights.pop()  # accelerate saves nothing more of the model
+
+    def load(models, folder):
+        from safetensors.torch import load_file
+
+        if Path(folder, "model.safetensors").is_file():
+            return  # accelerate's own layout: accelerate loads it
+        modules = trained(models.pop())  # and nothing of the model is left for accelerate to load
+        if not lora:
+            for name, (module, _) in modules.items():
+                module.load_state_dict({k: v for f in sorted(Path(folder, name).glob("*.safetensors"))
+                                        for k, v in load_file(f).items()})
+            return
+        from diffusers.training_utils import _set_state_dict_into_text_encoder
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft import set_peft_model_state_dict
+
+        state = family.pipeline_class().lora_state_dict(folder)[0]
+        for name, (module, _) in modules.items():
+            if name == "unet":
+                unet_state = convert_unet_state_dict_to_peft({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+                unexpected = set_peft_model_state_dict(module, unet_state, adapter_name="default").unexpected_keys
+                if unexpected:
+                    du.fail(f"cannot load the adapters of {folder}: unexpected {unexpected[0]}")
+            else:
+                _set_state_dict_into_text_encoder(state, prefix=f"{name}.", text_encoder=module)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Single file: the original (LDM / SGM) key layout that AUTOMATIC1111, ComfyUI, Forge, InvokeAI and diffusers'
 # from_single_file read. diffusers ships only the other direction (its loader, and a conversion script outside the
 # package), so this mapping is ours; its proof is the test: diffusers' own loader reads the file back to the same

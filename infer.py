@@ -104,7 +104,7 @@ def check_model(args):
         du.fail(f"LoRA folder {args.lora} has no {du.LORA_WEIGHTS}")
     path = Path(args.pretrained_model_name_or_path).expanduser()
     if path.is_dir() and not (path / "model_index.json").is_file():
-        if (path / "model.safetensors").is_file() and (path / "run_config.json").is_file():
+        if ((path / "model.safetensors").is_file() or (path / "unet").is_dir()) and (path / "run_config.json").is_file():
             return "checkpoint", base_of(path, du.check_checkpoint(path)["config"])
         if (path / du.LORA_WEIGHTS).is_file() and (path / "run_config.json").is_file():
             if args.lora:
@@ -127,9 +127,17 @@ def load_model(args, kind, source, dtype, device):
     if kind == "checkpoint":
         from safetensors.torch import load_file
 
-        # the checkpoint holds the trained model as accelerate saved it: "unet.*", "text_encoder.*" and SDXL's
-        # "text_encoder_2.*" (no text encoder when the embeddings were pre-computed), LoRA adapters in place
-        state = load_file(Path(args.pretrained_model_name_or_path, "model.safetensors"))
+        # the trained models in diffusers' layout (checkpoint-N/unet, text_encoder...), or, from older versions, as
+        # accelerate saved them: "unet.*", "text_encoder.*", "text_encoder_2.*" with any LoRA adapters in place
+        folder = Path(args.pretrained_model_name_or_path)
+        if (folder / "unet").is_dir():
+            for name in [n for n in ("unet", "text_encoder", "text_encoder_2") if (folder / n).is_dir()]:
+                getattr(pipe, name).load_state_dict({k: v for f in sorted((folder / name).glob("*.safetensors"))
+                                                     for k, v in load_file(f).items()})
+                getattr(pipe, name).to(device, dtype)
+            state = {}
+        else:
+            state = load_file(folder / "model.safetensors")
         for name in sorted({k.split(".")[0] for k in state}):
             module = getattr(pipe, name)
             if source.get("lora_rank") and (name == "unet" or source["train_text_encoder"]):

@@ -709,8 +709,7 @@ def main(argv=None):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)),
         # the shuffle order of epoch e is a function of (seed, e) alone: a resumed run can replay it
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-    )
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     du.check_deepspeed(accelerator, args.use_8bit_adam)
     # each process draws its own noise and timesteps (seed + process index)
     set_seed(args.seed, device_specific=True)
@@ -777,6 +776,8 @@ def main(argv=None):
                                  num_training_steps=max_train_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    export.diffusers_checkpoints(accelerator, family, args.lora_rank > 0,  # checkpoint-N/unet, as diffusers has it
+                                 ["unet"] + (list(text_encoders) if args.train_text_encoder else []))
     state = TrainState()
     accelerator.register_for_checkpointing(state)
 

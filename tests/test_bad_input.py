@@ -161,7 +161,8 @@ def test_resume_from_a_missing_or_partial_checkpoint(case):
     partial.mkdir(parents=True)
     (partial / "run_config.json").write_text("{}")
     message = refuse(args, "--resume_from_checkpoint", str(partial))
-    assert message.startswith(f"error: {partial} is not a complete training checkpoint (missing model.safetensors")
+    assert message == (f"error: {partial} is not a complete training checkpoint (missing random_states_0.pkl, "
+                       "custom_checkpoint_0.pkl, the trained weights)")
     assert [p.name for p in out.iterdir()] == ["checkpoint-3"]
 
 

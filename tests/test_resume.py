@@ -66,6 +66,37 @@ def test_total_limit_keeps_the_newest_checkpoints_and_each_carries_its_config(re
         assert (reference / f"checkpoint-{step}" / "random_states_0.pkl").is_file()
 
 
+def test_checkpoints_hold_the_trained_models_in_diffusers_layout(reference):
+    """checkpoint-N/unet and checkpoint-N/text_encoder load with from_pretrained(subfolder=...), as diffusers' docs
+    show; the weights are stored once (no model.safetensors beside them). The last checkpoint is the final model."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    assert not (reference / "checkpoint-6" / "model.safetensors").exists()
+    unet = UNet2DConditionModel.from_pretrained(reference, subfolder="checkpoint-6/unet")
+    text_encoder = CLIPTextModel.from_pretrained(reference, subfolder="checkpoint-6/text_encoder")
+    for module, component in ((unet, "unet"), (text_encoder, "text_encoder")):
+        final, saved = weights(reference, component), module.state_dict()
+        assert all(torch.equal(final[k], saved[k]) for k in final), component
+
+
+def test_a_checkpoint_in_accelerates_own_layout_still_resumes(reference, tiny_model, photos, priors, tmp_path, run):
+    """Checkpoints of earlier versions hold model.safetensors ("unet.*", "text_encoder.*"): rebuilt from
+    checkpoint-4, the resume is as exact as from the new layout."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    interrupted_copy(reference, out, keep=4)
+    checkpoint = out / "checkpoint-4"
+    state = {f"{name}.{k}": v for name in TRAINED for k, v in weights(checkpoint, name).items()}
+    save_file(state, checkpoint / "model.safetensors")
+    for name in TRAINED:
+        shutil.rmtree(checkpoint / name)
+    run("train_dreambooth.py", *command(tiny_model, photos, priors, out, "--resume_from_checkpoint", "latest"),
+        launch=False)
+    assert_same_run(reference, out, from_step=4)
+
+
 def test_resume_mid_epoch_is_bit_identical(run, reference, tiny_model, photos, priors, tmp_path):
     out = tmp_path / "run"
     interrupted_copy(reference, out, keep=4)

@@ -106,8 +106,11 @@ def test_export_publishes_a_finished_run_from_the_shell(token_run, monkeypatch, 
     assert calls["upload"]["repo_id"] == "me/sks-dog" and calls["upload"]["token"] == TOKEN
     assert "checkpoint-*" in calls["upload"]["ignore_patterns"] and "logs/*" in calls["upload"]["ignore_patterns"]
     assert "pushed" in capsys.readouterr().out
+    unfinished = tmp_path / "unfinished"  # a run that died before its first save
+    unfinished.mkdir()
+    shutil.copy(out / "run_config.json", unfinished)
     for folder, message in ((tmp_path, f"{tmp_path} is not a training output folder or an export of one"),
-                            (out / "checkpoint-1", f"{out / 'checkpoint-1'} holds no finished result yet")):
+                            (unfinished, f"{unfinished} holds no finished result yet")):
         with pytest.raises(SystemExit) as e:
             export.main([str(folder), "--push_to_hub"])
         assert str(e.value).startswith(f"error: {message}")
