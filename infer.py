@@ -177,7 +177,24 @@ def a1111_sampler(scheduler):
     return name + (" Karras" if scheduler.config.get("use_karras_sigmas") else "")
 
 
-def a1111_parameters(prompt, negative_prompt, steps, sampler, cfg, seed, index, width, height, model, lora=None):
+def model_hash(model):
+    """AUTOMATIC1111's "Model hash" (the first 10 hex digits of the file's sha256), when the model is a single file or
+    a folder holding one of its own name (`--save_single_file`); None otherwise."""
+    import hashlib
+
+    path = Path(model)
+    path = path if path.is_file() else path / f"{path.resolve().name}.safetensors"
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
+def a1111_parameters(prompt, negative_prompt, steps, sampler, cfg, seed, index, width, height, model, lora=None,
+                     hash_=None):
     """Generation settings as AUTOMATIC1111 writes them into a PNG's `parameters` chunk. The seed is the one given to
     infer.py, with the image's index: the UIs draw their noise another way, so the same seed makes the same image
     only here (`infer.py --seed S --image_index J`)."""
@@ -185,7 +202,8 @@ def a1111_parameters(prompt, negative_prompt, steps, sampler, cfg, seed, index, 
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
     lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg}, Seed: {seed}, Size: {width}x{height}, "
-                 f"Model: {model}, Image index: {index}" + (f", Lora: {lora}" if lora else ""))
+                 + (f"Model hash: {hash_}, " if hash_ else "") + f"Model: {model}, Image index: {index}"
+                 + (f", Lora: {lora}" if lora else ""))
     return "\n".join(lines)
 
 
@@ -251,6 +269,7 @@ def main(argv=None):
     height, width = (size or pipe.unet.config.sample_size * pipe.vae_scale_factor for size in (args.height, args.width))
     sampler = a1111_sampler(pipe.scheduler)
     model_name = Path(args.pretrained_model_name_or_path.rstrip("/")).name
+    hash_ = model_hash(args.pretrained_model_name_or_path)
 
     # ---- generate: image j of a prompt always in batch j // batch_size, so that it can be made again alone
     out = Path(args.output_dir)
@@ -290,7 +309,8 @@ def main(argv=None):
                 info = PngInfo()
                 lora = f"{Path(args.lora).name}:{args.lora_scale:g}" if args.lora else None
                 info.add_text("parameters", a1111_parameters(prompt, args.negative_prompt, args.num_inference_steps, sampler,
-                                                             args.guidance_scale, args.seed, j, width, height, model_name, lora))
+                                                             args.guidance_scale, args.seed, j, width, height, model_name, lora,
+                                                             hash_))
                 info.add_text("dreambooth", json.dumps(settings))
                 path = out / f"p{p_idx:02d}-{slug(prompt)}-i{j:03d}-seed{args.seed}.png"
                 image.save(path, pnginfo=info)

@@ -69,6 +69,17 @@ def test_training_writes_single_files_of_the_pipeline_and_its_exports(run, tiny_
     with safe_open(out / "sks-dog.safetensors", "pt") as f:
         settings = json.loads(f.metadata()["dreambooth.settings"])
     assert settings["optimizer_steps"] == 2 and settings["instance_prompt"] == "a photo of sks dog"
+    # infer.py names the single file's hash in A1111's metadata, as the web UIs do
+    import hashlib
+
+    import infer
+    from PIL import Image
+
+    infer.main(["--model", str(out), "--prompt", "a photo of sks dog", "--num_images_per_prompt", "1", "--num_inference_steps", "2",
+                "--height", "64", "--width", "64", "--output_dir", str(tmp_path / "images")])
+    (png,) = (tmp_path / "images").glob("*.png")
+    expected = hashlib.sha256((out / "sks-dog.safetensors").read_bytes()).hexdigest()[:10]
+    assert f"Model hash: {expected}, Model: sks-dog," in Image.open(png).text["parameters"]
     # the converter from the shell writes the same file
     from safetensors.torch import load_file
 
