@@ -79,6 +79,18 @@ def run(hf_home):
 
 
 @pytest.fixture
+def make_accelerator():
+    """accelerate's Accelerator on CPU for an in-process test; its process-wide state is reset before and after, so
+    tests that ask for different mixed precisions do not meet."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield lambda **kwargs: Accelerator(cpu=True, **kwargs)
+    AcceleratorState._reset_state(True)
+
+
+@pytest.fixture
 def case(tmp_path, tiny_model, photos):
     """Arguments of a valid run, with an output folder that does not exist yet."""
     inst = tmp_path / "photos"

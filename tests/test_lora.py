@@ -58,18 +58,16 @@ def test_lora_trains_only_adapters_and_loads_everywhere(run, tiny_model, photos,
     capsys.readouterr()
 
 
-def test_only_the_adapters_train(tiny_model, photos, tmp_path):
+def test_only_the_adapters_train(tiny_model, photos, tmp_path, make_accelerator):
     """The optimizer gets the parameters that require grad: with LoRA those are the adapters alone, so the base
     weights cannot move."""
-    from accelerate import Accelerator
-
     import dreambooth_utils as du
     import train_dreambooth
 
     args = train_dreambooth.parse_args([str(a) for a in train_args(tiny_model, photos, tmp_path / "out", *LORA,
                                                                     "--train_text_encoder")])
     train_dreambooth.check_args(args)
-    _, _, encoders, _, unet = train_dreambooth.load_models(args, Accelerator(cpu=True), du.SD)
+    _, _, encoders, _, unet = train_dreambooth.load_models(args, make_accelerator(), du.SD)
     for module in (unet, *encoders.values()):
         trainable = [n for n, p in module.named_parameters() if p.requires_grad]
         assert trainable and all("lora_" in n for n in trainable)

@@ -104,13 +104,11 @@ def test_time_ids_carry_each_images_real_size_and_crop_into_the_unet(tiny_sdxl, 
     assert not torch.allclose(out, other)
 
 
-def test_fp16_keeps_the_sdxl_vae_in_fp32_unless_a_separate_vae_is_given(tiny_sdxl, photos, tmp_path):
-    from accelerate import Accelerator
-
+def test_half_precision_keeps_the_sdxl_vae_in_fp32_unless_a_separate_vae_is_given(tiny_sdxl, photos, tmp_path, make_accelerator):
     args = train_dreambooth.parse_args([str(a) for a in train_args(tiny_sdxl, photos, tmp_path / "out",
                                                                     "--mixed_precision", "bf16", "--lora_rank", 2)])
     train_dreambooth.check_args(args)
-    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    accelerator = make_accelerator(mixed_precision="bf16")
     _, _, encoders, vae, unet = train_dreambooth.load_models(args, accelerator, du.SDXL)
     assert vae.dtype == torch.float32 and unet.dtype == torch.bfloat16
     assert {e.dtype for e in encoders.values()} == {torch.bfloat16}
