@@ -426,6 +426,15 @@ def number(kind, low=None, high=None, above=None, below=None, multiple_of=None):
     return parse
 
 
+def boolean(text):
+    """An argparse type for an on/off setting whose default is on (diffusers' --prodigy_decouple True)."""
+    if str(text).lower() in ("true", "1", "yes", "on"):
+        return True
+    if str(text).lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 # The ranges the scripts' numeric flags use
 COUNT = number(int, low=1)  # steps, images, batch sizes
 NATURAL = number(int, low=0)

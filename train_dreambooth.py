@@ -12,6 +12,7 @@ class) is chosen once, before the loop.
 Flags shared with diffusers' examples/dreambooth/train_dreambooth.py keep diffusers' names and meanings.
 """
 
+import contextlib
 import gc
 import math
 import os
@@ -81,7 +82,8 @@ def build_parser():
     g.add_argument("--num_train_epochs", type=du.COUNT, default=1, help="epochs, unless --max_train_steps is given")
     g.add_argument("--max_train_steps", type=du.COUNT, default=None, help="optimizer steps; overrides --num_train_epochs")
     g.add_argument("--gradient_accumulation_steps", type=du.COUNT, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--learning_rate", type=du.POSITIVE, default=5e-6, help="peak learning rate")
+    g.add_argument("--learning_rate", type=du.POSITIVE, default=None,
+                   help="peak learning rate (default: 5e-6; 1.0 with Prodigy, which sets its own step size)")
     g.add_argument("--scale_lr", action="store_true", help="multiply the learning rate by the global batch size")
     g.add_argument("--lr_scheduler", default="constant",
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
@@ -89,6 +91,13 @@ def build_parser():
     g.add_argument("--lr_warmup_steps", type=du.NATURAL, default=500, help="warmup steps of the schedule")
     g.add_argument("--lr_num_cycles", type=du.COUNT, default=1, help="hard restarts of cosine_with_restarts")
     g.add_argument("--lr_power", type=du.POSITIVE, default=1.0, help="power of the polynomial schedule")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "prodigy"],
+                   help="AdamW, bitsandbytes' 8-bit AdamW, or Prodigy (arxiv 2306.06101; the prodigyopt package)")
+    g.add_argument("--prodigy_beta3", type=du.FRACTION, default=None, help="Prodigy's beta3 (default: sqrt(beta2))")
+    g.add_argument("--prodigy_decouple", type=du.boolean, default=True, help="Prodigy: decoupled (AdamW-style) weight decay")
+    g.add_argument("--prodigy_use_bias_correction", type=du.boolean, default=True, help="Prodigy: Adam's bias correction")
+    g.add_argument("--prodigy_safeguard_warmup", type=du.boolean, default=True,
+                   help="Prodigy: leave the learning-rate warmup out of its step-size estimate")
     g.add_argument("--adam_beta1", type=du.FRACTION, default=0.9, help="AdamW's first-moment decay")
     g.add_argument("--adam_beta2", type=du.FRACTION, default=0.999, help="AdamW's second-moment decay")
     g.add_argument("--adam_weight_decay", type=du.NONNEGATIVE, default=1e-2, help="AdamW's decoupled weight decay")
@@ -98,6 +107,13 @@ def build_parser():
     g.add_argument("--snr_gamma", type=du.POSITIVE, default=None,
                    help="min-SNR loss weighting gamma, 5.0 is usual (arxiv 2303.09556; v-prediction: the paper's "
                         "min(SNR, gamma) / (SNR + 1), not diffusers' min(SNR, gamma) / SNR + 1)")
+    g.add_argument("--use_ema", action="store_true",
+                   help="keep an exponential moving average of the trained weights (full or LoRA) and use it for "
+                        "validation, exports and the result")
+    g.add_argument("--ema_decay", type=du.FRACTION, default=0.9999,
+                   help="the average's decay, reached after its warm-up (diffusers' EMAModel: (1 + t) / (10 + t))")
+    g.add_argument("--ema_warmup", action="store_true", help="EMAModel's other warm-up: 1 - (1 + t) ** -2/3")
+    g.add_argument("--save_raw_weights", action="store_true", help="with --use_ema, also save the raw weights in raw/")
     g.add_argument("--seed", type=du.SEED, default=None, help="seed (default: drawn at random and recorded in run_config.json)")
 
     g = p.add_argument_group("LoRA (adapters instead of the full fine-tune)")
@@ -111,7 +127,7 @@ def build_parser():
     g = p.add_argument_group("precision and memory")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="overrides accelerate's config; trainable weights stay fp32 either way")
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (--optimizer adamw8bit)")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention (CUDA only); PyTorch SDPA is used otherwise")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
@@ -191,6 +207,8 @@ def check_args(args):
         du.note("--class_dir/--class_prompt are ignored without --with_prior_preservation")
     if args.cache_latents and not args.center_crop:
         du.fail("--cache_latents needs --center_crop: a random crop differs every epoch (flips are fine, both are cached)")
+    if args.save_raw_weights and not args.use_ema:
+        du.note("--save_raw_weights has no effect without --use_ema (the result is the raw weights then)")
     if args.save_single_file and args.lora_rank:
         du.fail("--save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file")
     if args.pre_compute_text_embeddings and args.train_text_encoder:
@@ -203,8 +221,15 @@ def check_args(args):
     du.check_launch()
     if args.enable_xformers_memory_efficient_attention:
         du.check_xformers()
-    if args.use_8bit_adam:
-        du.require("bitsandbytes", "--use_8bit_adam")
+    if args.use_8bit_adam:  # diffusers' spelling
+        args.optimizer = "adamw8bit"
+    args.use_8bit_adam = args.optimizer == "adamw8bit"
+    if args.learning_rate is None:
+        args.learning_rate = 1.0 if args.optimizer == "prodigy" else 5e-6
+    if args.optimizer == "adamw8bit":
+        du.require("bitsandbytes", "--optimizer adamw8bit")
+    if args.optimizer == "prodigy":
+        du.require("prodigyopt", "--optimizer prodigy")
     if args.report_to in ("wandb", "all"):
         du.check_wandb(f"--report_to {args.report_to}")
     if args.push_to_hub:
@@ -558,6 +583,40 @@ def save_weights(args, output_dir, dtype, trained, name):
 # never interrupted (same batches, same noise, same weights)
 
 
+class Averager:
+    """--use_ema: the exponential moving average of the trained weights (diffusers' EMAModel: fp32, its warm-up),
+    taken after every optimizer step and saved in checkpoints (register_for_checkpointing), so a resume is exact;
+    `applied()` swaps it into the model for validation, exports and the result. Without --use_ema it does nothing,
+    so the loop reads the same either way."""
+
+    def __init__(self, params, args):
+        from diffusers.training_utils import EMAModel
+
+        self.params = params
+        self.ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=args.ema_warmup) if args.use_ema else None
+
+    def step(self):
+        if self.ema:
+            self.ema.step(self.params)
+
+    @contextlib.contextmanager
+    def applied(self):
+        if self.ema:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            if self.ema:
+                self.ema.restore(self.params)
+
+    def state_dict(self):
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state):
+        self.ema.load_state_dict(state)
+
+
 class TrainState:
     """Where the loop is. Saved in every checkpoint by accelerate's register_for_checkpointing, beside the model,
     optimizer, schedule, gradient scaler and the random state of every process."""
@@ -620,6 +679,24 @@ def start_trackers(accelerator, args, record):
                   git_commit=str(record["git_commit"]))
     accelerator.init_trackers(args.tracker_project_name, config=config,
                               init_kwargs={"wandb": {"name": args.run_name, "dir": args.output_dir}})
+
+
+def make_optimizer(args, params):
+    """AdamW, bitsandbytes' 8-bit AdamW, or Prodigy (Mishchenko & Defazio 2023), which estimates its own step size:
+    its learning rate is a multiplier, 1.0 as usual. Each keeps its state in the optimizer's state dict, which
+    accelerate checkpoints, so a resume is exact."""
+    adam = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=args.learning_rate, beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
+                       use_bias_correction=args.prodigy_use_bias_correction,
+                       safeguard_warmup=args.prodigy_safeguard_warmup, **adam)
+    if args.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=args.learning_rate, **adam)
+    return torch.optim.AdamW(params, lr=args.learning_rate, **adam)
 
 
 def load_models(args, accelerator, family):
@@ -752,13 +829,7 @@ def main(argv=None):
     global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     if args.scale_lr:
         args.learning_rate *= global_batch
-    optimizer_cls = torch.optim.AdamW
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_cls = bnb.optim.AdamW8bit
-    optimizer = optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = make_optimizer(args, params)
     # important! The loader gets its own generator: by default each new iterator draws a seed from the global
     # torch RNG, and a resumed run (which starts a new iterator mid-epoch) would then draw different noise.
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
@@ -778,8 +849,10 @@ def main(argv=None):
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     export.diffusers_checkpoints(accelerator, family, args.lora_rank > 0,  # checkpoint-N/unet, as diffusers has it
                                  ["unet"] + (list(text_encoders) if args.train_text_encoder else []))
-    state = TrainState()
+    state, averager = TrainState(), Averager(params, args)
     accelerator.register_for_checkpointing(state)
+    if args.use_ema:
+        accelerator.register_for_checkpointing(averager)
 
     # ---- the run records itself
     config = {**vars(args), "num_instance_images": len(instances), "num_class_images_used": len(class_paths),
@@ -836,7 +909,8 @@ def main(argv=None):
             model.eval()
             pipe = validation_pipeline(args, family, accelerator.unwrap_model(model), vae, tokenizers, text_encoders,
                                        noise_scheduler)
-            log_validation(accelerator, args, pipe, dataset.embeddings, step)
+            with averager.applied():
+                log_validation(accelerator, args, pipe, dataset.embeddings, step)
             model.train()
 
     # ---- training loop
@@ -918,12 +992,14 @@ def main(argv=None):
                 step_losses.zero_()
                 micro_steps, window_steps, window_seconds, stop = 0, 0, 0.0, mean[3] > 0
             # ---- validation images, checkpoint, export, stop
+            averager.step()
             if state.global_step % args.validation_steps == 0:
                 validate(state.global_step)
             if state.global_step % args.checkpointing_steps == 0 or stop:
                 checkpoint = save_checkpoint(accelerator, args, state, record)
             if args.export_steps and state.global_step % args.export_steps == 0:
-                export_pipeline(accelerator, args, model, state.global_step)
+                with averager.applied():
+                    export_pipeline(accelerator, args, model, state.global_step)
             if stop:
                 progress.close()
                 accelerator.print(f"stopped by {stop_signal[0] if stop_signal else 'a signal to another process'} "
@@ -943,16 +1019,23 @@ def main(argv=None):
     for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)
 
-    # ---- save the pipeline (the trained modules in fp32; the frozen ones re-read from the base model) or the adapters
+    # ---- save the pipeline (the trained modules in fp32; the frozen ones re-read from the base model) or the adapters;
+    # with --use_ema the average, and with --save_raw_weights the raw weights as well in raw/
     accelerator.wait_for_everyone()
-    trained = trained_weights(accelerator, args, model)
+    name = Path(args.output_dir).resolve().name
+    if args.use_ema and args.save_raw_weights:
+        trained = trained_weights(accelerator, args, model)
+        if accelerator.is_main_process:
+            save_weights(args, Path(args.output_dir, "raw"), torch.float32, trained, f"{name}-raw")
+    with averager.applied():
+        trained = trained_weights(accelerator, args, model)
+        if accelerator.is_main_process:
+            save_weights(args, args.output_dir, torch.float32, trained, name)
     if accelerator.is_main_process:
-        save_weights(args, args.output_dir, torch.float32, trained, Path(args.output_dir).resolve().name)
         export.model_card(args.output_dir, record["config"]).save(Path(args.output_dir, "README.md"))
         accelerator.print(f"saved the fine-tuned {'LoRA adapters' if args.lora_rank else 'pipeline'} to {args.output_dir}")
         if args.push_to_hub:
-            export.push_to_hub(args.output_dir, args.hub_model_id or Path(args.output_dir).resolve().name, args.hub_token,
-                           args.logging_dir)
+            export.push_to_hub(args.output_dir, args.hub_model_id or name, args.hub_token, args.logging_dir)
     accelerator.end_training()
 
 

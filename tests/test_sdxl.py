@@ -216,7 +216,8 @@ def test_resume_mid_epoch_and_two_processes_are_exact(run, tiny_sdxl, photos, tm
 def test_cached_latents_and_embeddings_train_the_same_weights(run, tiny_sdxl, photos, tmp_path):
     common = ["--train_batch_size", 1, "--center_crop", "--random_flip", "--max_train_steps", 3, "--report_to", "none",
               "--validation_prompt", "a dog", "--num_validation_images", 1, "--validation_inference_steps", 2,
-              "--validation_epochs", 1]  # diffusers' SDXL spelling: 4 photos at batch 1 make 4 steps an epoch
+              "--validation_epochs", 1,  # diffusers' SDXL spelling: 4 photos at batch 1 make 4 steps an epoch
+              "--use_ema", "--ema_decay", 0.9, "--optimizer", "prodigy"]  # the training options on SDXL too
     run("train_dreambooth.py", *train_args(tiny_sdxl, photos, tmp_path / "live", *common))
     run("train_dreambooth.py", *train_args(tiny_sdxl, photos, tmp_path / "cached", *common, "--cache_latents",
                                            "--pre_compute_text_embeddings"))

@@ -1,0 +1,67 @@
+"""Training options chosen before the loop, so the step reads the same: the optimizer (AdamW, 8-bit AdamW, Prodigy)
+and the exponential moving average of the weights. Each checked against what it promises, on the tiny models."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from test_resume import assert_same_run
+from test_train import train_args, weights
+
+EMA = ["--use_ema", "--ema_decay", 0.5, "--train_batch_size", 1, "--max_train_steps", 3, "--checkpointing_steps", 1]
+
+
+def test_ema_is_the_hand_computed_average_of_the_raw_weights(run, tiny_model, photos, tmp_path):
+    """The result of a --use_ema run is the average of the raw weights that each step's checkpoint holds: EMAModel's
+    decay min(ema_decay, (1 + t) / (10 + t)) with t = step - 1 (0, then 2/11, then 3/12 here)."""
+    out = tmp_path / "run"
+    run("train_dreambooth.py", *train_args(tiny_model, photos, out, *EMA, "--save_raw_weights", "--report_to", "none"))
+    average = weights(tiny_model, "unet")
+    for step in (1, 2, 3):
+        decay = min(0.5, step / (9 + step)) if step > 1 else 0.0
+        raw = weights(out / f"checkpoint-{step}", "unet")
+        average = {k: decay * average[k] + (1 - decay) * raw[k] for k in average}
+    result = weights(out, "unet")
+    assert all(torch.allclose(result[k], average[k], atol=1e-6) for k in average)
+    assert not all(torch.equal(result[k], raw[k]) for k in raw)  # the average, not the last step
+    kept = weights(out / "raw", "unet")  # --save_raw_weights: the last step's raw weights beside it
+    assert all(torch.equal(kept[k], raw[k]) for k in raw)
+
+
+@pytest.mark.parametrize("options", [["--use_ema", "--ema_decay", 0.9, "--lora_rank", 4, "--learning_rate", 1e-3],
+                                     ["--optimizer", "prodigy"]], ids=["ema-lora", "prodigy"])
+def test_the_option_resumes_bit_identically(run, tiny_model, photos, tmp_path, options):
+    common = [*options, "--train_batch_size", 1, "--max_train_steps", 4, "--checkpointing_steps", 2,
+              "--train_text_encoder"]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    run("train_dreambooth.py", *train_args(tiny_model, photos, reference, *common), launch=False)
+    shutil.copytree(reference / "checkpoint-2", out / "checkpoint-2")
+    run("train_dreambooth.py", *train_args(tiny_model, photos, out, *common, "--resume_from_checkpoint", "latest"),
+        launch=False)
+    if "--lora_rank" in options:
+        from safetensors.torch import load_file
+
+        ref, new = (load_file(f / "pytorch_lora_weights.safetensors") for f in (reference, out))
+        assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref)
+    else:
+        assert_same_run(reference, out, from_step=2)
+    record = json.loads((reference / "run_config.json").read_text())["config"]
+    assert record["optimizer"] == ("prodigy" if "prodigy" in options else "adamw")
+
+
+@pytest.mark.parametrize("flags, optimizer, learning_rate", [
+    ([], "AdamW", 5e-6), (["--use_8bit_adam"], "AdamW8bit", 5e-6), (["--optimizer", "adamw8bit"], "AdamW8bit", 5e-6),
+    (["--optimizer", "prodigy"], "Prodigy", 1.0),  # Prodigy's learning rate multiplies the step size it estimates
+    (["--optimizer", "prodigy", "--learning_rate", 0.5], "Prodigy", 0.5)])
+def test_the_optimizer_and_its_default_learning_rate(tiny_model, photos, tmp_path, flags, optimizer, learning_rate):
+    import train_dreambooth
+
+    argv = train_args(tiny_model, photos, tmp_path / "o")
+    argv[argv.index("--learning_rate"):argv.index("--learning_rate") + 2] = []  # train_args gives one
+    args = train_dreambooth.parse_args([str(a) for a in argv + flags])
+    train_dreambooth.check_args(args)
+    made = train_dreambooth.make_optimizer(args, [torch.nn.Parameter(torch.zeros(4))])
+    assert type(made).__name__ == optimizer and made.param_groups[0]["lr"] == learning_rate
+    assert args.use_8bit_adam == (optimizer == "AdamW8bit")
