@@ -574,12 +574,12 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name: load_
 
 
 def add_lora(model, config, targets):
-    """Inject LoRA adapters (the run config's rank, alpha, dropout) into a diffusers or transformers model."""
+    """Inject LoRA adapters (the run config's rank, alpha, dropout, DoRA) into a diffusers or transformers model."""
     from peft import LoraConfig
 
     model.add_adapter(LoraConfig(r=config["lora_rank"], lora_alpha=config["lora_alpha"] or config["lora_rank"],
                                  lora_dropout=config["lora_dropout"], init_lora_weights="gaussian",
-                                 target_modules=targets))
+                                 use_dora=bool(config.get("use_dora")), target_modules=targets))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,11 @@ import dreambooth_utils as du
 # LoRA files
 
 
+KOHYA_DORA = ("DoRA adapters get no kohya-format copy: the web UIs' DoRA readers disagree on the magnitude's axis "
+              "(AUTOMATIC1111 takes the input axis, peft trains the output axis) and diffusers' kohya reader drops it; "
+              "the diffusers-format file holds them whole")
+
+
 def save_lora(folder, family, dtype, trained):
     """Adapters of {name: (module, state dict)} ("unet", "text_encoder", "text_encoder_2") in diffusers' format
     (`pipe.load_lora_weights(folder)` of the family's pipeline; the LoRA config, alpha included, rides along as
@@ -30,10 +35,15 @@ def save_lora(folder, family, dtype, trained):
 
     peft = {name: {k: v.to(dtype) for k, v in get_peft_model_state_dict(module, state_dict=state).items()}
             for name, (module, state) in trained.items()}
+    # DoRA's magnitudes of a text encoder are written as "...lora_magnitude_vector.weight": transformers' load_adapter
+    # (which load_lora_weights calls for text encoders) skips the key without ".weight", peft reads both spellings
+    layers = {name: {(k + ".weight" if name != "unet" and k.endswith(".lora_magnitude_vector") else k): v
+                     for k, v in convert_state_dict_to_diffusers(sd).items()} for name, sd in peft.items()}
     family.pipeline_class().save_lora_weights(
-        folder, safe_serialization=True,
-        **{f"{name}_lora_layers": convert_state_dict_to_diffusers(sd) for name, sd in peft.items()},
+        folder, safe_serialization=True, **{f"{name}_lora_layers": sd for name, sd in layers.items()},
         **{f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict() for name, (module, _) in trained.items()})
+    if trained["unet"][0].peft_config["default"].use_dora:
+        return  # no kohya copy: see KOHYA_DORA
     kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, sd in peft.items() for k, v in sd.items()})
     alpha = trained["unet"][0].peft_config["default"].lora_alpha  # the converter writes alpha = rank; ours may differ
     kohya = {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
@@ -265,7 +275,8 @@ def model_card(folder, config):
             "stable-diffusion-xl" if family is du.SDXL else "stable-diffusion"] + (["lora"] if lora else [])
     data = ModelCardData(base_model=hub_base, license=base_license(base), library_name="diffusers", tags=tags,
                          instance_prompt=config["instance_prompt"])
-    method = (f"LoRA (rank {config['lora_rank']}, alpha {config['lora_alpha'] or config['lora_rank']})" if lora
+    method = (f"{'DoRA' if config.get('use_dora') else 'LoRA'} (rank {config['lora_rank']}, alpha "
+              f"{config['lora_alpha'] or config['lora_rank']})" if lora
               else "full fine-tune") + (" of the UNet and the text encoder(s)" if config.get("train_text_encoder")
                                         else " of the UNet")
     prior = (f"with prior preservation ({config['num_class_images_used']} images of \"{config['class_prompt']}\", "
@@ -298,7 +309,7 @@ image = pipe("{config['instance_prompt']}", num_inference_steps=30).images[0]
 """ + ("""
 `pytorch_lora_weights_kohya.safetensors` holds the same adapters under kohya's names, for AUTOMATIC1111, ComfyUI and
 the other web UIs.
-""" if lora else "") + f"""
+""" if lora and not config.get("use_dora") else "") + f"""
 The license is the base model's{'' if data.license else f' (see `{base}`)'}.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

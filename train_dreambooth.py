@@ -121,6 +121,8 @@ def build_parser():
                    help="rank of LoRA adapters (0: full fine-tune); use a learning rate of about 1e-4 with LoRA")
     g.add_argument("--lora_alpha", type=du.POSITIVE, default=None, help="LoRA alpha (default: the rank, a scale of 1)")
     g.add_argument("--lora_dropout", type=du.FRACTION, default=0.0, help="dropout of the LoRA layers")
+    g.add_argument("--use_dora", action="store_true",
+                   help="DoRA adapters (arxiv 2402.09353: LoRA's direction plus a learned magnitude; peft's use_dora)")
     g.add_argument("--lora_target_modules", nargs="+", default=du.UNET_LORA_TARGETS,
                    help="UNet modules that get adapters (the text encoders' q/k/v/out projections with --train_text_encoder)")
 
@@ -209,6 +211,10 @@ def check_args(args):
         du.fail("--cache_latents needs --center_crop: a random crop differs every epoch (flips are fine, both are cached)")
     if args.save_raw_weights and not args.use_ema:
         du.note("--save_raw_weights has no effect without --use_ema (the result is the raw weights then)")
+    if args.use_dora and not args.lora_rank:
+        du.fail("--use_dora needs --lora_rank: DoRA is a kind of LoRA adapter")
+    if args.use_dora:
+        du.note(export.KOHYA_DORA)
     if args.save_single_file and args.lora_rank:
         du.fail("--save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file")
     if args.pre_compute_text_embeddings and args.train_text_encoder:

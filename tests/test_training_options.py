@@ -1,7 +1,8 @@
-"""Training options chosen before the loop, so the step reads the same: the optimizer (AdamW, 8-bit AdamW, Prodigy)
-and the exponential moving average of the weights. Each checked against what it promises, on the tiny models."""
+"""Training options chosen before the loop, so the step reads the same: the optimizer (AdamW, 8-bit AdamW, Prodigy),
+the exponential moving average of the weights and DoRA adapters. Each checked against what it promises, on the tiny models."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -31,7 +32,8 @@ def test_ema_is_the_hand_computed_average_of_the_raw_weights(run, tiny_model, ph
 
 
 @pytest.mark.parametrize("options", [["--use_ema", "--ema_decay", 0.9, "--lora_rank", 4, "--learning_rate", 1e-3],
-                                     ["--optimizer", "prodigy"]], ids=["ema-lora", "prodigy"])
+                                     ["--optimizer", "prodigy"], ["--lora_rank", 4, "--use_dora", "--learning_rate", 1e-3]],
+                         ids=["ema-lora", "prodigy", "dora"])
 def test_the_option_resumes_bit_identically(run, tiny_model, photos, tmp_path, options):
     common = [*options, "--train_batch_size", 1, "--max_train_steps", 4, "--checkpointing_steps", 2,
               "--train_text_encoder"]
@@ -65,3 +67,36 @@ def test_the_optimizer_and_its_default_learning_rate(tiny_model, photos, tmp_pat
     made = train_dreambooth.make_optimizer(args, [torch.nn.Parameter(torch.zeros(4))])
     assert type(made).__name__ == optimizer and made.param_groups[0]["lr"] == learning_rate
     assert args.use_8bit_adam == (optimizer == "AdamW8bit")
+
+
+def test_dora_adapters_load_in_diffusers_whole(run, tiny_sdxl, photos, tmp_path):
+    """SDXL with both text encoders: every DoRA magnitude and LoRA matrix of the file reaches the pipeline through
+    diffusers' load_lora_weights (transformers' loader skips a text encoder's magnitude under peft's usual key), the
+    image changes, and no kohya copy is written (the web UIs' DoRA readers disagree with peft on the magnitude's axis)."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    out = tmp_path / "dora"
+    proc = run("train_dreambooth.py", *train_args(tiny_sdxl, photos, out, "--lora_rank", 4, "--use_dora",
+               "--train_text_encoder", "--learning_rate", 1e-2, "--max_train_steps", 3, "--report_to", "none"),
+               launch=False)
+    assert "no kohya-format copy" in proc.stderr and not (out / "pytorch_lora_weights_kohya.safetensors").exists()
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    assert {k.split(".")[0] for k in saved if "lora_magnitude_vector" in k} == {"unet", "text_encoder", "text_encoder_2"}
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    image = lambda: pipe("a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np",
+                         generator=torch.Generator().manual_seed(0)).images[0]
+    base = image()
+    pipe.load_lora_weights(out)
+    loaded = {f"{name}.{k}": v for name in ("unet", "text_encoder", "text_encoder_2")
+              for k, v in getattr(pipe, name).named_parameters() if "lora_" in k}
+
+    def same_name(key):  # the file's names (diffusers' format) and the pipeline's (peft's) on one spelling
+        key = re.sub(r"\.(lora\.down|lora_linear_layer\.down|lora_A\.default_0)\.weight$", ".A", key.replace("text_model.", ""))
+        key = re.sub(r"\.(lora\.up|lora_linear_layer\.up|lora_B\.default_0)\.weight$", ".B", key)
+        return re.sub(r"\.lora_magnitude_vector(\.default_0)?(\.weight)?$", ".M", key)
+    saved = {same_name(k): v for k, v in saved.items()}
+    assert saved.keys() == {same_name(k) for k in loaded}
+    assert all(torch.equal(v.detach(), saved[same_name(k)]) for k, v in loaded.items())
+    assert abs(image() - base).max() > 1e-3
