@@ -78,6 +78,8 @@ def build_parser():
 
     g = p.add_argument_group("training")
     g.add_argument("--train_text_encoder", action="store_true", help="also fine-tune the text encoder (SDXL: both)")
+    g.add_argument("--train_text_encoder_frac", type=du.number(float, above=0, high=1), default=1.0,
+                   help="with --train_text_encoder: train it for this first fraction of the steps, then freeze it")
     g.add_argument("--train_batch_size", type=du.COUNT, default=4, help="instance images per device per step")
     g.add_argument("--num_train_epochs", type=du.COUNT, default=1, help="epochs, unless --max_train_steps is given")
     g.add_argument("--max_train_steps", type=du.COUNT, default=None, help="optimizer steps; overrides --num_train_epochs")
@@ -217,6 +219,8 @@ def check_args(args):
         du.note(export.KOHYA_DORA)
     if args.save_single_file and args.lora_rank:
         du.fail("--save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file")
+    if args.train_text_encoder_frac < 1 and not args.train_text_encoder:
+        du.fail("--train_text_encoder_frac needs --train_text_encoder")
     if args.pre_compute_text_embeddings and args.train_text_encoder:
         du.fail("--pre_compute_text_embeddings needs a frozen text encoder: leave out --train_text_encoder")
     args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path, args.revision,
@@ -465,6 +469,17 @@ class DreamBoothModel(torch.nn.Module):
         self.text_encoder_names = list(text_encoders)
         for name, encoder in text_encoders.items():
             setattr(self, name, encoder)
+
+    def freeze_text_encoders(self):
+        """--train_text_encoder_frac: from this step on the text encoders (or their adapters) run without gradients,
+        and their gradients are dropped, so the optimizer, which skips a parameter without one, leaves them as they
+        are (its state for them stays, unused)."""
+        if self.train_text_encoder:
+            self.train_text_encoder = False
+            for name in self.text_encoder_names:
+                for p in getattr(self, name).parameters():
+                    p.grad = None
+            self.train(self.training)
 
     def train(self, mode=True):
         super().train(mode)
@@ -775,7 +790,8 @@ def main(argv=None):
         du.list_images(args.class_dir, "class image")  # names a corrupt class image now, not mid-run
 
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+    from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration,
+                                  broadcast_object_list, set_seed)
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import compute_snr
@@ -788,6 +804,8 @@ def main(argv=None):
             args.seed = broadcast_object_list([args.seed])[0]
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # the text encoders' parameters stop getting gradients at --train_text_encoder_frac: DDP must not wait for them
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder_frac < 1)],
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)),
@@ -846,6 +864,7 @@ def main(argv=None):
     steps_per_epoch = math.ceil(math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    text_encoder_steps = max(1, round(args.train_text_encoder_frac * max_train_steps))  # then the text encoders freeze
     if args.validation_epochs:
         args.validation_steps = args.validation_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
@@ -864,6 +883,7 @@ def main(argv=None):
     config = {**vars(args), "num_instance_images": len(instances), "num_class_images_used": len(class_paths),
               "num_processes": accelerator.num_processes, "mixed_precision_resolved": accelerator.mixed_precision,
               "global_batch_size": global_batch, "total_optimizer_steps": max_train_steps, "num_epochs": num_epochs,
+              "text_encoder_steps": min(text_encoder_steps, max_train_steps) if args.train_text_encoder else 0,
               "prediction_type": noise_scheduler.config.prediction_type,
               "trainable_parameters": sum(p.numel() for p in params),
               "instance_images": [str(image) if isinstance(image, Path) else f"{args.dataset_name}[{i}]"
@@ -899,7 +919,8 @@ def main(argv=None):
         f"{accelerator.num_processes} process(es), global batch {global_batch} "
         f"({args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes}), "
         f"{max_train_steps} optimizer steps, {config['trainable_parameters']:,} trainable parameters, "
-        f"mixed precision {accelerator.mixed_precision}, {config['prediction_type']} target")
+        f"mixed precision {accelerator.mixed_precision}, {config['prediction_type']} target"
+        + (f", text encoder(s) frozen after step {text_encoder_steps}" if args.train_text_encoder_frac < 1 else ""))
 
     # ---- SIGTERM (clusters, spot instances) or Ctrl-C: finish the optimizer step, save a checkpoint, exit 0
     stop_signal = []
@@ -943,6 +964,8 @@ def main(argv=None):
         loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch) if state.batches_in_epoch else dataloader
         loader.set_epoch(epoch)
         for batch in loader:
+            if state.global_step >= text_encoder_steps:  # --train_text_encoder_frac (a resumed run too)
+                accelerator.unwrap_model(model).freeze_text_encoders()
             state.batches_in_epoch += 1
             with accelerator.accumulate(model):
                 # encode: images -> latents with the frozen VAE (or from the cache)

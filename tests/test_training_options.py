@@ -1,5 +1,5 @@
 """Training options chosen before the loop, so the step reads the same: the optimizer (AdamW, 8-bit AdamW, Prodigy),
-the exponential moving average of the weights and DoRA adapters. Each checked against what it promises, on the tiny models."""
+the exponential moving average of the weights, DoRA adapters and training the text encoder for part of the run. Each checked against what it promises, on the tiny models."""
 
 import json
 import re
@@ -32,8 +32,10 @@ def test_ema_is_the_hand_computed_average_of_the_raw_weights(run, tiny_model, ph
 
 
 @pytest.mark.parametrize("options", [["--use_ema", "--ema_decay", 0.9, "--lora_rank", 4, "--learning_rate", 1e-3],
-                                     ["--optimizer", "prodigy"], ["--lora_rank", 4, "--use_dora", "--learning_rate", 1e-3]],
-                         ids=["ema-lora", "prodigy", "dora"])
+                                     ["--optimizer", "prodigy"], ["--lora_rank", 4, "--use_dora", "--learning_rate", 1e-3],
+                                     ["--train_text_encoder_frac", 0.75], ["--train_text_encoder_frac", 0.25]],
+                         ids=["ema-lora", "prodigy", "dora", "text-encoder-switch-after-resume",
+                              "text-encoder-switch-before-resume"])
 def test_the_option_resumes_bit_identically(run, tiny_model, photos, tmp_path, options):
     common = [*options, "--train_batch_size", 1, "--max_train_steps", 4, "--checkpointing_steps", 2,
               "--train_text_encoder"]
@@ -100,3 +102,36 @@ def test_dora_adapters_load_in_diffusers_whole(run, tiny_sdxl, photos, tmp_path)
     assert saved.keys() == {same_name(k) for k in loaded}
     assert all(torch.equal(v.detach(), saved[same_name(k)]) for k, v in loaded.items())
     assert abs(image() - base).max() > 1e-3
+
+
+@pytest.mark.parametrize("family, options", [("sd", ["--learning_rate", 1e-3]),
+                                             ("sdxl", ["--lora_rank", 4, "--learning_rate", 1e-2])],
+                         ids=["sd-full", "sdxl-lora"])
+def test_the_text_encoder_stops_changing_after_its_fraction(run, tiny_model, tiny_sdxl, photos, tmp_path, family, options):
+    """--train_text_encoder_frac 0.5 of 4 steps: the text encoders (or their adapters) change in steps 1 and 2 and not
+    after, although AdamW's momentum and weight decay would move them on zero gradients; the UNet keeps changing.
+    Two processes: DDP does not wait for the gradients that stop coming."""
+    from safetensors.torch import load_file
+
+    model, encoders = (tiny_model, ["text_encoder"]) if family == "sd" else (tiny_sdxl, ["text_encoder", "text_encoder_2"])
+    out = tmp_path / "run"
+    proc = run("train_dreambooth.py", *train_args(model, photos, out, *options, "--train_text_encoder",
+               "--train_text_encoder_frac", 0.5, "--train_batch_size", 1, "--max_train_steps", 4,
+               "--checkpointing_steps", 1, "--adam_weight_decay", 0.1, "--report_to", "none"),
+               launch=["--multi_gpu", "--num_processes", 2], env={"ACCELERATE_USE_CPU": "true"})
+    assert "text encoder(s) frozen after step 2" in proc.stdout
+
+    def state(step, name):  # the trained weights, or the adapters, of one checkpoint
+        if "--lora_rank" in options:
+            return {k: v for k, v in load_file(out / f"checkpoint-{step}" / "pytorch_lora_weights.safetensors").items()
+                    if k.startswith(f"{name}.")}
+        return weights(out / f"checkpoint-{step}", name)
+
+    def same(a, b):
+        assert a and a.keys() == b.keys()
+        return all(torch.equal(a[k], b[k]) for k in a)
+    for name in encoders:
+        assert not same(state(1, name), state(2, name))  # trains in step 2
+        assert same(state(2, name), state(3, name)) and same(state(3, name), state(4, name))  # and not after
+    assert not same(state(3, "unet"), state(4, "unet"))
+    assert json.loads((out / "run_config.json").read_text())["config"]["text_encoder_steps"] == 2
