@@ -33,11 +33,21 @@ sys.path.insert(0, str(ROOT))
 from toyworld.world import PALETTE, SHAPES, SUBJECT, read_attributes, write_subject_photos  # noqa: E402
 
 BACKGROUNDS = [c for c in PALETTE if c not in SUBJECT]
+DEFAULT_ROWS = ["full, prior preservation", "full, no prior preservation", "full, prior preservation, text encoder",
+                "LoRA rank 8, prior preservation"]
 ROWS = {  # name: train_dreambooth.py flags on top of the common ones
     "full, prior preservation": ["--with_prior_preservation"],
     "full, no prior preservation": [],
     "full, prior preservation, text encoder": ["--with_prior_preservation", "--train_text_encoder"],
     "LoRA rank 8, prior preservation": ["--with_prior_preservation", "--lora_rank", "8"],
+    # training options, each against the row it changes
+    "full, prior preservation, text encoder, EMA 0.99": ["--with_prior_preservation", "--train_text_encoder",
+                                                         "--use_ema", "--ema_decay", "0.99"],
+    "full, prior preservation, text encoder, Prodigy": ["--with_prior_preservation", "--train_text_encoder",
+                                                        "--optimizer", "prodigy", "--learning_rate", "1.0"],
+    "full, prior preservation, text encoder for the first half": ["--with_prior_preservation", "--train_text_encoder",
+                                                                  "--train_text_encoder_frac", "0.5"],
+    "DoRA rank 8, prior preservation": ["--with_prior_preservation", "--lora_rank", "8", "--use_dora"],
 }
 
 
@@ -73,18 +83,18 @@ def subject_metrics(model, out, args):
             "diversity_bits": entropy, "images": len(seen) + len(plain)}
 
 
-def dreambooth(model, out, args):
+def dreambooth(model, out, args, seed):
     photos = out / "subject-photos"
     write_subject_photos(photos)
     common = ["--num_inference_steps", args.num_inference_steps, "--guidance_scale", args.guidance_scale,
-              "--scheduler", "ddim", "--seed", args.seed]
+              "--scheduler", "ddim", "--seed", args.seed]  # the same class images for every training seed
     script("generate_priors.py", "--model", model, "--class_prompt", "a photo of a circle", "--class_dir",
            out / "priors", "--num_class_images", args.num_class_images, "--sample_batch_size", 10, *common)
-    results = {"base model": subject_metrics(model, out / "base", args)}
+    results = {"base model": subject_metrics(model, out / "base", args)} if seed == args.seed else {}
     for name, flags in ROWS.items():
-        if args.rows and name not in args.rows:
+        if name not in (args.rows or DEFAULT_ROWS):
             continue
-        run = out / name.replace(" ", "-").replace(",", "")
+        run = out / f"seed-{seed}" / name.replace(" ", "-").replace(",", "")
         shutil.rmtree(run, ignore_errors=True)
         lr = args.lora_learning_rate if "--lora_rank" in flags else args.learning_rate
         t0 = time.time()
@@ -93,10 +103,27 @@ def dreambooth(model, out, args):
                "--num_class_images", args.num_class_images, "--output_dir", run / "model", "--resolution", 32,
                "--train_batch_size", args.train_batch_size, "--max_train_steps", args.train_steps,
                "--learning_rate", lr, "--lr_warmup_steps", 0, "--checkpointing_steps", 100000, "--report_to", "none",
-               "--seed", args.seed, *flags)
+               "--seed", seed, *flags)
         train_seconds = time.time() - t0
-        results[name] = {**subject_metrics(str(run / "model"), run, args), "train_seconds": train_seconds}
+        results[name] = {**subject_metrics(str(run / "model"), run, argparse.Namespace(**{**vars(args), "seed": seed})),
+                         "train_seconds": train_seconds}
     return results
+
+
+def summary(runs):
+    """Per row, each metric's mean over the training seeds with its range: "50% (41-59%)"."""
+    rows = {}
+    for results in runs:
+        for name, metrics in results.items():
+            rows.setdefault(name, []).append(metrics)
+    return {name: {k: (sum(m[k] for m in ms) / len(ms), min(m[k] for m in ms), max(m[k] for m in ms))
+                   for k in ms[0]} | {"seeds": len(ms)} for name, ms in rows.items()}
+
+
+def cell(value, percent=True):
+    mean, low, high = value
+    fmt = (lambda v: f"{v:.0%}") if percent else (lambda v: f"{v:.2f}")
+    return fmt(mean) if low == high else f"{fmt(mean)} ({fmt(low)}-{fmt(high)})"
 
 
 def prompt_following(model, out, args, images_per_prompt=2):
@@ -128,7 +155,11 @@ def main():
     p.add_argument("--train_batch_size", type=int, default=2)
     p.add_argument("--learning_rate", type=float, default=2e-4, help="full fine-tunes")
     p.add_argument("--lora_learning_rate", type=float, default=2e-3)
-    p.add_argument("--rows", action="append", default=None, choices=list(ROWS), help="only these ablation rows")
+    p.add_argument("--rows", action="append", default=None, choices=list(ROWS),
+                   help=f"these ablation rows (default: the first {len(DEFAULT_ROWS)})")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="training seeds: each row is trained and sampled once per seed, and reported as the mean "
+                        "with the range (default: --seed alone)")
     p.add_argument("--skip_dreambooth", action="store_true", help="only the base model's prompt following")
     args = p.parse_args()
     out = Path(args.output_dir)
@@ -139,12 +170,14 @@ def main():
     print("|---|---|---|---|---|")
     print(f"| {args.model} | {accuracy['shape']:.0%} | {accuracy['colour']:.0%} | {accuracy['background']:.0%} | {n} |")
     if not args.skip_dreambooth:
-        report["dreambooth"] = dreambooth(args.model, out, args)
-        print("\n| run | subject fidelity | prompt fidelity | drift | class prompt gives a circle | diversity (bits) "
-              "| training (s) |\n|---|---|---|---|---|---|---|")
+        runs = [dreambooth(args.model, out, args, seed) for seed in args.seeds or [args.seed]]
+        report["dreambooth"], report["dreambooth_per_seed"] = summary(runs), runs
+        print("\n| run | seeds | subject fidelity | prompt fidelity | drift | class prompt gives a circle | diversity "
+              "(bits) | training (s) |\n|---|---|---|---|---|---|---|---|")
         for name, m in report["dreambooth"].items():
-            print(f"| {name} | {m['subject_fidelity']:.0%} | {m['prompt_fidelity']:.0%} | {m['drift']:.0%} | "
-                  f"{m['class_shape']:.0%} | {m['diversity_bits']:.2f} | {m.get('train_seconds', 0):.0f} |")
+            print(f"| {name} | {m['seeds']} | {cell(m['subject_fidelity'])} | {cell(m['prompt_fidelity'])} | "
+                  f"{cell(m['drift'])} | {cell(m['class_shape'])} | {cell(m['diversity_bits'], False)} | "
+                  f"{m['train_seconds'][0] if 'train_seconds' in m else 0:.0f} |")
     report["seconds"] = time.time() - t0
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{report['seconds'] / 60:.1f} minutes; report in {out / 'report.json'}")
