@@ -193,6 +193,7 @@ class Family:
     tokenizers: tuple  # the subfolders of their tokenizers
     pipeline_kwargs: tuple  # (name, value) pairs from_pretrained needs so that nothing else loads
     upcast_vae: bool  # the pipeline decodes in fp32 when the VAE's config says force_upcast (SDXL's overflows in fp16)
+    embedding_keys: tuple  # a token-embeddings file's key per text encoder, as AUTOMATIC1111 and ComfyUI read it
 
     @property
     def components(self):
@@ -205,12 +206,13 @@ class Family:
 
 
 SD = Family("sd", "StableDiffusionPipeline", (("text_encoder", "CLIPTextModel"),), ("tokenizer",),
-            (("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)), False)
+            (("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)), False,
+            ("emb_params",))
 # SDXL: two text encoders (the second with a projection: its pooled output conditions the UNet too). No invisible
 # watermark: the same seed gives the same bytes whether or not the invisible-watermark package is installed.
 SDXL = Family("sdxl", "StableDiffusionXLPipeline",
               (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
-              ("tokenizer", "tokenizer_2"), (("add_watermarker", False),), True)
+              ("tokenizer", "tokenizer_2"), (("add_watermarker", False),), True, ("clip_l", "clip_g"))
 FAMILIES = {family.name: family for family in (SD, SDXL)}
 
 
@@ -570,7 +572,25 @@ def add_model_args(parser, model_help="hub id or local diffusers pipeline folder
 # LoRA through peft: the attention projections of the UNet and of the CLIP text encoder, as diffusers' LoRA scripts
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+EMBEDDINGS = "{name}_emb.safetensors"  # pivotal tuning's tokens, named after the run as diffusers' advanced script does
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name: load_lora_weights(folder) finds it
+
+
+def pivot_prompt(prompt, word, tokens):
+    """Pivotal tuning: the identifier in a prompt replaced by the run's new tokens ("a photo of sks dog" -> "a photo
+    of <s0><s1> dog")."""
+    return re.sub(rf"\b{re.escape(word)}\b", "".join(tokens), prompt)
+
+
+def load_token_embeddings(pipe, path, family, tokens):
+    """A pivotal-tuning embeddings file into a pipeline: each text encoder's rows under the run's tokens, through
+    diffusers' load_textual_inversion (the file is in the web UIs' format: one key per text encoder)."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    for key, (encoder, _), tokenizer in zip(family.embedding_keys, family.text_encoders, family.tokenizers):
+        pipe.load_textual_inversion(state[key], token=list(tokens), text_encoder=getattr(pipe, encoder),
+                                    tokenizer=getattr(pipe, tokenizer))
 
 
 def add_lora(model, config, targets):

@@ -50,6 +50,15 @@ def save_lora(folder, family, dtype, trained):
     save_file(kohya, Path(folder, du.LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors")))
 
 
+def save_token_embeddings(path, family, rows, dtype):
+    """Pivotal tuning's new tokens, one tensor of rows per text encoder, in the embedding format AUTOMATIC1111 and
+    ComfyUI read (SD 1.x/2.x: emb_params; SDXL: clip_l and clip_g), which diffusers' load_textual_inversion takes
+    tensor by tensor (du.load_token_embeddings)."""
+    from safetensors.torch import save_file
+
+    save_file({key: row.to(dtype).contiguous().cpu() for key, row in zip(family.embedding_keys, rows)}, path)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints in diffusers' layout
 
@@ -71,6 +80,9 @@ def diffusers_checkpoints(accelerator, family, lora, names):
 
     def save(models, weights, folder):
         if accelerator.is_main_process:
+            if accelerator.unwrap_model(models[0]).token_embeddings():  # pivotal tuning's rows, in fp32
+                save_token_embeddings(Path(folder, du.EMBEDDINGS.format(name="checkpoint")), family,
+                                      accelerator.unwrap_model(models[0]).token_embeddings(), torch.float32)
             if lora:
                 save_lora(folder, family, torch.float32, trained(models[0]))
             for name, (module, _) in {} if lora else trained(models[0]).items():
@@ -82,6 +94,9 @@ def diffusers_checkpoints(accelerator, family, lora, names):
 
         if Path(folder, "model.safetensors").is_file():
             return  # accelerate's own layout: accelerate loads it
+        if accelerator.unwrap_model(models[0]).token_embeddings():
+            state = load_file(Path(folder, du.EMBEDDINGS.format(name="checkpoint")))
+            accelerator.unwrap_model(models[0]).set_token_embeddings([state[key] for key in family.embedding_keys])
         modules = trained(models.pop())  # and nothing of the model is left for accelerate to load
         if not lora:
             for name, (module, _) in modules.items():
@@ -284,6 +299,13 @@ def model_card(folder, config):
     load = (f"pipe = {family.pipeline}.from_pretrained(\"{base}\", torch_dtype=torch.float16).to(\"cuda\")\n"
             "pipe.load_lora_weights(\"THIS_REPO_OR_FOLDER\")" if lora else
             f"pipe = {family.pipeline}.from_pretrained(\"THIS_REPO_OR_FOLDER\", torch_dtype=torch.float16).to(\"cuda\")")
+    prompt = config["instance_prompt"]
+    if config.get("train_text_encoder_ti"):  # pivotal tuning: the new tokens' embeddings load beside the weights
+        prompt = du.pivot_prompt(prompt, config["token_abstraction"], config["new_tokens"])
+        load = "from safetensors.torch import load_file\n\n" + load + (f"\nstate = load_file(\"{du.EMBEDDINGS.format(name=Path(folder).resolve().name)}\")" + "".join(
+            f"\npipe.load_textual_inversion(state[\"{key}\"], token={config['new_tokens']}, text_encoder=pipe.{encoder}, "
+            f"tokenizer=pipe.{tokenizer})" for key, (encoder, _), tokenizer in
+            zip(family.embedding_keys, family.text_encoders, family.tokenizers)))
     grids = sorted(Path(folder, "validation").glob("step-*.png"))
     body = f"""
 # DreamBooth: {config['instance_prompt']}
@@ -304,12 +326,15 @@ import torch
 from diffusers import {family.pipeline}
 
 {load}
-image = pipe("{config['instance_prompt']}", num_inference_steps=30).images[0]
+image = pipe("{prompt}", num_inference_steps=30).images[0]
 ```
 """ + ("""
 `pytorch_lora_weights_kohya.safetensors` holds the same adapters under kohya's names, for AUTOMATIC1111, ComfyUI and
 the other web UIs.
-""" if lora and not config.get("use_dora") else "") + f"""
+""" if lora and not config.get("use_dora") else "") + ("""
+Pivotal tuning: the identifier is new tokens, whose embeddings are in `*_emb.safetensors` (AUTOMATIC1111 and ComfyUI
+read that file as a textual-inversion embedding named after it; write its name where the identifier was).
+""" if config.get("train_text_encoder_ti") else "") + f"""
 The license is the base model's{'' if data.license else f' (see `{base}`)'}.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

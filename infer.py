@@ -118,6 +118,21 @@ def check_model(args):
     return "pipeline", du.check_model_source(args.pretrained_model_name_or_path, args.revision, args.single_file_config)
 
 
+def find_token_embeddings(args):
+    """Pivotal tuning's embeddings file and its record, from the run folder (or export, or checkpoint) given as the
+    model or as --lora: (file, run config), or None when the run had no new tokens."""
+    for folder in dict.fromkeys([Path(args.pretrained_model_name_or_path)] + ([Path(args.lora)] if args.lora else [])):
+        folder = folder if folder.is_dir() else folder.parent
+        record = next((r for r in (folder / "run_config.json", folder.parent / "run_config.json") if r.is_file()), None)
+        config = json.loads(record.read_text())["config"] if record else {}
+        if config.get("train_text_encoder_ti"):
+            files = sorted(folder.glob(du.EMBEDDINGS.format(name="*")))
+            if len(files) != 1:
+                du.fail(f"{folder} was trained with pivotal tuning but holds {len(files)} *_emb.safetensors files, not 1")
+            return files[0], config
+    return None
+
+
 def load_model(args, kind, source, dtype, device):
     if kind == "pipeline":
         pipe = du.load_pipeline(source, args.revision, args.variant, dtype, device, args.pretrained_vae_model_name_or_path)
@@ -232,6 +247,11 @@ def main(argv=None):
     if wanted[0] < 0 or wanted[-1] >= n:
         du.fail(f"--image_index must be between 0 and --num_images_per_prompt - 1 ({n - 1})")
     kind, source = check_model(args)
+    pivotal = find_token_embeddings(args)
+    if pivotal:  # the identifier is new tokens: write it as trained ("sks"), the model reads its tokens
+        tokens, word = pivotal[1]["new_tokens"], pivotal[1]["token_abstraction"]
+        prompts = [du.pivot_prompt(prompt, word, tokens) for prompt in prompts]
+        du.note(f"pivotal tuning: '{word}' in the prompts is read as {''.join(tokens)} ({pivotal[0].name})")
     if args.lora_scale != 1.0 and not args.lora:
         du.note("--lora_scale has no effect without LoRA adapters (--lora, or a LoRA run's folder)")
     du.check_writable(args.output_dir, "--output_dir")
@@ -257,6 +277,8 @@ def main(argv=None):
 
     # ---- load
     pipe = load_model(args, kind, source, du.torch_dtype(precision), "cpu" if args.cpu_offload else device)
+    if pivotal:
+        du.load_token_embeddings(pipe, pivotal[0], du.FAMILIES[pivotal[1]["model_family"]], tokens)
     du.set_scheduler(pipe, args.scheduler)
     if args.enable_xformers_memory_efficient_attention:
         du.enable_xformers(pipe)

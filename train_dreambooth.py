@@ -78,8 +78,12 @@ def build_parser():
 
     g = p.add_argument_group("training")
     g.add_argument("--train_text_encoder", action="store_true", help="also fine-tune the text encoder (SDXL: both)")
-    g.add_argument("--train_text_encoder_frac", type=du.number(float, above=0, high=1), default=1.0,
-                   help="with --train_text_encoder: train it for this first fraction of the steps, then freeze it")
+    g.add_argument("--train_text_encoder_frac", "--train_text_encoder_ti_frac", type=du.number(float, above=0, high=1),
+                   default=1.0, help="with --train_text_encoder (or --train_text_encoder_ti): train it (or the new "
+                                     "tokens) for this first fraction of the steps, then freeze it")
+    g.add_argument("--text_encoder_lr", type=du.POSITIVE, default=None,
+                   help="learning rate of what trains in the text encoders (weights, adapters or new tokens; default: "
+                        "--learning_rate)")
     g.add_argument("--train_batch_size", type=du.COUNT, default=4, help="instance images per device per step")
     g.add_argument("--num_train_epochs", type=du.COUNT, default=1, help="epochs, unless --max_train_steps is given")
     g.add_argument("--max_train_steps", type=du.COUNT, default=None, help="optimizer steps; overrides --num_train_epochs")
@@ -117,6 +121,16 @@ def build_parser():
     g.add_argument("--ema_warmup", action="store_true", help="EMAModel's other warm-up: 1 - (1 + t) ** -2/3")
     g.add_argument("--save_raw_weights", action="store_true", help="with --use_ema, also save the raw weights in raw/")
     g.add_argument("--seed", type=du.SEED, default=None, help="seed (default: drawn at random and recorded in run_config.json)")
+
+    g = p.add_argument_group("Pivotal tuning (the identifier as new tokens, trained beside the UNet or its LoRA)")
+    g.add_argument("--train_text_encoder_ti", "--train_token_embeddings", dest="train_text_encoder_ti",
+                   action="store_true", help="replace the identifier in the prompts by new tokens of every tokenizer "
+                                             "and train their embeddings (the rest of the text encoders frozen)")
+    g.add_argument("--token_abstraction", default="sks", help="the identifier word of the instance prompt")
+    g.add_argument("--num_new_tokens_per_abstraction", type=du.COUNT, default=2, help="new tokens for it: <s0><s1>...")
+    g.add_argument("--initializer_concept", default=None,
+                   help="word(s) whose embedding the new tokens start from, e.g. the class word (default: random, "
+                        "with the embedding matrix's spread)")
 
     g = p.add_argument_group("LoRA (adapters instead of the full fine-tune)")
     g.add_argument("--lora_rank", "--rank", dest="lora_rank", type=du.NATURAL, default=0,
@@ -219,10 +233,21 @@ def check_args(args):
         du.note(export.KOHYA_DORA)
     if args.save_single_file and args.lora_rank:
         du.fail("--save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file")
-    if args.train_text_encoder_frac < 1 and not args.train_text_encoder:
-        du.fail("--train_text_encoder_frac needs --train_text_encoder")
-    if args.pre_compute_text_embeddings and args.train_text_encoder:
-        du.fail("--pre_compute_text_embeddings needs a frozen text encoder: leave out --train_text_encoder")
+    if args.train_text_encoder_ti and args.train_text_encoder:
+        du.fail("give one of --train_text_encoder (the text encoders' weights) and --train_text_encoder_ti (new tokens)")
+    if args.train_text_encoder_frac < 1 and not (args.train_text_encoder or args.train_text_encoder_ti):
+        du.fail("--train_text_encoder_frac needs --train_text_encoder or --train_text_encoder_ti")
+    if args.text_encoder_lr and args.optimizer == "prodigy" and args.text_encoder_lr != (args.learning_rate or 1.0):
+        du.fail("--optimizer prodigy takes one learning rate for all parameters: leave out --text_encoder_lr")
+    args.new_tokens = [f"<s{i}>" for i in range(args.num_new_tokens_per_abstraction)] if args.train_text_encoder_ti else []
+    if args.train_text_encoder_ti:  # the validation prompts as the model reads them; instance prompts: load_instance_examples
+        if not re.search(rf"\b{re.escape(args.token_abstraction)}\b", args.instance_prompt or ""):
+            du.fail(f"--token_abstraction '{args.token_abstraction}' is not a word of --instance_prompt "
+                    f"'{args.instance_prompt}': give the identifier, e.g. --token_abstraction sks")
+        args.validation_prompt = [du.pivot_prompt(v, args.token_abstraction, args.new_tokens)
+                                  for v in args.validation_prompt or []] or None
+    if args.pre_compute_text_embeddings and (args.train_text_encoder or args.train_text_encoder_ti):
+        du.fail("--pre_compute_text_embeddings needs frozen text encoders: leave out --train_text_encoder(_ti)")
     args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path, args.revision,
                                                                args.single_file_config)
     family, native_resolution = du.read_model(args.pretrained_model_name_or_path, args.revision)
@@ -263,12 +288,13 @@ def check_args(args):
 
 
 def load_instance_examples(args):
-    """(image, prompt) pairs of the subject: from a folder (paths, sorted) or from a `datasets` dataset (PIL images)."""
+    """(image, prompt) pairs of the subject: from a folder (paths, sorted) or from a `datasets` dataset (PIL images).
+    With pivotal tuning the identifier in each prompt is the new tokens."""
     if args.instance_dir:
         paths = du.list_images(args.instance_dir, "instance image")
         if not paths:
             du.fail(f"no images in instance folder {args.instance_dir}")
-        return [(path, du.read_caption(path, args.instance_prompt)) for path in paths]
+        return pivot_prompts(args, [(path, du.read_caption(path, args.instance_prompt)) for path in paths])
     try:
         import datasets
 
@@ -288,7 +314,17 @@ def load_instance_examples(args):
             du.fail(f"cannot read image {i} of dataset {args.dataset_name}: {e}")
         caption = ds[i][args.caption_column] if args.caption_column else None
         examples.append((image, caption or args.instance_prompt))
-    return examples
+    return pivot_prompts(args, examples)
+
+
+def pivot_prompts(args, examples):
+    if not args.train_text_encoder_ti:
+        return examples
+    for i, (image, prompt) in enumerate(examples):
+        if not re.search(rf"\b{re.escape(args.token_abstraction)}\b", prompt):
+            du.fail(f"the caption of {image if isinstance(image, Path) else f'example {i}'} has no "
+                    f"'{args.token_abstraction}' (--token_abstraction) for pivotal tuning's tokens: '{prompt}'")
+    return [(image, du.pivot_prompt(prompt, args.token_abstraction, args.new_tokens)) for image, prompt in examples]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -463,12 +499,22 @@ class DreamBoothModel(torch.nn.Module):
     them all: gradient accumulation then works on any number of processes. The text encoders keep their pipeline
     names (text_encoder, text_encoder_2) as attributes, so the checkpoint's keys are the pipeline's."""
 
-    def __init__(self, unet, text_encoders, encode_prompt, train_text_encoder):
+    def __init__(self, unet, text_encoders, encode_prompt, train_text_encoder, new_token_ids=()):
         super().__init__()
         self.unet, self.encode_prompt, self.train_text_encoder = unet, encode_prompt, train_text_encoder
-        self.text_encoder_names = list(text_encoders)
+        self.text_encoder_names, self.new_token_ids = list(text_encoders), list(new_token_ids)
         for name, encoder in text_encoders.items():
             setattr(self, name, encoder)
+
+    def token_embeddings(self):
+        """Pivotal tuning's rows of each text encoder's embedding matrix (None without pivotal tuning)."""
+        return [getattr(self, name).get_input_embeddings().weight[ids].detach() for name, ids in
+                zip(self.text_encoder_names, self.new_token_ids)] or None
+
+    @torch.no_grad()
+    def set_token_embeddings(self, rows):
+        for name, ids, row in zip(self.text_encoder_names, self.new_token_ids, rows):
+            getattr(self, name).get_input_embeddings().weight[ids] = row.to(torch.float32)
 
     def freeze_text_encoders(self):
         """--train_text_encoder_frac: from this step on the text encoders (or their adapters) run without gradients,
@@ -574,10 +620,10 @@ def trained_weights(accelerator, args, model):
             for n in names}
 
 
-def save_weights(args, output_dir, dtype, trained, name):
+def save_weights(args, output_dir, dtype, trained, name, embeddings=None):
     """What a run produces, in safetensors: the base pipeline (with the separate VAE, if one was given) in `dtype`
     with the trained weights copied in (cast on the way), and with --save_single_file the same as `name`.safetensors
-    in the web UIs' layout; or with LoRA the adapter files alone. Written to a temporary folder and moved into place
+    in the web UIs' layout; or with LoRA the adapter files alone; and pivotal tuning's `name`_emb.safetensors. Written to a temporary folder and moved into place
     with model_index.json (or the LoRA file) last, so a folder that has one holds the whole result."""
     tmp = Path(output_dir) / ".save.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -591,6 +637,8 @@ def save_weights(args, output_dir, dtype, trained, name):
         pipe.save_pretrained(tmp, safe_serialization=True)
         if args.save_single_file:
             export.save_single_file(tmp, tmp / f"{name}.safetensors", du.torch_dtype(args.export_precision), vars(args))
+    if embeddings:
+        export.save_token_embeddings(tmp / du.EMBEDDINGS.format(name=name), du.FAMILIES[args.model_family], embeddings, dtype)
     for item in sorted(tmp.iterdir(), key=lambda p: p.name in ("model_index.json", du.LORA_WEIGHTS)):
         dest = Path(output_dir) / item.name
         if dest.is_dir():
@@ -685,7 +733,7 @@ def export_pipeline(accelerator, args, model, step):
         folder = Path(args.output_dir, f"export-{step}")
         folder.mkdir(exist_ok=True)
         save_weights(args, folder, du.torch_dtype(args.export_precision), trained,
-                     f"{Path(args.output_dir).resolve().name}-step-{step}")
+                     f"{Path(args.output_dir).resolve().name}-step-{step}", accelerator.unwrap_model(model).token_embeddings())
         du.remove_oldest(args.output_dir, "export", args.exports_total_limit)
     accelerator.wait_for_everyone()
 
@@ -702,6 +750,18 @@ def start_trackers(accelerator, args, record):
                               init_kwargs={"wandb": {"name": args.run_name, "dir": args.output_dir}})
 
 
+def param_groups(args, model, params):
+    """The UNet's and the text encoders' trained parameters as two optimizer groups when they differ: the text
+    encoders' at --text_encoder_lr, and pivotal tuning's embedding matrix without weight decay (its frozen rows must
+    not shrink). Otherwise one group, as before."""
+    text = {id(p) for name in model.text_encoder_names for p in getattr(model, name).parameters()}
+    if not (args.text_encoder_lr or args.train_text_encoder_ti) or not any(id(p) in text for p in params):
+        return params
+    return [{"params": [p for p in params if id(p) not in text]},
+            {"params": [p for p in params if id(p) in text], "lr": args.text_encoder_lr or args.learning_rate,
+             **({"weight_decay": 0.0, "frozen_rows": True} if args.train_text_encoder_ti else {})}]
+
+
 def make_optimizer(args, params):
     """AdamW, bitsandbytes' 8-bit AdamW, or Prodigy (Mishchenko & Defazio 2023), which estimates its own step size:
     its learning rate is a multiplier, 1.0 as usual. Each keeps its state in the optimizer's state dict, which
@@ -716,8 +776,40 @@ def make_optimizer(args, params):
     if args.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=args.learning_rate, **adam)
+        optimizer = bnb.optim.AdamW8bit(params, lr=args.learning_rate, **adam)
+        for group in optimizer.param_groups:  # an 8-bit state block shared with a new row would move frozen rows
+            if group.get("frozen_rows"):
+                bnb.optim.GlobalOptimManager.get_instance().override_config(group["params"], "optim_bits", 32)
+        return optimizer
     return torch.optim.AdamW(params, lr=args.learning_rate, **adam)
+
+
+def add_new_tokens(args, tokenizers, text_encoders):
+    """Pivotal tuning: the run's new tokens (<s0><s1>...) join every tokenizer, and each text encoder's embedding
+    matrix grows by their rows, which start from --initializer_concept's embedding (its tokens' mean) or at random with
+    the matrix's spread (diffusers' advanced script). Only those rows train: the matrix becomes an fp32 parameter
+    whose gradient is masked to them, and it gets no weight decay (make_optimizer), so every other row stays
+    bit-identical. Returns the new rows' ids, per text encoder."""
+    ids = []
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        if any(t in tokenizer.get_vocab() for t in args.new_tokens):
+            du.fail(f"the tokenizer already has the tokens {args.new_tokens}")
+        tokenizer.add_tokens(args.new_tokens)
+        new = tokenizer.convert_tokens_to_ids(args.new_tokens)
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        weight = encoder.get_input_embeddings().weight
+        weight.data = weight.data.float()
+        with torch.no_grad():
+            if args.initializer_concept:
+                concept = tokenizer(args.initializer_concept, add_special_tokens=False).input_ids
+                weight[new] = weight[concept].mean(0)
+            else:
+                weight[new] = torch.randn(len(new), weight.shape[1]).to(weight) * weight[:new[0]].std()
+        trained = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+        trained[new] = True
+        weight.requires_grad_(True).register_hook(lambda grad, trained=trained: torch.where(trained, grad, 0))
+        ids.append(new)
+    return ids
 
 
 def load_models(args, accelerator, family):
@@ -756,6 +848,8 @@ def load_models(args, accelerator, family):
         if not args.train_text_encoder:
             encoder.eval().to(accelerator.device)
     unet.requires_grad_(not lora)
+    if args.train_text_encoder_ti:
+        add_new_tokens(args, tokenizers, text_encoders.values())
     if lora:
         du.add_lora(unet, vars(args), args.lora_target_modules)
         for encoder in text_encoders.values() if args.train_text_encoder else []:
@@ -846,14 +940,19 @@ def main(argv=None):
         for encoder in text_encoders.values():
             encoder.to("cpu")
     model = DreamBoothModel(unet, {} if args.pre_compute_text_embeddings else text_encoders, ENCODE_PROMPT[family.name],
-                            args.train_text_encoder)
+                            args.train_text_encoder or args.train_text_encoder_ti,
+                            [t.convert_tokens_to_ids(args.new_tokens) for t in tokenizers] if args.new_tokens else [])
     params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params) - sum(  # pivotal tuning trains the new rows of the embedding matrix
+        getattr(model, n).get_input_embeddings().weight.numel() - rows.numel()
+        for n, rows in zip(model.text_encoder_names, model.token_embeddings() or []))
 
     # ---- optimizer, data, schedule
     global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     if args.scale_lr:
         args.learning_rate *= global_batch
-    optimizer = make_optimizer(args, params)
+        args.text_encoder_lr = args.text_encoder_lr and args.text_encoder_lr * global_batch
+    optimizer = make_optimizer(args, param_groups(args, model, params))
     # important! The loader gets its own generator: by default each new iterator draws a seed from the global
     # torch RNG, and a resumed run (which starts a new iterator mid-epoch) would then draw different noise.
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
@@ -885,7 +984,7 @@ def main(argv=None):
               "global_batch_size": global_batch, "total_optimizer_steps": max_train_steps, "num_epochs": num_epochs,
               "text_encoder_steps": min(text_encoder_steps, max_train_steps) if args.train_text_encoder else 0,
               "prediction_type": noise_scheduler.config.prediction_type,
-              "trainable_parameters": sum(p.numel() for p in params),
+              "trainable_parameters": trainable,
               "instance_images": [str(image) if isinstance(image, Path) else f"{args.dataset_name}[{i}]"
                                   for i, (image, _) in enumerate(instances)]}
     del config["resume_record"]
@@ -920,7 +1019,8 @@ def main(argv=None):
         f"({args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes}), "
         f"{max_train_steps} optimizer steps, {config['trainable_parameters']:,} trainable parameters, "
         f"mixed precision {accelerator.mixed_precision}, {config['prediction_type']} target"
-        + (f", text encoder(s) frozen after step {text_encoder_steps}" if args.train_text_encoder_frac < 1 else ""))
+        + (f", text encoder(s) frozen after step {text_encoder_steps}" if args.train_text_encoder_frac < 1 else "")
+        + (f", pivotal tuning: '{args.token_abstraction}' is {''.join(args.new_tokens)}" if args.new_tokens else ""))
 
     # ---- SIGTERM (clusters, spot instances) or Ctrl-C: finish the optimizer step, save a checkpoint, exit 0
     stop_signal = []
@@ -1055,11 +1155,12 @@ def main(argv=None):
     if args.use_ema and args.save_raw_weights:
         trained = trained_weights(accelerator, args, model)
         if accelerator.is_main_process:
-            save_weights(args, Path(args.output_dir, "raw"), torch.float32, trained, f"{name}-raw")
+            save_weights(args, Path(args.output_dir, "raw"), torch.float32, trained, f"{name}-raw",
+                         accelerator.unwrap_model(model).token_embeddings())
     with averager.applied():
         trained = trained_weights(accelerator, args, model)
         if accelerator.is_main_process:
-            save_weights(args, args.output_dir, torch.float32, trained, name)
+            save_weights(args, args.output_dir, torch.float32, trained, name, accelerator.unwrap_model(model).token_embeddings())
     if accelerator.is_main_process:
         export.model_card(args.output_dir, record["config"]).save(Path(args.output_dir, "README.md"))
         accelerator.print(f"saved the fine-tuned {'LoRA adapters' if args.lora_rank else 'pipeline'} to {args.output_dir}")

@@ -64,6 +64,17 @@ ROWS = [  # script, extra flags, exit code, the line
     ("train", ["--rank", -4], 2, "error: argument --lora_rank/--rank: must be at least 0, got -4"),
     ("train", ["--save_single_file", "--rank", 4], 1,
      "error: --save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file"),
+    ("train", ["--use_dora"], 1, "error: --use_dora needs --lora_rank: DoRA is a kind of LoRA adapter"),
+    ("train", ["--train_text_encoder_frac", 0.5], 1,
+     "error: --train_text_encoder_frac needs --train_text_encoder or --train_text_encoder_ti"),
+    ("train", ["--train_text_encoder_frac", 0], 2,
+     "error: argument --train_text_encoder_frac/--train_text_encoder_ti_frac: must be more than 0, got 0"),
+    ("train", ["--train_text_encoder_ti", "--train_text_encoder"], 1, "error: give one of --train_text_encoder (the "
+     "text encoders' weights) and --train_text_encoder_ti (new tokens)"),
+    ("train", ["--train_text_encoder_ti", "--token_abstraction", "zwx"], 1, "error: --token_abstraction 'zwx' is not "
+     "a word of --instance_prompt 'a photo of sks dog': give the identifier, e.g. --token_abstraction sks"),
+    ("train", ["--optimizer", "prodigy", "--text_encoder_lr", 0.5], 1,
+     "error: --optimizer prodigy takes one learning rate for all parameters: leave out --text_encoder_lr"),
     ("export", ["--single_file"], 1, "error: --single_file writes a whole model, and {lora} holds LoRA adapters: their "
                                      "file for the web UIs is pytorch_lora_weights_kohya.safetensors"),
     ("priors", ["--resolution", 63], 2, "error: argument --resolution: must be a multiple of 8, got 63"),
