@@ -48,6 +48,13 @@ ROWS = {  # name: train_dreambooth.py flags on top of the common ones
     "full, prior preservation, text encoder for the first half": ["--with_prior_preservation", "--train_text_encoder",
                                                                   "--train_text_encoder_frac", "0.5"],
     "DoRA rank 8, prior preservation": ["--with_prior_preservation", "--lora_rank", "8", "--use_dora"],
+    "full, prior preservation, pivotal tuning": ["--with_prior_preservation", "--train_text_encoder_ti",
+                                                 "--initializer_concept", "circle"],
+    "full, prior preservation, pivotal tuning, tokens at 1e-3": ["--with_prior_preservation", "--train_text_encoder_ti",
+                                                                 "--initializer_concept", "circle",
+                                                                 "--text_encoder_lr", "1e-3"],
+    "LoRA rank 8, prior preservation, pivotal tuning": ["--with_prior_preservation", "--lora_rank", "8",
+                                                        "--train_text_encoder_ti", "--initializer_concept", "circle"],
 }
 
 
