@@ -302,7 +302,8 @@ def model_card(folder, config):
     prompt = config["instance_prompt"]
     if config.get("train_text_encoder_ti"):  # pivotal tuning: the new tokens' embeddings load beside the weights
         prompt = du.pivot_prompt(prompt, config["token_abstraction"], config["new_tokens"])
-        load = "from safetensors.torch import load_file\n\n" + load + (f"\nstate = load_file(\"{du.EMBEDDINGS.format(name=Path(folder).resolve().name)}\")" + "".join(
+        embeddings = du.EMBEDDINGS.format(name=Path(folder).resolve().name)
+        load = "from safetensors.torch import load_file\n\n" + load + (f"\nstate = load_file(\"{embeddings}\")" + "".join(
             f"\npipe.load_textual_inversion(state[\"{key}\"], token={config['new_tokens']}, text_encoder=pipe.{encoder}, "
             f"tokenizer=pipe.{tokenizer})" for key, (encoder, _), tokenizer in
             zip(family.embedding_keys, family.text_encoders, family.tokenizers)))

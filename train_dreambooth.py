@@ -247,7 +247,7 @@ def check_args(args):
         args.validation_prompt = [du.pivot_prompt(v, args.token_abstraction, args.new_tokens)
                                   for v in args.validation_prompt or []] or None
     if args.pre_compute_text_embeddings and (args.train_text_encoder or args.train_text_encoder_ti):
-        du.fail("--pre_compute_text_embeddings needs frozen text encoders: leave out --train_text_encoder(_ti)")
+        du.fail("--pre_compute_text_embeddings needs a frozen text encoder: leave out --train_text_encoder(_ti)")
     args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path, args.revision,
                                                                args.single_file_config)
     family, native_resolution = du.read_model(args.pretrained_model_name_or_path, args.revision)
@@ -506,6 +506,12 @@ class DreamBoothModel(torch.nn.Module):
         for name, encoder in text_encoders.items():
             setattr(self, name, encoder)
 
+    def trainable_parameters(self):
+        """How many numbers train: pivotal tuning's matrix counts with its new rows only."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad) - sum(
+            getattr(self, name).get_input_embeddings().weight.numel() - rows.numel()
+            for name, rows in zip(self.text_encoder_names, self.token_embeddings() or []))
+
     def token_embeddings(self):
         """Pivotal tuning's rows of each text encoder's embedding matrix (None without pivotal tuning)."""
         return [getattr(self, name).get_input_embeddings().weight[ids].detach() for name, ids in
@@ -623,8 +629,9 @@ def trained_weights(accelerator, args, model):
 def save_weights(args, output_dir, dtype, trained, name, embeddings=None):
     """What a run produces, in safetensors: the base pipeline (with the separate VAE, if one was given) in `dtype`
     with the trained weights copied in (cast on the way), and with --save_single_file the same as `name`.safetensors
-    in the web UIs' layout; or with LoRA the adapter files alone; and pivotal tuning's `name`_emb.safetensors. Written to a temporary folder and moved into place
-    with model_index.json (or the LoRA file) last, so a folder that has one holds the whole result."""
+    in the web UIs' layout; or with LoRA the adapter files alone; and pivotal tuning's `name`_emb.safetensors.
+    Written to a temporary folder and moved into place with model_index.json (or the LoRA file) last, so a folder
+    that has one holds the whole result."""
     tmp = Path(output_dir) / ".save.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if args.lora_rank:
@@ -875,24 +882,16 @@ def load_models(args, accelerator, family):
     return tokenizers, noise_scheduler, text_encoders, vae, unet
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    # ---- check the input before anything loads
-    check_args(args)
-    instances = load_instance_examples(args)
-    if args.with_prior_preservation and Path(args.class_dir).exists():
-        du.list_images(args.class_dir, "class image")  # names a corrupt class image now, not mid-run
-
+def make_accelerator(args):
+    """The Accelerator, and the run's seed: a resumed run keeps its own, an unseeded one draws one and records it (the
+    same on every process). Each process then draws its own noise and timesteps (seed + process index)."""
     from accelerate import Accelerator
     from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration,
                                   broadcast_object_list, set_seed)
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import compute_snr
 
-    if args.seed is None and args.resume_record:  # a resumed run keeps its seed
+    if args.seed is None and args.resume_record:
         args.seed = args.resume_record["config"]["seed"]
-    if args.seed is None:  # an unseeded run still records the seed it used, so it can be resumed and repeated
+    if args.seed is None:
         args.seed = int.from_bytes(os.urandom(3), "little")
         if du.partial_state().num_processes > 1:
             args.seed = broadcast_object_list([args.seed])[0]
@@ -906,13 +905,47 @@ def main(argv=None):
         # the shuffle order of epoch e is a function of (seed, e) alone: a resumed run can replay it
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     du.check_deepspeed(accelerator, args.use_8bit_adam)
-    # each process draws its own noise and timesteps (seed + process index)
     set_seed(args.seed, device_specific=True)
     if args.overwrite_output_dir and not args.resume_from_checkpoint and accelerator.is_main_process:
         for _, stale in du.list_checkpoints(args.output_dir):  # or `latest` and the rotation would mix two runs
             du.note(f"--overwrite_output_dir: removing {stale} of an earlier run")
             shutil.rmtree(stale)
     torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32  # off is PyTorch's default; no effect without CUDA
+    return accelerator
+
+
+def resume(accelerator, args, config, params, state):
+    """--resume_from_checkpoint: the whole training state, with a note on settings that changed since."""
+    changed = changed_settings(args.resume_record["config"], config)
+    if changed:
+        du.note(f"resuming with changed settings ({', '.join(changed)}): the result will differ from an "
+                "uninterrupted run")
+    try:
+        accelerator.load_state(args.resume_from_checkpoint)
+    except Exception as e:
+        made_from = args.resume_record["config"].get("pretrained_model_name_or_path")
+        if made_from != args.pretrained_model_name_or_path:
+            du.fail(f"checkpoint {args.resume_from_checkpoint} was made from the model {made_from}, not "
+                    f"{args.pretrained_model_name_or_path}: resume with that model ({du.first_line(e, 120)})")
+        du.fail(f"cannot load checkpoint {args.resume_from_checkpoint}: {du.first_line(e)}")
+    # important! the loaded weights are copied into the fp32 trainable parameters: fp16 grads can't appear
+    assert all(p.dtype == torch.float32 for p in params)
+    accelerator.print(f"resumed from {args.resume_from_checkpoint} at step {state.global_step}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # ---- check the input before anything loads
+    check_args(args)
+    instances = load_instance_examples(args)
+    if args.with_prior_preservation and Path(args.class_dir).exists():
+        du.list_images(args.class_dir, "class image")  # names a corrupt class image now, not mid-run
+
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_snr
+
+    accelerator = make_accelerator(args)
 
     # ---- class images for prior preservation
     class_paths = []
@@ -943,9 +976,6 @@ def main(argv=None):
                             args.train_text_encoder or args.train_text_encoder_ti,
                             [t.convert_tokens_to_ids(args.new_tokens) for t in tokenizers] if args.new_tokens else [])
     params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params) - sum(  # pivotal tuning trains the new rows of the embedding matrix
-        getattr(model, n).get_input_embeddings().weight.numel() - rows.numel()
-        for n, rows in zip(model.text_encoder_names, model.token_embeddings() or []))
 
     # ---- optimizer, data, schedule
     global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
@@ -982,29 +1012,15 @@ def main(argv=None):
     config = {**vars(args), "num_instance_images": len(instances), "num_class_images_used": len(class_paths),
               "num_processes": accelerator.num_processes, "mixed_precision_resolved": accelerator.mixed_precision,
               "global_batch_size": global_batch, "total_optimizer_steps": max_train_steps, "num_epochs": num_epochs,
-              "text_encoder_steps": min(text_encoder_steps, max_train_steps) if args.train_text_encoder else 0,
+              "text_encoder_steps": min(text_encoder_steps, max_train_steps) * accelerator.unwrap_model(model).train_text_encoder,
               "prediction_type": noise_scheduler.config.prediction_type,
-              "trainable_parameters": trainable,
+              "trainable_parameters": accelerator.unwrap_model(model).trainable_parameters(),
               "instance_images": [str(image) if isinstance(image, Path) else f"{args.dataset_name}[{i}]"
                                   for i, (image, _) in enumerate(instances)]}
     del config["resume_record"]
     record = du.run_record(config, __file__)
     if args.resume_from_checkpoint:
-        changed = changed_settings(args.resume_record["config"], config)
-        if changed:
-            du.note(f"resuming with changed settings ({', '.join(changed)}): the result will differ from an "
-                    "uninterrupted run")
-        try:
-            accelerator.load_state(args.resume_from_checkpoint)
-        except Exception as e:
-            made_from = args.resume_record["config"].get("pretrained_model_name_or_path")
-            if made_from != args.pretrained_model_name_or_path:
-                du.fail(f"checkpoint {args.resume_from_checkpoint} was made from the model {made_from}, not "
-                        f"{args.pretrained_model_name_or_path}: resume with that model ({du.first_line(e, 120)})")
-            du.fail(f"cannot load checkpoint {args.resume_from_checkpoint}: {du.first_line(e)}")
-        # important! the loaded weights are copied into the fp32 trainable parameters: fp16 grads can't appear
-        assert all(p.dtype == torch.float32 for p in params)
-        accelerator.print(f"resumed from {args.resume_from_checkpoint} at step {state.global_step}")
+        resume(accelerator, args, config, params, state)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.resume_from_checkpoint:  # records of versions that wrote secrets in plain text

@@ -1,5 +1,6 @@
 """Training options chosen before the loop, so the step reads the same: the optimizer (AdamW, 8-bit AdamW, Prodigy),
-the exponential moving average of the weights, DoRA adapters and training the text encoder for part of the run. Each checked against what it promises, on the tiny models."""
+the exponential moving average of the weights, DoRA adapters and training the text encoder for part of the run.
+Each checked against what it promises, on the tiny models."""
 
 import json
 import re
