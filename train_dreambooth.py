@@ -1028,6 +1028,16 @@ def main(argv=None):
         du.write_json(Path(args.output_dir, "run_config.json"), record)
         du.save_code(args.output_dir, __file__)
         start_trackers(accelerator, args, record)
+    # ---- SIGTERM (clusters, spot instances) or Ctrl-C: finish the optimizer step, save a checkpoint, exit 0. Installed
+    # before the banner: a signal may come as soon as the run says it has started
+    stop_signal = []
+
+    def request_stop(signum, frame):
+        stop_signal.append(signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
+
+    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
     accelerator.print(
         f"DreamBooth: {family.pipeline.removesuffix('Pipeline')}, {len(instances)} instance images, "
         f"{len(class_paths)} class images, "
@@ -1037,15 +1047,6 @@ def main(argv=None):
         f"mixed precision {accelerator.mixed_precision}, {config['prediction_type']} target"
         + (f", text encoder(s) frozen after step {text_encoder_steps}" if args.train_text_encoder_frac < 1 else "")
         + (f", pivotal tuning: '{args.token_abstraction}' is {''.join(args.new_tokens)}" if args.new_tokens else ""))
-
-    # ---- SIGTERM (clusters, spot instances) or Ctrl-C: finish the optimizer step, save a checkpoint, exit 0
-    stop_signal = []
-
-    def request_stop(signum, frame):
-        stop_signal.append(signal.Signals(signum).name)
-        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
-
-    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def validate(step):  # on the main process only; the others wait at the next collective
         if args.validation_prompt and accelerator.is_main_process:
