@@ -95,7 +95,11 @@ def matrix(gpu):
             ("cached latents + embeddings", base + ["--cache_latents", "--pre_compute_text_embeddings"]),
             ("+ text encoder", base + ["--train_text_encoder"]),
             ("LoRA rank 4 + text encoder", base + ["--lora_rank", "4", "--train_text_encoder"]),
-            ("bf16", ["--mixed_precision", "bf16"])]
+            ("bf16", ["--mixed_precision", "bf16"]),
+            ("EMA of the weights", base + ["--use_ema"]),
+            ("Prodigy", base + ["--optimizer", "prodigy"]),
+            ("DoRA rank 4 + text encoder", base + ["--lora_rank", "4", "--use_dora", "--train_text_encoder"]),
+            ("LoRA rank 4 + pivotal tuning", base + ["--lora_rank", "4", "--train_text_encoder_ti"])]
     if gpu:
         try:
             import xformers  # noqa: F401
