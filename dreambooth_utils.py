@@ -674,7 +674,8 @@ def image_seed(seed, index):
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-PRIOR_MANIFEST = "manifest.json"
+PRIOR_MANIFEST = "manifest.json"  # where versions before 2026-11-28 recorded a class folder's settings
+PRIOR_TEXT = "dreambooth_prior"  # the PNG text entry of each generated class image: the settings that made it
 # What makes a set of class images: the same values give the same bytes. The first five name the model and prompt.
 PRIOR_SETTINGS = ("pretrained_model_name_or_path", "revision", "variant", "unet_sha256", "class_prompt",
                   "negative_prompt", "scheduler", "num_inference_steps", "guidance_scale", "resolution", "seed",
@@ -709,7 +710,22 @@ def unet_fingerprint(name_or_path, revision=None):
 
 
 def read_prior_manifest(class_dir):
-    path = Path(class_dir, PRIOR_MANIFEST)
+    """The settings that made a class folder: from its first generated image (each carries them in the PNG text
+    entry PRIOR_TEXT, so the folder holds nothing but images and trainers that open every file in it as an image,
+    diffusers' scripts among them, read it too), or from an older version's manifest.json. None: the user's own."""
+    class_dir = Path(class_dir)
+    for path in sorted(class_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")) if class_dir.is_dir() else []:
+        try:
+            with Image.open(path) as image:
+                text = image.text.get(PRIOR_TEXT)
+        except OSError:
+            continue  # list_images names a damaged image
+        if text is not None:
+            try:
+                return json.loads(text)["settings"]
+            except (ValueError, KeyError, TypeError):
+                fail(f"unreadable class-image settings in {path} (delete it, or use another class folder)")
+    path = class_dir / PRIOR_MANIFEST
     if not path.is_file():
         return None
     try:
@@ -719,13 +735,13 @@ def read_prior_manifest(class_dir):
 
 
 def check_prior_folder(class_dir, settings, must_match):
-    """Compare a class folder with its manifest: stop naming every field in `must_match` that differs; otherwise
-    return the settings to top it up with (the manifest's, so the new images belong to the same set). A folder of
-    images without a manifest is taken as it is (the user's own class photos)."""
+    """Compare a class folder with the settings that made it: stop naming every field in `must_match` that differs;
+    otherwise return the settings to top it up with (the folder's, so the new images belong to the same set). A
+    folder of images none of which says how it was made is taken as it is (the user's own class photos)."""
     old = read_prior_manifest(class_dir)
     if old is None:
         if Path(class_dir).is_dir() and list_images(class_dir, "class image", check=False):
-            note(f"{class_dir} has no {PRIOR_MANIFEST}: its images are used as they are")
+            note(f"{class_dir} holds no images made by generate_priors.py: its images are used as they are")
         return dict(settings)
     differ = [f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in must_match
               if old.get(k) != settings[k] and not (k == "unet_sha256" and None in (old.get(k), settings[k]))]
@@ -758,15 +774,14 @@ def prior_blocks(indices, batch_size, process_index=0, num_processes=1):
     return blocks[process_index::num_processes]
 
 
-def make_prior_images(state, class_dir, missing, settings, record):
-    """What generate_priors.py and train_dreambooth.py both do to fill a class folder: the manifest first (main
-    process), so an interrupted folder says what it is, then this process's share of the batches. `state` is
-    accelerate's PartialState or Accelerator."""
+def make_prior_images(state, class_dir, missing, settings):
+    """What generate_priors.py and train_dreambooth.py both do to fill a class folder: this process's share of the
+    batches, each image carrying the settings and library versions that made it. `state` is accelerate's
+    PartialState or Accelerator."""
     from tqdm.auto import tqdm
 
     if state.is_main_process:
         Path(class_dir).mkdir(parents=True, exist_ok=True)
-        write_json(Path(class_dir, PRIOR_MANIFEST), {**record, "settings": settings})
     pipe = load_pipeline(settings["pretrained_model_name_or_path"], settings["revision"], settings["variant"],
                          torch_dtype(settings["precision"]), state.device, settings.get("pretrained_vae_model_name_or_path"))
     set_scheduler(pipe, settings["scheduler"])
@@ -781,8 +796,13 @@ def make_prior_images(state, class_dir, missing, settings, record):
 def generate_prior_images(pipe, class_dir, indices, blocks, settings, progress=None):
     """Run each batch of `blocks` and write its images that are in `indices` to class_dir/i.png, each under a
     temporary name and renamed, so a killed run never leaves a truncated image with a real image's name."""
+    from PIL.PngImagePlugin import PngInfo
+
     class_dir, batch_size, wanted = Path(class_dir), settings["sample_batch_size"], set(indices)
     class_dir.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()  # the same for every process and every top-up: the bytes stay a function of the settings
+    info.add_text(PRIOR_TEXT, json.dumps({"settings": {k: settings.get(k) for k in PRIOR_SETTINGS},
+                                          "versions": library_versions()}))
     negative = settings["negative_prompt"]
     for block in blocks:
         batch = list(range(block * batch_size, (block + 1) * batch_size))
@@ -795,7 +815,7 @@ def generate_prior_images(pipe, class_dir, indices, blocks, settings, progress=N
             if i in wanted:
                 final = class_dir / prior_image_name(i)
                 tmp = class_dir / f".{final.name}.tmp"
-                image.save(tmp, format="PNG")
+                image.save(tmp, format="PNG", pnginfo=info)
                 os.replace(tmp, final)
                 if progress is not None:
                     progress.update(1)

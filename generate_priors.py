@@ -5,8 +5,9 @@
 
 Image i is made with its own generator seeded from (--seed, i), always in batch i // --sample_batch_size, and saved as
 class_dir/00000i.png: the files are the same bytes however many processes share the work, and a rerun makes only the
-missing indices. manifest.json records what made the folder (model, UNet hash, prompt, sampler settings, versions);
-a rerun with other settings is refused unless --overwrite. train_dreambooth.py --with_prior_preservation calls the
+missing indices. Each image records what made it (model, UNet hash, prompt, sampler settings, versions) in its PNG
+text, so the folder holds nothing but images (trainers that open every file in it, diffusers' scripts among them,
+read it too); a rerun with other settings is refused unless --overwrite. train_dreambooth.py --with_prior_preservation calls the
 same code when its class folder is short.
 """
 
@@ -43,7 +44,7 @@ def build_parser():
                    help="weights dtype (default: fp16 on a GPU, else fp32)")
     g.add_argument("--seed", type=du.NATURAL, default=0, help="image i uses a generator seeded from (seed, i)")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace the generated images of a folder whose manifest records other settings")
+                   help="replace the generated images of a folder that other settings made")
     return p
 
 
@@ -70,6 +71,7 @@ def main(argv=None):
         if old and any(old.get(k) != settings[k] for k in du.PRIOR_SETTINGS) and state.is_main_process:
             for image in class_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):  # ours; the user's images stay
                 image.unlink()
+            (class_dir / du.PRIOR_MANIFEST).unlink(missing_ok=True)  # an older version's record of them
         state.wait_for_everyone()
     else:
         # the batch size changes rounding, not the images: a top-up keeps the folder's own
@@ -78,9 +80,8 @@ def main(argv=None):
     if not missing:
         state.print(f"{class_dir} already holds {args.num_class_images} class images; nothing to do")
         return
-    # ---- the manifest (the run's record), then this process's share of the batches
-    config = {**vars(args), "num_processes": state.num_processes, "generated_indices": len(missing)}
-    du.make_prior_images(state, class_dir, missing, settings, du.run_record(config, __file__))
+    # ---- this process's share of the batches, each image with the settings that made it
+    du.make_prior_images(state, class_dir, missing, settings)
     state.print(f"made {len(missing)} class images; {class_dir} now holds {args.num_class_images}")
 
 

@@ -553,7 +553,7 @@ class DreamBoothModel(torch.nn.Module):
 
 def make_class_images(args, accelerator):
     """Top the class folder up to --num_class_images with the code generate_priors.py uses, sharded across processes
-    by batch. A folder whose manifest names another model or prompt is refused; one that generate_priors.py made is
+    by batch. A folder whose images were made by another model or prompt is refused; one that generate_priors.py made is
     topped up with its own sampler settings, so the new images belong to the same set."""
     precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
     settings = {**du.PRIOR_DEFAULTS, **{k: getattr(args, k) for k in du.PRIOR_SETTINGS if hasattr(args, k)},
@@ -564,8 +564,7 @@ def make_class_images(args, accelerator):
     if not missing:
         return
     accelerator.print(f"generating {len(missing)} class images in {args.class_dir} ({settings['precision']})")
-    record = du.run_record({**settings, "num_class_images": args.num_class_images}, __file__)
-    du.make_prior_images(accelerator, args.class_dir, missing, settings, record)
+    du.make_prior_images(accelerator, args.class_dir, missing, settings)
     gc.collect()  # the sampling pipeline is gone: give its memory back before the models load
     torch.cuda.empty_cache()  # a no-op without CUDA
 

@@ -1,5 +1,6 @@
-"""generate_priors.py: the same bytes for any number of processes and for a top-up, a manifest that records what
-made the folder and refuses other settings, and train_dreambooth.py topping a folder up with the same code."""
+"""generate_priors.py: the same bytes for any number of processes and for a top-up, images that record what made
+them (so the folder refuses other settings and holds nothing but images), and train_dreambooth.py topping a folder up
+with the same code."""
 
 import json
 import shutil
@@ -26,13 +27,18 @@ def pngs(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
 
 
+def recorded(path):
+    """What a generated class image says made it."""
+    with Image.open(path) as image:
+        return json.loads(image.text[du.PRIOR_TEXT])
+
+
 def test_one_and_two_processes_write_the_same_bytes(run, tiny_model, tmp_path):
     # 5 images in batches of 3: process 0 takes batch 0 (images 0-2), process 1 batch 1 (3-4 and one discarded)
     one, two = tmp_path / "one", tmp_path / "two"
     run("generate_priors.py", *priors_argv(tiny_model, one, 5, "--sample_batch_size", 3), launch=ONE)
     run("generate_priors.py", *priors_argv(tiny_model, two, 5, "--sample_batch_size", 3), launch=TWO, env=CPU)
-    assert json.loads((two / "manifest.json").read_text())["config"]["num_processes"] == 2
-    assert list(pngs(one)) == [du.prior_image_name(i) for i in range(5)]
+    assert sorted(p.name for p in two.iterdir()) == [du.prior_image_name(i) for i in range(5)]  # images only
     assert pngs(one) == pngs(two)
 
 
@@ -50,10 +56,10 @@ def test_top_up_makes_exactly_the_missing_files(tiny_model, tmp_path):
     d = tmp_path / "priors"
     generate_priors.main(priors_argv(tiny_model, d, 5, "--seed", 3, "--sample_batch_size", 3))
     original = pngs(d)
-    manifest = json.loads((d / "manifest.json").read_text())
-    assert manifest["settings"]["class_prompt"] == "a photo of dog" and manifest["settings"]["seed"] == 3
-    assert manifest["settings"]["unet_sha256"] == du.unet_fingerprint(tiny_model)
-    assert manifest["config"]["pretrained_model_name_or_path"] == tiny_model and "diffusers" in manifest["versions"]
+    made = recorded(d / "000000.png")
+    assert made["settings"]["class_prompt"] == "a photo of dog" and made["settings"]["seed"] == 3
+    assert made["settings"]["unet_sha256"] == du.unet_fingerprint(tiny_model)
+    assert made["settings"]["pretrained_model_name_or_path"] == tiny_model and "diffusers" in made["versions"]
 
     # a killed run: two images gone (one in each batch), a temporary file left behind that must not count
     (d / "000001.png").unlink()
@@ -76,7 +82,7 @@ def test_other_settings_are_refused_unless_overwrite(tiny_model, tmp_path):
     assert pngs(d) == original
     generate_priors.main(priors_argv(tiny_model, d, 2, "--num_inference_steps", 3, "--overwrite"))
     assert pngs(d).keys() == original.keys() and pngs(d) != original
-    assert json.loads((d / "manifest.json").read_text())["settings"]["num_inference_steps"] == 3
+    assert recorded(d / "000000.png")["settings"]["num_inference_steps"] == 3
 
 
 def test_a_changed_model_under_the_same_path_is_refused(tiny_model, tmp_path):
@@ -98,7 +104,7 @@ def test_user_class_photos_without_a_manifest_are_used_as_they_are(tiny_model, t
     generate_priors.main(priors_argv(tiny_model, d, 1))
     assert sorted(p.name for p in d.iterdir()) == ["mine.png"]
     captured = capsys.readouterr()
-    assert "has no manifest.json: its images are used as they are" in captured.err
+    assert "holds no images made by generate_priors.py: its images are used as they are" in captured.err
     assert "already holds 1 class images; nothing to do" in captured.out
 
 
@@ -128,3 +134,36 @@ def test_the_trainer_tops_up_with_the_same_code_and_settings(run, tiny_model, ph
         f"error: class folder {short} was made with other settings (class_prompt 'a photo of dog' -> 'a photo of cat'); "
         "use another folder, or pass --overwrite to generate generate_priors.py's images again")
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_folder_of_an_older_version_with_manifest_json_still_tops_up(tiny_model, tmp_path):
+    """Versions before this one wrote the settings into class_dir/manifest.json and not into the images."""
+    from PIL.PngImagePlugin import PngInfo
+
+    d = tmp_path / "priors"
+    generate_priors.main(priors_argv(tiny_model, d, 2))
+    settings = recorded(d / "000000.png")["settings"]
+    for name in ("000000.png", "000001.png"):  # as the older version wrote them: no text
+        with Image.open(d / name) as image:
+            image.save(d / name, pnginfo=PngInfo())
+    (d / du.PRIOR_MANIFEST).write_text(json.dumps({"settings": settings}))
+    with pytest.raises(SystemExit, match="was made with other settings"):
+        generate_priors.main(priors_argv(tiny_model, d, 3, "--num_inference_steps", 3))
+    generate_priors.main(priors_argv(tiny_model, d, 3))
+    assert recorded(d / "000002.png")["settings"] == settings
+
+
+def test_diffusers_dreambooth_script_reads_the_folder(tiny_model, tmp_path):
+    """diffusers' train_dreambooth.py takes every entry of the class folder as an image (Path.iterdir, Image.open,
+    exif_transpose): a folder made here, topped up after an interruption, holds nothing else."""
+    from PIL import ImageOps
+
+    d = tmp_path / "priors"
+    generate_priors.main(priors_argv(tiny_model, d, 3, "--sample_batch_size", 2))
+    (d / "000001.png").unlink()
+    generate_priors.main(priors_argv(tiny_model, d, 3, "--sample_batch_size", 2))
+    entries = list(d.iterdir())
+    assert len(entries) == 3
+    for path in entries:
+        with Image.open(path) as image:
+            assert ImageOps.exif_transpose(image).convert("RGB").size == (64, 64)
