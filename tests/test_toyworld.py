@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from toyworld.world import PALETTE, SHAPES, SUBJECT, expected, read_attributes, render, sample_attributes
+from toyworld.world import PALETTE, SHAPES, SUBJECT, expected, read_attributes, reading, render, sample_attributes
 
 
 def test_rendering_is_a_function_of_the_seed():
@@ -16,7 +16,7 @@ def test_rendering_is_a_function_of_the_seed():
 def test_the_evaluator_reads_rendered_ground_truth():
     attributes = [sample_attributes(seed) for seed in range(600)]
     assert {a.shape for a in attributes} == set(SHAPES) and {a.colour for a in attributes} == set(PALETTE)
-    wrong = [(a, read_attributes(render(a))) for a in attributes if read_attributes(render(a)) != expected(a)]
+    wrong = [(a, reading(render(a))) for a in attributes if reading(render(a)) != expected(a)]
     assert not wrong, wrong[:3]
 
 
@@ -39,4 +39,23 @@ def test_an_empty_image_has_no_object():
     from PIL import Image
 
     assert read_attributes(Image.new("RGB", (32, 32), PALETTE["blue"])) == {
-        "shape": None, "colour": None, "background": "blue", "pattern": False}
+        "shape": None, "colour": None, "background": "blue", "pattern": False, "similarity": 0.0}
+
+
+def test_similarity_to_the_subject_on_rendered_images():
+    """The continuous score, fixed on rendered images before any model's were read: the subject about 1, a one-colour
+    red or yellow circle about 1/2, the halves swapped 0, split sideways about 1/2 (100 of each, the subject's own
+    places and sizes; the values QUALITY.md gives)."""
+    subjects = [sample_attributes(seed, subject=True) for seed in range(100)]
+
+    def scores(images):
+        values = np.array([read_attributes(image)["similarity"] for image in images])
+        return values.mean(), values.min(), values.max()
+    mean, low, _ = scores(render(a) for a in subjects)
+    assert mean > 0.95 and low > 0.9
+    for colour in SUBJECT:  # one-colour circles at the same places
+        mean, low, high = scores(render(replace(a, colour=colour, pattern=())) for a in subjects)
+        assert 0.4 < low and high < 0.6
+    assert scores(render(replace(a, colour=SUBJECT[1], pattern=SUBJECT[::-1])) for a in subjects)[2] < 0.05
+    mean, low, high = scores(render(a).rotate(90) for a in subjects)
+    assert 0.4 < low and high < 0.6

@@ -6,10 +6,14 @@
    accuracy, read back from the generated images by the world's evaluator.
 2. DreamBooth on the subject (a circle with a red top and a yellow bottom, never seen in pretraining; 4 photos on
    white and green backgrounds) with generate_priors.py, train_dreambooth.py and infer.py, as an ablation table: full
-   fine-tune with and without prior preservation, with the text encoder, and LoRA. For each:
+   fine-tune with and without prior preservation, with the text encoder, LoRA, and the training options (--rows);
+   each row the mean over --seeds training seeds with the range. For each, on backgrounds no photo had (blue,
+   purple: the new contexts DreamBooth is for) apart from the photos' own (white, green):
    - subject fidelity: share of "a photo of sks circle on a <colour> background" images that show the subject
-     (green, blue, purple and white backgrounds; the photos had only two of them);
-   - prompt fidelity: share of those with the asked background;
+     (the evaluator's yes/no rule);
+   - similarity: the evaluator's continuous score against the subject drawn at the object's place and size (about 1
+     for the subject, 1/2 for a one-colour red or yellow circle, 0 for the halves swapped);
+   - asked background (prompt fidelity): share of those with the asked background;
    - drift: share of plain "a photo of a circle" images that show the subject (the paper's language drift, which
      prior preservation is meant to prevent), and share of them that still show a circle;
    - diversity: entropy of the object colours of those (log2(6) = 2.58 bits would be all six colours alike).
@@ -30,7 +34,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from toyworld.world import PALETTE, SHAPES, SUBJECT, read_attributes, write_subject_photos  # noqa: E402
+from toyworld.world import (PALETTE, SHAPES, SUBJECT, SUBJECT_PHOTO_BACKGROUNDS, read_attributes,  # noqa: E402
+                            write_subject_photos)
 
 BACKGROUNDS = [c for c in PALETTE if c not in SUBJECT]
 DEFAULT_ROWS = ["full, prior preservation", "full, no prior preservation", "full, prior preservation, text encoder",
@@ -78,16 +83,26 @@ def subject_metrics(model, out, args):
     subject = sample(model, out / "subject", [f"a photo of sks circle on a {b} background" for b in BACKGROUNDS],
                      args.images_per_prompt, args)
     plain = sample(model, out / "class", ["a photo of a circle"], len(BACKGROUNDS) * args.images_per_prompt, args)[0]
-    seen = [s for images in subject for s in images]
+    return score(dict(zip(BACKGROUNDS, subject)), plain)
+
+
+def score(subject, plain):
+    """The metrics from the evaluator's readings: {background asked: readings} of the subject prompts, and the
+    readings of the plain class prompt. Backgrounds no photo had ("new") apart from the photos' own ("seen")."""
+    def rates(backgrounds):
+        asked = [(b, s) for b in backgrounds for s in subject[b]]
+        return {"subject_fidelity": sum(s["pattern"] for _, s in asked) / len(asked),
+                "similarity": sum(s["similarity"] for _, s in asked) / len(asked),
+                "prompt_fidelity": sum(s["background"] == b for b, s in asked) / len(asked)}
     colours = [s["colour"] for s in plain if s["colour"]]
     shares = [colours.count(c) / len(colours) for c in set(colours)]
     entropy = sum(-q * math.log2(q) for q in shares)  # 0 for one colour (or none), log2(6) for all six alike
-    return {"subject_fidelity": sum(s["pattern"] for s in seen) / len(seen),
-            "prompt_fidelity": sum(s["background"] == b for b, images in zip(BACKGROUNDS, subject) for s in images)
-            / len(seen),
+    new = [b for b in BACKGROUNDS if b not in SUBJECT_PHOTO_BACKGROUNDS]
+    return {**rates(BACKGROUNDS), **{f"{k}_new": v for k, v in rates(new).items()},
+            **{f"{k}_seen": v for k, v in rates(SUBJECT_PHOTO_BACKGROUNDS).items()},
             "drift": sum(s["pattern"] for s in plain) / len(plain),
             "class_shape": sum(s["shape"] == "circle" for s in plain) / len(plain),
-            "diversity_bits": entropy, "images": len(seen) + len(plain)}
+            "diversity_bits": entropy, "images": sum(map(len, subject.values())) + len(plain)}
 
 
 def dreambooth(model, out, args, seed):
@@ -131,6 +146,18 @@ def cell(value, percent=True):
     mean, low, high = value
     fmt = (lambda v: f"{v:.0%}") if percent else (lambda v: f"{v:.2f}")
     return fmt(mean) if low == high else f"{fmt(mean)} ({fmt(low)}-{fmt(high)})"
+
+
+TABLE_HEAD = ("\n| run | seeds | new backgrounds: subject fidelity | similarity | asked background | photos' "
+              "backgrounds: subject fidelity | similarity | asked background | drift | class prompt gives a circle | "
+              "diversity (bits) |\n" + "|---" * 11 + "|")
+
+
+def table_row(name, m):
+    return (f"| {name} | {m['seeds']} | {cell(m['subject_fidelity_new'])} | {cell(m['similarity_new'], False)} | "
+            f"{cell(m['prompt_fidelity_new'])} | {cell(m['subject_fidelity_seen'])} | "
+            f"{cell(m['similarity_seen'], False)} | {cell(m['prompt_fidelity_seen'])} | {cell(m['drift'])} | "
+            f"{cell(m['class_shape'])} | {cell(m['diversity_bits'], False)} |")
 
 
 def prompt_following(model, out, args, images_per_prompt=2):
@@ -179,12 +206,9 @@ def main():
     if not args.skip_dreambooth:
         runs = [dreambooth(args.model, out, args, seed) for seed in args.seeds or [args.seed]]
         report["dreambooth"], report["dreambooth_per_seed"] = summary(runs), runs
-        print("\n| run | seeds | subject fidelity | prompt fidelity | drift | class prompt gives a circle | diversity "
-              "(bits) | training (s) |\n|---|---|---|---|---|---|---|---|")
+        print(TABLE_HEAD)
         for name, m in report["dreambooth"].items():
-            print(f"| {name} | {m['seeds']} | {cell(m['subject_fidelity'])} | {cell(m['prompt_fidelity'])} | "
-                  f"{cell(m['drift'])} | {cell(m['class_shape'])} | {cell(m['diversity_bits'], False)} | "
-                  f"{m['train_seconds'][0] if 'train_seconds' in m else 0:.0f} |")
+            print(table_row(name, m))
     report["seconds"] = time.time() - t0
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{report['seconds'] / 60:.1f} minutes; report in {out / 'report.json'}")
