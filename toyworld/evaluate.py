@@ -106,8 +106,8 @@ def score(subject, plain):
 
 
 def dreambooth(model, out, args, seed):
-    photos = out / "subject-photos"
-    write_subject_photos(photos)
+    photos = out / ("subject-photos-captioned" if args.captions else "subject-photos")
+    write_subject_photos(photos, captions=args.captions)
     common = ["--num_inference_steps", args.num_inference_steps, "--guidance_scale", args.guidance_scale,
               "--scheduler", "ddim", "--seed", args.seed]  # the same class images for every training seed
     script("generate_priors.py", "--model", model, "--class_prompt", "a photo of a circle", "--class_dir",
@@ -194,6 +194,9 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="training seeds: each row is trained and sampled once per seed, and reported as the mean "
                         "with the range (default: --seed alone)")
+    p.add_argument("--captions", action="store_true",
+                   help="each subject photo captioned with its background (\"a photo of sks circle on a white "
+                        "background\") instead of the bare instance prompt")
     p.add_argument("--skip_dreambooth", action="store_true", help="only the base model's prompt following")
     args = p.parse_args()
     out = Path(args.output_dir)

@@ -128,14 +128,18 @@ def reading(image):
 SUBJECT_PHOTO_BACKGROUNDS = ("white", "green")  # the subject is never shown on blue or purple: new contexts to ask for
 
 
-def write_subject_photos(folder, n=4, seed=1000):
-    """The DreamBooth instance photos: the subject in n places and sizes, on a white or a green background."""
+def write_subject_photos(folder, n=4, seed=1000, captions=False):
+    """The DreamBooth instance photos: the subject in n places and sizes, on a white or a green background; with
+    captions, each photo's caption beside it names its background ("a photo of sks circle on a white background")."""
     from pathlib import Path
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     for i in range(n):
         background = SUBJECT_PHOTO_BACKGROUNDS[i % len(SUBJECT_PHOTO_BACKGROUNDS)]
-        render(sample_attributes(seed + i, subject=True, background=background)).save(Path(folder, f"sks-{i}.png"))
+        attributes = sample_attributes(seed + i, subject=True, background=background)
+        render(attributes).save(Path(folder, f"sks-{i}.png"))
+        if captions:
+            Path(folder, f"sks-{i}.txt").write_text(attributes.caption() + "\n")
 
 
 if __name__ == "__main__":
