@@ -80,9 +80,9 @@ def diffusers_checkpoints(accelerator, family, lora, names):
 
     def save(models, weights, folder):
         if accelerator.is_main_process:
-            if accelerator.unwrap_model(models[0]).token_embeddings():  # pivotal tuning's rows, in fp32
-                save_token_embeddings(Path(folder, du.EMBEDDINGS.format(name="checkpoint")), family,
-                                      accelerator.unwrap_model(models[0]).token_embeddings(), torch.float32)
+            rows = accelerator.unwrap_model(models[0]).token_embeddings()  # pivotal tuning's, in fp32
+            if rows:
+                save_token_embeddings(Path(folder, du.EMBEDDINGS.format(name="checkpoint")), family, rows, torch.float32)
             if lora:
                 save_lora(folder, family, torch.float32, trained(models[0]))
             for name, (module, _) in {} if lora else trained(models[0]).items():
@@ -94,9 +94,10 @@ def diffusers_checkpoints(accelerator, family, lora, names):
 
         if Path(folder, "model.safetensors").is_file():
             return  # accelerate's own layout: accelerate loads it
-        if accelerator.unwrap_model(models[0]).token_embeddings():
+        model = accelerator.unwrap_model(models[0])
+        if model.new_token_ids:
             state = load_file(Path(folder, du.EMBEDDINGS.format(name="checkpoint")))
-            accelerator.unwrap_model(models[0]).set_token_embeddings([state[key] for key in family.embedding_keys])
+            model.set_token_embeddings([state[key] for key in family.embedding_keys])
         modules = trained(models.pop())  # and nothing of the model is left for accelerate to load
         if not lora:
             for name, (module, _) in modules.items():

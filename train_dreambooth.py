@@ -241,7 +241,7 @@ def check_args(args):
         du.fail("--optimizer prodigy takes one learning rate for all parameters: leave out --text_encoder_lr")
     args.new_tokens = [f"<s{i}>" for i in range(args.num_new_tokens_per_abstraction)] if args.train_text_encoder_ti else []
     if args.train_text_encoder_ti:  # the validation prompts as the model reads them; instance prompts: load_instance_examples
-        if not re.search(rf"\b{re.escape(args.token_abstraction)}\b", args.instance_prompt or ""):
+        if du.pivot_prompt(args.instance_prompt, args.token_abstraction, args.new_tokens) == args.instance_prompt:
             du.fail(f"--token_abstraction '{args.token_abstraction}' is not a word of --instance_prompt "
                     f"'{args.instance_prompt}': give the identifier, e.g. --token_abstraction sks")
         args.validation_prompt = [du.pivot_prompt(v, args.token_abstraction, args.new_tokens)
@@ -321,7 +321,7 @@ def pivot_prompts(args, examples):
     if not args.train_text_encoder_ti:
         return examples
     for i, (image, prompt) in enumerate(examples):
-        if not re.search(rf"\b{re.escape(args.token_abstraction)}\b", prompt):
+        if du.pivot_prompt(prompt, args.token_abstraction, args.new_tokens) == prompt:  # no identifier in it
             du.fail(f"the caption of {image if isinstance(image, Path) else f'example {i}'} has no "
                     f"'{args.token_abstraction}' (--token_abstraction) for pivotal tuning's tokens: '{prompt}'")
     return [(image, du.pivot_prompt(prompt, args.token_abstraction, args.new_tokens)) for image, prompt in examples]
