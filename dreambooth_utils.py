@@ -6,6 +6,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -135,7 +136,7 @@ def list_images(folder, what, check=True):
         fail(f"{what} folder is not a folder: {folder}")
     images, skipped = [], []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() in QUIET_EXTENSIONS or path.is_dir():
+        if path.name.startswith(".") or path.suffix.lower() in QUIET_EXTENSIONS or path.is_dir() or is_mask(path):
             continue
         (images if path.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(path)
     if skipped:
@@ -156,6 +157,107 @@ def list_images(folder, what, check=True):
             note(f"{len(transparent)} image(s) in {folder} have transparent pixels, which train as white: "
                  f"{', '.join(transparent[:5])}")
     return images
+
+
+MASK_SUFFIX = ".mask"  # photo.mask.png beside photo.jpg: the subject's mask (train_dreambooth.py), not a photo
+
+
+def is_mask(path):
+    return Path(path).stem.lower().endswith(MASK_SUFFIX) and Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_mask(photo):
+    """photo.mask.png (or .jpg, ...) beside photo.jpg, or None; checked now, so a bad one is named before a model loads."""
+    masks = [photo.with_name(photo.stem + MASK_SUFFIX + ext) for ext in sorted(IMAGE_EXTENSIONS)]
+    mask = next((m for m in masks if m.is_file()), None)
+    if mask:
+        load_mask(mask, load_image(photo).size)
+    return mask
+
+
+def load_mask(path, size):
+    """A mask as an 8-bit grey image of `size` (its photo's: the mask may have another size, not another shape)."""
+    try:
+        with Image.open(path) as image:
+            mask = ImageOps.exif_transpose(image)
+            mask.load()
+    except Exception as e:  # PIL raises several types for bad files
+        fail(f"cannot read mask {path}: {e}")
+    if mask.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
+        fail(f"mask {path} is a {mask.mode} image: a mask is black and white (white = the subject), 8-bit grey or RGB")
+    import numpy as np
+
+    rgba = np.asarray(mask.convert("RGBA"))
+    if rgba[..., 3].min() < 255 or (rgba[..., :3] != rgba[..., :1]).any():
+        fail(f"mask {path} has {'transparent' if rgba[..., 3].min() < 255 else 'coloured'} pixels: a mask is black "
+             "and white (white = the subject), grey at soft edges")
+    (w, h), (pw, ph) = mask.size, size
+    if abs(w * ph - h * pw) > 0.02 * max(w * ph, h * pw):
+        fail(f"mask {path} is {w}x{h} and its photo {pw}x{ph}: a mask has its photo's shape (at any size)")
+    if rgba[..., 0].max() < 128:
+        fail(f"mask {path} has no white pixels: white marks the subject")
+    return mask.convert("L").resize(size, Image.BILINEAR)
+
+
+def read_dataset(name, config_name, image_column, caption_column, default_prompt):
+    """A `datasets` dataset (hub id or local imagefolder) as (RGB image, caption or default_prompt, None) triples."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config_name, split="train")
+    except Exception as e:
+        fail(f"cannot load dataset {name}: {first_line(e)}")
+    for column in (image_column, caption_column):
+        if column and column not in ds.column_names:
+            fail(f"dataset {name} has no column '{column}' (columns: {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        fail(f"dataset {name} has no rows")
+    examples = []
+    for i in range(len(ds)):
+        try:
+            image = to_rgb(ds[i][image_column], f"{name}[{i}]")
+        except Exception as e:
+            fail(f"cannot read image {i} of dataset {name}: {e}")
+        caption = ds[i][caption_column] if caption_column else None
+        examples.append((image, caption or default_prompt, None))
+    return examples
+
+
+CONCEPT_KEYS = ("instance_prompt", "instance_data_dir", "class_prompt", "class_data_dir")
+
+
+def read_concepts(value, with_class):
+    """--concepts_list: a JSON file (or, in a --config YAML, the list itself) of subjects, each
+    {instance_prompt, instance_data_dir, class_prompt, class_data_dir} as ShivamShrirao's fork reads it, plus an
+    optional validation_prompt (text or list). Returns the list with validation_prompt always a list; the class keys
+    are required `with_class` (prior preservation)."""
+    where = "--concepts_list" if isinstance(value, list) else f"--concepts_list {value}"
+    if not isinstance(value, list):
+        try:
+            value = json.loads(Path(value).read_text(encoding="utf-8"))
+        except OSError as e:
+            fail(f"cannot read {where}: {e.strerror}")
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            fail(f"{where} is not JSON: {e}")
+    if not isinstance(value, list) or not value:
+        fail(f"{where} must be a non-empty list of subjects ({{{', '.join(CONCEPT_KEYS)}}}), not {type(value).__name__}"
+             + (" (empty)" if isinstance(value, list) else ""))
+    subjects = []
+    for i, concept in enumerate(value):
+        if not isinstance(concept, dict):
+            fail(f"{where}: subject {i} is a {type(concept).__name__}, not a mapping of {', '.join(CONCEPT_KEYS)}")
+        unknown = sorted(set(concept) - set(CONCEPT_KEYS) - {"validation_prompt"})
+        needed = CONCEPT_KEYS if with_class else CONCEPT_KEYS[:2]
+        missing = [k for k in needed if not isinstance(concept.get(k), str) or not concept[k].strip()]
+        if unknown or missing:
+            fail(f"{where}: subject {i} " + (f"has unknown key(s) {', '.join(map(str, unknown))}" if unknown else
+                                          f"needs {', '.join(missing)}" + (" (prior preservation is on)" if with_class else "")))
+        validation = concept.get("validation_prompt") or []
+        validation = [validation] if isinstance(validation, str) else validation
+        if not isinstance(validation, list) or not all(isinstance(v, str) for v in validation):
+            fail(f"{where}: subject {i}'s validation_prompt must be text or a list of texts")
+        subjects.append({**{k: concept.get(k) for k in CONCEPT_KEYS}, "validation_prompt": validation})
+    return subjects
 
 
 def read_caption(image_path, default):
@@ -503,7 +605,9 @@ def parse_args_with_config(parser, argv=None):
             elif value is not None:  # each value goes through the flag's own type, as its text would on the command line
                 many = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)
                 items = value if isinstance(value, list) and many else [value]
-                for v in items:
+                if getattr(action, "structured", False):  # --concepts_list: a path, or the data itself here
+                    items = [v if isinstance(v, list) else action.type(str(v)) if action.type else str(v) for v in items]
+                for v in [] if getattr(action, "structured", False) else items:
                     if isinstance(v, (list, dict)) or not (action.type or isinstance(v, str)):
                         raise ValueError("expected text" if not action.type else "expected one value")
                 items = [action.type(str(v)) if action.type else v for v in items]
@@ -665,6 +769,16 @@ def partial_state():
     from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def grid(images, columns=4):
+    """One sheet of same-sized images, `columns` to a row (infer.py --grid, training's validation images)."""
+    columns = min(columns, len(images))
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * w, math.ceil(len(images) / columns) * h))
+    for k, image in enumerate(images):
+        sheet.paste(image, ((k % columns) * w, (k // columns) * h))
+    return sheet
 
 
 def image_seed(seed, index):

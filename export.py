@@ -1,16 +1,20 @@
 """Turn a DreamBooth run into what other tools load, and publish it: the LoRA files (diffusers' format, and kohya's for
 the web UIs), a single-file checkpoint in the original layout (AUTOMATIC1111, ComfyUI, Forge, InvokeAI), a model card,
-and the Hub upload. train_dreambooth.py calls the same functions during a run; from the shell, this converts or
-publishes a finished run or export without training it again.
+and the Hub upload. train_dreambooth.py calls the same functions during a run, and writes its result, exports and
+validation images with the ones below; from the shell, this converts or publishes a finished run or export without
+training it again.
 
     python export.py sks-dog --single_file                          # sks-dog/sks-dog.safetensors, fp16
     python export.py sks-dog --push_to_hub --hub_model_id me/sks-dog
 """
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import dreambooth_utils as du
@@ -57,6 +61,103 @@ def save_token_embeddings(path, family, rows, dtype):
     from safetensors.torch import save_file
 
     save_file({key: row.to(dtype).contiguous().cpu() for key, row in zip(family.embedding_keys, rows)}, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run writes: the result, exports and validation images during the run
+
+
+def trained_weights(accelerator, args, model):
+    """{name: (module, full state dict)} of the trained modules. Call it on every process: under FSDP (or DeepSpeed
+    ZeRO-3) accelerator.get_state_dict gathers the sharded weights onto the main process."""
+    state, unwrapped = accelerator.get_state_dict(model), accelerator.unwrap_model(model)
+    names = ["unet"] + (unwrapped.text_encoder_names if args.train_text_encoder else [])
+    return {n: (getattr(unwrapped, n), {k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
+            for n in names}
+
+
+def save_weights(args, output_dir, dtype, trained, name, embeddings=None):
+    """What a run produces, in safetensors: the base pipeline (with the separate VAE, if one was given) in `dtype`
+    with the trained weights copied in (cast on the way), and with --save_single_file the same as `name`.safetensors
+    in the web UIs' layout; or with LoRA the adapter files alone; and pivotal tuning's `name`_emb.safetensors.
+    Written to a temporary folder and moved into place with model_index.json (or the LoRA file) last, so a folder
+    that has one holds the whole result."""
+    tmp = Path(output_dir) / ".save.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if args.lora_rank:
+        save_lora(tmp, du.FAMILIES[args.model_family], dtype, trained)
+    else:
+        pipe = du.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype, None,
+                                args.pretrained_vae_model_name_or_path)
+        for module, (_, state) in trained.items():
+            getattr(pipe, module).load_state_dict(state)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if args.save_single_file:
+            save_single_file(tmp, tmp / f"{name}.safetensors", du.torch_dtype(args.export_precision), vars(args))
+    if embeddings:
+        save_token_embeddings(tmp / du.EMBEDDINGS.format(name=name), du.FAMILIES[args.model_family], embeddings, dtype)
+    for item in sorted(tmp.iterdir(), key=lambda p: p.name in ("model_index.json", du.LORA_WEIGHTS)):
+        dest = Path(output_dir) / item.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(item, dest)
+    tmp.rmdir()
+
+
+def validation_pipeline(args, family, model, vae, tokenizers, text_encoders, noise_scheduler):
+    """The family's pipeline around the in-memory models (nothing loads but the pipeline's config)."""
+    trained = {name: getattr(model, name) for name in model.text_encoder_names}
+    return du.load_pipeline(args.pretrained_model_name_or_path, args.revision, device=None, vae=vae, unet=model.unet,
+                            scheduler=du.make_scheduler(args.validation_scheduler, noise_scheduler.config),
+                            **dict(zip(family.tokenizers, tokenizers)), **{**text_encoders, **trained})
+
+
+def log_validation(accelerator, args, pipe, embeddings, step):
+    """Sample the validation prompts at fixed seeds (image j of every prompt has the same seed at every step, so the
+    images are comparable across steps); a PNG grid in output_dir/validation and images in the trackers. Its random
+    draws come from its own generators inside fork_rng, so the training random state is untouched: the same command
+    with and without validation trains the same weights."""
+    n, rows, negative = args.num_validation_images, [], args.validation_negative_prompt
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
+        for prompt in args.validation_prompt:
+            text = dict(prompt=[prompt] * n, negative_prompt=[negative] * n if negative else None)
+            if embeddings:  # pre-computed: the text encoders are not on the accelerator
+                text = {}
+                for key, p in (("", prompt), ("negative_", negative or "")):
+                    embeds, pooled = (e.expand(n, *e.shape).to(accelerator.device) for e in embeddings[p])
+                    if key and not negative and pipe.config.get("force_zeros_for_empty_prompt"):
+                        embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)  # as the pipeline does
+                    text.update({f"{key}prompt_embeds": embeds, **({f"{key}pooled_prompt_embeds": pooled}
+                                                                  if args.model_family == "sdxl" else {})})
+            rows.append(pipe(**text, num_inference_steps=args.validation_inference_steps,
+                             guidance_scale=args.validation_guidance_scale, height=args.resolution, width=args.resolution,
+                             generator=[torch.Generator().manual_seed(du.image_seed(args.seed, j)) for j in range(n)]).images)
+    Path(args.output_dir, "validation").mkdir(parents=True, exist_ok=True)
+    du.grid(sum(rows, []), columns=n).save(Path(args.output_dir, "validation", f"step-{step:06d}.png"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for r, images in enumerate(rows):
+                tracker.writer.add_images(f"validation/{r}", np.stack([np.asarray(im) for im in images]), step,
+                                          dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=f"{j}: {prompt}") for prompt, images in
+                                        zip(args.validation_prompt, rows) for j, im in enumerate(images)]}, step=step)
+
+
+def export_pipeline(accelerator, args, model, step):
+    """An inference-ready pipeline or LoRA file (export-N, --export_precision) beside the checkpoints; infer.py loads
+    it."""
+    trained = trained_weights(accelerator, args, model)
+    if accelerator.is_main_process:
+        folder = Path(args.output_dir, f"export-{step}")
+        folder.mkdir(exist_ok=True)
+        save_weights(args, folder, du.torch_dtype(args.export_precision), trained,
+                     f"{Path(args.output_dir).resolve().name}-step-{step}", accelerator.unwrap_model(model).token_embeddings())
+        du.remove_oldest(args.output_dir, "export", args.exports_total_limit)
+    accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,7 +337,12 @@ def single_file_metadata(config, title, architecture, v_prediction):
             "modelspec.prediction_type": "v" if v_prediction else "epsilon",
             "modelspec.resolution": f"{config.get('resolution')}x{config.get('resolution')}",
             "dreambooth.base_model": str(config.get("pretrained_model_name_or_path")),
-            "dreambooth.instance_prompt": str(config.get("instance_prompt")), "dreambooth.settings": json.dumps(settings)}
+            "dreambooth.instance_prompt": "; ".join(subject_prompts(config)), "dreambooth.settings": json.dumps(settings)}
+
+
+def subject_prompts(config, key="instance_prompt"):
+    """Each subject's instance (or class) prompt: several with --concepts_list, else the run's one."""
+    return [str(s.get(key)) for s in config.get("subjects") or [config]]
 
 
 def save_single_file(pipeline_folder, path, dtype=torch.float16, config=None):
@@ -290,17 +396,18 @@ def model_card(folder, config):
     tags = ["text-to-image", "diffusers", "diffusers-training", "dreambooth",
             "stable-diffusion-xl" if family is du.SDXL else "stable-diffusion"] + (["lora"] if lora else [])
     data = ModelCardData(base_model=hub_base, license=base_license(base), library_name="diffusers", tags=tags,
-                         instance_prompt=config["instance_prompt"])
+                         instance_prompt="; ".join(subject_prompts(config)))
     method = (f"{'DoRA' if config.get('use_dora') else 'LoRA'} (rank {config['lora_rank']}, alpha "
               f"{config['lora_alpha'] or config['lora_rank']})" if lora
               else "full fine-tune") + (" of the UNet and the text encoder(s)" if config.get("train_text_encoder")
                                         else " of the UNet")
-    prior = (f"with prior preservation ({config['num_class_images_used']} images of \"{config['class_prompt']}\", "
+    prior = (f"with prior preservation ({config['num_class_images_used']} images of "
+             + ", ".join(f'"{p}"' for p in subject_prompts(config, "class_prompt")) + ", "
              f"weight {config['prior_loss_weight']})" if config.get("with_prior_preservation") else "without prior preservation")
     load = (f"pipe = {family.pipeline}.from_pretrained(\"{base}\", torch_dtype=torch.float16).to(\"cuda\")\n"
             "pipe.load_lora_weights(\"THIS_REPO_OR_FOLDER\")" if lora else
             f"pipe = {family.pipeline}.from_pretrained(\"THIS_REPO_OR_FOLDER\", torch_dtype=torch.float16).to(\"cuda\")")
-    prompt = config["instance_prompt"]
+    prompt = subject_prompts(config)[0]
     if config.get("train_text_encoder_ti"):  # pivotal tuning: the new tokens' embeddings load beside the weights
         prompt = du.pivot_prompt(prompt, config["token_abstraction"], config["new_tokens"])
         embeddings = du.EMBEDDINGS.format(name=Path(folder).resolve().name)
@@ -310,14 +417,15 @@ def model_card(folder, config):
             zip(family.embedding_keys, family.text_encoders, family.tokenizers)))
     grids = sorted(Path(folder, "validation").glob("step-*.png"))
     body = f"""
-# DreamBooth: {config['instance_prompt']}
+# DreamBooth: {' and '.join(subject_prompts(config))}
 
 A DreamBooth ([Ruiz et al. 2022](https://arxiv.org/abs/2208.12242)) {method} of `{base}`, {prior}:
 {config['total_optimizer_steps']} optimizer steps at a global batch of {config['global_batch_size']}, learning rate
 {config['learning_rate']}, {config['resolution']} px, seed {config['seed']}. Every setting is in `run_config.json`, the
 code that ran in `code/`.
 
-Prompt the subject as it was trained: **{config['instance_prompt']}**.
+Prompt {'each subject' if len(subject_prompts(config)) > 1 else 'the subject'} as it was trained: \
+{', '.join(f'**{p}**' for p in subject_prompts(config))}.
 """ + (f"""
 ![validation images at step {int(grids[-1].stem.split('-')[1])}](validation/{grids[-1].name})
 """ if grids else "") + f"""

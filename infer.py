@@ -10,14 +10,12 @@ in a `parameters` text chunk (the format AUTOMATIC1111 and Civitai read) and as 
 """
 
 import json
-import math
 import os
 import re
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
@@ -226,15 +224,6 @@ def slug(text, n=40):
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "prompt"
 
 
-def grid(images, columns=4):
-    columns = min(columns, len(images))
-    w, h = images[0].size
-    sheet = Image.new("RGB", (columns * w, math.ceil(len(images) / columns) * h))
-    for k, image in enumerate(images):
-        sheet.paste(image, ((k % columns) * w, (k // columns) * h))
-    return sheet
-
-
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -339,7 +328,7 @@ def main(argv=None):
                 written.append(path)
                 made.append(image)
         if args.grid:
-            grid(made).save(out / f"p{p_idx:02d}-{slug(prompt)}-grid-seed{args.seed}.png")
+            du.grid(made).save(out / f"p{p_idx:02d}-{slug(prompt)}-grid-seed{args.seed}.png")
     bar.close()
     seconds = time.perf_counter() - t0
     print(f"wrote {len(written)} images to {out} ({len(written) / seconds:.2f} images/s)")

@@ -12,6 +12,7 @@ class) is chosen once, before the loop.
 Flags shared with diffusers' examples/dreambooth/train_dreambooth.py keep diffusers' names and meanings.
 """
 
+import argparse
 import contextlib
 import gc
 import math
@@ -20,6 +21,7 @@ import re
 import shutil
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +56,8 @@ def build_parser():
 
     g = p.add_argument_group("data")
     g.add_argument("--instance_dir", "--instance_data_dir", dest="instance_dir", default=None,
-                   help="folder of subject photos; a photo.txt beside photo.jpg replaces the instance prompt for it")
+                   help="folder of subject photos; a photo.txt beside photo.jpg replaces the instance prompt for it, a "
+                        "photo.mask.png weighs its loss (--mask_background_weight)")
     g.add_argument("--dataset_name", default=None, help="instead of --instance_dir: a hub dataset id or local imagefolder")
     g.add_argument("--dataset_config_name", default=None, help="config of --dataset_name")
     g.add_argument("--image_column", default="image", help="image column of --dataset_name")
@@ -64,6 +67,17 @@ def build_parser():
                    help="square training size (default: the model's own: 512 SD 1.5, 768 SD 2.x, 1024 SDXL)")
     g.add_argument("--center_crop", action="store_true", help="crop the centre instead of a random square")
     g.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
+    g.add_argument("--aspect_ratio_buckets", nargs="?", const="auto", default=None, type=bucket_list,
+                   help="keep each photo's aspect ratio: resize it to the nearest of these sizes 'h,w;h,w;...' "
+                        "(diffusers' format; alone: sizes of about --resolution squared pixels in multiples of 64, "
+                        "sides at most 2:1) and crop the rest; each batch has one size")
+    g.add_argument("--concepts_list", default=None,
+                   help="several subjects in one run: a JSON list of {instance_prompt, instance_data_dir, class_prompt, "
+                        "class_data_dir} (ShivamShrirao's format; optional validation_prompt), instead of those flags"
+                   ).structured = True  # in a --config YAML, the list itself
+    g.add_argument("--mask_background_weight", type=du.FRACTION, default=0.1,
+                   help="loss weight of the background of photos that have a mask (photo.mask.png beside photo.jpg, "
+                        "white = subject); 0 ignores the background")
 
     g = p.add_argument_group("prior preservation")
     g.add_argument("--with_prior_preservation", action="store_true", help="add the paper's class-prior loss")
@@ -208,21 +222,33 @@ def build_parser():
 
 def check_args(args):
     """Everything that can be checked about the user's input before a model loads."""
-    if not args.instance_prompt:
-        du.fail("--instance_prompt is required (e.g. 'a photo of sks dog')")
+    if args.concepts_list:  # several subjects: their prompts and folders come from the list
+        given = [flag for flag in ("instance_dir", "dataset_name", "instance_prompt", "class_dir", "class_prompt")
+                 if getattr(args, flag)]
+        if given:
+            du.fail(f"--concepts_list names each subject's folders and prompts: leave out --{', --'.join(given)}")
+        if args.train_text_encoder_ti:
+            du.fail("--train_text_encoder_ti trains one identifier (--token_abstraction): not with --concepts_list")
+        args.subjects = du.read_concepts(args.concepts_list, args.with_prior_preservation)
+        args.validation_prompt = (args.validation_prompt or []) + [p for s in args.subjects for p in s["validation_prompt"]]
+        args.validation_prompt = args.validation_prompt or None
+    else:
+        if not args.instance_prompt:
+            du.fail("--instance_prompt is required (e.g. 'a photo of sks dog')")
+        if (args.instance_dir is None) == (args.dataset_name is None):
+            du.fail("give exactly one of --instance_dir, --dataset_name and --concepts_list")
+        if args.with_prior_preservation and not args.class_prompt:
+            du.fail("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
+        if args.with_prior_preservation and not args.class_dir:
+            du.fail("--with_prior_preservation needs --class_dir (a folder; missing class images are generated)")
+        if not args.with_prior_preservation and (args.class_dir or args.class_prompt):
+            du.note("--class_dir/--class_prompt are ignored without --with_prior_preservation")
+        args.subjects = [{"instance_prompt": args.instance_prompt, "instance_data_dir": args.instance_dir,
+                          "class_prompt": args.class_prompt, "class_data_dir": args.class_dir, "validation_prompt": []}]
     args.output_dir = os.path.expandvars(args.output_dir)
     if unset := re.search(r"\$\{?\w+\}?", args.output_dir):  # expandvars leaves an unset variable as it is
         du.fail(f"--output_dir uses {unset.group()}, which is not set")
     du.check_writable(args.output_dir, "--output_dir")
-    if (args.instance_dir is None) == (args.dataset_name is None):
-        du.fail("give exactly one of --instance_dir and --dataset_name")
-    if args.with_prior_preservation:
-        if not args.class_prompt:
-            du.fail("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
-        if not args.class_dir:
-            du.fail("--with_prior_preservation needs --class_dir (a folder; missing class images are generated)")
-    elif args.class_dir or args.class_prompt:
-        du.note("--class_dir/--class_prompt are ignored without --with_prior_preservation")
     if args.cache_latents and not args.center_crop:
         du.fail("--cache_latents needs --center_crop: a random crop differs every epoch (flips are fine, both are cached)")
     if args.save_raw_weights and not args.use_ema:
@@ -287,44 +313,33 @@ def check_args(args):
         du.fail(f"output folder is not empty: {out} (pass {hint}another --output_dir, or --overwrite_output_dir)")
 
 
-def load_instance_examples(args):
-    """(image, prompt) pairs of the subject: from a folder (paths, sorted) or from a `datasets` dataset (PIL images).
-    With pivotal tuning the identifier in each prompt is the new tokens."""
-    if args.instance_dir:
-        paths = du.list_images(args.instance_dir, "instance image")
-        if not paths:
-            du.fail(f"no images in instance folder {args.instance_dir}")
-        return pivot_prompts(args, [(path, du.read_caption(path, args.instance_prompt)) for path in paths])
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train")
-    except Exception as e:
-        du.fail(f"cannot load dataset {args.dataset_name}: {du.first_line(e)}")
-    for column in (args.image_column, args.caption_column):
-        if column and column not in ds.column_names:
-            du.fail(f"dataset {args.dataset_name} has no column '{column}' (columns: {', '.join(ds.column_names)})")
-    if len(ds) == 0:
-        du.fail(f"dataset {args.dataset_name} has no rows")
-    examples = []
-    for i in range(len(ds)):
-        try:
-            image = du.to_rgb(ds[i][args.image_column], f"{args.dataset_name}[{i}]")
-        except Exception as e:
-            du.fail(f"cannot read image {i} of dataset {args.dataset_name}: {e}")
-        caption = ds[i][args.caption_column] if args.caption_column else None
-        examples.append((image, caption or args.instance_prompt))
-    return pivot_prompts(args, examples)
+def load_subjects(args):
+    """Each subject's photos as (image, prompt, mask) triples: from a folder (paths, sorted; a photo.txt caption and a
+    photo.mask.png mask beside a photo are used) or from a `datasets` dataset (PIL images, no masks). With pivotal
+    tuning the identifier in each prompt is the new tokens."""
+    subjects = []
+    for subject in args.subjects:
+        folder = subject["instance_data_dir"]
+        photos = [(path, du.read_caption(path, subject["instance_prompt"]), du.find_mask(path))
+                  for path in du.list_images(folder, "instance image")] if folder else du.read_dataset(
+            args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column, args.instance_prompt)
+        if not photos:
+            du.fail(f"no images in instance folder {folder}")
+        subjects.append(pivot_prompts(args, photos))
+        if args.with_prior_preservation and Path(subject["class_data_dir"]).exists():
+            du.list_images(subject["class_data_dir"], "class image")  # names a corrupt class image now, not mid-run
+    return subjects
 
 
 def pivot_prompts(args, examples):
     if not args.train_text_encoder_ti:
         return examples
-    for i, (image, prompt) in enumerate(examples):
+    for i, (image, prompt, _) in enumerate(examples):
         if du.pivot_prompt(prompt, args.token_abstraction, args.new_tokens) == prompt:  # no identifier in it
             du.fail(f"the caption of {image if isinstance(image, Path) else f'example {i}'} has no "
                     f"'{args.token_abstraction}' (--token_abstraction) for pivotal tuning's tokens: '{prompt}'")
-    return [(image, du.pivot_prompt(prompt, args.token_abstraction, args.new_tokens)) for image, prompt in examples]
+    return [(image, du.pivot_prompt(prompt, args.token_abstraction, args.new_tokens), mask)
+            for image, prompt, mask in examples]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,16 +364,28 @@ def min_snr_weights(snr, gamma, prediction_type):
     return weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
 
 
-def dreambooth_loss(model_pred, target, num_instance, prior_loss_weight, weights=None):
+def dreambooth_loss(model_pred, target, num_instance, prior_loss_weight, weights=None, pixel_weights=None):
     """Instance loss + prior_loss_weight * prior loss (the paper's eq. 2). The batch holds the instance examples first
-    and the class examples after them. Returns (loss, instance_loss, prior_loss); the prior loss is 0 without class
-    examples."""
-    per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
+    and the class examples after them. `weights`: one per example (min-SNR); `pixel_weights`: one per latent pixel
+    (masks), each example's squared error averaged with them, so an all-ones weight is the plain mean. Returns (loss,
+    instance_loss, prior_loss); the prior loss is 0 without class examples."""
+    error = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    dims = tuple(range(1, target.ndim))
+    if pixel_weights is None:
+        per_example = error.mean(dim=dims)
+    else:
+        per_example = (error * pixel_weights).mean(dim=dims) / pixel_weights.mean(dim=dims).clamp_min(1e-8)
     if weights is not None:
         per_example = per_example * weights
     instance_loss = per_example[:num_instance].mean()
     prior_loss = per_example[num_instance:].mean() if len(per_example) > num_instance else per_example.new_zeros(())
     return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss
+
+
+def mask_weights(masks, size, background_weight):
+    """Masks (N, 1, H, W) in [0, 1] at pixel size, white = subject, as per-pixel loss weights at latent `size`: each
+    latent pixel the subject's share of its patch (area average), the background at `background_weight`."""
+    return background_weight + (1 - background_weight) * F.interpolate(masks, size=tuple(size), mode="area")
 
 
 def sample_noise(latents, offset_noise=False):
@@ -374,94 +401,177 @@ def sample_noise(latents, offset_noise=False):
 # Data
 
 
-def preprocess(image, size, center_crop, random_flip, generator, flip=False):
-    """Resize the short side to `size`, crop a square (centre or random), maybe flip. Returns a CHW tensor in [-1, 1]
-    and SDXL's micro-conditioning of the image: (original height, original width, crop top, crop left, size, size),
-    the crop in the resized image and mirrored with the flip, as diffusers' SDXL scripts compute it."""
-    w0, h0 = image.size
-    scale = size / min(w0, h0)
-    image = image.resize((max(size, round(w0 * scale)), max(size, round(h0 * scale))), Image.BILINEAR)
-    w, h = image.size
+def preprocess(image, size, center_crop, random_flip, generator, flip=False, mask=None):
+    """Resize to cover `size` (height, width) keeping the aspect ratio, crop the rest (centre or random), maybe flip;
+    a mask (grey, the photo's size) the same way. Returns a CHW tensor in [-1, 1], SDXL's micro-conditioning of the
+    image: (original height, original width, crop top, crop left, height, width), the crop in the resized image and
+    mirrored with the flip, as diffusers' SDXL scripts compute it, and the mask (1HW in [0, 1]) or None."""
+    (h, w), (w0, h0) = size, image.size
+    scale = max(h / h0, w / w0)
+    resized = (max(w, round(w0 * scale)), max(h, round(h0 * scale)))
     if center_crop:
-        left, top = (w - size) // 2, (h - size) // 2
+        left, top = (resized[0] - w) // 2, (resized[1] - h) // 2
     else:
-        left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
-        top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + size, top + size))
-    if flip or random_flip and torch.rand((), generator=generator) < 0.5:
-        image, left = image.transpose(Image.FLIP_LEFT_RIGHT), w - size - left
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    return pixels, torch.tensor([h0, w0, top, left, size, size], dtype=torch.float32)
+        left = int(torch.randint(0, resized[0] - w + 1, (1,), generator=generator))
+        top = int(torch.randint(0, resized[1] - h + 1, (1,), generator=generator))
+    flip = flip or random_flip and torch.rand((), generator=generator) < 0.5
+    arrays = []
+    for im in (image,) if mask is None else (image, mask):
+        im = im.resize(resized, Image.BILINEAR).crop((left, top, left + w, top + h))
+        arrays.append(np.asarray(im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im, dtype=np.float32))
+    pixels = torch.from_numpy(arrays[0] / 127.5 - 1.0).permute(2, 0, 1)
+    mask = None if mask is None else torch.from_numpy(arrays[1] / 255.0)[None]
+    left = resized[0] - w - left if flip else left
+    return pixels, torch.tensor([h0, w0, top, left, h, w], dtype=torch.float32), mask
+
+
+def bucket_sizes(value, resolution):
+    """The (height, width) buckets: the listed ones, or for 'auto' about resolution^2 pixels each in multiples of 64,
+    no side more than twice the other (kohya's scheme: SDXL's 1024 gives 1024x1024, 896x1152, 832x1216, 768x1344...)."""
+    if value != "auto":
+        try:
+            sizes = sorted({tuple(int(v) for v in pair.split(",")) for pair in value.replace(" ", "").strip(";").split(";")})
+        except ValueError:
+            sizes = [()]
+        if not all(len(hw) == 2 and min(hw) >= 8 and hw[0] % 8 == hw[1] % 8 == 0 for hw in sizes):
+            raise argparse.ArgumentTypeError(f"expected 'height,width;height,width;...' in multiples of 8, got {value!r}")
+        return sizes
+    step, area = 64, resolution * resolution
+    sizes = {(max(step, resolution // step * step),) * 2}
+    for w in range(step, 2 * resolution + 1, step):
+        h = area // w // step * step
+        if h >= step and max(w, h) <= 2 * min(w, h):
+            sizes |= {(h, w), (w, h)}
+    return sorted(sizes)
+
+
+def bucket_list(text):  # --aspect_ratio_buckets' type: checked, kept as text for the run record
+    return bucket_sizes(text, 64) and text
+
+
+def nearest_bucket(sizes, width, height):
+    """The bucket whose aspect ratio is nearest the image's (in log ratio; the first of a tie)."""
+    return min(sizes, key=lambda hw: abs(math.log(hw[1] / hw[0]) - math.log(width / height)))
+
+
+class BucketBatchSampler:
+    """--aspect_ratio_buckets: batches of items whose photo has the same bucket (the class image of an item is fitted
+    to it, so the pair shares a UNet batch). An epoch shuffles each bucket's items, then the batches, seeded by (seed,
+    dataset epoch): a resume replays it. A bucket's last batch may be short; `batch_size = None` tells accelerate's
+    sharding that batches vary in size, so each process gets whole batches."""
+
+    batch_size, drop_last = None, False
+
+    def __init__(self, dataset, batch_size, seed):
+        self.dataset, self.per_batch, self.seed = dataset, batch_size, seed
+        self.groups = {}
+        for i in range(len(dataset)):
+            self.groups.setdefault(dataset.size_of(i), []).append(i)
+
+    def __len__(self):
+        return sum(math.ceil(len(items) / self.per_batch) for items in self.groups.values())
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(du.image_seed(self.seed, f"buckets:{self.dataset.epoch}"))
+        batches = []
+        for _, items in sorted(self.groups.items()):
+            order = [items[k] for k in torch.randperm(len(items), generator=generator).tolist()]
+            batches += [order[k:k + self.per_batch] for k in range(0, len(order), self.per_batch)]
+        yield from (batches[k] for k in torch.randperm(len(batches), generator=generator).tolist())
 
 
 class DreamBoothDataset(Dataset):
-    """Item i pairs instance example i (mod the number of instances) with class image i (mod the number of class
-    images); an epoch is as long as the larger set. Random crops and flips come from a generator seeded by
-    (seed, epoch, i), so they do not depend on worker count or scheduling. An image comes with its size and crop
-    (SDXL's time ids; SD 1.x/2.x does not use them), a prompt as the token ids of each tokenizer. With caches
-    (--cache_latents, --pre_compute_text_embeddings) an item holds the VAE's latent distribution and the prompt
-    embeddings instead of pixels and token ids; the flip is drawn from the same generator, so the data are the same."""
+    """Item i is subject s = i mod S (each of S subjects gets the same share of an epoch, however many photos it has):
+    its photo k and class image k (k = i // S, modulo their counts; one subject: photo i and class image i, as
+    diffusers pairs them), at the photo's size (its bucket, or --resolution square; the class image fitted to it). An
+    epoch is S times the largest set. Crops and flips come from a generator seeded by (seed, epoch, i), whatever the
+    workers. An image comes with its time ids (SDXL's size and crop) and mask (ones for photos without one and class
+    images; none when no photo has one), a prompt as token ids. With caches (--cache_latents,
+    --pre_compute_text_embeddings) an item holds latent distributions and prompt embeddings instead, the same data."""
 
-    def __init__(self, instances, class_paths, class_prompt, tokenizers, size, center_crop, random_flip, seed):
-        self.instances, self.class_paths, self.class_prompt = instances, class_paths, class_prompt
-        self.tokenizers, self.size, self.center_crop, self.random_flip = tokenizers, size, center_crop, random_flip
-        self.seed, self.epoch = seed, 0
+    def __init__(self, subjects, tokenizers, size, center_crop, random_flip, seed, buckets=None):
+        """subjects: [(photos: [(image, prompt, mask)], class images: [path], class prompt)]."""
+        self.subjects, self.tokenizers, self.center_crop, self.random_flip = subjects, tokenizers, center_crop, random_flip
+        self.seed, self.epoch, self.masked = seed, 0, any(mask for photos, _, _ in subjects for _, _, mask in photos)
+        self.sizes = [[nearest_bucket(buckets, *(im if isinstance(im, Image.Image) else du.load_image(im)).size)
+                       if buckets else (size, size) for im, _, _ in photos] for photos, _, _ in subjects]
         self.latents = self.embeddings = None  # filled by cache_latents / cache_embeddings
 
     def __len__(self):
-        return max(len(self.instances), len(self.class_paths))
+        return len(self.subjects) * max(max(len(photos), len(classes)) for photos, classes, _ in self.subjects)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+
+    def locate(self, i):
+        """(subject, photo index, class image index or None) of item i."""
+        s, k = i % len(self.subjects), i // len(self.subjects)
+        photos, classes, _ = self.subjects[s]
+        return s, k % len(photos), k % len(classes) if classes else None
+
+    def size_of(self, i):
+        s, p, _ = self.locate(i)
+        return self.sizes[s][p]
 
     def tokenize(self, prompt):
         """(number of tokenizers, max length) token ids."""
         return torch.stack([t(prompt, padding="max_length", truncation=True, max_length=t.model_max_length,
                               return_tensors="pt").input_ids[0] for t in self.tokenizers])
 
-    def image(self, kind, index, image, generator):
+    def image(self, key, image, mask, size, generator):
         if self.latents is not None:  # center crop only: the one random draw is the flip, as in preprocess
-            return self.latents[kind, index, bool(self.random_flip and torch.rand((), generator=generator) < 0.5)]
+            return self.latents[(*key, size, bool(self.random_flip and torch.rand((), generator=generator) < 0.5))]
         image = image if isinstance(image, Image.Image) else du.load_image(image)
-        return preprocess(image, self.size, self.center_crop, self.random_flip, generator)
+        mask = mask and du.load_mask(mask, image.size)
+        pixels, time_ids, mask = preprocess(image, size, self.center_crop, self.random_flip, generator, mask=mask)
+        return pixels, time_ids, mask if mask is not None or not self.masked else torch.ones(1, *size)
 
     def text(self, prompt):
         return self.embeddings[prompt] if self.embeddings is not None else (self.tokenize(prompt),)
 
     def __getitem__(self, i):
         generator = torch.Generator().manual_seed(du.image_seed(self.seed, f"{self.epoch}:{i}"))
-        image, prompt = self.instances[i % len(self.instances)]
-        examples = [(self.image("instance", i % len(self.instances), image, generator), self.text(prompt))]
-        if self.class_paths:
-            j = i % len(self.class_paths)
-            examples.append((self.image("class", j, self.class_paths[j], generator), self.text(self.class_prompt)))
+        s, p, c = self.locate(i)
+        (photos, classes, class_prompt), size = self.subjects[s], self.sizes[s][p]
+        image, prompt, mask = photos[p]
+        examples = [(self.image(("instance", s, p), image, mask, size, generator), self.text(prompt))]
+        if classes:
+            examples.append((self.image(("class", s, c), classes[c], None, size, generator), self.text(class_prompt)))
         return examples
 
 
 def collate(items):
     """Instance examples first, then class examples, in one batch: one forward pass serves both losses. `texts` is
-    (token ids,) or, pre-computed, (prompt embeddings, pooled embeddings)."""
+    (token ids,) or, pre-computed, (prompt embeddings, pooled embeddings); `masks` only when a photo has a mask."""
     examples = [item[k] for k in range(len(items[0])) for item in items]
-    (images, time_ids), texts = zip(*[e[0] for e in examples]), list(zip(*[e[1] for e in examples]))
+    (images, time_ids, masks), texts = zip(*[e[0] for e in examples]), list(zip(*[e[1] for e in examples]))
     return {"images": torch.stack(images).contiguous(), "time_ids": torch.stack(time_ids),
-            "texts": tuple(torch.stack(t) for t in texts)}
+            "texts": tuple(torch.stack(t) for t in texts), **({"masks": torch.stack(masks)} if masks[0] is not None else {})}
 
 
 @torch.no_grad()
 def cache_latents(dataset, vae, device, progress=True):
-    """--cache_latents: the VAE's latent distribution (its parameters: mean and log-variance) of every training image,
-    encoded once, one image at a time, both flips when --random_flip, with its time ids. A step then samples from it
-    with the training random state, as vae.encode(...).latent_dist.sample() would."""
+    """--cache_latents: the VAE's latent distribution (its parameters: mean and log-variance) of every training image
+    at every size it is used at (a class image takes its photos' buckets), encoded once, one image at a time, both
+    flips when --random_flip, with its time ids and mask. A step then samples from it with the training random state,
+    as vae.encode(...).latent_dist.sample() would."""
     flips = (False, True) if dataset.random_flip else (False,)
-    sources = [("instance", i, image) for i, (image, _) in enumerate(dataset.instances)]
-    sources += [("class", j, path) for j, path in enumerate(dataset.class_paths)]
+    sources = {}
+    for i in range(len(dataset)):
+        (s, p, c), size = dataset.locate(i), dataset.size_of(i)
+        photos, classes, _ = dataset.subjects[s]
+        sources[("instance", s, p), size] = photos[p][0], photos[p][2]
+        if c is not None:
+            sources[("class", s, c), size] = classes[c], None
     cache = {}
-    for kind, index, image in tqdm(sources, desc="caching latents", disable=not progress):
+    for (key, size), (image, mask) in tqdm(sources.items(), desc="caching latents", disable=not progress):
         image = image if isinstance(image, Image.Image) else du.load_image(image)
+        mask = mask and du.load_mask(mask, image.size)
         for flip in flips:
-            pixels, time_ids = preprocess(image, dataset.size, True, False, None, flip)
-            cache[kind, index, flip] = (vae.encode(pixels[None].to(device, vae.dtype)).latent_dist.parameters[0].cpu(),
-                                        time_ids)
+            pixels, time_ids, m = preprocess(image, size, True, False, None, flip, mask)
+            m = m if m is not None or not dataset.masked else torch.ones(1, *size)
+            latents = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist.parameters[0].cpu()
+            cache[(*key, size, flip)] = latents, time_ids, m
     dataset.latents = cache
 
 
@@ -551,106 +661,42 @@ class DreamBoothModel(torch.nn.Module):
                          added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}).sample
 
 
-def make_class_images(args, accelerator):
-    """Top the class folder up to --num_class_images with the code generate_priors.py uses, sharded across processes
-    by batch. A folder whose images were made by another model or prompt is refused; one that generate_priors.py made is
-    topped up with its own sampler settings, so the new images belong to the same set."""
+def data_summary(args, photos, config):
+    """The banner's account of the data: photos (per subject), masks, buckets (photos in each), class images."""
+    parts = [f"{config['num_instance_images']} instance images"]
+    if len(photos) > 1:
+        each = [f"{len(p)} of '{s['instance_prompt']}'" for s, p in zip(args.subjects, photos)]
+        parts[0] += f" ({', '.join(each)})"
+    if config["masks"]:
+        parts.append(f"{len(config['masks'])} with masks (background weight {args.mask_background_weight})")
+    if config["buckets"]:
+        parts.append("buckets " + ", ".join(f"{size}: {n}" for size, n in config["buckets"].items()))
+    return ", ".join(parts + [f"{config['num_class_images_used']} class images"])
+
+
+def class_images(args, accelerator, subject):
+    """A subject's class images (none without prior preservation): its folder topped up to --num_class_images with
+    the code generate_priors.py uses, sharded across processes by batch. A folder whose images were made by another
+    model or prompt is refused; one that generate_priors.py made is topped up with its own sampler settings, so the
+    new images belong to the same set."""
+    if not args.with_prior_preservation:
+        return []
+    class_dir, class_prompt = subject["class_data_dir"], subject["class_prompt"]
     precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
     settings = {**du.PRIOR_DEFAULTS, **{k: getattr(args, k) for k in du.PRIOR_SETTINGS if hasattr(args, k)},
-                "precision": "fp32" if precision == "no" else precision,
+                "class_prompt": class_prompt, "precision": "fp32" if precision == "no" else precision,
                 "unet_sha256": du.unet_fingerprint(args.pretrained_model_name_or_path, args.revision)}
-    settings = du.check_prior_folder(args.class_dir, settings, du.PRIOR_SETTINGS[:5])
-    missing = du.missing_prior_indices(args.class_dir, args.num_class_images)
-    if not missing:
-        return
-    accelerator.print(f"generating {len(missing)} class images in {args.class_dir} ({settings['precision']})")
-    du.make_prior_images(accelerator, args.class_dir, missing, settings)
-    gc.collect()  # the sampling pipeline is gone: give its memory back before the models load
-    torch.cuda.empty_cache()  # a no-op without CUDA
-
-
-def validation_pipeline(args, family, model, vae, tokenizers, text_encoders, noise_scheduler):
-    """The family's pipeline around the in-memory models (nothing loads but the pipeline's config)."""
-    trained = {name: getattr(model, name) for name in model.text_encoder_names}
-    return du.load_pipeline(args.pretrained_model_name_or_path, args.revision, device=None, vae=vae, unet=model.unet,
-                            scheduler=du.make_scheduler(args.validation_scheduler, noise_scheduler.config),
-                            **dict(zip(family.tokenizers, tokenizers)), **{**text_encoders, **trained})
-
-
-def log_validation(accelerator, args, pipe, embeddings, step):
-    """Sample the validation prompts at fixed seeds (image j of every prompt has the same seed at every step, so the
-    images are comparable across steps); a PNG grid in output_dir/validation and images in the trackers. Its random
-    draws come from its own generators inside fork_rng, so the training random state is untouched: the same command
-    with and without validation trains the same weights."""
-    n, rows, negative = args.num_validation_images, [], args.validation_negative_prompt
-    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
-        for prompt in args.validation_prompt:
-            text = dict(prompt=[prompt] * n, negative_prompt=[negative] * n if negative else None)
-            if embeddings:  # pre-computed: the text encoders are not on the accelerator
-                text = {}
-                for key, p in (("", prompt), ("negative_", negative or "")):
-                    embeds, pooled = (e.expand(n, *e.shape).to(accelerator.device) for e in embeddings[p])
-                    if key and not negative and pipe.config.get("force_zeros_for_empty_prompt"):
-                        embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)  # as the pipeline does
-                    text.update({f"{key}prompt_embeds": embeds, **({f"{key}pooled_prompt_embeds": pooled}
-                                                                  if args.model_family == "sdxl" else {})})
-            rows.append(pipe(**text, num_inference_steps=args.validation_inference_steps,
-                             guidance_scale=args.validation_guidance_scale, height=args.resolution, width=args.resolution,
-                             generator=[torch.Generator().manual_seed(du.image_seed(args.seed, j)) for j in range(n)]).images)
-    sheet = Image.new("RGB", (n * args.resolution, len(rows) * args.resolution))
-    for r, images in enumerate(rows):
-        for j, image in enumerate(images):
-            sheet.paste(image, (j * args.resolution, r * args.resolution))
-    Path(args.output_dir, "validation").mkdir(parents=True, exist_ok=True)
-    sheet.save(Path(args.output_dir, "validation", f"step-{step:06d}.png"))
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            for r, images in enumerate(rows):
-                tracker.writer.add_images(f"validation/{r}", np.stack([np.asarray(im) for im in images]), step,
-                                          dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"validation": [wandb.Image(im, caption=f"{j}: {prompt}") for prompt, images in
-                                        zip(args.validation_prompt, rows) for j, im in enumerate(images)]}, step=step)
-
-
-def trained_weights(accelerator, args, model):
-    """{name: (module, full state dict)} of the trained modules. Call it on every process: under FSDP (or DeepSpeed
-    ZeRO-3) accelerator.get_state_dict gathers the sharded weights onto the main process."""
-    state, unwrapped = accelerator.get_state_dict(model), accelerator.unwrap_model(model)
-    names = ["unet"] + (unwrapped.text_encoder_names if args.train_text_encoder else [])
-    return {n: (getattr(unwrapped, n), {k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
-            for n in names}
-
-
-def save_weights(args, output_dir, dtype, trained, name, embeddings=None):
-    """What a run produces, in safetensors: the base pipeline (with the separate VAE, if one was given) in `dtype`
-    with the trained weights copied in (cast on the way), and with --save_single_file the same as `name`.safetensors
-    in the web UIs' layout; or with LoRA the adapter files alone; and pivotal tuning's `name`_emb.safetensors.
-    Written to a temporary folder and moved into place with model_index.json (or the LoRA file) last, so a folder
-    that has one holds the whole result."""
-    tmp = Path(output_dir) / ".save.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if args.lora_rank:
-        export.save_lora(tmp, du.FAMILIES[args.model_family], dtype, trained)
-    else:
-        pipe = du.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype, None,
-                                args.pretrained_vae_model_name_or_path)
-        for module, (_, state) in trained.items():
-            getattr(pipe, module).load_state_dict(state)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if args.save_single_file:
-            export.save_single_file(tmp, tmp / f"{name}.safetensors", du.torch_dtype(args.export_precision), vars(args))
-    if embeddings:
-        export.save_token_embeddings(tmp / du.EMBEDDINGS.format(name=name), du.FAMILIES[args.model_family], embeddings, dtype)
-    for item in sorted(tmp.iterdir(), key=lambda p: p.name in ("model_index.json", du.LORA_WEIGHTS)):
-        dest = Path(output_dir) / item.name
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        os.replace(item, dest)
-    tmp.rmdir()
+    settings = du.check_prior_folder(class_dir, settings, du.PRIOR_SETTINGS[:5])
+    missing = du.missing_prior_indices(class_dir, args.num_class_images)
+    if missing:
+        accelerator.print(f"generating {len(missing)} class images in {class_dir} ({settings['precision']})")
+        du.make_prior_images(accelerator, class_dir, missing, settings)
+        gc.collect()  # the sampling pipeline is gone: give its memory back before the models load
+        torch.cuda.empty_cache()  # a no-op without CUDA
+    paths = du.list_images(class_dir, "class image", check=False)[: args.num_class_images]
+    if not paths:
+        du.fail(f"no images in class folder {class_dir}")
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -729,19 +775,6 @@ def save_checkpoint(accelerator, args, state, record):
         du.remove_oldest(args.output_dir, "checkpoint", args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return final
-
-
-def export_pipeline(accelerator, args, model, step):
-    """An inference-ready pipeline or LoRA file (export-N, --export_precision) beside the checkpoints; infer.py loads
-    it."""
-    trained = trained_weights(accelerator, args, model)
-    if accelerator.is_main_process:
-        folder = Path(args.output_dir, f"export-{step}")
-        folder.mkdir(exist_ok=True)
-        save_weights(args, folder, du.torch_dtype(args.export_precision), trained,
-                     f"{Path(args.output_dir).resolve().name}-step-{step}", accelerator.unwrap_model(model).token_embeddings())
-        du.remove_oldest(args.output_dir, "export", args.exports_total_limit)
-    accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -936,9 +969,7 @@ def main(argv=None):
     args = parse_args(argv)
     # ---- check the input before anything loads
     check_args(args)
-    instances = load_instance_examples(args)
-    if args.with_prior_preservation and Path(args.class_dir).exists():
-        du.list_images(args.class_dir, "class image")  # names a corrupt class image now, not mid-run
+    photos = load_subjects(args)
 
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.optimization import get_scheduler
@@ -946,27 +977,26 @@ def main(argv=None):
 
     accelerator = make_accelerator(args)
 
-    # ---- class images for prior preservation
-    class_paths = []
-    if args.with_prior_preservation:
-        make_class_images(args, accelerator)
-        class_paths = du.list_images(args.class_dir, "class image", check=False)[: args.num_class_images]
-        if not class_paths:
-            du.fail(f"no images in class folder {args.class_dir}")
+    # ---- class images for prior preservation, each subject its own
+    subjects = [(images, class_images(args, accelerator, subject), subject["class_prompt"])
+                for subject, images in zip(args.subjects, photos)]
+    instances = [photo for images in photos for photo in images]
+    class_paths = [path for _, paths, _ in subjects for path in paths]
 
     # ---- models: VAE frozen, UNet trained, text encoders trained or frozen; the family's prompt encoding
     family = du.FAMILIES[args.model_family]
     tokenizers, noise_scheduler, text_encoders, vae, unet = load_models(args, accelerator, family)
 
     # ---- data, with the optional caches: then the VAE and the text encoders have nothing left to do in a step
-    dataset = DreamBoothDataset(instances, class_paths, args.class_prompt, tokenizers, args.resolution,
-                                args.center_crop, args.random_flip, args.seed)
+    buckets = bucket_sizes(args.aspect_ratio_buckets, args.resolution) if args.aspect_ratio_buckets else None
+    dataset = DreamBoothDataset(subjects, tokenizers, args.resolution, args.center_crop, args.random_flip, args.seed,
+                                buckets)
     if args.cache_latents:
         cache_latents(dataset, vae, accelerator.device, accelerator.is_local_main_process)
         if not args.validation_prompt:  # validation still decodes with it
             vae.to("cpu")
     if args.pre_compute_text_embeddings:
-        prompts = [p for _, p in instances] + ([args.class_prompt] if class_paths else [])
+        prompts = [p for _, p, _ in instances] + [prompt for _, paths, prompt in subjects if paths]
         prompts += (args.validation_prompt or []) + [args.validation_negative_prompt or ""]
         cache_embeddings(dataset, prompts, ENCODE_PROMPT[family.name], list(text_encoders.values()), accelerator.device)
         for encoder in text_encoders.values():
@@ -984,10 +1014,12 @@ def main(argv=None):
     optimizer = make_optimizer(args, param_groups(args, model, params))
     # important! The loader gets its own generator: by default each new iterator draws a seed from the global
     # torch RNG, and a resumed run (which starts a new iterator mid-epoch) would then draw different noise.
-    dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
-                                             num_workers=args.dataloader_num_workers,
+    # With buckets, a batch sampler keeps each batch to one size (with its own (seed, epoch) order).
+    batching = (dict(batch_sampler=BucketBatchSampler(dataset, args.train_batch_size, args.seed)) if buckets else
+                dict(batch_size=args.train_batch_size, shuffle=True))
+    dataloader = torch.utils.data.DataLoader(dataset, collate_fn=collate, num_workers=args.dataloader_num_workers,
                                              pin_memory=accelerator.device.type == "cuda",
-                                             generator=torch.Generator().manual_seed(args.seed))
+                                             generator=torch.Generator().manual_seed(args.seed), **batching)
     # Steps per epoch after sharding across processes; the schedule is stepped once per process per optimizer step.
     steps_per_epoch = math.ceil(math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -1015,7 +1047,9 @@ def main(argv=None):
               "prediction_type": noise_scheduler.config.prediction_type,
               "trainable_parameters": accelerator.unwrap_model(model).trainable_parameters(),
               "instance_images": [str(image) if isinstance(image, Path) else f"{args.dataset_name}[{i}]"
-                                  for i, (image, _) in enumerate(instances)]}
+                                  for i, (image, _, _) in enumerate(instances)],
+              "masks": [str(mask) for _, _, mask in instances if mask],
+              "buckets": {f"{h}x{w}": n for (h, w), n in sorted(Counter(sum(dataset.sizes, [])).items())} if buckets else None}
     del config["resume_record"]
     record = du.run_record(config, __file__)
     if args.resume_from_checkpoint:
@@ -1038,8 +1072,7 @@ def main(argv=None):
     previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     accelerator.print(
-        f"DreamBooth: {family.pipeline.removesuffix('Pipeline')}, {len(instances)} instance images, "
-        f"{len(class_paths)} class images, "
+        f"DreamBooth: {family.pipeline.removesuffix('Pipeline')}, {data_summary(args, photos, config)}, "
         f"{accelerator.num_processes} process(es), global batch {global_batch} "
         f"({args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes}), "
         f"{max_train_steps} optimizer steps, {config['trainable_parameters']:,} trainable parameters, "
@@ -1050,10 +1083,10 @@ def main(argv=None):
     def validate(step):  # on the main process only; the others wait at the next collective
         if args.validation_prompt and accelerator.is_main_process:
             model.eval()
-            pipe = validation_pipeline(args, family, accelerator.unwrap_model(model), vae, tokenizers, text_encoders,
+            pipe = export.validation_pipeline(args, family, accelerator.unwrap_model(model), vae, tokenizers, text_encoders,
                                        noise_scheduler)
             with averager.applied():
-                log_validation(accelerator, args, pipe, dataset.embeddings, step)
+                export.log_validation(accelerator, args, pipe, dataset.embeddings, step)
             model.train()
 
     # ---- training loop
@@ -1095,13 +1128,15 @@ def main(argv=None):
                 # predict and compare: instance loss + lambda * prior loss
                 model_pred = model(noisy_latents, timesteps, batch["texts"], batch["time_ids"])
                 target = noise_target(noise_scheduler, latents, noise, timesteps)
-                weights = None
+                weights = pixel_weights = None
                 if args.snr_gamma:
                     weights = min_snr_weights(compute_snr(noise_scheduler, timesteps), args.snr_gamma,
                                               noise_scheduler.config.prediction_type)
+                if "masks" in batch:  # photos with masks: their background at --mask_background_weight
+                    pixel_weights = mask_weights(batch["masks"], latents.shape[-2:], args.mask_background_weight)
                 num_instance = latents.shape[0] // 2 if class_paths else latents.shape[0]
                 loss, instance_loss, prior_loss = dreambooth_loss(model_pred, target, num_instance,
-                                                                  args.prior_loss_weight, weights)
+                                                                  args.prior_loss_weight, weights, pixel_weights)
                 # backward and update (accelerate skips the update until the last micro-batch of a step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -1144,7 +1179,7 @@ def main(argv=None):
                 checkpoint = save_checkpoint(accelerator, args, state, record)
             if args.export_steps and state.global_step % args.export_steps == 0:
                 with averager.applied():
-                    export_pipeline(accelerator, args, model, state.global_step)
+                    export.export_pipeline(accelerator, args, model, state.global_step)
             if stop:
                 progress.close()
                 accelerator.print(f"stopped by {stop_signal[0] if stop_signal else 'a signal to another process'} "
@@ -1169,14 +1204,14 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     name = Path(args.output_dir).resolve().name
     if args.use_ema and args.save_raw_weights:
-        trained = trained_weights(accelerator, args, model)
+        trained = export.trained_weights(accelerator, args, model)
         if accelerator.is_main_process:
-            save_weights(args, Path(args.output_dir, "raw"), torch.float32, trained, f"{name}-raw",
+            export.save_weights(args, Path(args.output_dir, "raw"), torch.float32, trained, f"{name}-raw",
                          accelerator.unwrap_model(model).token_embeddings())
     with averager.applied():
-        trained = trained_weights(accelerator, args, model)
+        trained = export.trained_weights(accelerator, args, model)
         if accelerator.is_main_process:
-            save_weights(args, args.output_dir, torch.float32, trained, name, accelerator.unwrap_model(model).token_embeddings())
+            export.save_weights(args, args.output_dir, torch.float32, trained, name, accelerator.unwrap_model(model).token_embeddings())
     if accelerator.is_main_process:
         export.model_card(args.output_dir, record["config"]).save(Path(args.output_dir, "README.md"))
         accelerator.print(f"saved the fine-tuned {'LoRA adapters' if args.lora_rank else 'pipeline'} to {args.output_dir}")

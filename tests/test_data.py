@@ -72,7 +72,7 @@ def test_sidecar_caption_replaces_the_prompt(tmp_path):
 def test_center_crop_takes_the_middle_and_scales_to_minus_one_one():
     img = Image.new("RGB", (30, 10), (0, 0, 0))
     img.paste((255, 255, 255), (10, 0, 20, 10))  # white middle third
-    out, time_ids = preprocess(img, 10, center_crop=True, random_flip=False, generator=torch.Generator().manual_seed(0))
+    out, time_ids, _ = preprocess(img, (10, 10), center_crop=True, random_flip=False, generator=torch.Generator().manual_seed(0))
     assert out.shape == (3, 10, 10) and out.dtype == torch.float32
     assert torch.equal(out, torch.ones(3, 10, 10))
     assert time_ids.tolist() == [10, 30, 0, 10, 10, 10]  # original (h, w), crop (top, left), target (h, w)
@@ -80,9 +80,9 @@ def test_center_crop_takes_the_middle_and_scales_to_minus_one_one():
 
 def test_random_crop_and_flip_follow_the_generator():
     img = Image.linear_gradient("L").rotate(90).convert("RGB").resize((48, 32))  # varies left to right
-    a, a_ids = preprocess(img, 16, False, True, torch.Generator().manual_seed(1))
-    b, b_ids = preprocess(img, 16, False, True, torch.Generator().manual_seed(1))
-    outs = {preprocess(img, 16, False, True, torch.Generator().manual_seed(s))[0].sum().item() for s in range(8)}
+    a, a_ids, _ = preprocess(img, (16, 16), False, True, torch.Generator().manual_seed(1))
+    b, b_ids, _ = preprocess(img, (16, 16), False, True, torch.Generator().manual_seed(1))
+    outs = {preprocess(img, (16, 16), False, True, torch.Generator().manual_seed(s))[0].sum().item() for s in range(8)}
     assert torch.equal(a, b) and torch.equal(a_ids, b_ids) and len(outs) > 1
 
 
@@ -96,9 +96,9 @@ class WordTokenizer:
 
 
 def test_batch_holds_instances_first_then_class_images(tmp_path):
-    inst = [(save(tmp_path / f"i{k}.png", color=(k, 0, 0)), f"sks {'x' * (k + 1)}") for k in range(2)]
+    inst = [(save(tmp_path / f"i{k}.png", color=(k, 0, 0)), f"sks {'x' * (k + 1)}", None) for k in range(2)]
     cls = [save(tmp_path / f"c{k}.png", color=(0, 0, 200 + k)) for k in range(3)]
-    ds = DreamBoothDataset(inst, cls, "dog", [WordTokenizer()], 8, True, False, seed=0)
+    ds = DreamBoothDataset([(inst, cls, "dog")], [WordTokenizer()], 8, True, False, seed=0)
     assert len(ds) == 3  # the larger of the two sets
     batch = collate([ds[0], ds[1]])
     assert batch["images"].shape == (4, 3, 8, 8) and batch["time_ids"].shape == (4, 6)

@@ -65,14 +65,14 @@ def test_time_ids_carry_each_images_real_size_and_crop_into_the_unet(tiny_sdxl, 
     from transformers import AutoTokenizer
 
     tokenizers = [AutoTokenizer.from_pretrained(tiny_sdxl, subfolder=s) for s in du.SDXL.tokenizers]
-    examples = [(tmp_path / "wide.png", "a photo of sks dog"), (tmp_path / "tall.png", "a photo of sks dog")]
-    data = train_dreambooth.DreamBoothDataset(examples, [], None, tokenizers, 64, False, True, seed=3)
+    examples = [(tmp_path / "wide.png", "a photo of sks dog", None), (tmp_path / "tall.png", "a photo of sks dog", None)]
+    data = train_dreambooth.DreamBoothDataset([(examples, [], None)], tokenizers, 64, False, True, seed=3)
     crops = set()
     for epoch in range(6):
         data.set_epoch(epoch)
         for i, (h0, w0) in enumerate([(72, 96), (80, 40)]):
-            (pixels, ids), (tokens,) = data[i][0]
-            assert pixels.shape == (3, 64, 64) and tokens.shape == (2, 77)
+            (pixels, ids, mask), (tokens,) = data[i][0]
+            assert pixels.shape == (3, 64, 64) and tokens.shape == (2, 77) and mask is None
             h0_, w0_, top, left, th, tw = ids.tolist()
             assert (h0_, w0_, th, tw) == (h0, w0, 64, 64)
             assert (0 <= left <= 21 and top == 0) if i == 0 else (left == 0 and 0 <= top <= 64)
@@ -80,9 +80,9 @@ def test_time_ids_carry_each_images_real_size_and_crop_into_the_unet(tiny_sdxl, 
     assert len(crops) > 4  # random crops and flips: the time ids change with them
     # the flip mirrors the crop: the same draw without --random_flip gives the unmirrored left edge
     g = torch.Generator().manual_seed(0)
-    _, plain = train_dreambooth.preprocess(Image.open(tmp_path / "wide.png"), 64, False, False, g)
-    _, flipped = train_dreambooth.preprocess(Image.open(tmp_path / "wide.png"), 64, False, False,
-                                             torch.Generator().manual_seed(0), flip=True)
+    _, plain, _ = train_dreambooth.preprocess(Image.open(tmp_path / "wide.png"), (64, 64), False, False, g)
+    _, flipped, _ = train_dreambooth.preprocess(Image.open(tmp_path / "wide.png"), (64, 64), False, False,
+                                                torch.Generator().manual_seed(0), flip=True)
     assert flipped[3] == 85 - 64 - plain[3]
 
     from diffusers import UNet2DConditionModel
