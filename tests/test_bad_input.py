@@ -111,7 +111,7 @@ def test_xformers_that_cannot_run_is_refused(case):
 
 def test_instance_dir_and_dataset_name_conflict(case):
     args, inst, out = case
-    assert "exactly one of --instance_dir and --dataset_name" in refuse(args, "--dataset_name", "some/dataset")
+    assert "exactly one of --instance_dir, --dataset_name and --concepts_list" in refuse(args, "--dataset_name", "some/dataset")
 
 
 def test_push_to_hub_without_a_login(case, monkeypatch, tmp_path):

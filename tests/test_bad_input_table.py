@@ -263,3 +263,32 @@ def test_resuming_with_another_model_names_both(run, tiny_model, tiny_sdxl, phot
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: checkpoint {out / 'checkpoint-1'} was made from the model {tiny_model}, not "
                            f"{tiny_sdxl}: resume with that model (")
+
+
+def test_data_options_that_make_no_sense_are_one_line(base, capsys, tmp_path, photos):
+    """A concepts list that is not a list or names a missing folder, a mask of the wrong shape, buckets that are no
+    sizes, a concepts list beside the flags it replaces: one line each, before anything loads, nothing written."""
+    out, argv = base
+    train = [a for a in argv["train"] if a not in ("--instance_dir", photos, "--instance_prompt", "a photo of sks dog")]
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text('{"instance_prompt": "a photo of sks dog"}')
+    assert outcome("train", train + ["--concepts_list", concepts], capsys) == (1, (
+        f"error: --concepts_list {concepts} must be a non-empty list of subjects ({{instance_prompt, instance_data_dir, "
+        "class_prompt, class_data_dir}), not dict"))
+    concepts.write_text(json.dumps([{"instance_prompt": "a photo of sks dog", "instance_data_dir": str(photos)},
+                                    {"instance_prompt": "a photo of zwx cat", "instance_data_dir": str(tmp_path / "nope")}]))
+    assert outcome("train", train + ["--concepts_list", concepts], capsys) == (
+        1, f"error: instance image folder not found: {tmp_path / 'nope'}")
+    assert outcome("train", argv["train"] + ["--concepts_list", concepts], capsys) == (
+        1, "error: --concepts_list names each subject's folders and prompts: leave out --instance_dir, --instance_prompt")
+    assert outcome("priors", ["--model", argv["train"][1], "--concepts_list", concepts], capsys) == (
+        1, f"error: --concepts_list {concepts}: subject 0 needs class_prompt, class_data_dir (prior preservation is on)")
+    folder = tmp_path / "masked"
+    shutil.copytree(photos, folder)
+    Image.new("L", (10, 30), 255).save(folder / "photo_1.mask.png")
+    assert outcome("train", argv["train"] + ["--instance_dir", folder], capsys) == (
+        1, f"error: mask {folder / 'photo_1.mask.png'} is 10x30 and its photo 72x72: a mask has its photo's shape (at any size)")
+    code, line = outcome("train", argv["train"] + ["--aspect_ratio_buckets", "64x64"], capsys)
+    assert (code, line) == (2, "error: argument --aspect_ratio_buckets: expected 'height,width;height,width;...' in "
+                               "multiples of 8, got '64x64'; see train_dreambooth.py --help")
+    assert not out.exists()
