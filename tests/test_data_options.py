@@ -231,14 +231,14 @@ def mixed_photos(tmp_path_factory):
 BUCKETS = ["--aspect_ratio_buckets", "64,64;48,80;80,48"]
 
 
-def resumed_equals_uninterrupted(run, model, out, args, trained=("unet",)):
+def resumed_equals_uninterrupted(run, out, args, trained=("unet",), launch=False, env=None):
     """Train 4 steps with checkpoints every 2; then resume a copy from checkpoint-2: the same weights and losses."""
-    run("train_dreambooth.py", *args(out, "--max_train_steps", 4, "--checkpointing_steps", 2), launch=False)
+    run("train_dreambooth.py", *args(out, "--max_train_steps", 4, "--checkpointing_steps", 2), launch=launch, env=env)
     resumed = out.with_name(out.name + "-resumed")
     resumed.mkdir()
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
     run("train_dreambooth.py", *args(resumed, "--max_train_steps", 4, "--checkpointing_steps", 2,
-                                     "--resume_from_checkpoint", "latest"), launch=False)
+                                     "--resume_from_checkpoint", "latest"), launch=launch, env=env)
     for component in trained:
         ref, new = weights(out, component), weights(resumed, component)
         assert all(torch.equal(ref[k], new[k]) for k in ref), component
@@ -255,10 +255,19 @@ def test_buckets_and_masks_with_prior_preservation_train_and_resume_exactly_sdxl
                           "--random_flip", "--mask_background_weight", 0.2, *extra)
 
     out = tmp_path / "run"
-    resumed_equals_uninterrupted(run, tiny_sdxl, out, args)
+    resumed_equals_uninterrupted(run, out, args)
     record = json.loads((out / "run_config.json").read_text())["config"]
     assert record["buckets"] == {"48x80": 2, "64x64": 1, "80x48": 1}
     assert record["masks"] == [str(mixed_photos / "p0.mask.png"), str(mixed_photos / "p1.mask.png")]
+
+
+def test_buckets_on_two_processes_take_whole_batches_and_resume_exactly(run, tiny_model, mixed_photos, tmp_path):
+    """accelerate deals whole batches to the processes (a batch of one bucket each), and the resume is exact."""
+    def args(out, *extra):
+        return train_args(tiny_model, mixed_photos, out, *BUCKETS, "--train_batch_size", 1, "--random_flip", *extra)
+
+    resumed_equals_uninterrupted(run, tmp_path / "run", args, launch=["--multi_gpu", "--num_processes", 2],
+                                 env={"ACCELERATE_USE_CPU": "true"})
 
 
 def test_the_banner_names_the_buckets_and_masks(run, tiny_sdxl, mixed_photos, tmp_path):
@@ -304,7 +313,7 @@ def test_two_subjects_own_class_images_validation_prompts_and_exact_resume(run, 
                 "--num_validation_images", 1, "--validation_inference_steps", 1, *extra]
 
     out = tmp_path / "run"
-    resumed_equals_uninterrupted(run, tiny_model, out, args, trained=("unet", "text_encoder"))
+    resumed_equals_uninterrupted(run, out, args, trained=("unet", "text_encoder"))
     # each folder was topped up to 3 with its own prompt; both subjects' prompts were sampled
     for folder, prompt in ((tmp_path / "dogs", "a photo of dog"), (tmp_path / "cat-priors", "a photo of cat")):
         assert len(du.list_images(folder, "class image")) == 3 and du.read_prior_manifest(folder)["class_prompt"] == prompt

@@ -59,3 +59,30 @@ def test_similarity_to_the_subject_on_rendered_images():
     assert scores(render(replace(a, colour=SUBJECT[1], pattern=SUBJECT[::-1])) for a in subjects)[2] < 0.05
     mean, low, high = scores(render(a).rotate(90) for a in subjects)
     assert 0.4 < low and high < 0.6
+
+
+def test_the_second_subject_and_the_photos_for_the_data_options(tmp_path):
+    """zwx (the halves swapped) is read by the same rule with its colours, and the subject is not it; wide photos
+    are 48x32; busy photos carry clutter outside their mask, which covers the subject and nothing else."""
+    from PIL import Image
+
+    from toyworld.world import SUBJECT_B, write_subject_photos
+
+    write_subject_photos(tmp_path / "b", subject=SUBJECT_B, token="zwx", captions=True)
+    write_subject_photos(tmp_path / "a")
+    for i in range(4):
+        b, a = Image.open(tmp_path / "b" / f"zwx-{i}.png"), Image.open(tmp_path / "a" / f"sks-{i}.png")
+        assert read_attributes(b, subject=SUBJECT_B)["pattern"] and read_attributes(b, subject=SUBJECT_B)["similarity"] > 0.9
+        assert not read_attributes(b)["pattern"] and not read_attributes(a, subject=SUBJECT_B)["pattern"]
+        assert (tmp_path / "b" / f"zwx-{i}.txt").read_text().startswith("a photo of zwx circle on a ")
+    write_subject_photos(tmp_path / "wide", width=48)
+    assert {Image.open(p).size for p in (tmp_path / "wide").glob("*.png")} == {(48, 32)}
+    write_subject_photos(tmp_path / "busy", busy=True, masks=True)
+    for i in range(4):
+        photo = np.asarray(Image.open(tmp_path / "busy" / f"sks-{i}.png"), dtype=float)
+        mask = np.asarray(Image.open(tmp_path / "busy" / f"sks-{i}.mask.png")) > 127
+        background = PALETTE[read_attributes(Image.open(tmp_path / "busy" / f"sks-{i}.png"))["background"]]
+        other = np.linalg.norm(photo - background, axis=-1) > 80  # pixels of some object
+        subject = np.any([np.all(photo == PALETTE[c], axis=-1) for c in SUBJECT], axis=0)
+        assert (other & ~mask).sum() >= 2 * 64  # the two clutter squares, outside the mask
+        assert subject[mask].mean() > 0.95 and not subject[~mask].any()

@@ -17,6 +17,9 @@
    - drift: share of plain "a photo of a circle" images that show the subject (the paper's language drift, which
      prior preservation is meant to prevent), and share of them that still show a circle;
    - diversity: entropy of the object colours of those (log2(6) = 2.58 bits would be all six colours alike).
+3. The data options on photos made for each (--rows): wide photos in aspect-ratio buckets against centre crops; busy
+   photos (two clutter objects) with and without the subject's masks; two subjects in one run (the second a circle
+   with the halves swapped, "zwx circle"), with both subjects' fidelity and the cross-talk between them.
 """
 
 import argparse
@@ -34,8 +37,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from toyworld.world import (PALETTE, SHAPES, SUBJECT, SUBJECT_PHOTO_BACKGROUNDS, read_attributes,  # noqa: E402
-                            write_subject_photos)
+from toyworld.world import (PALETTE, SHAPES, SUBJECT, SUBJECT_B, SUBJECT_PHOTO_BACKGROUNDS,  # noqa: E402
+                            read_attributes, write_subject_photos)
 
 BACKGROUNDS = [c for c in PALETTE if c not in SUBJECT]
 DEFAULT_ROWS = ["full, prior preservation", "full, no prior preservation", "full, prior preservation, text encoder",
@@ -61,6 +64,20 @@ ROWS = {  # name: train_dreambooth.py flags on top of the common ones
     "LoRA rank 8, prior preservation, pivotal tuning": ["--with_prior_preservation", "--lora_rank", "8",
                                                         "--train_text_encoder_ti", "--initializer_concept", "circle"],
 }
+# The data options, each on photos made for it: name -> (photos, flags). Wide photos (48x32, the subject anywhere
+# across them) in buckets or centre-cropped; busy photos (two clutter objects) with and without the subject's masks;
+# two subjects (the second one's halves swapped, "zwx circle") in one run.
+DATA_ROWS = {
+    "wide photos, centre crop": ("wide", ["--with_prior_preservation", "--center_crop"]),
+    "wide photos, aspect-ratio buckets": ("wide", ["--with_prior_preservation", "--center_crop",
+                                                   "--aspect_ratio_buckets", "32,32;24,40;40,24"]),
+    "busy photos, no masks": ("busy", ["--with_prior_preservation"]),
+    "busy photos, masks (background weight 0.1)": ("busy-masks", ["--with_prior_preservation"]),
+    "busy photos, masks (background weight 0)": ("busy-masks", ["--with_prior_preservation",
+                                                                "--mask_background_weight", "0"]),
+    "two subjects (sks and zwx) in one run": ("two", ["--with_prior_preservation"]),
+}
+PHOTOS = {"wide": dict(width=48), "busy": dict(busy=True), "busy-masks": dict(busy=True, masks=True)}
 
 
 def script(name, *args):
@@ -68,22 +85,38 @@ def script(name, *args):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def sample(model, out, prompts, n, args):
-    """infer.py on each prompt; the evaluator's reading of every image, per prompt."""
+def sample(model, out, prompts, n, args, subject=SUBJECT):
+    """infer.py on each prompt; the evaluator's reading of every image (for `subject`), per prompt."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
     script("infer.py", "--model", model, "--prompts_file", out / "prompts.txt", "--num_images_per_prompt", n,
            "--seed", args.seed, "--num_inference_steps", args.num_inference_steps, "--guidance_scale",
            args.guidance_scale, "--scheduler", "ddim", "--output_dir", out / "images")
-    return [[read_attributes(Image.open(f)) for f in sorted((out / "images").glob(f"p{i:02d}-*.png"))]
-            for i in range(len(prompts))]
+    return read_images(out, len(prompts), subject)
 
 
-def subject_metrics(model, out, args):
-    subject = sample(model, out / "subject", [f"a photo of sks circle on a {b} background" for b in BACKGROUNDS],
-                     args.images_per_prompt, args)
-    plain = sample(model, out / "class", ["a photo of a circle"], len(BACKGROUNDS) * args.images_per_prompt, args)[0]
-    return score(dict(zip(BACKGROUNDS, subject)), plain)
+def read_images(out, num_prompts, subject=SUBJECT):
+    return [[read_attributes(Image.open(f), subject=subject) for f in sorted((out / "images").glob(f"p{i:02d}-*.png"))]
+            for i in range(num_prompts)]
+
+
+def subject_metrics(model, out, args, token="sks", subject=SUBJECT):
+    prompts = [f"a photo of {token} circle on a {b} background" for b in BACKGROUNDS]
+    readings = sample(model, out / token if token != "sks" else out / "subject", prompts, args.images_per_prompt, args,
+                      subject)
+    plain = sample(model, out / "class", ["a photo of a circle"], len(BACKGROUNDS) * args.images_per_prompt, args,
+                   subject)[0]
+    return score(dict(zip(BACKGROUNDS, readings)), plain)
+
+
+def two_subject_metrics(model, out, args):
+    """Both subjects' metrics (the second's prefixed b_) and the cross-talk: the share of one subject's images that
+    show the other."""
+    a, b = subject_metrics(model, out, args), subject_metrics(model, out, args, "zwx", SUBJECT_B)
+    a_shows_b = [r["pattern"] for rs in read_images(out / "subject", len(BACKGROUNDS), SUBJECT_B) for r in rs]
+    b_shows_a = [r["pattern"] for rs in read_images(out / "zwx", len(BACKGROUNDS)) for r in rs]
+    return {**a, **{f"b_{k}": v for k, v in b.items()}, "a_shows_b": sum(a_shows_b) / len(a_shows_b),
+            "b_shows_a": sum(b_shows_a) / len(b_shows_a)}
 
 
 def score(subject, plain):
@@ -113,21 +146,33 @@ def dreambooth(model, out, args, seed):
     script("generate_priors.py", "--model", model, "--class_prompt", "a photo of a circle", "--class_dir",
            out / "priors", "--num_class_images", args.num_class_images, "--sample_batch_size", 10, *common)
     results = {"base model": subject_metrics(model, out / "base", args)} if seed == args.seed else {}
-    for name, flags in ROWS.items():
+    for name, flags in {**ROWS, **{k: f for k, (_, f) in DATA_ROWS.items()}}.items():
         if name not in (args.rows or DEFAULT_ROWS):
             continue
-        run = out / f"seed-{seed}" / name.replace(" ", "-").replace(",", "")
+        run = out / f"seed-{seed}" / name.replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
         shutil.rmtree(run, ignore_errors=True)
         lr = args.lora_learning_rate if "--lora_rank" in flags else args.learning_rate
+        data = ["--instance_dir", photos, "--instance_prompt", "a photo of sks circle", "--class_dir", out / "priors",
+                "--class_prompt", "a photo of a circle"]
+        kind = DATA_ROWS.get(name, (None,))[0]
+        if kind in PHOTOS:
+            data[1] = out / f"subject-photos-{kind}"
+            write_subject_photos(data[1], captions=args.captions, **PHOTOS[kind])
+        elif kind == "two":
+            write_subject_photos(out / "subject-photos-zwx", captions=args.captions, subject=SUBJECT_B, token="zwx")
+            concepts = [{"instance_prompt": f"a photo of {token} circle", "instance_data_dir": str(folder),
+                         "class_prompt": "a photo of a circle", "class_data_dir": str(out / "priors")}
+                        for token, folder in (("sks", photos), ("zwx", out / "subject-photos-zwx"))]
+            (out / "concepts.json").write_text(json.dumps(concepts, indent=1) + "\n")
+            data = ["--concepts_list", out / "concepts.json"]
         t0 = time.time()
-        script("train_dreambooth.py", "--model", model, "--instance_dir", photos, "--instance_prompt",
-               "a photo of sks circle", "--class_dir", out / "priors", "--class_prompt", "a photo of a circle",
-               "--num_class_images", args.num_class_images, "--output_dir", run / "model", "--resolution", 32,
-               "--train_batch_size", args.train_batch_size, "--max_train_steps", args.train_steps,
-               "--learning_rate", lr, "--lr_warmup_steps", 0, "--checkpointing_steps", 100000, "--report_to", "none",
-               "--seed", seed, *flags)
+        script("train_dreambooth.py", "--model", model, *data, "--num_class_images", args.num_class_images,
+               "--output_dir", run / "model", "--resolution", 32, "--train_batch_size", args.train_batch_size,
+               "--max_train_steps", args.train_steps, "--learning_rate", lr, "--lr_warmup_steps", 0,
+               "--checkpointing_steps", 100000, "--report_to", "none", "--seed", seed, *flags)
         train_seconds = time.time() - t0
-        results[name] = {**subject_metrics(str(run / "model"), run, argparse.Namespace(**{**vars(args), "seed": seed})),
+        metrics = two_subject_metrics if kind == "two" else subject_metrics
+        results[name] = {**metrics(str(run / "model"), run, argparse.Namespace(**{**vars(args), "seed": seed})),
                          "train_seconds": train_seconds}
     return results
 
@@ -160,6 +205,17 @@ def table_row(name, m):
             f"{cell(m['class_shape'])} | {cell(m['diversity_bits'], False)} |")
 
 
+TWO_HEAD = ("\n| run | seeds | sks on new backgrounds | zwx on new backgrounds | sks on the photos' backgrounds | "
+            "zwx on the photos' backgrounds | sks prompts showing zwx | zwx prompts showing sks | drift (sks, zwx) |\n"
+            + "|---" * 9 + "|")
+
+
+def two_row(name, m):
+    return (f"| {name} | {m['seeds']} | {cell(m['subject_fidelity_new'])} | {cell(m['b_subject_fidelity_new'])} | "
+            f"{cell(m['subject_fidelity_seen'])} | {cell(m['b_subject_fidelity_seen'])} | {cell(m['a_shows_b'])} | "
+            f"{cell(m['b_shows_a'])} | {cell(m['drift'])}, {cell(m['b_drift'])} |")
+
+
 def prompt_following(model, out, args, images_per_prompt=2):
     """Accuracy of shape, colour and background over prompts drawn from the caption template."""
     rng = random.Random(args.seed)
@@ -189,7 +245,7 @@ def main():
     p.add_argument("--train_batch_size", type=int, default=2)
     p.add_argument("--learning_rate", type=float, default=2e-4, help="full fine-tunes")
     p.add_argument("--lora_learning_rate", type=float, default=2e-3)
-    p.add_argument("--rows", action="append", default=None, choices=list(ROWS),
+    p.add_argument("--rows", action="append", default=None, choices=list(ROWS) + list(DATA_ROWS),
                    help=f"these ablation rows (default: the first {len(DEFAULT_ROWS)})")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="training seeds: each row is trained and sampled once per seed, and reported as the mean "
@@ -212,6 +268,11 @@ def main():
         print(TABLE_HEAD)
         for name, m in report["dreambooth"].items():
             print(table_row(name, m))
+        if any("b_drift" in m for m in report["dreambooth"].values()):
+            print(TWO_HEAD)
+            for name, m in report["dreambooth"].items():
+                if "b_drift" in m:
+                    print(two_row(name, m))
     report["seconds"] = time.time() - t0
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{report['seconds'] / 60:.1f} minutes; report in {out / 'report.json'}")

@@ -28,6 +28,7 @@ PALETTE = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), 
            "purple": (150, 60, 190), "white": (240, 240, 240)}
 SHAPES = ("circle", "square", "triangle")
 SUBJECT = ("red", "yellow")  # the subject's two halves: top, bottom
+SUBJECT_B = ("yellow", "red")  # a second subject for runs of two (--concepts_list): the halves swapped, "zwx circle"
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ def sample_attributes(seed, shape=None, colour=None, background=None, subject=Fa
     return Attributes(shape, colour, background, size, x, y, SUBJECT if subject else ())
 
 
-def render(a):
-    image = Image.new("RGB", (SIZE, SIZE), PALETTE[a.background])
+def render(a, width=SIZE):
+    image = Image.new("RGB", (width, SIZE), PALETTE[a.background])
     draw = ImageDraw.Draw(image)
     box = (a.x, a.y, a.x + a.size - 1, a.y + a.size - 1)
     if a.shape == "circle":
@@ -81,9 +82,9 @@ def nearest_colour(rgb):
     return names[int(np.argmin(distances))]
 
 
-def read_attributes(image, object_distance=80.0, pattern_share=0.75):
+def read_attributes(image, object_distance=80.0, pattern_share=0.75, subject=SUBJECT):
     """{"shape", "colour", "background", "pattern", "similarity"} read from an image (None where there is no
-    object; similarity 0)."""
+    object; similarity 0). `subject`: whose pattern and similarity (the same rule for SUBJECT_B, colours swapped)."""
     pixels = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), dtype=float)
     border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
                              pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
@@ -97,21 +98,21 @@ def read_attributes(image, object_distance=80.0, pattern_share=0.75):
     names = np.array([nearest_colour(p) for p in pixels[mask]])
     values, counts = np.unique(names, return_counts=True)
     middle = (ys.min() + ys.max()) / 2  # the subject: 3/4 of the top half SUBJECT[0], 3/4 of the bottom SUBJECT[1]
-    pattern = (np.mean(names[ys < middle] == SUBJECT[0]) >= pattern_share
-               and np.mean(names[ys > middle] == SUBJECT[1]) >= pattern_share)
+    pattern = (np.mean(names[ys < middle] == subject[0]) >= pattern_share
+               and np.mean(names[ys > middle] == subject[1]) >= pattern_share)
     grid = np.full((SIZE, SIZE), "", dtype=object)
     grid[mask] = names
     return {"shape": shape, "colour": str(values[np.argmax(counts)]), "background": background,
-            "pattern": bool(pattern), "similarity": subject_similarity(mask, grid, ys, xs)}
+            "pattern": bool(pattern), "similarity": subject_similarity(mask, grid, ys, xs, subject)}
 
 
-def subject_similarity(mask, names, ys, xs):
+def subject_similarity(mask, names, ys, xs, subject=SUBJECT):
     """The object (mask, with each pixel's palette colour name) against the subject drawn in its bounding box."""
     cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
     ry, rx = (ys.max() - ys.min() + 1) / 2, (xs.max() - xs.min() + 1) / 2
     yy, xx = np.mgrid[:SIZE, :SIZE]
     disc = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-    ideal = np.where(yy < cy, SUBJECT[0], SUBJECT[1])
+    ideal = np.where(yy < cy, subject[0], subject[1])
     return float((mask & disc & (names == ideal)).sum() / (mask | disc).sum())
 
 
@@ -128,18 +129,45 @@ def reading(image):
 SUBJECT_PHOTO_BACKGROUNDS = ("white", "green")  # the subject is never shown on blue or purple: new contexts to ask for
 
 
-def write_subject_photos(folder, n=4, seed=1000, captions=False):
+def write_subject_photos(folder, n=4, seed=1000, captions=False, width=SIZE, busy=False, masks=False, subject=SUBJECT,
+                         token="sks"):
     """The DreamBooth instance photos: the subject in n places and sizes, on a white or a green background; with
-    captions, each photo's caption beside it names its background ("a photo of sks circle on a white background")."""
+    captions, each photo's caption beside it names its background ("a photo of sks circle on a white background").
+    Photos as they come, for the data options: `width` > SIZE makes wide photos with the subject anywhere across
+    them (a centre crop cuts some of it away); `busy` adds two small objects of other colours in the free corners;
+    `masks` writes photo.mask.png (the subject's disc) beside each photo. `subject`/`token`: SUBJECT_B as "zwx"."""
+    from dataclasses import replace
     from pathlib import Path
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     for i in range(n):
         background = SUBJECT_PHOTO_BACKGROUNDS[i % len(SUBJECT_PHOTO_BACKGROUNDS)]
-        attributes = sample_attributes(seed + i, subject=True, background=background)
-        render(attributes).save(Path(folder, f"sks-{i}.png"))
+        attributes = replace(sample_attributes(seed + i, subject=True, background=background), colour=subject[0],
+                             pattern=subject)
+        rng = random.Random(seed + i + 7919)
+        if width > SIZE:
+            attributes = replace(attributes, x=rng.randint(1, width - attributes.size - 1))
+        if busy:  # the subject smaller, in one half; two clutter objects in the other half's corners
+            size = rng.randint(12, 15)
+            left = rng.random() < 0.5
+            attributes = replace(attributes, size=size, y=rng.randint(1, SIZE - size - 1),
+                                 x=rng.randint(1, 3) if left else width - size - rng.randint(1, 3))
+        image = render(attributes, width)
+        if busy:
+            draw = ImageDraw.Draw(image)
+            others = [c for c in ("blue", "purple", "white", "green") if c != background]
+            x0 = width - 10 if left else 2
+            for y0, colour in ((2, others[i % 3]), (SIZE - 10, others[(i + 1) % 3])):
+                draw.rectangle((x0, y0, x0 + 7, y0 + 7), fill=PALETTE[colour])
+        name = f"{token}-{i}"
+        image.save(Path(folder, f"{name}.png"))
+        if masks:
+            mask = Image.new("L", image.size, 0)
+            a = attributes
+            ImageDraw.Draw(mask).ellipse((a.x, a.y, a.x + a.size - 1, a.y + a.size - 1), fill=255)
+            mask.save(Path(folder, f"{name}.mask.png"))
         if captions:
-            Path(folder, f"sks-{i}.txt").write_text(attributes.caption() + "\n")
+            Path(folder, f"{name}.txt").write_text(attributes.caption(token) + "\n")
 
 
 if __name__ == "__main__":
