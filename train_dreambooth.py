@@ -426,8 +426,8 @@ def preprocess(image, size, center_crop, random_flip, generator, flip=False, mas
 
 
 def bucket_sizes(value, resolution):
-    """The (height, width) buckets: the listed ones, or for 'auto' about resolution^2 pixels each in multiples of 64,
-    no side more than twice the other (kohya's scheme: SDXL's 1024 gives 1024x1024, 896x1152, 832x1216, 768x1344...)."""
+    """The (height, width) buckets: the listed ones, or for 'auto' the square and about resolution^2 pixels each in
+    multiples of 64, no side more than twice the other (kohya's scheme: 1024 gives 896x1152, 832x1216, 768x1344...)."""
     if value != "auto":
         try:
             sizes = sorted({tuple(int(v) for v in pair.split(",")) for pair in value.replace(" ", "").strip(";").split(";")})
@@ -437,7 +437,7 @@ def bucket_sizes(value, resolution):
             raise argparse.ArgumentTypeError(f"expected 'height,width;height,width;...' in multiples of 8, got {value!r}")
         return sizes
     step, area = 64, resolution * resolution
-    sizes = {(max(step, resolution // step * step),) * 2}
+    sizes = {(resolution, resolution)}
     for w in range(step, 2 * resolution + 1, step):
         h = area // w // step * step
         if h >= step and max(w, h) <= 2 * min(w, h):

@@ -24,9 +24,11 @@ def test_auto_buckets_are_about_the_resolutions_area_in_multiples_of_64():
     sdxl = td.bucket_sizes("auto", 1024)
     assert {(1024, 1024), (896, 1152), (1152, 896), (832, 1216), (1216, 832), (768, 1344), (1344, 768)} <= set(sdxl)
     for resolution in (512, 768, 1024):
+        assert (resolution, resolution) in td.bucket_sizes("auto", resolution)
         for h, w in td.bucket_sizes("auto", resolution):
             assert h % 64 == w % 64 == 0 and max(h, w) <= 2 * min(h, w)
             assert 0.8 * resolution**2 <= h * w <= resolution**2, (resolution, h, w)
+    assert td.bucket_sizes("auto", 32) == [(32, 32)]  # below 64 px: the square alone
     assert td.bucket_sizes("64,64; 48,80;80,48;", 64) == [(48, 80), (64, 64), (80, 48)]
     for bad in ("64x64", "64,60", "64", "a,b", "0,64"):
         with pytest.raises(Exception, match="expected 'height,width;height,width;...' in multiples of 8"):
