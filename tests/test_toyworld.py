@@ -86,3 +86,17 @@ def test_the_second_subject_and_the_photos_for_the_data_options(tmp_path):
         subject = np.any([np.all(photo == PALETTE[c], axis=-1) for c in SUBJECT], axis=0)
         assert (other & ~mask).sum() >= 2 * 64  # the two clutter squares, outside the mask
         assert subject[mask].mean() > 0.95 and not subject[~mask].any()
+
+
+def test_objects_are_counted_on_rendered_images(tmp_path):
+    """count_objects, fixed on rendered images before any model's were read: one for the subject or a plain object,
+    none on an empty background, three on a busy photo (the subject and two clutter squares)."""
+    from PIL import Image
+
+    from toyworld.world import count_objects, write_subject_photos
+
+    assert {count_objects(render(sample_attributes(seed))) for seed in range(200)} == {1}
+    assert {count_objects(render(sample_attributes(seed, subject=True))) for seed in range(100)} == {1}
+    assert count_objects(Image.new("RGB", (32, 32), PALETTE["purple"])) == 0
+    write_subject_photos(tmp_path, n=8, busy=True)
+    assert {count_objects(Image.open(p)) for p in tmp_path.glob("*.png")} == {3}

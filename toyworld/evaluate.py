@@ -16,7 +16,8 @@
    - asked background (prompt fidelity): share of those with the asked background;
    - drift: share of plain "a photo of a circle" images that show the subject (the paper's language drift, which
      prior preservation is meant to prevent), and share of them that still show a circle;
-   - diversity: entropy of the object colours of those (log2(6) = 2.58 bits would be all six colours alike).
+   - diversity: entropy of the object colours of those (log2(6) = 2.58 bits would be all six colours alike);
+   - more than one object: share of the subject prompts' images with something beside the object (count_objects).
 3. The data options on photos made for each (--rows): wide photos in aspect-ratio buckets against centre crops; busy
    photos (two clutter objects) with and without the subject's masks; two subjects in one run (the second a circle
    with the halves swapped, "zwx circle"), with both subjects' fidelity and the cross-talk between them.
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from toyworld.world import (PALETTE, SHAPES, SUBJECT, SUBJECT_B, SUBJECT_PHOTO_BACKGROUNDS,  # noqa: E402
-                            read_attributes, write_subject_photos)
+                            count_objects, read_attributes, write_subject_photos)
 
 BACKGROUNDS = [c for c in PALETTE if c not in SUBJECT]
 DEFAULT_ROWS = ["full, prior preservation", "full, no prior preservation", "full, prior preservation, text encoder",
@@ -88,6 +89,8 @@ def script(name, *args):
 def sample(model, out, prompts, n, args, subject=SUBJECT):
     """infer.py on each prompt; the evaluator's reading of every image (for `subject`), per prompt."""
     out.mkdir(parents=True, exist_ok=True)
+    if args.rescore and (out / "images").is_dir():  # the images of an earlier run with these settings
+        return read_images(out, len(prompts), subject)
     (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
     script("infer.py", "--model", model, "--prompts_file", out / "prompts.txt", "--num_images_per_prompt", n,
            "--seed", args.seed, "--num_inference_steps", args.num_inference_steps, "--guidance_scale",
@@ -96,8 +99,8 @@ def sample(model, out, prompts, n, args, subject=SUBJECT):
 
 
 def read_images(out, num_prompts, subject=SUBJECT):
-    return [[read_attributes(Image.open(f), subject=subject) for f in sorted((out / "images").glob(f"p{i:02d}-*.png"))]
-            for i in range(num_prompts)]
+    return [[{**read_attributes(image, subject=subject), "objects": count_objects(image)}
+             for image in map(Image.open, sorted((out / "images").glob(f"p{i:02d}-*.png")))] for i in range(num_prompts)]
 
 
 def subject_metrics(model, out, args, token="sks", subject=SUBJECT):
@@ -126,7 +129,8 @@ def score(subject, plain):
         asked = [(b, s) for b in backgrounds for s in subject[b]]
         return {"subject_fidelity": sum(s["pattern"] for _, s in asked) / len(asked),
                 "similarity": sum(s["similarity"] for _, s in asked) / len(asked),
-                "prompt_fidelity": sum(s["background"] == b for b, s in asked) / len(asked)}
+                "prompt_fidelity": sum(s["background"] == b for b, s in asked) / len(asked),
+                "extra_objects": sum(s["objects"] > 1 for _, s in asked) / len(asked)}
     colours = [s["colour"] for s in plain if s["colour"]]
     shares = [colours.count(c) / len(colours) for c in set(colours)]
     entropy = sum(-q * math.log2(q) for q in shares)  # 0 for one colour (or none), log2(6) for all six alike
@@ -150,6 +154,10 @@ def dreambooth(model, out, args, seed):
         if name not in (args.rows or DEFAULT_ROWS):
             continue
         run = out / f"seed-{seed}" / name.replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
+        if args.rescore and (run / "model" / "run_config.json").is_file():
+            metrics = two_subject_metrics if DATA_ROWS.get(name, (None,))[0] == "two" else subject_metrics
+            results[name] = metrics(str(run / "model"), run, argparse.Namespace(**{**vars(args), "seed": seed}))
+            continue
         shutil.rmtree(run, ignore_errors=True)
         lr = args.lora_learning_rate if "--lora_rank" in flags else args.learning_rate
         data = ["--instance_dir", photos, "--instance_prompt", "a photo of sks circle", "--class_dir", out / "priors",
@@ -195,14 +203,15 @@ def cell(value, percent=True):
 
 TABLE_HEAD = ("\n| run | seeds | new backgrounds: subject fidelity | similarity | asked background | photos' "
               "backgrounds: subject fidelity | similarity | asked background | drift | class prompt gives a circle | "
-              "diversity (bits) |\n" + "|---" * 11 + "|")
+              "diversity (bits) | more than one object (new, photos' backgrounds) |\n" + "|---" * 12 + "|")
 
 
 def table_row(name, m):
     return (f"| {name} | {m['seeds']} | {cell(m['subject_fidelity_new'])} | {cell(m['similarity_new'], False)} | "
             f"{cell(m['prompt_fidelity_new'])} | {cell(m['subject_fidelity_seen'])} | "
             f"{cell(m['similarity_seen'], False)} | {cell(m['prompt_fidelity_seen'])} | {cell(m['drift'])} | "
-            f"{cell(m['class_shape'])} | {cell(m['diversity_bits'], False)} |")
+            f"{cell(m['class_shape'])} | {cell(m['diversity_bits'], False)} | {cell(m['extra_objects_new'])}, "
+            f"{cell(m['extra_objects_seen'])} |")
 
 
 TWO_HEAD = ("\n| run | seeds | sks on new backgrounds | zwx on new backgrounds | sks on the photos' backgrounds | "
@@ -254,6 +263,9 @@ def main():
                    help="each subject photo captioned with its background (\"a photo of sks circle on a white "
                         "background\") instead of the bare instance prompt")
     p.add_argument("--skip_dreambooth", action="store_true", help="only the base model's prompt following")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the images an earlier run with the same settings left in --output_dir (training and "
+                        "sampling are deterministic on one machine, so the numbers are the run's) instead of making them")
     args = p.parse_args()
     out = Path(args.output_dir)
     t0 = time.time()

@@ -116,6 +116,33 @@ def subject_similarity(mask, names, ys, xs, subject=SUBJECT):
     return float((mask & disc & (names == ideal)).sum() / (mask | disc).sum())
 
 
+def count_objects(image, object_distance=80.0, min_pixels=4):
+    """How many separate objects an image shows: 8-connected groups of at least `min_pixels` pixels far from the
+    background colour (read as read_attributes reads it). Rendered: 1 for the subject or any plain object, 3 for a
+    busy photo (the subject and two clutter squares); a generated image with more than one has something beside the
+    object asked for (the busy photos' clutter leaking into the token, for one)."""
+    pixels = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), dtype=float)
+    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
+                             pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
+    far = np.linalg.norm(pixels - PALETTE[nearest_colour(np.median(border, axis=0))], axis=-1) > object_distance
+    seen, groups = np.zeros_like(far), 0
+    for start in zip(*np.nonzero(far)):
+        if seen[start]:
+            continue
+        stack, size = [start], 0
+        seen[start] = True
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny in range(max(0, y - 1), min(SIZE, y + 2)):
+                for nx in range(max(0, x - 1), min(SIZE, x + 2)):
+                    if far[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+        groups += size >= min_pixels
+    return int(groups)
+
+
 def expected(a):
     """What read_attributes should say about an image rendered from `a`."""
     return {"shape": a.shape, "colour": a.colour, "background": a.background, "pattern": bool(a.pattern)}
