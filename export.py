@@ -223,6 +223,25 @@ def diffusers_checkpoints(accelerator, family, lora, names):
     accelerator.register_load_state_pre_hook(load)
 
 
+def save_checkpoint(accelerator, args, state, record):
+    """accelerate's save_state into checkpoint-N.tmp on every process, then a rename: `latest` only ever sees
+    finished checkpoints."""
+    final = Path(args.output_dir, f"checkpoint-{state.global_step}")
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        du.write_json(tmp / "run_config.json", record)  # a checkpoint carries its config (resume, infer.py)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        du.remove_oldest(args.output_dir, "checkpoint", args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Single file: the original (LDM / SGM) key layout that AUTOMATIC1111, ComfyUI, Forge, InvokeAI and diffusers'
 # from_single_file read. diffusers ships only the other direction (its loader, and a conversion script outside the

@@ -67,7 +67,8 @@ def build_parser():
                    help="square training size (default: the model's own: 512 SD 1.5, 768 SD 2.x, 1024 SDXL)")
     g.add_argument("--center_crop", action="store_true", help="crop the centre instead of a random square")
     g.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
-    g.add_argument("--aspect_ratio_buckets", nargs="?", const="auto", default=None, type=bucket_list,
+    g.add_argument("--aspect_ratio_buckets", nargs="?", const="auto", default=None,  # checked, kept as text
+                   type=lambda text: bucket_sizes(text, 64) and text,
                    help="keep each photo's aspect ratio: resize it to the nearest of these sizes 'h,w;h,w;...' "
                         "(diffusers' format; alone: sizes of about --resolution squared pixels in multiples of 64, "
                         "sides at most 2:1) and crop the rest; each batch has one size")
@@ -314,9 +315,8 @@ def check_args(args):
 
 
 def load_subjects(args):
-    """Each subject's photos as (image, prompt, mask) triples: from a folder (paths, sorted; a photo.txt caption and a
-    photo.mask.png mask beside a photo are used) or from a `datasets` dataset (PIL images, no masks). With pivotal
-    tuning the identifier in each prompt is the new tokens."""
+    """Each subject's photos as (image, prompt, mask): from a folder (paths, sorted; with photo.txt captions and
+    photo.mask.png masks) or a `datasets` dataset (PIL images). Pivotal tuning: the identifier is the new tokens."""
     subjects = []
     for subject in args.subjects:
         folder = subject["instance_data_dir"]
@@ -443,10 +443,6 @@ def bucket_sizes(value, resolution):
         if h >= step and max(w, h) <= 2 * min(w, h):
             sizes |= {(h, w), (w, h)}
     return sorted(sizes)
-
-
-def bucket_list(text):  # --aspect_ratio_buckets' type: checked, kept as text for the run record
-    return bucket_sizes(text, 64) and text
 
 
 def nearest_bucket(sizes, width, height):
@@ -665,8 +661,7 @@ def data_summary(args, photos, config):
     """The banner's account of the data: photos (per subject), masks, buckets (photos in each), class images."""
     parts = [f"{config['num_instance_images']} instance images"]
     if len(photos) > 1:
-        each = [f"{len(p)} of '{s['instance_prompt']}'" for s, p in zip(args.subjects, photos)]
-        parts[0] += f" ({', '.join(each)})"
+        parts[0] += " (" + ", ".join(f"{len(p)} of '{s['instance_prompt']}'" for s, p in zip(args.subjects, photos)) + ")"
     if config["masks"]:
         parts.append(f"{len(config['masks'])} with masks (background weight {args.mask_background_weight})")
     if config["buckets"]:
@@ -675,16 +670,15 @@ def data_summary(args, photos, config):
 
 
 def class_images(args, accelerator, subject):
-    """A subject's class images (none without prior preservation): its folder topped up to --num_class_images with
-    the code generate_priors.py uses, sharded across processes by batch. A folder whose images were made by another
-    model or prompt is refused; one that generate_priors.py made is topped up with its own sampler settings, so the
-    new images belong to the same set."""
+    """A subject's class images (none without prior preservation): its folder topped up to --num_class_images by
+    generate_priors.py's code, sharded across processes by batch. A folder made by another model or prompt is refused;
+    one that generate_priors.py made is topped up with its own sampler settings, so the new images join the set."""
     if not args.with_prior_preservation:
         return []
-    class_dir, class_prompt = subject["class_data_dir"], subject["class_prompt"]
+    class_dir = subject["class_data_dir"]
     precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
     settings = {**du.PRIOR_DEFAULTS, **{k: getattr(args, k) for k in du.PRIOR_SETTINGS if hasattr(args, k)},
-                "class_prompt": class_prompt, "precision": "fp32" if precision == "no" else precision,
+                "class_prompt": subject["class_prompt"], "precision": "fp32" if precision == "no" else precision,
                 "unet_sha256": du.unet_fingerprint(args.pretrained_model_name_or_path, args.revision)}
     settings = du.check_prior_folder(class_dir, settings, du.PRIOR_SETTINGS[:5])
     missing = du.missing_prior_indices(class_dir, args.num_class_images)
@@ -756,25 +750,6 @@ def changed_settings(saved, current):
     """Settings that differ from the checkpoint's record, leaving out the flag groups that cannot change the weights."""
     harmless = {a.dest for g in build_parser()._action_groups if g.title in RESUME_HARMLESS_GROUPS for a in g._group_actions}
     return sorted(k for k in current if k not in harmless | {"config"} and k in saved and saved[k] != current[k])
-
-
-def save_checkpoint(accelerator, args, state, record):
-    """accelerate's save_state into checkpoint-N.tmp on every process, then a rename: `latest` only ever sees
-    finished checkpoints."""
-    final = Path(args.output_dir, f"checkpoint-{state.global_step}")
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        du.write_json(tmp / "run_config.json", record)  # a checkpoint carries its config (resume, infer.py)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        du.remove_oldest(args.output_dir, "checkpoint", args.checkpoints_total_limit)
-    accelerator.wait_for_everyone()
-    return final
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1176,7 +1151,7 @@ def main(argv=None):
             if state.global_step % args.validation_steps == 0:
                 validate(state.global_step)
             if state.global_step % args.checkpointing_steps == 0 or stop:
-                checkpoint = save_checkpoint(accelerator, args, state, record)
+                checkpoint = export.save_checkpoint(accelerator, args, state, record)
             if args.export_steps and state.global_step % args.export_steps == 0:
                 with averager.applied():
                     export.export_pipeline(accelerator, args, model, state.global_step)
