@@ -76,9 +76,9 @@ def build_parser():
                    help="several subjects in one run: a JSON list of {instance_prompt, instance_data_dir, class_prompt, "
                         "class_data_dir} (ShivamShrirao's format; optional validation_prompt), instead of those flags"
                    ).structured = True  # in a --config YAML, the list itself
-    g.add_argument("--mask_background_weight", type=du.FRACTION, default=0.1,
+    g.add_argument("--mask_background_weight", type=du.FRACTION, default=0.0,
                    help="loss weight of the background of photos that have a mask (photo.mask.png beside photo.jpg, "
-                        "white = subject); 0 ignores the background")
+                        "white = subject); 0 ignores it (QUALITY.md: at 0.02 or 0.1 busy backgrounds still leak)")
 
     g = p.add_argument_group("prior preservation")
     g.add_argument("--with_prior_preservation", action="store_true", help="add the paper's class-prior loss")

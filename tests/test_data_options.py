@@ -275,7 +275,7 @@ def test_buckets_on_two_processes_take_whole_batches_and_resume_exactly(run, tin
 def test_the_banner_names_the_buckets_and_masks(run, tiny_sdxl, mixed_photos, tmp_path):
     proc = run("train_dreambooth.py", *train_args(tiny_sdxl, mixed_photos, tmp_path / "out", *BUCKETS,
                                                   "--max_train_steps", 1, "--report_to", "none"))
-    assert ("4 instance images, 2 with masks (background weight 0.1), buckets 48x80: 2, 64x64: 1, 80x48: 1, "
+    assert ("4 instance images, 2 with masks (background weight 0.0), buckets 48x80: 2, 64x64: 1, 80x48: 1, "
             "0 class images") in proc.stdout
 
 
