@@ -80,8 +80,15 @@ DATA_ROWS = {
     "busy photos, masks (background weight 0)": ("busy-masks", ["--with_prior_preservation",
                                                                 "--mask_background_weight", "0"]),
     "two subjects (sks and zwx) in one run": ("two", ["--with_prior_preservation"]),
+    # masks on the usual photos: the identifier learns the subject and not the photos' backgrounds
+    "full, prior preservation, text encoder, masks": ("masks", ["--with_prior_preservation", "--train_text_encoder",
+                                                                "--mask_background_weight", "0"]),
+    "LoRA rank 8, prior preservation, pivotal tuning, masks": ("masks", [
+        "--with_prior_preservation", "--lora_rank", "8", "--train_text_encoder_ti", "--initializer_concept", "circle",
+        "--mask_background_weight", "0"]),
 }
-PHOTOS = {"wide": dict(width=48), "busy": dict(busy=True), "busy-masks": dict(busy=True, masks=True)}
+PHOTOS = {"wide": dict(width=48), "busy": dict(busy=True), "busy-masks": dict(busy=True, masks=True),
+          "masks": dict(masks=True)}
 
 
 def script(name, *args):
