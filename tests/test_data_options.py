@@ -205,11 +205,18 @@ def test_a_concepts_list_that_makes_no_sense_is_one_line(tmp_path, content, mess
     assert str(e.value) == f"error: --concepts_list {path} {message}".replace(f"{path} subject", f"{path}: subject")
 
 
-def test_prior_preservation_needs_each_subjects_class(tmp_path):
+def test_prior_preservation_needs_each_subjects_class_and_a_folder_per_class(tmp_path):
     path = tmp_path / "concepts.json"
     path.write_text('[{"instance_prompt": "p", "instance_data_dir": "d", "class_prompt": "q"}]')
     with pytest.raises(SystemExit, match="subject 0 needs class_data_dir \\(prior preservation is on\\)"):
         du.read_concepts(str(path), True)
+    same = {"instance_prompt": "p", "instance_data_dir": "d", "class_data_dir": "priors/"}
+    concepts = [{**same, "class_prompt": "a dog"}, {**same, "class_prompt": "a dog"}]
+    assert len(du.read_concepts(concepts, True)) == 2  # two subjects of one class share its folder
+    with pytest.raises(SystemExit) as e:
+        du.read_concepts(concepts + [{**same, "class_data_dir": "priors", "class_prompt": "a cat"}], True)
+    assert str(e.value) == ("error: --concepts_list: class folder priors is given two class prompts ('a dog' and "
+                            "'a cat'): one folder per class")
 
 
 # ----------------------------------------------------------------------------------------------------------------
