@@ -607,12 +607,12 @@ def parse_args_with_config(parser, argv=None):
             if action.nargs == 0:  # a switch such as --train_text_encoder
                 if not isinstance(value, bool):
                     raise ValueError("expected true or false")
+            elif getattr(action, "structured", False) and isinstance(value, list):
+                pass  # --concepts_list: here the data itself (a path on the command line), checked by its reader
             elif value is not None:  # each value goes through the flag's own type, as its text would on the command line
                 many = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)
                 items = value if isinstance(value, list) and many else [value]
-                if getattr(action, "structured", False):  # --concepts_list: a path, or the data itself here
-                    items = [v if isinstance(v, list) else action.type(str(v)) if action.type else str(v) for v in items]
-                for v in [] if getattr(action, "structured", False) else items:
+                for v in items:
                     if isinstance(v, (list, dict)) or not (action.type or isinstance(v, str)):
                         raise ValueError("expected text" if not action.type else "expected one value")
                 items = [action.type(str(v)) if action.type else v for v in items]
