@@ -384,8 +384,9 @@ def dreambooth_loss(model_pred, target, num_instance, prior_loss_weight, weights
 
 def mask_weights(masks, size, background_weight):
     """Masks (N, 1, H, W) in [0, 1] at pixel size, white = subject, as per-pixel loss weights at latent `size`: each
-    latent pixel the subject's share of its patch (area average), the background at `background_weight`."""
-    return background_weight + (1 - background_weight) * F.interpolate(masks, size=tuple(size), mode="area")
+    latent pixel the subject's share of its patch (area average), the background at `background_weight`. White is
+    exactly 1 whatever the background weight, so an all-white mask is the plain loss."""
+    return 1 - (1 - background_weight) * (1 - F.interpolate(masks, size=tuple(size), mode="area"))
 
 
 def sample_noise(latents, offset_noise=False):
@@ -481,14 +482,13 @@ class DreamBoothDataset(Dataset):
     its photo k and class image k (k = i // S, modulo their counts; one subject: photo i and class image i, as
     diffusers pairs them), at the photo's size (its bucket, or --resolution square; the class image fitted to it). An
     epoch is S times the largest set. Crops and flips come from a generator seeded by (seed, epoch, i), whatever the
-    workers. An image comes with its time ids (SDXL's size and crop) and mask (ones for photos without one and class
-    images; none when no photo has one), a prompt as token ids. With caches (--cache_latents,
+    workers. An image comes with its time ids (SDXL's size and crop) and its mask or None, a prompt as token ids. With caches (--cache_latents,
     --pre_compute_text_embeddings) an item holds latent distributions and prompt embeddings instead, the same data."""
 
     def __init__(self, subjects, tokenizers, size, center_crop, random_flip, seed, buckets=None):
         """subjects: [(photos: [(image, prompt, mask)], class images: [path], class prompt)]."""
         self.subjects, self.tokenizers, self.center_crop, self.random_flip = subjects, tokenizers, center_crop, random_flip
-        self.seed, self.epoch, self.masked = seed, 0, any(mask for photos, _, _ in subjects for _, _, mask in photos)
+        self.seed, self.epoch = seed, 0
         self.sizes = [[nearest_bucket(buckets, *(im if isinstance(im, Image.Image) else du.load_image(im)).size)
                        if buckets else (size, size) for im, _, _ in photos] for photos, _, _ in subjects]
         self.latents = self.embeddings = None  # filled by cache_latents / cache_embeddings
@@ -519,8 +519,7 @@ class DreamBoothDataset(Dataset):
             return self.latents[(*key, size, bool(self.random_flip and torch.rand((), generator=generator) < 0.5))]
         image = image if isinstance(image, Image.Image) else du.load_image(image)
         mask = mask and du.load_mask(mask, image.size)
-        pixels, time_ids, mask = preprocess(image, size, self.center_crop, self.random_flip, generator, mask=mask)
-        return pixels, time_ids, mask if mask is not None or not self.masked else torch.ones(1, *size)
+        return preprocess(image, size, self.center_crop, self.random_flip, generator, mask=mask)
 
     def text(self, prompt):
         return self.embeddings[prompt] if self.embeddings is not None else (self.tokenize(prompt),)
@@ -538,11 +537,14 @@ class DreamBoothDataset(Dataset):
 
 def collate(items):
     """Instance examples first, then class examples, in one batch: one forward pass serves both losses. `texts` is
-    (token ids,) or, pre-computed, (prompt embeddings, pooled embeddings); `masks` only when a photo has a mask."""
+    (token ids,) or, pre-computed, (prompt embeddings, pooled embeddings); `masks` when a photo of the batch has one."""
     examples = [item[k] for k in range(len(items[0])) for item in items]
     (images, time_ids, masks), texts = zip(*[e[0] for e in examples]), list(zip(*[e[1] for e in examples]))
-    return {"images": torch.stack(images).contiguous(), "time_ids": torch.stack(time_ids),
-            "texts": tuple(torch.stack(t) for t in texts), **({"masks": torch.stack(masks)} if masks[0] is not None else {})}
+    batch = {"images": torch.stack(images).contiguous(), "time_ids": torch.stack(time_ids),
+             "texts": tuple(torch.stack(t) for t in texts)}
+    if any(m is not None for m in masks):  # the other images white, at the size in their time ids: the plain loss
+        batch["masks"] = torch.stack([torch.ones(1, *map(int, t[4:])) if m is None else m for m, t in zip(masks, time_ids)])
+    return batch
 
 
 @torch.no_grad()
@@ -565,7 +567,6 @@ def cache_latents(dataset, vae, device, progress=True):
         mask = mask and du.load_mask(mask, image.size)
         for flip in flips:
             pixels, time_ids, m = preprocess(image, size, True, False, None, flip, mask)
-            m = m if m is not None or not dataset.masked else torch.ones(1, *size)
             latents = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist.parameters[0].cpu()
             cache[(*key, size, flip)] = latents, time_ids, m
     dataset.latents = cache

@@ -344,3 +344,18 @@ def test_concepts_list_in_a_config_file(tiny_model, photos, tmp_path):
                           "--resolution", "64"])
     td.check_args(args)
     assert [s["instance_prompt"] for s in args.subjects] == ["a photo of sks dog"]
+
+
+def test_a_batch_with_a_masked_photo_carries_white_masks_for_the_rest(tmp_path):
+    paths = photo_set(tmp_path / "i", [(64, 64), (64, 64)])
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle([0, 0, 31, 63], fill=255)  # the left half
+    mask.save(tmp_path / "i" / "p0.mask.png")
+    photos = [(p, "sks dog", du.find_mask(p)) for p in paths]
+    classes = photo_set(tmp_path / "c", [(64, 64)] * 2)
+    ds = td.DreamBoothDataset([(photos, classes, "dog")], [WordTokenizer()], 32, True, False, seed=0)
+    batch = td.collate([ds[0], ds[1]])
+    assert batch["masks"].shape == (4, 1, 32, 32)
+    assert batch["masks"][0, 0, :, :15].min() == 1 and batch["masks"][0, 0, :, 17:].max() == 0  # the photo's mask
+    assert torch.equal(batch["masks"][1:], torch.ones(3, 1, 32, 32))  # the photo without one, the class images
+    assert "masks" not in td.collate([ds[1]])  # no masked photo in the batch: the plain loss
