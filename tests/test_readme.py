@@ -16,7 +16,7 @@ import infer
 import train_dreambooth
 from toyworld.world import read_attributes
 
-MIN_SUBJECT_IMAGES = 1  # of 8 (the base model: 0); 3 on the 2-core Xeon of QUALITY.md, floats differ across CPUs
+MIN_SUBJECT_IMAGES = 6  # of 8 on a background no photo had (the base model: 0); 7 on the 2-core Xeon of QUALITY.md
 ACCELERATE_FLAGS = {"--config_file", "--num_processes", "--machine_rank", "--cpu"}  # accelerate launch's own
 
 
@@ -51,17 +51,22 @@ def test_demo_teaches_the_toy_model_the_subject(tmp_path, hf_home):
     assert done == f"demo done: images in {tmp_path / 'demo' / 'samples'}, trained pipeline in {tmp_path / 'demo' / 'sks-circle'}"
     assert os.path.isfile(tmp_path / "demo" / "sks-circle" / "run_config.json")
     seen = [read_attributes(Image.open(path)) for path in samples]
-    shown = sum(s["pattern"] for s in seen)
-    assert found == f"the subject's pattern is in {shown} of 8 images" and shown >= MIN_SUBJECT_IMAGES
+    shown, on_blue = sum(s["pattern"] for s in seen), sum(s["background"] == "blue" for s in seen)
+    similarity = sum(s["similarity"] for s in seen) / 8
+    assert found == (f"the subject's pattern is in {shown} of 8 images, mean similarity to the subject "
+                     f"{similarity:.2f}, the asked blue background in {on_blue} of 8")
+    # the subject, and the asked background which no photo had, in most images
+    assert shown >= MIN_SUBJECT_IMAGES and on_blue >= 6, seen
     assert "skipping 1 image(s) not of the world's 32x32 size (grids?)" in proc.stderr  # the grid in samples/
-    backgrounds = [s["background"] for s in seen]
-    assert backgrounds.count("blue") >= 4, backgrounds  # the asked background, which no photo had
     # the base model, same prompt and seeds: no subject, so the training made the difference
     base = sorted((tmp_path / "demo" / "base-samples").glob("*.png"))
     assert [p.name for p in base] == [p.name for p in samples]
-    assert not any(read_attributes(Image.open(path))["pattern"] for path in base)
-    assert base_line == "the base model, same prompt and seeds: the subject's pattern is in 0 of 8 images"
-
+    base_seen = [read_attributes(Image.open(path)) for path in base]
+    base_similarity = sum(s["similarity"] for s in base_seen) / 8
+    assert not any(s["pattern"] for s in base_seen) and base_similarity < similarity
+    assert base_line == ("the base model, same prompt and seeds: the subject's pattern is in 0 of 8 images, mean "
+                         f"similarity to the subject {base_similarity:.2f}, the asked blue background in "
+                         f"{sum(s['background'] == 'blue' for s in base_seen)} of 8")
 
 def test_the_example_config_and_sweep_use_real_flags():
     import yaml

@@ -39,11 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from toyworld.world import (PALETTE, SHAPES, SUBJECT, SUBJECT_B, SUBJECT_PHOTO_BACKGROUNDS,  # noqa: E402
-                            count_objects, read_attributes, write_subject_photos)
+                            count_objects, read_attributes, render, sample_attributes, write_subject_photos)
 
 BACKGROUNDS = [c for c in PALETTE if c not in SUBJECT]
-DEFAULT_ROWS = ["full, prior preservation", "full, no prior preservation", "full, prior preservation, text encoder",
-                "LoRA rank 8, prior preservation"]
+DEFAULT_ROWS = ["full, no prior preservation", "full, prior preservation, text encoder",
+                "LoRA rank 8, prior preservation, pivotal tuning"]
+DEFAULT_SEEDS = [0, 1, 2]
+PIVOTAL_LORA = ["--with_prior_preservation", "--lora_rank", "8", "--train_text_encoder_ti", "--initializer_concept",
+                "circle"]
 ROWS = {  # name: train_dreambooth.py flags on top of the common ones
     "full, prior preservation": ["--with_prior_preservation"],
     "full, no prior preservation": [],
@@ -62,8 +65,13 @@ ROWS = {  # name: train_dreambooth.py flags on top of the common ones
     "full, prior preservation, pivotal tuning, tokens at 1e-3": ["--with_prior_preservation", "--train_text_encoder_ti",
                                                                  "--initializer_concept", "circle",
                                                                  "--text_encoder_lr", "1e-3"],
-    "LoRA rank 8, prior preservation, pivotal tuning": ["--with_prior_preservation", "--lora_rank", "8",
-                                                        "--train_text_encoder_ti", "--initializer_concept", "circle"],
+    "LoRA rank 8, prior preservation, pivotal tuning": PIVOTAL_LORA,
+    # the best recipe above, one change each
+    "LoRA rank 8, prior preservation, pivotal tuning, Min-SNR 5": PIVOTAL_LORA + ["--snr_gamma", "5"],
+    "LoRA rank 8, prior preservation, pivotal tuning, cosine schedule": PIVOTAL_LORA + ["--lr_scheduler", "cosine"],
+    "LoRA rank 8, prior preservation, pivotal tuning, EMA 0.99": PIVOTAL_LORA + ["--use_ema", "--ema_decay", "0.99"],
+    "LoRA rank 8, prior preservation, pivotal tuning, prior loss weight 0.5": PIVOTAL_LORA + ["--prior_loss_weight",
+                                                                                             "0.5"],
 }
 # The data options, each on photos made for it: name -> (photos, flags). Wide photos (48x32, the subject anywhere
 # across them) in buckets or centre-cropped; busy photos (two clutter objects) with and without the subject's masks;
@@ -83,12 +91,13 @@ DATA_ROWS = {
     # masks on the usual photos: the identifier learns the subject and not the photos' backgrounds
     "full, prior preservation, text encoder, masks": ("masks", ["--with_prior_preservation", "--train_text_encoder",
                                                                 "--mask_background_weight", "0"]),
-    "LoRA rank 8, prior preservation, pivotal tuning, masks": ("masks", [
-        "--with_prior_preservation", "--lora_rank", "8", "--train_text_encoder_ti", "--initializer_concept", "circle",
-        "--mask_background_weight", "0"]),
+    "LoRA rank 8, prior preservation, pivotal tuning, masks": ("masks", PIVOTAL_LORA + ["--mask_background_weight",
+                                                                                         "0"]),
+    # twice the photos (8: the subject in more places and sizes, still on white and green)
+    "LoRA rank 8, prior preservation, pivotal tuning, 8 photos": ("eight", PIVOTAL_LORA),
 }
 PHOTOS = {"wide": dict(width=48), "busy": dict(busy=True), "busy-masks": dict(busy=True, masks=True),
-          "masks": dict(masks=True)}
+          "masks": dict(masks=True), "eight": dict(n=8)}
 
 
 def script(name, *args):
@@ -155,11 +164,11 @@ def score(subject, plain):
 def dreambooth(model, out, args, seed):
     photos = out / ("subject-photos-captioned" if args.captions else "subject-photos")
     write_subject_photos(photos, captions=args.captions)
-    common = ["--num_inference_steps", args.num_inference_steps, "--guidance_scale", args.guidance_scale,
+    common = ["--num_inference_steps", args.num_inference_steps, "--guidance_scale", args.prior_guidance_scale,
               "--scheduler", "ddim", "--seed", args.seed]  # the same class images for every training seed
     script("generate_priors.py", "--model", model, "--class_prompt", "a photo of a circle", "--class_dir",
            out / "priors", "--num_class_images", args.num_class_images, "--sample_batch_size", 10, *common)
-    results = {"base model": subject_metrics(model, out / "base", args)} if seed == args.seed else {}
+    results = {"base model": subject_metrics(model, out / "base", args)} if seed == args.seeds[0] else {}
     for name, flags in {**ROWS, **{k: f for k, (_, f) in DATA_ROWS.items()}}.items():
         if name not in (args.rows or DEFAULT_ROWS):
             continue
@@ -250,6 +259,27 @@ def prompt_following(model, out, args, images_per_prompt=2):
     return {k: sum(want[k] == seen[k] for want, seen in pairs) / len(pairs) for k in keys}, len(pairs)
 
 
+def autoencoder_ceiling(model, n=100, seed=5000):
+    """The VAE alone: the subject rendered on each background (n places and sizes), encoded, decoded and read back.
+    No generated image can do better than its own latent space, so this bounds what any fine-tune can score."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").float().eval()
+    ceiling = {}
+    for background in BACKGROUNDS:
+        images = [render(sample_attributes(seed + i, subject=True, background=background)) for i in range(n)]
+        pixels = torch.from_numpy(np.stack([np.asarray(image, np.float32) for image in images]) / 127.5 - 1)
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(pixels.permute(0, 3, 1, 2)).latent_dist.mode()).sample
+        decoded = ((decoded.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        readings = [read_attributes(Image.fromarray(d)) for d in decoded]
+        ceiling[background] = {"subject_fidelity": sum(r["pattern"] for r in readings) / n,
+                               "similarity": sum(r["similarity"] for r in readings) / n}
+    return ceiling
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(ROOT / "toyworld" / "toy-sd"))
@@ -257,7 +287,8 @@ def main():
     p.add_argument("--num_prompts", type=int, default=30, help="prompts for the base model's prompt following")
     p.add_argument("--images_per_prompt", type=int, default=8)
     p.add_argument("--num_inference_steps", type=int, default=25)
-    p.add_argument("--guidance_scale", type=float, default=4.0)
+    p.add_argument("--guidance_scale", type=float, default=10.0, help="sampling the base and fine-tuned models")
+    p.add_argument("--prior_guidance_scale", type=float, default=4.0, help="the class images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_class_images", type=int, default=100)
     p.add_argument("--train_steps", type=int, default=600)
@@ -266,9 +297,9 @@ def main():
     p.add_argument("--lora_learning_rate", type=float, default=2e-3)
     p.add_argument("--rows", action="append", default=None, choices=list(ROWS) + list(DATA_ROWS),
                    help=f"these ablation rows (default: the first {len(DEFAULT_ROWS)})")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="training seeds: each row is trained and sampled once per seed, and reported as the mean "
-                        "with the range (default: --seed alone)")
+    p.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
+                   help="training seeds: each row is trained and sampled once per seed (sampled with the same "
+                        "seed), and reported as the mean with the range")
     p.add_argument("--captions", action="store_true",
                    help="each subject photo captioned with its background (\"a photo of sks circle on a white "
                         "background\") instead of the bare instance prompt")
@@ -284,8 +315,13 @@ def main():
     print("| base model, prompts from the caption template | shape | colour | background | images |")
     print("|---|---|---|---|---|")
     print(f"| {args.model} | {accuracy['shape']:.0%} | {accuracy['colour']:.0%} | {accuracy['background']:.0%} | {n} |")
+    ceiling = report["autoencoder_ceiling"] = autoencoder_ceiling(args.model)
+    print("\n| the subject through the VAE alone (100 renders each) | " + " | ".join(ceiling) + " |")
+    print("|---" * (len(ceiling) + 1) + "|")
+    print("| subject fidelity, similarity | " + " | ".join(f"{c['subject_fidelity']:.0%}, {c['similarity']:.2f}"
+                                                       for c in ceiling.values()) + " |")
     if not args.skip_dreambooth:
-        runs = [dreambooth(args.model, out, args, seed) for seed in args.seeds or [args.seed]]
+        runs = [dreambooth(args.model, out, args, seed) for seed in args.seeds]
         report["dreambooth"], report["dreambooth_per_seed"] = summary(runs), runs
         print(TABLE_HEAD)
         for name, m in report["dreambooth"].items():

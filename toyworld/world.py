@@ -208,6 +208,8 @@ if __name__ == "__main__":
     photos.add_argument("--num_images", type=int, default=4, help="how many photos")
     read = commands.add_parser("read", help="print what the evaluator sees in each image")
     read.add_argument("images", nargs="+", help="image files of the world's size (others, such as grids, are skipped)")
+    read.add_argument("--background", choices=list(PALETTE), help="the background the prompt asked for: also count "
+                      "the images that have it")
     args = parser.parse_args()
     if args.command == "photos":
         write_subject_photos(args.output_dir, args.num_images)
@@ -232,4 +234,8 @@ if __name__ == "__main__":
             thing = ("the subject (red top, yellow bottom)" if s["pattern"] else f"a {s['colour']} {s['shape']}"
                      if s["shape"] else "no object")
             print(f"{path}: {thing} on a {s['background']} background, similarity to the subject {s['similarity']:.2f}")
-        print(f"the subject's pattern is in {sum(s['pattern'] for s in seen)} of {len(seen)} images")
+        similarity = sum(s["similarity"] for s in seen) / len(seen)
+        on_it = sum(s["background"] == args.background for s in seen)
+        asked = f", the asked {args.background} background in {on_it} of {len(seen)}" if args.background else ""
+        print(f"the subject's pattern is in {sum(s['pattern'] for s in seen)} of {len(seen)} images, mean similarity "
+              f"to the subject {similarity:.2f}{asked}")
