@@ -2,7 +2,7 @@
 # The whole suite end to end with nothing downloaded but Python packages, on the toy Stable Diffusion of toyworld/
 # (pretrained from scratch on a world of coloured shapes, 11 MB, in the repository): four photos of a subject it has
 # never seen (a circle with a red top and a yellow bottom, on white and green) -> class images -> DreamBooth with
-# prior preservation (LoRA and pivotal tuning: QUALITY.md's best recipe) -> images of "sks circle" on a blue
+# prior preservation (LoRA rank 16 and pivotal tuning: QUALITY.md's best recipe) -> images of "sks circle" on a blue
 # background, which none of the photos had, and the world's evaluator reading them back beside the base model's.
 # PYTHON=/path/to/python skips the .venv set-up (that interpreter must have the requirements); DEMO_DIR picks the folder.
 set -euo pipefail
@@ -23,7 +23,7 @@ MODEL=toyworld/toy-sd
 "$PYTHON" -m accelerate.commands.launch --config_file accelerate_config.yaml train_dreambooth.py \
   --pretrained_model_name_or_path $MODEL --instance_dir "$OUT/photos" --instance_prompt "a photo of sks circle" \
   --with_prior_preservation --class_dir "$OUT/priors" --class_prompt "a photo of a circle" \
-  --lora_rank 8 --train_text_encoder_ti --initializer_concept circle \
+  --lora_rank 16 --train_text_encoder_ti --initializer_concept circle \
   --output_dir "$OUT/sks-circle" --resolution 32 --train_batch_size 2 --learning_rate 2e-3 \
   --lr_warmup_steps 0 --max_train_steps 600 --mixed_precision no --seed 0
 

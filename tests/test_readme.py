@@ -16,7 +16,7 @@ import infer
 import train_dreambooth
 from toyworld.world import read_attributes
 
-MIN_SUBJECT_IMAGES = 6  # of 8 on a background no photo had (the base model: 0); 7 on the 2-core Xeon of QUALITY.md
+MIN_SUBJECT_IMAGES = 6  # of 8 on a background no photo had (the base model: 0); 8 on the 2-core Xeon of QUALITY.md
 ACCELERATE_FLAGS = {"--config_file", "--num_processes", "--machine_rank", "--cpu"}  # accelerate launch's own
 
 

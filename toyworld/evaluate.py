@@ -43,7 +43,7 @@ from toyworld.world import (PALETTE, SHAPES, SUBJECT, SUBJECT_B, SUBJECT_PHOTO_B
 
 BACKGROUNDS = [c for c in PALETTE if c not in SUBJECT]
 DEFAULT_ROWS = ["full, no prior preservation", "full, prior preservation, text encoder",
-                "LoRA rank 8, prior preservation, pivotal tuning"]
+                "LoRA rank 16, prior preservation, pivotal tuning"]
 DEFAULT_SEEDS = [0, 1, 2]
 PIVOTAL_LORA = ["--with_prior_preservation", "--lora_rank", "8", "--train_text_encoder_ti", "--initializer_concept",
                 "circle"]
@@ -72,6 +72,7 @@ ROWS = {  # name: train_dreambooth.py flags on top of the common ones
     "LoRA rank 8, prior preservation, pivotal tuning, EMA 0.99": PIVOTAL_LORA + ["--use_ema", "--ema_decay", "0.99"],
     "LoRA rank 8, prior preservation, pivotal tuning, prior loss weight 0.5": PIVOTAL_LORA + ["--prior_loss_weight",
                                                                                              "0.5"],
+    "LoRA rank 16, prior preservation, pivotal tuning": [f if f != "8" else "16" for f in PIVOTAL_LORA],
 }
 # The data options, each on photos made for it: name -> (photos, flags). Wide photos (48x32, the subject anywhere
 # across them) in buckets or centre-cropped; busy photos (two clutter objects) with and without the subject's masks;
@@ -95,6 +96,8 @@ DATA_ROWS = {
                                                                                          "0"]),
     # twice the photos (8: the subject in more places and sizes, still on white and green)
     "LoRA rank 8, prior preservation, pivotal tuning, 8 photos": ("eight", PIVOTAL_LORA),
+    "LoRA rank 8, prior preservation, pivotal tuning, 8 photos, Min-SNR 5": ("eight", PIVOTAL_LORA + ["--snr_gamma",
+                                                                                                   "5"]),
 }
 PHOTOS = {"wide": dict(width=48), "busy": dict(busy=True), "busy-masks": dict(busy=True, masks=True),
           "masks": dict(masks=True), "eight": dict(n=8)}
@@ -287,7 +290,7 @@ def main():
     p.add_argument("--num_prompts", type=int, default=30, help="prompts for the base model's prompt following")
     p.add_argument("--images_per_prompt", type=int, default=8)
     p.add_argument("--num_inference_steps", type=int, default=25)
-    p.add_argument("--guidance_scale", type=float, default=10.0, help="sampling the base and fine-tuned models")
+    p.add_argument("--guidance_scale", type=float, default=8.0, help="sampling the base and fine-tuned models")
     p.add_argument("--prior_guidance_scale", type=float, default=4.0, help="the class images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_class_images", type=int, default=100)
