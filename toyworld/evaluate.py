@@ -2,8 +2,12 @@
 
     python toyworld/evaluate.py --model toyworld/toy-sd --output_dir toy-eval
 
+With no flags: the default ablation (three rows, training seeds 0, 1 and 2, sampled at guidance 8; about 15 minutes
+on 2 cores). --rows, --seeds and the settings below run any other table of QUALITY.md.
+
 1. How well the base model follows prompts from the caption template: shape, object colour and background
-   accuracy, read back from the generated images by the world's evaluator.
+   accuracy, read back from the generated images by the world's evaluator; and the VAE's own ceiling: the subject
+   rendered on each background, encoded, decoded and read back.
 2. DreamBooth on the subject (a circle with a red top and a yellow bottom, never seen in pretraining; 4 photos on
    white and green backgrounds) with generate_priors.py, train_dreambooth.py and infer.py, as an ablation table: full
    fine-tune with and without prior preservation, with the text encoder, LoRA, and the training options (--rows);
