@@ -237,9 +237,10 @@ def main(argv=None):
         du.fail(f"--image_index must be between 0 and --num_images_per_prompt - 1 ({n - 1})")
     kind, source = check_model(args)
     pivotal = find_token_embeddings(args)
+    model_prompts = prompts  # what the text encoder reads; files and their records keep the prompts as written
     if pivotal:  # the identifier is new tokens: write it as trained ("sks"), the model reads its tokens
         tokens, word = pivotal[1]["new_tokens"], pivotal[1]["token_abstraction"]
-        prompts = [du.pivot_prompt(prompt, word, tokens) for prompt in prompts]
+        model_prompts = [du.pivot_prompt(prompt, word, tokens) for prompt in prompts]
         du.note(f"pivotal tuning: '{word}' in the prompts is read as {''.join(tokens)} ({pivotal[0].name})")
     if args.lora_scale != 1.0 and not args.lora:
         du.note("--lora_scale has no effect without LoRA adapters (--lora, or a LoRA run's folder)")
@@ -293,13 +294,13 @@ def main(argv=None):
         bar.update(1)
         return tensors
 
-    for p_idx, prompt in enumerate(prompts):
-        warn_if_truncated(pipe.tokenizer, prompt, p_idx)
+    for p_idx, (prompt, model_prompt) in enumerate(zip(prompts, model_prompts)):
+        warn_if_truncated(pipe.tokenizer, model_prompt, p_idx)
         made = []
         for block in blocks:
             js = list(range(block * args.batch_size, min((block + 1) * args.batch_size, n)))
             seeds = [du.image_seed(args.seed, j) for j in js]
-            images = pipe([prompt] * len(js), negative_prompt=[args.negative_prompt] * len(js) if args.negative_prompt else None,
+            images = pipe([model_prompt] * len(js), negative_prompt=[args.negative_prompt] * len(js) if args.negative_prompt else None,
                           num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                           height=height, width=width, callback_on_step_end=step_done,
                           generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images

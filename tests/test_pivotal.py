@@ -105,5 +105,6 @@ def test_pivotal_tuning_saves_embeddings_that_diffusers_and_infer_load(run, tiny
     run("infer.py", "--model", out, "--prompt", "a photo of sks dog", "--num_images_per_prompt", 1, "--seed",
         record["seed"], "--num_inference_steps", 2, "--scheduler", "dpm++_2m", "--height", 64, "--width", 64,
         "--output_dir", tmp_path / "images", launch=False, env=one)
-    [made] = (tmp_path / "images").glob("p00-*.png")
+    [made] = (tmp_path / "images").glob("p00-a_photo_of_sks_dog-*.png")  # named and recorded as written
     assert np.array_equal(np.asarray(Image.open(made).convert("RGB")), validation_image(out, 4))
+    assert Image.open(made).text["parameters"].startswith("a photo of sks dog\n")
