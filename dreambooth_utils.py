@@ -259,9 +259,10 @@ def read_concepts(value, with_class):
         subjects.append({**{k: concept.get(k) for k in CONCEPT_KEYS}, "validation_prompt": validation})
     prompts = {}  # a class folder holds one class's images
     for s in subjects if with_class else []:
-        if prompts.setdefault(os.path.normpath(s["class_data_dir"]), s["class_prompt"]) != s["class_prompt"]:
-            fail(f"{where}: class folder {s['class_data_dir']} is given two class prompts ("
-                 f"'{prompts[os.path.normpath(s['class_data_dir'])]}' and '{s['class_prompt']}'): one folder per class")
+        first = prompts.setdefault(os.path.normpath(s["class_data_dir"]), s["class_prompt"])
+        if first != s["class_prompt"]:
+            fail(f"{where}: class folder {s['class_data_dir']} is given two class prompts ('{first}' and "
+                 f"'{s['class_prompt']}'): one folder per class")
     return subjects
 
 

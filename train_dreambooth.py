@@ -482,8 +482,8 @@ class DreamBoothDataset(Dataset):
     its photo k and class image k (k = i // S, modulo their counts; one subject: photo i and class image i, as
     diffusers pairs them), at the photo's size (its bucket, or --resolution square; the class image fitted to it). An
     epoch is S times the largest set. Crops and flips come from a generator seeded by (seed, epoch, i), whatever the
-    workers. An image comes with its time ids (SDXL's size and crop) and its mask or None, a prompt as token ids. With caches (--cache_latents,
-    --pre_compute_text_embeddings) an item holds latent distributions and prompt embeddings instead, the same data."""
+    workers. An image comes with its time ids (SDXL's size and crop) and its mask or None, a prompt as token ids. With
+    caches (--cache_latents, --pre_compute_text_embeddings) an item holds cached latents and embeddings instead."""
 
     def __init__(self, subjects, tokenizers, size, center_crop, random_flip, seed, buckets=None):
         """subjects: [(photos: [(image, prompt, mask)], class images: [path], class prompt)]."""

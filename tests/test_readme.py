@@ -68,6 +68,7 @@ def test_demo_teaches_the_toy_model_the_subject(tmp_path, hf_home):
                          f"similarity to the subject {base_similarity:.2f}, the asked blue background in "
                          f"{sum(s['background'] == 'blue' for s in base_seen)} of 8")
 
+
 def test_the_example_config_and_sweep_use_real_flags():
     import yaml
 

@@ -49,8 +49,14 @@ BACKGROUNDS = [c for c in PALETTE if c not in SUBJECT]
 DEFAULT_ROWS = ["full, no prior preservation", "full, prior preservation, text encoder",
                 "LoRA rank 16, prior preservation, pivotal tuning"]
 DEFAULT_SEEDS = [0, 1, 2]
-PIVOTAL_LORA = ["--with_prior_preservation", "--lora_rank", "8", "--train_text_encoder_ti", "--initializer_concept",
-                "circle"]
+
+
+def pivotal_lora(rank=8):
+    return ["--with_prior_preservation", "--lora_rank", str(rank), "--train_text_encoder_ti", "--initializer_concept",
+            "circle"]
+
+
+PIVOTAL_LORA = pivotal_lora()
 ROWS = {  # name: train_dreambooth.py flags on top of the common ones
     "full, prior preservation": ["--with_prior_preservation"],
     "full, no prior preservation": [],
@@ -76,7 +82,7 @@ ROWS = {  # name: train_dreambooth.py flags on top of the common ones
     "LoRA rank 8, prior preservation, pivotal tuning, EMA 0.99": PIVOTAL_LORA + ["--use_ema", "--ema_decay", "0.99"],
     "LoRA rank 8, prior preservation, pivotal tuning, prior loss weight 0.5": PIVOTAL_LORA + ["--prior_loss_weight",
                                                                                              "0.5"],
-    "LoRA rank 16, prior preservation, pivotal tuning": [f if f != "8" else "16" for f in PIVOTAL_LORA],
+    "LoRA rank 16, prior preservation, pivotal tuning": pivotal_lora(16),
 }
 # The data options, each on photos made for it: name -> (photos, flags). Wide photos (48x32, the subject anywhere
 # across them) in buckets or centre-cropped; busy photos (two clutter objects) with and without the subject's masks;
@@ -269,19 +275,17 @@ def prompt_following(model, out, args, images_per_prompt=2):
 def autoencoder_ceiling(model, n=100, seed=5000):
     """The VAE alone: the subject rendered on each background (n places and sizes), encoded, decoded and read back.
     No generated image can do better than its own latent space, so this bounds what any fine-tune can score."""
-    import numpy as np
     import torch
     from diffusers import AutoencoderKL
+    from diffusers.image_processor import VaeImageProcessor
 
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").float().eval()
+    vae, processor = AutoencoderKL.from_pretrained(model, subfolder="vae").float().eval(), VaeImageProcessor()
     ceiling = {}
     for background in BACKGROUNDS:
         images = [render(sample_attributes(seed + i, subject=True, background=background)) for i in range(n)]
-        pixels = torch.from_numpy(np.stack([np.asarray(image, np.float32) for image in images]) / 127.5 - 1)
         with torch.no_grad():
-            decoded = vae.decode(vae.encode(pixels.permute(0, 3, 1, 2)).latent_dist.mode()).sample
-        decoded = ((decoded.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-        readings = [read_attributes(Image.fromarray(d)) for d in decoded]
+            decoded = vae.decode(vae.encode(processor.preprocess(images)).latent_dist.mode()).sample
+        readings = [read_attributes(image) for image in processor.postprocess(decoded)]
         ceiling[background] = {"subject_fidelity": sum(r["pattern"] for r in readings) / n,
                                "similarity": sum(r["similarity"] for r in readings) / n}
     return ceiling
