@@ -302,6 +302,7 @@ class Family:
     pipeline_kwargs: tuple  # (name, value) pairs from_pretrained needs so that nothing else loads
     upcast_vae: bool  # the pipeline decodes in fp32 when the VAE's config says force_upcast (SDXL's overflows in fp16)
     embedding_keys: tuple  # a token-embeddings file's key per text encoder, as AUTOMATIC1111 and ComfyUI read it
+    kohya_prefixes: tuple  # (model, prefix) of a kohya-format LoRA file's keys, as kohya's sd-scripts name them
 
     @property
     def components(self):
@@ -315,12 +316,13 @@ class Family:
 
 SD = Family("sd", "StableDiffusionPipeline", (("text_encoder", "CLIPTextModel"),), ("tokenizer",),
             (("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)), False,
-            ("emb_params",))
+            ("emb_params",), (("unet", "lora_unet"), ("text_encoder", "lora_te")))
 # SDXL: two text encoders (the second with a projection: its pooled output conditions the UNet too). No invisible
 # watermark: the same seed gives the same bytes whether or not the invisible-watermark package is installed.
 SDXL = Family("sdxl", "StableDiffusionXLPipeline",
               (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
-              ("tokenizer", "tokenizer_2"), (("add_watermarker", False),), True, ("clip_l", "clip_g"))
+              ("tokenizer", "tokenizer_2"), (("add_watermarker", False),), True, ("clip_l", "clip_g"),
+              (("unet", "lora_unet"), ("text_encoder", "lora_te1"), ("text_encoder_2", "lora_te2")))
 FAMILIES = {family.name: family for family in (SD, SDXL)}
 
 
@@ -684,6 +686,29 @@ UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 EMBEDDINGS = "{name}_emb.safetensors"  # pivotal tuning's tokens, named after the run as diffusers' advanced script does
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name: load_lora_weights(folder) finds it
+
+
+# Text-encoder weights in files keep the names the ecosystem reads: transformers 4's CLIP layout ("text_model.encoder.
+# layers.N..."), which diffusers' LoRA files, kohya's and every web UI's key map use. important! transformers 5's
+# CLIPTextModel dropped its `text_model` level (CLIPTextModelWithProjection kept it): written with the module's own
+# names, ComfyUI drops every first-text-encoder layer of a LoRA without an error, only "lora key not loaded" lines.
+CLIP_LEVEL = "text_model."
+
+
+def file_keys(state, encoder_class):
+    """A text encoder's state (keys relative to the encoder) under the files' names, whichever transformers built it."""
+    if not encoder_class.startswith("CLIPText"):
+        return state
+    return {k if k.startswith((CLIP_LEVEL, "text_projection.")) else CLIP_LEVEL + k: v for k, v in state.items()}
+
+
+def module_keys(state, module):
+    """The files' names of a text encoder's state (or a file of an older version, without the level) -> the names of
+    `module` as the installed transformers builds it."""
+    state = file_keys(state, type(module).__name__)
+    if not type(module).__name__.startswith("CLIPText") or hasattr(module, "text_model"):
+        return state
+    return {k.removeprefix(CLIP_LEVEL): v for k, v in state.items()}
 
 
 def pivot_prompt(prompt, word, tokens):

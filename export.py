@@ -5,6 +5,7 @@ validation images with the ones below; from the shell, this converts or publishe
 training it again.
 
     python export.py sks-dog --single_file                          # sks-dog/sks-dog.safetensors, fp16
+    python export.py sks-lora --kohya                               # its kohya-format LoRA file, made again
     python export.py sks-dog --push_to_hub --hub_model_id me/sks-dog
 """
 
@@ -31,13 +32,15 @@ KOHYA_DORA = ("DoRA adapters get no kohya-format copy: the web UIs' DoRA readers
 def save_lora(folder, family, dtype, trained):
     """Adapters of {name: (module, state dict)} ("unet", "text_encoder", "text_encoder_2") in diffusers' format
     (`pipe.load_lora_weights(folder)` of the family's pipeline; the LoRA config, alpha included, rides along as
-    metadata), and a copy with kohya's key names (lora_unet_, lora_te1_, lora_te2_) for the web UIs, made by
-    diffusers' own converter."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    metadata), and a copy in kohya's format for the web UIs. Text encoders' keys in the files' layout (du.file_keys),
+    whatever the installed transformers names its modules."""
+    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    peft = {name: {k: v.to(dtype) for k, v in get_peft_model_state_dict(module, state_dict=state).items()}
+    classes = dict(family.text_encoders)
+    peft = {name: du.file_keys({k: v.to(dtype) for k, v in get_peft_model_state_dict(module, state_dict=state).items()},
+                               classes.get(name, ""))
             for name, (module, state) in trained.items()}
     # DoRA's magnitudes of a text encoder are written as "...lora_magnitude_vector.weight": transformers' load_adapter
     # (which load_lora_weights calls for text encoders) skips the key without ".weight", peft reads both spellings
@@ -48,10 +51,74 @@ def save_lora(folder, family, dtype, trained):
         **{f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict() for name, (module, _) in trained.items()})
     if trained["unet"][0].peft_config["default"].use_dora:
         return  # no kohya copy: see KOHYA_DORA
-    kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, sd in peft.items() for k, v in sd.items()})
-    alpha = trained["unet"][0].peft_config["default"].lora_alpha  # the converter writes alpha = rank; ours may differ
-    kohya = {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
-    save_file(kohya, Path(folder, du.LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors")))
+    alphas = {name: module.peft_config["default"].lora_alpha for name, (module, _) in trained.items()}
+    save_file(kohya_state(family, peft, alphas), Path(folder, du.LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors")))
+
+
+def read_lora(folder, family):
+    """A diffusers-format LoRA folder as {model: peft's state}, text encoders under the files' layout: files written
+    with transformers 4's text_model level (as now) or without it (earlier versions under transformers 5) alike."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    state, classes, peft = family.pipeline_class().lora_state_dict(str(folder))[0], dict(family.text_encoders), {}
+    for name, _ in family.kohya_prefixes:
+        own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        if own:
+            peft[name] = (convert_unet_state_dict_to_peft(own) if name == "unet" else
+                          du.file_keys(convert_state_dict_to_peft(convert_state_dict_to_diffusers(own)), classes[name]))
+    return peft
+
+
+def load_lora(folder, family, modules):
+    """A LoRA folder's adapters into {name: module} whose adapters are already in place (resume). One line, no
+    traceback, when a key has no module or a module no key."""
+    from peft import set_peft_model_state_dict
+
+    peft = read_lora(folder, family)
+    for name, module in modules.items():
+        result = set_peft_model_state_dict(module, du.module_keys(peft.get(name, {}), module), adapter_name="default")
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if result.unexpected_keys or missing:
+            du.fail(f"cannot load the adapters of {folder} into the {name}: "
+                    + (f"unexpected {result.unexpected_keys[0]}" if result.unexpected_keys else f"missing {missing[0]}"))
+
+
+def write_kohya(folder, config):
+    """A LoRA run's kohya-format file made again from its diffusers-format file (export.py --kohya): runs of earlier
+    versions wrote first-text-encoder keys that ComfyUI drops."""
+    from safetensors.torch import save_file
+
+    from safetensors import SafetensorError
+
+    family, path = du.FAMILIES.get(config.get("model_family")), Path(folder, du.LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors"))
+    if family is None:
+        du.fail(f"the run config of {folder} names no model family this version knows ({config.get('model_family')})")
+    try:
+        peft = read_lora(folder, family)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        du.fail(f"cannot read {Path(folder, du.LORA_WEIGHTS)}: {du.first_line(e)}")
+    if any("lora_magnitude_vector" in k for state in peft.values() for k in state):
+        du.fail(KOHYA_DORA)
+    alpha = config.get("lora_alpha") or config["lora_rank"]
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(kohya_state(family, peft, dict.fromkeys(peft, alpha)), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def kohya_state(family, peft, alphas):
+    """peft's adapters {model: {"<module>.lora_A.weight": down, "<module>.lora_B.weight": up}} under kohya's names, as
+    sd-scripts writes them and the web UIs map them: "<prefix>_<module, dots as underscores>" with .lora_down.weight,
+    .lora_up.weight and .alpha, the prefix from the family row (SD 1.x/2.x: lora_unet, lora_te; SDXL: lora_unet,
+    lora_te1, lora_te2)."""
+    prefixes, kohya = dict(family.kohya_prefixes), {}
+    for name, state in peft.items():
+        for key, value in state.items():
+            module, matrix, _ = key.rsplit(".", 2)
+            stem = f"{prefixes[name]}_{module.replace('.', '_')}"
+            kohya[f"{stem}.{ {'lora_A': 'lora_down', 'lora_B': 'lora_up'}[matrix]}.weight"] = value.contiguous()
+            kohya[f"{stem}.alpha"] = torch.tensor(float(alphas[name]))
+    return kohya
 
 
 def save_token_embeddings(path, family, rows, dtype):
@@ -202,22 +269,10 @@ def diffusers_checkpoints(accelerator, family, lora, names):
         modules = trained(models.pop())  # and nothing of the model is left for accelerate to load
         if not lora:
             for name, (module, _) in modules.items():
-                module.load_state_dict({k: v for f in sorted(Path(folder, name).glob("*.safetensors"))
-                                        for k, v in load_file(f).items()})
+                module.load_state_dict(du.module_keys({k: v for f in sorted(Path(folder, name).glob("*.safetensors"))
+                                                       for k, v in load_file(f).items()}, module))
             return
-        from diffusers.training_utils import _set_state_dict_into_text_encoder
-        from diffusers.utils import convert_unet_state_dict_to_peft
-        from peft import set_peft_model_state_dict
-
-        state = family.pipeline_class().lora_state_dict(folder)[0]
-        for name, (module, _) in modules.items():
-            if name == "unet":
-                unet_state = convert_unet_state_dict_to_peft({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
-                unexpected = set_peft_model_state_dict(module, unet_state, adapter_name="default").unexpected_keys
-                if unexpected:
-                    du.fail(f"cannot load the adapters of {folder}: unexpected {unexpected[0]}")
-            else:
-                _set_state_dict_into_text_encoder(state, prefix=f"{name}.", text_encoder=module)
+        load_lora(folder, family, {name: module for name, (module, _) in modules.items()})
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
@@ -527,6 +582,9 @@ def build_parser():
     g.add_argument("--single_file", action="store_true",
                    help="write the pipeline as one .safetensors file in the web UIs' layout, beside it")
     g.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="weights of the single file")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--kohya", action="store_true", help="write a LoRA run's kohya-format file again from its diffusers-"
+                   "format file (earlier versions of this suite wrote first-text-encoder keys that ComfyUI drops)")
     g = p.add_argument_group("hub")
     g.add_argument("--push_to_hub", action="store_true", help="upload the run to the Hugging Face Hub")
     g.add_argument("--hub_model_id", default=None, help="hub repository (default: the run folder's name)")
@@ -547,15 +605,19 @@ def main(argv=None):
         du.fail(f"{folder} is not a training output folder or an export of one (no run_config.json in it or beside it)")
     if not ((folder / "model_index.json").is_file() or (folder / du.LORA_WEIGHTS).is_file()):
         du.fail(f"{folder} holds no finished result yet (no model_index.json or {du.LORA_WEIGHTS})")
-    if not (args.single_file or args.push_to_hub):
-        du.fail("nothing to do: give --single_file, --push_to_hub or both")
+    if not (args.single_file or args.kohya or args.push_to_hub):
+        du.fail("nothing to do: give --single_file, --kohya or --push_to_hub")
+    if args.kohya and not (folder / du.LORA_WEIGHTS).is_file():
+        du.fail(f"--kohya rewrites a LoRA run's kohya-format file, and {folder} holds a whole model (no {du.LORA_WEIGHTS})")
     if args.single_file and not (folder / "model_index.json").is_file():
         du.fail(f"--single_file writes a whole model, and {folder} holds LoRA adapters: their file for the web UIs is "
                 f"{du.LORA_WEIGHTS.replace('.safetensors', '_kohya.safetensors')}")
     if args.push_to_hub:
         check_hub_login(args.hub_token)
     config = json.loads(record.read_text())["config"]
-    # ---- the single file (named after the run, and the step for an export), the card, the upload
+    # ---- the single file (named after the run, and the step for an export), the kohya file, the card, the upload
+    if args.kohya:
+        print(f"wrote {write_kohya(folder, config)}")
     if args.single_file:
         name = folder.resolve().name if record.parent == folder else \
             f"{folder.resolve().parent.name}-{folder.name.replace('export-', 'step-')}"

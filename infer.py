@@ -145,8 +145,9 @@ def load_model(args, kind, source, dtype, device):
         folder = Path(args.pretrained_model_name_or_path)
         if (folder / "unet").is_dir():
             for name in [n for n in ("unet", "text_encoder", "text_encoder_2") if (folder / n).is_dir()]:
-                getattr(pipe, name).load_state_dict({k: v for f in sorted((folder / name).glob("*.safetensors"))
-                                                     for k, v in load_file(f).items()})
+                getattr(pipe, name).load_state_dict(du.module_keys(
+                    {k: v for f in sorted((folder / name).glob("*.safetensors")) for k, v in load_file(f).items()},
+                    getattr(pipe, name)))
                 getattr(pipe, name).to(device, dtype)
             state = {}
         else:

@@ -77,6 +77,7 @@ ROWS = [  # script, extra flags, exit code, the line
      "error: --optimizer prodigy takes one learning rate for all parameters: leave out --text_encoder_lr"),
     ("export", ["--single_file"], 1, "error: --single_file writes a whole model, and {lora} holds LoRA adapters: their "
                                      "file for the web UIs is pytorch_lora_weights_kohya.safetensors"),
+    ("export", ["--kohya"], 1, "error: the run config of {lora} names no model family this version knows (None)"),
     ("priors", ["--resolution", 63], 2, "error: argument --resolution: must be a multiple of 8, got 63"),
     ("priors", ["--resolution", 0], 2, "error: argument --resolution: must be at least 8, got 0"),
     ("priors", ["--class_prompt", " "], 1, "error: --class_prompt is empty (e.g. 'a photo of dog')"),

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import dreambooth_utils as du
 import infer
+from test_lora_files import assert_diffusers_names, assert_kohya_names, older_layout
 from test_resume import command
 from test_train import scalars, train_args, weights
 
@@ -53,8 +55,20 @@ def test_lora_trains_only_adapters_and_loads_everywhere(run, tiny_model, photos,
     fused = image(str(out), tmp_path / "fused", "--fuse_lora")  # W + BA in one matrix: the same up to rounding
     assert np.abs(fused.astype(int) - tuned).max() <= 2
     assert np.array_equal(image(str(out / "checkpoint-3"), tmp_path / "checkpoint"), tuned)
-    assert np.array_equal(image(tiny_model, tmp_path / "kohya", "--lora",
-                                out / "pytorch_lora_weights_kohya.safetensors"), tuned)
+    kohya = out / "pytorch_lora_weights_kohya.safetensors"
+    assert np.array_equal(image(tiny_model, tmp_path / "kohya", "--lora", kohya), tuned)
+    assert_kohya_names(kohya, tiny_model, "sd", ["unet", "text_encoder"])  # the names ComfyUI and AUTOMATIC1111 map
+    assert_diffusers_names(out / du.LORA_WEIGHTS, tiny_model, "sd", ["unet", "text_encoder"])
+
+    # a run of an earlier version (text-encoder keys without text_model): export.py --kohya writes its kohya file again
+    old = tmp_path / "old"
+    shutil.copytree(out, old, ignore=shutil.ignore_patterns("checkpoint-*", "export-*", "logs", "validation"))
+    older_layout(old)
+    (old / kohya.name).unlink()
+    proc = run("export.py", old, "--kohya", launch=False)
+    assert f"wrote {old / kohya.name}" in proc.stdout
+    again, ref = load_file(old / kohya.name), load_file(kohya)
+    assert again.keys() == ref.keys() and all(torch.equal(again[k], ref[k]) for k in ref)
     capsys.readouterr()
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import dreambooth_utils as du
+from test_lora_files import assert_kohya_names
 from test_train import train_args
 
 
@@ -86,6 +87,7 @@ def test_pivotal_tuning_saves_embeddings_that_diffusers_and_infer_load(run, tiny
     assert all(torch.equal(ref[k], embeddings[k]) for k in ref)  # the resume is exact, the new rows included
     ref_lora, lora = (load_file(f / du.LORA_WEIGHTS) for f in (reference, out))
     assert all(torch.equal(ref_lora[k], lora[k]) for k in ref_lora)
+    assert_kohya_names(out / "pytorch_lora_weights_kohya.safetensors", model, family, ["unet"])  # the UNet's alone
     record = json.loads((out / "run_config.json").read_text())["config"]
     assert record["new_tokens"] == ["<s0>", "<s1>"] and record["validation_prompt"] == ["a photo of <s0><s1> dog"]
 

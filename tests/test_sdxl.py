@@ -17,6 +17,7 @@ import export
 import infer
 import train_dreambooth
 from test_lora import image
+from test_lora_files import assert_diffusers_names, assert_kohya_names
 from test_resume import assert_same_run
 from test_train import changed_fraction, train_args, weights
 
@@ -163,10 +164,9 @@ def test_lora_on_the_unet_and_both_encoders_loads_in_diffusers_kohya_and_infer(r
                                            1e-2, "--train_text_encoder", "--max_train_steps", 3, "--checkpointing_steps", 3,
                                            "--report_to", "none"))
     record = json.loads((out / "run_config.json").read_text())["config"]
-    kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")
-    assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
-    diffusers_keys = load_file(out / "pytorch_lora_weights.safetensors")
-    assert {k.split(".")[0] for k in diffusers_keys} == {"unet", "text_encoder", "text_encoder_2"}
+    models = ["unet", "text_encoder", "text_encoder_2"]
+    assert_kohya_names(out / "pytorch_lora_weights_kohya.safetensors", tiny_sdxl, "sdxl", models)
+    assert_diffusers_names(out / "pytorch_lora_weights.safetensors", tiny_sdxl, "sdxl", models)
 
     def generated(*lora, **kw):
         pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)

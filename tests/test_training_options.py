@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from test_lora_files import assert_diffusers_names
 from test_resume import assert_same_run
 from test_train import train_args, weights
 
@@ -85,7 +86,8 @@ def test_dora_adapters_load_in_diffusers_whole(run, tiny_sdxl, photos, tmp_path)
                launch=False)
     assert "no kohya-format copy" in proc.stderr and not (out / "pytorch_lora_weights_kohya.safetensors").exists()
     saved = load_file(out / "pytorch_lora_weights.safetensors")
-    assert {k.split(".")[0] for k in saved if "lora_magnitude_vector" in k} == {"unet", "text_encoder", "text_encoder_2"}
+    assert_diffusers_names(out / "pytorch_lora_weights.safetensors", tiny_sdxl, "sdxl",
+                           ["unet", "text_encoder", "text_encoder_2"], dora=True)
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     image = lambda: pipe("a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np",
