@@ -15,10 +15,11 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
-import dreambooth_utils as du
+import cli
+import families
+import runs
 
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA files
@@ -39,7 +40,7 @@ def save_lora(folder, family, dtype, trained):
     from safetensors.torch import save_file
 
     classes = dict(family.text_encoders)
-    peft = {name: du.file_keys({k: v.to(dtype) for k, v in get_peft_model_state_dict(module, state_dict=state).items()},
+    peft = {name: families.file_keys({k: v.to(dtype) for k, v in get_peft_model_state_dict(module, state_dict=state).items()},
                                classes.get(name, ""))
             for name, (module, state) in trained.items()}
     # DoRA's magnitudes of a text encoder are written as "...lora_magnitude_vector.weight": transformers' load_adapter
@@ -52,7 +53,7 @@ def save_lora(folder, family, dtype, trained):
     if trained["unet"][0].peft_config["default"].use_dora:
         return  # no kohya copy: see KOHYA_DORA
     alphas = {name: module.peft_config["default"].lora_alpha for name, (module, _) in trained.items()}
-    save_file(kohya_state(family, peft, alphas), Path(folder, du.LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors")))
+    save_file(kohya_state(family, peft, alphas), Path(folder, families.LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors")))
 
 
 def read_lora(folder, family):
@@ -65,7 +66,7 @@ def read_lora(folder, family):
         own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         if own:
             peft[name] = (convert_unet_state_dict_to_peft(own) if name == "unet" else
-                          du.file_keys(convert_state_dict_to_peft(convert_state_dict_to_diffusers(own)), classes[name]))
+                          families.file_keys(convert_state_dict_to_peft(convert_state_dict_to_diffusers(own)), classes[name]))
     return peft
 
 
@@ -76,10 +77,10 @@ def load_lora(folder, family, modules):
 
     peft = read_lora(folder, family)
     for name, module in modules.items():
-        result = set_peft_model_state_dict(module, du.module_keys(peft.get(name, {}), module), adapter_name="default")
+        result = set_peft_model_state_dict(module, families.module_keys(peft.get(name, {}), module), adapter_name="default")
         missing = [k for k in result.missing_keys if "lora_" in k]
         if result.unexpected_keys or missing:
-            du.fail(f"cannot load the adapters of {folder} into the {name}: "
+            cli.fail(f"cannot load the adapters of {folder} into the {name}: "
                     + (f"unexpected {result.unexpected_keys[0]}" if result.unexpected_keys else f"missing {missing[0]}"))
 
 
@@ -90,15 +91,15 @@ def write_kohya(folder, config):
 
     from safetensors import SafetensorError
 
-    family, path = du.FAMILIES.get(config.get("model_family")), Path(folder, du.LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors"))
+    family, path = families.FAMILIES.get(config.get("model_family")), Path(folder, families.LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors"))
     if family is None:
-        du.fail(f"the run config of {folder} names no model family this version knows ({config.get('model_family')})")
+        cli.fail(f"the run config of {folder} names no model family this version knows ({config.get('model_family')})")
     try:
         peft = read_lora(folder, family)
     except (OSError, ValueError, KeyError, SafetensorError) as e:
-        du.fail(f"cannot read {Path(folder, du.LORA_WEIGHTS)}: {du.first_line(e)}")
+        cli.fail(f"cannot read {Path(folder, families.LORA_WEIGHTS)}: {cli.first_line(e)}")
     if any("lora_magnitude_vector" in k for state in peft.values() for k in state):
-        du.fail(KOHYA_DORA)
+        cli.fail(KOHYA_DORA)
     alpha = config.get("lora_alpha") or config["lora_rank"]
     tmp = path.with_name(path.name + ".tmp")
     save_file(kohya_state(family, peft, dict.fromkeys(peft, alpha)), tmp)
@@ -152,66 +153,23 @@ def save_weights(args, output_dir, dtype, trained, name, embeddings=None):
     tmp = Path(output_dir) / ".save.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if args.lora_rank:
-        save_lora(tmp, du.FAMILIES[args.model_family], dtype, trained)
+        save_lora(tmp, families.FAMILIES[args.model_family], dtype, trained)
     else:
-        pipe = du.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype, None,
+        pipe = families.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype, None,
                                 args.pretrained_vae_model_name_or_path)
         for module, (_, state) in trained.items():
             getattr(pipe, module).load_state_dict(state)
         pipe.save_pretrained(tmp, safe_serialization=True)
         if args.save_single_file:
-            save_single_file(tmp, tmp / f"{name}.safetensors", du.torch_dtype(args.export_precision), vars(args))
+            save_single_file(tmp, tmp / f"{name}.safetensors", families.torch_dtype(args.export_precision), vars(args))
     if embeddings:
-        save_token_embeddings(tmp / du.EMBEDDINGS.format(name=name), du.FAMILIES[args.model_family], embeddings, dtype)
-    for item in sorted(tmp.iterdir(), key=lambda p: p.name in ("model_index.json", du.LORA_WEIGHTS)):
+        save_token_embeddings(tmp / families.EMBEDDINGS.format(name=name), families.FAMILIES[args.model_family], embeddings, dtype)
+    for item in sorted(tmp.iterdir(), key=lambda p: p.name in ("model_index.json", families.LORA_WEIGHTS)):
         dest = Path(output_dir) / item.name
         if dest.is_dir():
             shutil.rmtree(dest)
         os.replace(item, dest)
     tmp.rmdir()
-
-
-def validation_pipeline(args, family, model, vae, tokenizers, text_encoders, noise_scheduler):
-    """The family's pipeline around the in-memory models (nothing loads but the pipeline's config)."""
-    trained = {name: getattr(model, name) for name in model.text_encoder_names}
-    return du.load_pipeline(args.pretrained_model_name_or_path, args.revision, device=None, vae=vae, unet=model.unet,
-                            scheduler=du.make_scheduler(args.validation_scheduler, noise_scheduler.config),
-                            **dict(zip(family.tokenizers, tokenizers)), **{**text_encoders, **trained})
-
-
-def log_validation(accelerator, args, pipe, embeddings, step):
-    """Sample the validation prompts at fixed seeds (image j of every prompt has the same seed at every step, so the
-    images are comparable across steps); a PNG grid in output_dir/validation and images in the trackers. Its random
-    draws come from its own generators inside fork_rng, so the training random state is untouched: the same command
-    with and without validation trains the same weights."""
-    n, rows, negative = args.num_validation_images, [], args.validation_negative_prompt
-    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
-        for prompt in args.validation_prompt:
-            text = dict(prompt=[prompt] * n, negative_prompt=[negative] * n if negative else None)
-            if embeddings:  # pre-computed: the text encoders are not on the accelerator
-                text = {}
-                for key, p in (("", prompt), ("negative_", negative or "")):
-                    embeds, pooled = (e.expand(n, *e.shape).to(accelerator.device) for e in embeddings[p])
-                    if key and not negative and pipe.config.get("force_zeros_for_empty_prompt"):
-                        embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)  # as the pipeline does
-                    text.update({f"{key}prompt_embeds": embeds, **({f"{key}pooled_prompt_embeds": pooled}
-                                                                  if args.model_family == "sdxl" else {})})
-            rows.append(pipe(**text, num_inference_steps=args.validation_inference_steps,
-                             guidance_scale=args.validation_guidance_scale, height=args.resolution, width=args.resolution,
-                             generator=[torch.Generator().manual_seed(du.image_seed(args.seed, j)) for j in range(n)]).images)
-    Path(args.output_dir, "validation").mkdir(parents=True, exist_ok=True)
-    du.grid(sum(rows, []), columns=n).save(Path(args.output_dir, "validation", f"step-{step:06d}.png"))
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            for r, images in enumerate(rows):
-                tracker.writer.add_images(f"validation/{r}", np.stack([np.asarray(im) for im in images]), step,
-                                          dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"validation": [wandb.Image(im, caption=f"{j}: {prompt}") for prompt, images in
-                                        zip(args.validation_prompt, rows) for j, im in enumerate(images)]}, step=step)
 
 
 def export_pipeline(accelerator, args, model, step):
@@ -221,80 +179,10 @@ def export_pipeline(accelerator, args, model, step):
     if accelerator.is_main_process:
         folder = Path(args.output_dir, f"export-{step}")
         folder.mkdir(exist_ok=True)
-        save_weights(args, folder, du.torch_dtype(args.export_precision), trained,
+        save_weights(args, folder, families.torch_dtype(args.export_precision), trained,
                      f"{Path(args.output_dir).resolve().name}-step-{step}", accelerator.unwrap_model(model).token_embeddings())
-        du.remove_oldest(args.output_dir, "export", args.exports_total_limit)
+        runs.remove_oldest(args.output_dir, "export", args.exports_total_limit)
     accelerator.wait_for_everyone()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints in diffusers' layout
-
-
-def diffusers_checkpoints(accelerator, family, lora, names):
-    """Training checkpoints whose weights other tools load: checkpoint-N/unet (and text_encoder, text_encoder_2 when
-    they train) as `from_pretrained(..., subfolder="checkpoint-N/unet")` reads them, or a LoRA run's adapter files.
-    accelerate's save/load hooks take the model over; it saves and loads the rest of the training state as before.
-    The weights are written once, in fp32, so a resume stays exact; a checkpoint of accelerate's own layout
-    (model.safetensors) still resumes. DeepSpeed and FSDP keep their sharded formats."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        return
-
-    def trained(model):
-        model = accelerator.unwrap_model(model)
-        return {name: (getattr(model, name), getattr(model, name).state_dict()) for name in names}
-
-    def save(models, weights, folder):
-        if accelerator.is_main_process:
-            rows = accelerator.unwrap_model(models[0]).token_embeddings()  # pivotal tuning's, in fp32
-            if rows:
-                save_token_embeddings(Path(folder, du.EMBEDDINGS.format(name="checkpoint")), family, rows, torch.float32)
-            if lora:
-                save_lora(folder, family, torch.float32, trained(models[0]))
-            for name, (module, _) in {} if lora else trained(models[0]).items():
-                module.save_pretrained(Path(folder, name), safe_serialization=True)
-        weights.pop()  # accelerate saves nothing more of the model
-
-    def load(models, folder):
-        from safetensors.torch import load_file
-
-        if Path(folder, "model.safetensors").is_file():
-            return  # accelerate's own layout: accelerate loads it
-        model = accelerator.unwrap_model(models[0])
-        if model.new_token_ids:
-            state = load_file(Path(folder, du.EMBEDDINGS.format(name="checkpoint")))
-            model.set_token_embeddings([state[key] for key in family.embedding_keys])
-        modules = trained(models.pop())  # and nothing of the model is left for accelerate to load
-        if not lora:
-            for name, (module, _) in modules.items():
-                module.load_state_dict(du.module_keys({k: v for f in sorted(Path(folder, name).glob("*.safetensors"))
-                                                       for k, v in load_file(f).items()}, module))
-            return
-        load_lora(folder, family, {name: module for name, (module, _) in modules.items()})
-
-    accelerator.register_save_state_pre_hook(save)
-    accelerator.register_load_state_pre_hook(load)
-
-
-def save_checkpoint(accelerator, args, state, record):
-    """accelerate's save_state into checkpoint-N.tmp on every process, then a rename: `latest` only ever sees
-    finished checkpoints."""
-    final = Path(args.output_dir, f"checkpoint-{state.global_step}")
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        du.write_json(tmp / "run_config.json", record)  # a checkpoint carries its config (resume, infer.py)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        du.remove_oldest(args.output_dir, "checkpoint", args.checkpoints_total_limit)
-    accelerator.wait_for_everyone()
-    return final
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,7 +277,7 @@ def ldm_state(parts, configs, family, v_prediction):
         return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()
                 if not k.endswith("position_ids")}
 
-    if family is du.SDXL:
+    if family is families.SDXL:
         out.update({"conditioner.embedders.0.transformer." + k: v for k, v in clip(parts["text_encoder"]).items()})
         out.update({"conditioner.embedders.1.model." + k: v for k, v in open_clip_state(parts["text_encoder_2"]).items()})
     elif configs["text_encoder"].get("hidden_act") == "gelu":  # SD 2.x's OpenCLIP ViT-H (OpenAI's CLIP: quick_gelu)
@@ -425,7 +313,7 @@ def save_single_file(pipeline_folder, path, dtype=torch.float16, config=None):
     from safetensors.torch import load_file, save_file
 
     folder = Path(pipeline_folder)
-    family = du.read_model(str(folder))[0]
+    family = families.read_model(str(folder))[0]
     names = ["unet", "vae", *(name for name, _ in family.text_encoders)]
     parts = {name: {k: v for f in sorted(Path(folder, name).glob("*.safetensors")) for k, v in load_file(f).items()}
              for name in names}
@@ -433,7 +321,7 @@ def save_single_file(pipeline_folder, path, dtype=torch.float16, config=None):
     scheduler = json.loads(Path(folder, "scheduler", "scheduler_config.json").read_text())
     v_prediction = scheduler.get("prediction_type") == "v_prediction"
     state = ldm_state(parts, configs, family, v_prediction)
-    architecture = "stable-diffusion-xl-v1-base" if family is du.SDXL else (
+    architecture = "stable-diffusion-xl-v1-base" if family is families.SDXL else (
         f"stable-diffusion-v2-{'768-v' if v_prediction else '512'}" if configs["text_encoder"].get("hidden_act") == "gelu"
         else "stable-diffusion-v1")
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
@@ -464,11 +352,11 @@ def model_card(folder, config):
     instance prompt), the method and its settings, the newest validation grid, and how to load the result."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    family, lora, base = du.FAMILIES[config.get("model_family", "sd")], bool(config.get("lora_rank")), \
+    family, lora, base = families.FAMILIES[config.get("model_family", "sd")], bool(config.get("lora_rank")), \
         config["pretrained_model_name_or_path"]
-    hub_base = base if du.HUB_ID.match(base) and not Path(base).exists() else None
+    hub_base = base if families.HUB_ID.match(base) and not Path(base).exists() else None
     tags = ["text-to-image", "diffusers", "diffusers-training", "dreambooth",
-            "stable-diffusion-xl" if family is du.SDXL else "stable-diffusion"] + (["lora"] if lora else [])
+            "stable-diffusion-xl" if family is families.SDXL else "stable-diffusion"] + (["lora"] if lora else [])
     data = ModelCardData(base_model=hub_base, license=base_license(base), library_name="diffusers", tags=tags,
                          instance_prompt="; ".join(subject_prompts(config)))
     method = (f"{'DoRA' if config.get('use_dora') else 'LoRA'} (rank {config['lora_rank']}, alpha "
@@ -483,8 +371,8 @@ def model_card(folder, config):
             f"pipe = {family.pipeline}.from_pretrained(\"THIS_REPO_OR_FOLDER\", torch_dtype=torch.float16).to(\"cuda\")")
     prompt = subject_prompts(config)[0]
     if config.get("train_text_encoder_ti"):  # pivotal tuning: the new tokens' embeddings load beside the weights
-        prompt = du.pivot_prompt(prompt, config["token_abstraction"], config["new_tokens"])
-        embeddings = du.EMBEDDINGS.format(name=Path(folder).resolve().name)
+        prompt = families.pivot_prompt(prompt, config["token_abstraction"], config["new_tokens"])
+        embeddings = families.EMBEDDINGS.format(name=Path(folder).resolve().name)
         load = "from safetensors.torch import load_file\n\n" + load + (f"\nstate = load_file(\"{embeddings}\")" + "".join(
             f"\npipe.load_textual_inversion(state[\"{key}\"], token={config['new_tokens']}, text_encoder=pipe.{encoder}, "
             f"tokenizer=pipe.{tokenizer})" for key, (encoder, _), tokenizer in
@@ -546,7 +434,7 @@ def check_hub_login(token):
     from huggingface_hub import get_token
 
     if not (token or get_token()):
-        du.fail("--push_to_hub needs a Hugging Face login: run `hf auth login` or set HF_TOKEN")
+        cli.fail("--push_to_hub needs a Hugging Face login: run `hf auth login` or set HF_TOKEN")
 
 
 def push_to_hub(folder, repo_id, token=None, logging_dir="logs", message="DreamBooth fine-tune"):
@@ -558,12 +446,12 @@ def push_to_hub(folder, repo_id, token=None, logging_dir="logs", message="DreamB
     leaking = [f for f in hub_files(folder, ignore) if secret and Path(f).suffix not in (".safetensors", ".bin")
                and secret in Path(folder, f).read_bytes()]
     if leaking:
-        du.fail(f"not pushing {folder}: {leaking[0]} holds the Hub token in plain text (delete the file, revoke the token)")
+        cli.fail(f"not pushing {folder}: {leaking[0]} holds the Hub token in plain text (delete the file, revoke the token)")
     try:
         repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
         upload_folder(repo_id=repo_id, folder_path=folder, ignore_patterns=ignore, commit_message=message, token=token)
     except Exception as e:  # network, auth or permission: the local files are saved either way
-        du.fail(f"the results are saved in {folder}, but pushing them to {repo_id} failed: {du.first_line(e)}")
+        cli.fail(f"the results are saved in {folder}, but pushing them to {repo_id} failed: {cli.first_line(e)}")
     print(f"pushed {folder} to the hub as {repo_id}")
 
 
@@ -572,11 +460,11 @@ def push_to_hub(folder, repo_id, token=None, logging_dir="logs", message="DreamB
 
 
 def parse_args(argv=None):
-    return du.parse_args_with_config(build_parser(), argv)
+    return cli.parse_args_with_config(build_parser(), argv)
 
 
 def build_parser():
-    p = du.ArgumentParser(__doc__, __file__)
+    p = cli.ArgumentParser(__doc__, __file__)
     p.add_argument("run", help="a finished training output folder, or one of its export-N folders")
     g = p.add_argument_group("single file")
     g.add_argument("--single_file", action="store_true",
@@ -602,16 +490,16 @@ def main(argv=None):
     folder = Path(args.run)
     record = next((p for p in (folder / "run_config.json", folder.parent / "run_config.json") if p.is_file()), None)
     if record is None:
-        du.fail(f"{folder} is not a training output folder or an export of one (no run_config.json in it or beside it)")
-    if not ((folder / "model_index.json").is_file() or (folder / du.LORA_WEIGHTS).is_file()):
-        du.fail(f"{folder} holds no finished result yet (no model_index.json or {du.LORA_WEIGHTS})")
+        cli.fail(f"{folder} is not a training output folder or an export of one (no run_config.json in it or beside it)")
+    if not ((folder / "model_index.json").is_file() or (folder / families.LORA_WEIGHTS).is_file()):
+        cli.fail(f"{folder} holds no finished result yet (no model_index.json or {families.LORA_WEIGHTS})")
     if not (args.single_file or args.kohya or args.push_to_hub):
-        du.fail("nothing to do: give --single_file, --kohya or --push_to_hub")
-    if args.kohya and not (folder / du.LORA_WEIGHTS).is_file():
-        du.fail(f"--kohya rewrites a LoRA run's kohya-format file, and {folder} holds a whole model (no {du.LORA_WEIGHTS})")
+        cli.fail("nothing to do: give --single_file, --kohya or --push_to_hub")
+    if args.kohya and not (folder / families.LORA_WEIGHTS).is_file():
+        cli.fail(f"--kohya rewrites a LoRA run's kohya-format file, and {folder} holds a whole model (no {families.LORA_WEIGHTS})")
     if args.single_file and not (folder / "model_index.json").is_file():
-        du.fail(f"--single_file writes a whole model, and {folder} holds LoRA adapters: their file for the web UIs is "
-                f"{du.LORA_WEIGHTS.replace('.safetensors', '_kohya.safetensors')}")
+        cli.fail(f"--single_file writes a whole model, and {folder} holds LoRA adapters: their file for the web UIs is "
+                f"{families.LORA_WEIGHTS.replace('.safetensors', '_kohya.safetensors')}")
     if args.push_to_hub:
         check_hub_login(args.hub_token)
     config = json.loads(record.read_text())["config"]
@@ -621,7 +509,7 @@ def main(argv=None):
     if args.single_file:
         name = folder.resolve().name if record.parent == folder else \
             f"{folder.resolve().parent.name}-{folder.name.replace('export-', 'step-')}"
-        path = save_single_file(folder, folder / f"{name}.safetensors", du.torch_dtype(args.precision), config)
+        path = save_single_file(folder, folder / f"{name}.safetensors", families.torch_dtype(args.precision), config)
         print(f"wrote {path}")
     if args.push_to_hub:
         if not (folder / "README.md").is_file():
@@ -630,4 +518,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    du.run(main)
+    cli.run(main)

@@ -12,41 +12,201 @@ read it too); a rerun with other settings is refused unless --overwrite. train_d
 same code when its class folder is short.
 """
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
-import dreambooth_utils as du
+import torch
+from PIL import Image
+
+import cli
+import families
+import imagedata
+import runs
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class-prior images (made here, and by train_dreambooth.py when a class folder is short)
+
+
+PRIOR_MANIFEST = "manifest.json"  # where versions before 2026-11-28 recorded a class folder's settings
+PRIOR_TEXT = "dreambooth_prior"  # the PNG text entry of each generated class image: the settings that made it
+# What makes a set of class images: the same values give the same bytes. The first five name the model and prompt.
+PRIOR_SETTINGS = ("pretrained_model_name_or_path", "revision", "variant", "unet_sha256", "class_prompt",
+                  "negative_prompt", "scheduler", "num_inference_steps", "guidance_scale", "resolution", "seed",
+                  "precision", "sample_batch_size", "pretrained_vae_model_name_or_path")
+# generate_priors.py's defaults, which train_dreambooth.py uses when it fills a class folder itself
+PRIOR_DEFAULTS = {"negative_prompt": None, "scheduler": None, "num_inference_steps": 50, "guidance_scale": 7.5,
+                  "sample_batch_size": 4}
+
+
+def prior_image_name(index):
+    return f"{index:06d}.png"
+
+
+def unet_fingerprint(name_or_path, revision=None):
+    """sha256 of a local model's UNet weight files, or the commit of a hub model's cached snapshot (None if it is not
+    cached yet): a folder of class images made by another model, even one under the same path, is then told apart."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted((path / "unet").iterdir()):
+            if f.suffix in (".safetensors", ".bin"):
+                with open(f, "rb") as stream:
+                    while chunk := stream.read(1 << 24):
+                        digest.update(chunk)
+        return digest.hexdigest()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return "commit " + Path(snapshot_download(name_or_path, revision=revision, local_files_only=True)).name
+    except Exception:
+        return None
+
+
+def read_prior_manifest(class_dir):
+    """The settings that made a class folder: from its first generated image (each carries them in the PNG text
+    entry PRIOR_TEXT, so the folder holds nothing but images and trainers that open every file in it as an image,
+    diffusers' scripts among them, read it too), or from an older version's manifest.json. None: the user's own."""
+    class_dir = Path(class_dir)
+    for path in sorted(class_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")) if class_dir.is_dir() else []:
+        try:
+            with Image.open(path) as image:
+                text = image.text.get(PRIOR_TEXT)
+        except OSError:
+            continue  # list_images names a damaged image
+        if text is not None:
+            try:
+                return json.loads(text)["settings"]
+            except (ValueError, KeyError, TypeError):
+                cli.fail(f"unreadable class-image settings in {path} (delete it, or use another class folder)")
+    path = class_dir / PRIOR_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["settings"]
+    except (ValueError, KeyError, TypeError):
+        cli.fail(f"unreadable class-image manifest {path} (delete it, or use another class folder)")
+
+
+def check_prior_folder(class_dir, settings, must_match):
+    """Compare a class folder with the settings that made it: stop naming every field in `must_match` that differs;
+    otherwise return the settings to top it up with (the folder's, so the new images belong to the same set). A
+    folder of images none of which says how it was made is taken as it is (the user's own class photos)."""
+    old = read_prior_manifest(class_dir)
+    if old is None:
+        if Path(class_dir).is_dir() and imagedata.list_images(class_dir, "class image", check=False):
+            cli.note(f"{class_dir} holds no images made by generate_priors.py: its images are used as they are")
+        return dict(settings)
+    differ = [f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in must_match
+              if old.get(k) != settings[k] and not (k == "unet_sha256" and None in (old.get(k), settings[k]))]
+    if differ:
+        cli.fail(f"class folder {class_dir} was made with other settings ({'; '.join(differ)}); "
+             "use another folder, or pass --overwrite to generate generate_priors.py's images again")
+    return {**settings, **{k: old[k] for k in PRIOR_SETTINGS if k in old and k not in ("unet_sha256",)}}
+
+
+def missing_prior_indices(class_dir, num_images):
+    """Indices in [0, num_images) to generate so that the folder holds `num_images` images.
+
+    Images already there count, whatever their names (user-supplied class photos are welcome); generated images are
+    named by index, so a top-up after an interrupted run makes exactly the missing ones.
+    """
+    class_dir = Path(class_dir)
+    existing = imagedata.list_images(class_dir, "class image") if class_dir.is_dir() else []
+    need = num_images - len(existing)
+    if need <= 0:
+        return []
+    free = [i for i in range(num_images) if not (class_dir / prior_image_name(i)).exists()]
+    return free[:need]
+
+
+def prior_blocks(indices, batch_size, process_index=0, num_processes=1):
+    """This process's share of the batches to run. Image i is always made in batch i // batch_size, whole, at the same
+    position: a batched forward pass rounds differently with other neighbours, so this is what makes the files
+    byte-identical for any number of processes and for a top-up."""
+    blocks = sorted({i // batch_size for i in indices})
+    return blocks[process_index::num_processes]
+
+
+def make_prior_images(state, class_dir, missing, settings):
+    """What generate_priors.py and train_dreambooth.py both do to fill a class folder: this process's share of the
+    batches, each image carrying the settings and library versions that made it. `state` is accelerate's
+    PartialState or Accelerator."""
+    from tqdm.auto import tqdm
+
+    if state.is_main_process:
+        Path(class_dir).mkdir(parents=True, exist_ok=True)
+    pipe = families.load_pipeline(settings["pretrained_model_name_or_path"], settings["revision"], settings["variant"],
+                         families.torch_dtype(settings["precision"]), state.device, settings.get("pretrained_vae_model_name_or_path"))
+    families.set_scheduler(pipe, settings["scheduler"])
+    blocks = prior_blocks(missing, settings["sample_batch_size"], state.process_index, state.num_processes)
+    mine = [i for i in missing if i // settings["sample_batch_size"] in set(blocks)]
+    desc = f"class images (process {state.process_index} of {state.num_processes})"
+    with tqdm(total=len(mine), desc=desc, disable=not state.is_local_main_process) as bar:
+        generate_prior_images(pipe, class_dir, mine, blocks, settings, progress=bar)
+    state.wait_for_everyone()
+
+
+def generate_prior_images(pipe, class_dir, indices, blocks, settings, progress=None):
+    """Run each batch of `blocks` and write its images that are in `indices` to class_dir/i.png, each under a
+    temporary name and renamed, so a killed run never leaves a truncated image with a real image's name."""
+    from PIL.PngImagePlugin import PngInfo
+
+    class_dir, batch_size, wanted = Path(class_dir), settings["sample_batch_size"], set(indices)
+    class_dir.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()  # the same for every process and every top-up: the bytes stay a function of the settings
+    info.add_text(PRIOR_TEXT, json.dumps({"settings": {k: settings.get(k) for k in PRIOR_SETTINGS},
+                                          "versions": runs.library_versions()}))
+    negative = settings["negative_prompt"]
+    for block in blocks:
+        batch = list(range(block * batch_size, (block + 1) * batch_size))
+        # CPU generators: the same initial noise on any device.
+        generators = [torch.Generator("cpu").manual_seed(imagedata.image_seed(settings["seed"], i)) for i in batch]
+        images = pipe([settings["class_prompt"]] * batch_size, negative_prompt=[negative] * batch_size if negative else None,
+                      num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
+                      height=settings["resolution"], width=settings["resolution"], generator=generators).images
+        for i, image in zip(batch, images):
+            if i in wanted:
+                final = class_dir / prior_image_name(i)
+                tmp = class_dir / f".{final.name}.tmp"
+                image.save(tmp, format="PNG", pnginfo=info)
+                os.replace(tmp, final)
+                if progress is not None:
+                    progress.update(1)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
 
 
 def parse_args(argv=None):
-    return du.parse_args_with_config(build_parser(), argv)
+    return cli.parse_args_with_config(build_parser(), argv)
 
 
 def build_parser():
-    p = du.ArgumentParser(__doc__, __file__)
-    du.add_model_args(p)
+    p = cli.ArgumentParser(__doc__, __file__)
+    cli.add_model_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--class_prompt", default=None, help="prompt of the class, e.g. 'a photo of dog'")
     g.add_argument("--class_dir", "--class_data_dir", dest="class_dir", default=None, help="folder the images go to")
     g.add_argument("--concepts_list", default=None,
                    help="instead: train_dreambooth.py's JSON list of subjects; fills each one's class_data_dir with its "
                         "class_prompt").structured = True
-    g.add_argument("--num_class_images", type=du.COUNT, default=100, help="images the folder should hold")
+    g.add_argument("--num_class_images", type=cli.COUNT, default=100, help="images the folder should hold")
     g = p.add_argument_group("sampling")
-    g.add_argument("--negative_prompt", default=du.PRIOR_DEFAULTS["negative_prompt"], help="negative prompt")
-    g.add_argument("--num_inference_steps", type=du.COUNT, default=du.PRIOR_DEFAULTS["num_inference_steps"],
+    g.add_argument("--negative_prompt", default=PRIOR_DEFAULTS["negative_prompt"], help="negative prompt")
+    g.add_argument("--num_inference_steps", type=cli.COUNT, default=PRIOR_DEFAULTS["num_inference_steps"],
                    help="sampling steps per image")
-    g.add_argument("--guidance_scale", type=du.NONNEGATIVE, default=du.PRIOR_DEFAULTS["guidance_scale"],
+    g.add_argument("--guidance_scale", type=cli.NONNEGATIVE, default=PRIOR_DEFAULTS["guidance_scale"],
                    help="classifier-free guidance scale")
-    g.add_argument("--scheduler", default=None, choices=sorted(du.SCHEDULERS), help="sampler (default: the model's own)")
-    g.add_argument("--resolution", type=du.SIZE, default=None, help="image size (default: the model's)")
-    g.add_argument("--sample_batch_size", type=du.COUNT, default=du.PRIOR_DEFAULTS["sample_batch_size"],
+    g.add_argument("--scheduler", default=None, choices=sorted(families.SCHEDULERS), help="sampler (default: the model's own)")
+    g.add_argument("--resolution", type=cli.SIZE, default=None, help="image size (default: the model's)")
+    g.add_argument("--sample_batch_size", type=cli.COUNT, default=PRIOR_DEFAULTS["sample_batch_size"],
                    help="images per forward pass, per process")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="weights dtype (default: fp16 on a GPU, else fp32)")
-    g.add_argument("--seed", type=du.NATURAL, default=0, help="image i uses a generator seeded from (seed, i)")
+    g.add_argument("--seed", type=cli.NATURAL, default=0, help="image i uses a generator seeded from (seed, i)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the generated images of a folder that other settings made")
     return p
@@ -59,46 +219,46 @@ def main(argv=None):
     args = parse_args(argv)
     # ---- check the input before anything loads
     if args.concepts_list and (args.class_prompt or args.class_dir):
-        du.fail("--concepts_list names each subject's class_prompt and class_data_dir: leave out --class_prompt/--class_dir")
+        cli.fail("--concepts_list names each subject's class_prompt and class_data_dir: leave out --class_prompt/--class_dir")
     if not args.concepts_list and not (args.class_prompt and args.class_dir):
-        du.fail("give --class_prompt (e.g. 'a photo of dog') and --class_dir, or --concepts_list")
+        cli.fail("give --class_prompt (e.g. 'a photo of dog') and --class_dir, or --concepts_list")
     if not args.concepts_list and not args.class_prompt.strip():
-        du.fail("--class_prompt is empty (e.g. 'a photo of dog')")
-    subjects = du.read_concepts(args.concepts_list, True) if args.concepts_list else [
+        cli.fail("--class_prompt is empty (e.g. 'a photo of dog')")
+    subjects = imagedata.read_concepts(args.concepts_list, True) if args.concepts_list else [
         {"class_prompt": args.class_prompt, "class_data_dir": args.class_dir}]
     for subject in subjects:
-        du.check_writable(Path(subject["class_data_dir"]), "class folder")
-    args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path, args.revision,
+        cli.check_writable(Path(subject["class_data_dir"]), "class folder")
+    args.pretrained_model_name_or_path = families.check_model_source(args.pretrained_model_name_or_path, args.revision,
                                                                args.single_file_config)
-    du.check_launch()
+    cli.check_launch()
 
-    state = du.partial_state()
+    state = cli.partial_state()
     precision = args.mixed_precision or ("fp16" if state.device.type == "cuda" else "fp32")
-    unet_sha256 = du.unet_fingerprint(args.pretrained_model_name_or_path, args.revision)
+    unet_sha256 = unet_fingerprint(args.pretrained_model_name_or_path, args.revision)
     folders = []  # (class folder, settings), every folder checked before any image is made
     for subject in subjects:
         class_dir = Path(subject["class_data_dir"])
-        settings = {**{k: v for k, v in vars(args).items() if k in du.PRIOR_SETTINGS}, "precision": precision,
+        settings = {**{k: v for k, v in vars(args).items() if k in PRIOR_SETTINGS}, "precision": precision,
                     "class_prompt": subject["class_prompt"], "unet_sha256": unet_sha256}
         if not args.overwrite:  # the batch size changes rounding, not the images: a top-up keeps the folder's own
-            settings = du.check_prior_folder(class_dir, settings, [k for k in du.PRIOR_SETTINGS if k != "sample_batch_size"])
+            settings = check_prior_folder(class_dir, settings, [k for k in PRIOR_SETTINGS if k != "sample_batch_size"])
         folders.append((class_dir, settings))
     for class_dir, settings in folders:
         if args.overwrite:
-            old = du.read_prior_manifest(class_dir)
-            if old and any(old.get(k) != settings[k] for k in du.PRIOR_SETTINGS) and state.is_main_process:
+            old = read_prior_manifest(class_dir)
+            if old and any(old.get(k) != settings[k] for k in PRIOR_SETTINGS) and state.is_main_process:
                 for image in class_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):  # ours; the user's images stay
                     image.unlink()
-                (class_dir / du.PRIOR_MANIFEST).unlink(missing_ok=True)  # an older version's record of them
+                (class_dir / PRIOR_MANIFEST).unlink(missing_ok=True)  # an older version's record of them
             state.wait_for_everyone()
-        missing = du.missing_prior_indices(class_dir, args.num_class_images)
+        missing = missing_prior_indices(class_dir, args.num_class_images)
         if not missing:
             state.print(f"{class_dir} already holds {args.num_class_images} class images; nothing to do")
             continue
         # ---- this process's share of the batches, each image with the settings that made it
-        du.make_prior_images(state, class_dir, missing, settings)
+        make_prior_images(state, class_dir, missing, settings)
         state.print(f"made {len(missing)} class images; {class_dir} now holds {args.num_class_images}")
 
 
 if __name__ == "__main__":
-    du.run(main)
+    cli.run(main)

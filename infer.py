@@ -19,7 +19,10 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-import dreambooth_utils as du
+import cli
+import families
+import imagedata
+import runs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -27,34 +30,34 @@ import dreambooth_utils as du
 
 
 def parse_args(argv=None):
-    return du.parse_args_with_config(build_parser(), argv)
+    return cli.parse_args_with_config(build_parser(), argv)
 
 
 def build_parser():
-    p = du.ArgumentParser(__doc__, __file__)
-    g = du.add_model_args(p, "the model to sample: a training output folder, an export, a checkpoint, or any pipeline "
+    p = cli.ArgumentParser(__doc__, __file__)
+    g = cli.add_model_args(p, "the model to sample: a training output folder, an export, a checkpoint, or any pipeline "
                              "folder or hub id")
     g.add_argument("--lora", default=None, help="LoRA weights (a file, or a folder with pytorch_lora_weights.safetensors)")
-    g.add_argument("--lora_scale", type=du.number(float), default=1.0, help="strength of the LoRA adapters (0: the base model)")
+    g.add_argument("--lora_scale", type=cli.number(float), default=1.0, help="strength of the LoRA adapters (0: the base model)")
     g.add_argument("--fuse_lora", action="store_true", help="fuse the adapters into the weights (faster sampling)")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], help="prompt; repeat the flag for several")
     g.add_argument("--prompts_file", default=None, help="a text file of prompts, one a line (after any --prompt)")
     g.add_argument("--negative_prompt", default=None, help="negative prompt of every image")
-    g.add_argument("--num_images_per_prompt", type=du.COUNT, default=4, help="images of each prompt")
-    g.add_argument("--seed", type=du.NATURAL, default=0, help="image j of a prompt uses a generator seeded from (seed, j)")
-    g.add_argument("--image_index", type=du.NATURAL, action="append", default=None,
+    g.add_argument("--num_images_per_prompt", type=cli.COUNT, default=4, help="images of each prompt")
+    g.add_argument("--seed", type=cli.NATURAL, default=0, help="image j of a prompt uses a generator seeded from (seed, j)")
+    g.add_argument("--image_index", type=cli.NATURAL, action="append", default=None,
                    help="make only image j of each prompt (repeatable); the same bytes as in the full run")
     g = p.add_argument_group("sampling")
-    g.add_argument("--num_inference_steps", type=du.COUNT, default=30, help="sampling steps")
-    g.add_argument("--guidance_scale", type=du.NONNEGATIVE, default=7.5, help="classifier-free guidance scale")
-    g.add_argument("--scheduler", default=None, choices=sorted(du.SCHEDULERS), help="sampler (default: the model's own)")
-    g.add_argument("--height", type=du.SIZE, default=None, help="default: the model's")
-    g.add_argument("--width", type=du.SIZE, default=None, help="default: the model's")
-    g.add_argument("--batch_size", type=du.COUNT, default=4, help="images per forward pass")
+    g.add_argument("--num_inference_steps", type=cli.COUNT, default=30, help="sampling steps")
+    g.add_argument("--guidance_scale", type=cli.NONNEGATIVE, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--scheduler", default=None, choices=sorted(families.SCHEDULERS), help="sampler (default: the model's own)")
+    g.add_argument("--height", type=cli.SIZE, default=None, help="default: the model's")
+    g.add_argument("--width", type=cli.SIZE, default=None, help="default: the model's")
+    g.add_argument("--batch_size", type=cli.COUNT, default=4, help="images per forward pass")
     g = p.add_argument_group("device and memory")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    g.add_argument("--cpu_threads", type=du.COUNT, default=None,
+    g.add_argument("--cpu_threads", type=cli.COUNT, default=None,
                    help="threads on a CPU (default: OMP_NUM_THREADS, else half the cores: other work does not starve it)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, else fp32")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention (CUDA only)")
@@ -73,11 +76,11 @@ def read_prompts(args):
         try:
             prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            du.fail(f"cannot read prompts file {args.prompts_file}: {e.strerror if isinstance(e, OSError) else e}")
+            cli.fail(f"cannot read prompts file {args.prompts_file}: {e.strerror if isinstance(e, OSError) else e}")
         if len(prompts) == len(args.prompt):
-            du.fail(f"prompts file {args.prompts_file} has no prompts")
+            cli.fail(f"prompts file {args.prompts_file} has no prompts")
     if not prompts:
-        du.fail("give --prompt (repeatable) or --prompts_file")
+        cli.fail("give --prompt (repeatable) or --prompts_file")
     return prompts
 
 
@@ -87,9 +90,9 @@ def read_prompts(args):
 
 def base_of(path, config):
     base = config["pretrained_model_name_or_path"]
-    if not du.HUB_ID.match(base) and not Path(base).is_dir():
-        du.fail(f"the base model of {path}, {base} (from its run_config.json), is not found")
-    du.check_model_source(base, config.get("revision"))
+    if not families.HUB_ID.match(base) and not Path(base).is_dir():
+        cli.fail(f"the base model of {path}, {base} (from its run_config.json), is not found")
+    families.check_model_source(base, config.get("revision"))
     return config
 
 
@@ -97,23 +100,23 @@ def check_model(args):
     """What the model path is, checked before anything loads: ("pipeline", name), ("checkpoint", run config) or
     ("lora", run config); and that --lora, if given, exists."""
     if args.lora and not Path(args.lora).exists():
-        du.fail(f"LoRA weights not found: {args.lora}")
-    if args.lora and Path(args.lora).is_dir() and not (Path(args.lora) / du.LORA_WEIGHTS).is_file():
-        du.fail(f"LoRA folder {args.lora} has no {du.LORA_WEIGHTS}")
+        cli.fail(f"LoRA weights not found: {args.lora}")
+    if args.lora and Path(args.lora).is_dir() and not (Path(args.lora) / families.LORA_WEIGHTS).is_file():
+        cli.fail(f"LoRA folder {args.lora} has no {families.LORA_WEIGHTS}")
     path = Path(args.pretrained_model_name_or_path).expanduser()
     if path.is_dir() and not (path / "model_index.json").is_file():
         if ((path / "model.safetensors").is_file() or (path / "unet").is_dir()) and (path / "run_config.json").is_file():
-            return "checkpoint", base_of(path, du.check_checkpoint(path)["config"])
-        if (path / du.LORA_WEIGHTS).is_file() and (path / "run_config.json").is_file():
+            return "checkpoint", base_of(path, runs.check_checkpoint(path)["config"])
+        if (path / families.LORA_WEIGHTS).is_file() and (path / "run_config.json").is_file():
             if args.lora:
-                du.fail(f"{path} is a LoRA run already; give its base model with --lora, or leave --lora out")
+                cli.fail(f"{path} is a LoRA run already; give its base model with --lora, or leave --lora out")
             args.lora = str(path)
             return "lora", base_of(path, json.loads((path / "run_config.json").read_text())["config"])
-        checkpoints = du.list_checkpoints(path)
+        checkpoints = runs.list_checkpoints(path)
         if checkpoints:
-            du.fail(f"{path} holds no pipeline yet (the run has not finished); its newest checkpoint is {checkpoints[-1][1]}")
-        du.fail(f"{path} is neither a diffusers pipeline folder (no model_index.json) nor a training checkpoint")
-    return "pipeline", du.check_model_source(args.pretrained_model_name_or_path, args.revision, args.single_file_config)
+            cli.fail(f"{path} holds no pipeline yet (the run has not finished); its newest checkpoint is {checkpoints[-1][1]}")
+        cli.fail(f"{path} is neither a diffusers pipeline folder (no model_index.json) nor a training checkpoint")
+    return "pipeline", families.check_model_source(args.pretrained_model_name_or_path, args.revision, args.single_file_config)
 
 
 def find_token_embeddings(args):
@@ -124,18 +127,18 @@ def find_token_embeddings(args):
         record = next((r for r in (folder / "run_config.json", folder.parent / "run_config.json") if r.is_file()), None)
         config = json.loads(record.read_text())["config"] if record else {}
         if config.get("train_text_encoder_ti"):
-            files = sorted(folder.glob(du.EMBEDDINGS.format(name="*")))
+            files = sorted(folder.glob(families.EMBEDDINGS.format(name="*")))
             if len(files) != 1:
-                du.fail(f"{folder} was trained with pivotal tuning but holds {len(files)} *_emb.safetensors files, not 1")
+                cli.fail(f"{folder} was trained with pivotal tuning but holds {len(files)} *_emb.safetensors files, not 1")
             return files[0], config
     return None
 
 
 def load_model(args, kind, source, dtype, device):
     if kind == "pipeline":
-        pipe = du.load_pipeline(source, args.revision, args.variant, dtype, device, args.pretrained_vae_model_name_or_path)
+        pipe = families.load_pipeline(source, args.revision, args.variant, dtype, device, args.pretrained_vae_model_name_or_path)
     else:
-        pipe = du.load_pipeline(source["pretrained_model_name_or_path"], source["revision"], source["variant"], dtype,
+        pipe = families.load_pipeline(source["pretrained_model_name_or_path"], source["revision"], source["variant"], dtype,
                                 device, args.pretrained_vae_model_name_or_path or source.get("pretrained_vae_model_name_or_path"))
     if kind == "checkpoint":
         from safetensors.torch import load_file
@@ -145,7 +148,7 @@ def load_model(args, kind, source, dtype, device):
         folder = Path(args.pretrained_model_name_or_path)
         if (folder / "unet").is_dir():
             for name in [n for n in ("unet", "text_encoder", "text_encoder_2") if (folder / n).is_dir()]:
-                getattr(pipe, name).load_state_dict(du.module_keys(
+                getattr(pipe, name).load_state_dict(families.module_keys(
                     {k: v for f in sorted((folder / name).glob("*.safetensors")) for k, v in load_file(f).items()},
                     getattr(pipe, name)))
                 getattr(pipe, name).to(device, dtype)
@@ -155,15 +158,15 @@ def load_model(args, kind, source, dtype, device):
         for name in sorted({k.split(".")[0] for k in state}):
             module = getattr(pipe, name)
             if source.get("lora_rank") and (name == "unet" or source["train_text_encoder"]):
-                du.add_lora(module, source, source["lora_target_modules"] if name == "unet" else du.TEXT_ENCODER_LORA_TARGETS)
+                families.add_lora(module, source, source["lora_target_modules"] if name == "unet" else families.TEXT_ENCODER_LORA_TARGETS)
             module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
             module.to(device, dtype)  # the injected adapters start in fp32
     if args.lora:
-        folder, name = (args.lora, du.LORA_WEIGHTS) if Path(args.lora).is_dir() else (str(Path(args.lora).parent), Path(args.lora).name)
+        folder, name = (args.lora, families.LORA_WEIGHTS) if Path(args.lora).is_dir() else (str(Path(args.lora).parent), Path(args.lora).name)
         try:
             pipe.load_lora_weights(folder, weight_name=name, adapter_name="dreambooth")
         except (ValueError, KeyError, OSError) as e:
-            du.fail(f"cannot load LoRA weights {args.lora}: {du.first_line(e)}")
+            cli.fail(f"cannot load LoRA weights {args.lora}: {cli.first_line(e)}")
         if args.fuse_lora:
             pipe.fuse_lora(lora_scale=args.lora_scale)
         else:
@@ -177,7 +180,7 @@ def warn_if_truncated(tokenizer, prompt, index):
     limit = tokenizer.model_max_length
     if len(ids) > limit:
         cut = tokenizer.decode(ids[limit - 1:-1])  # keep the start token and the end token out of the cut part
-        du.note(f"prompt {index} is longer than the text encoder's {limit} tokens; this part is cut: '{cut}'")
+        cli.note(f"prompt {index} is longer than the text encoder's {limit} tokens; this part is cut: '{cut}'")
 
 
 # diffusers' schedulers under the names AUTOMATIC1111 writes (and Civitai and the other UIs read)
@@ -235,44 +238,44 @@ def main(argv=None):
     n = args.num_images_per_prompt
     wanted = sorted(set(args.image_index)) if args.image_index else list(range(n))
     if wanted[0] < 0 or wanted[-1] >= n:
-        du.fail(f"--image_index must be between 0 and --num_images_per_prompt - 1 ({n - 1})")
+        cli.fail(f"--image_index must be between 0 and --num_images_per_prompt - 1 ({n - 1})")
     kind, source = check_model(args)
     pivotal = find_token_embeddings(args)
     model_prompts = prompts  # what the text encoder reads; files and their records keep the prompts as written
     if pivotal:  # the identifier is new tokens: write it as trained ("sks"), the model reads its tokens
         tokens, word = pivotal[1]["new_tokens"], pivotal[1]["token_abstraction"]
-        model_prompts = [du.pivot_prompt(prompt, word, tokens) for prompt in prompts]
-        du.note(f"pivotal tuning: '{word}' in the prompts is read as {''.join(tokens)} ({pivotal[0].name})")
+        model_prompts = [families.pivot_prompt(prompt, word, tokens) for prompt in prompts]
+        cli.note(f"pivotal tuning: '{word}' in the prompts is read as {''.join(tokens)} ({pivotal[0].name})")
     if args.lora_scale != 1.0 and not args.lora:
-        du.note("--lora_scale has no effect without LoRA adapters (--lora, or a LoRA run's folder)")
-    du.check_writable(args.output_dir, "--output_dir")
+        cli.note("--lora_scale has no effect without LoRA adapters (--lora, or a LoRA run's folder)")
+    cli.check_writable(args.output_dir, "--output_dir")
     if args.enable_xformers_memory_efficient_attention:
-        du.check_xformers()
+        families.check_xformers()
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         kind_of_device = torch.device(device)
     except RuntimeError:
-        du.fail(f"--device {device} is not a device: auto, cpu, cuda, cuda:N or mps")
+        cli.fail(f"--device {device} is not a device: auto, cpu, cuda, cuda:N or mps")
     if kind_of_device.type == "cuda" and (kind_of_device.index or 0) >= torch.cuda.device_count():
-        du.fail(f"--device {device}: {torch.cuda.device_count()} CUDA GPU(s) are visible here")
+        cli.fail(f"--device {device}: {torch.cuda.device_count()} CUDA GPU(s) are visible here")
     if kind_of_device.type == "mps" and not torch.backends.mps.is_available():
-        du.fail(f"--device {device}: Apple's MPS is not available here")
+        cli.fail(f"--device {device}: Apple's MPS is not available here")
     if args.cpu_offload and not device.startswith("cuda"):
-        du.fail("--cpu_offload needs a CUDA GPU: it keeps the models on the CPU and moves each to the GPU when used")
+        cli.fail("--cpu_offload needs a CUDA GPU: it keeps the models on the CPU and moves each to the GPU when used")
     precision = args.dtype if args.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
     if device == "cpu":  # PyTorch takes every core by default, and then slows to a crawl beside any other busy process
         torch.set_num_threads(args.cpu_threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or
                               max(1, len(os.sched_getaffinity(0)) // 2))
 
     # ---- load
-    pipe = load_model(args, kind, source, du.torch_dtype(precision), "cpu" if args.cpu_offload else device)
+    pipe = load_model(args, kind, source, families.torch_dtype(precision), "cpu" if args.cpu_offload else device)
     if pivotal:
-        du.load_token_embeddings(pipe, pivotal[0], du.FAMILIES[pivotal[1]["model_family"]], tokens)
-    du.set_scheduler(pipe, args.scheduler)
+        families.load_token_embeddings(pipe, pivotal[0], families.FAMILIES[pivotal[1]["model_family"]], tokens)
+    families.set_scheduler(pipe, args.scheduler)
     if args.enable_xformers_memory_efficient_attention:
-        du.enable_xformers(pipe)
+        families.enable_xformers(pipe)
     if args.attention_slicing:
         pipe.enable_attention_slicing()
     if args.cpu_offload:
@@ -300,7 +303,7 @@ def main(argv=None):
         made = []
         for block in blocks:
             js = list(range(block * args.batch_size, min((block + 1) * args.batch_size, n)))
-            seeds = [du.image_seed(args.seed, j) for j in js]
+            seeds = [imagedata.image_seed(args.seed, j) for j in js]
             images = pipe([model_prompt] * len(js), negative_prompt=[args.negative_prompt] * len(js) if args.negative_prompt else None,
                           num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                           height=height, width=width, callback_on_step_end=step_done,
@@ -330,11 +333,11 @@ def main(argv=None):
                 written.append(path)
                 made.append(image)
         if args.grid:
-            du.grid(made).save(out / f"p{p_idx:02d}-{slug(prompt)}-grid-seed{args.seed}.png")
+            imagedata.grid(made).save(out / f"p{p_idx:02d}-{slug(prompt)}-grid-seed{args.seed}.png")
     bar.close()
     seconds = time.perf_counter() - t0
     print(f"wrote {len(written)} images to {out} ({len(written) / seconds:.2f} images/s)")
 
 
 if __name__ == "__main__":
-    du.run(main)
+    cli.run(main)

@@ -12,7 +12,6 @@ class) is chosen once, before the loop.
 Flags shared with diffusers' examples/dreambooth/train_dreambooth.py keep diffusers' names and meanings.
 """
 
-import argparse
 import contextlib
 import gc
 import math
@@ -26,15 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-import dreambooth_utils as du
+import cli
 import export
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+import families
+import generate_priors
+import imagedata
+import objectives
+import runs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -47,12 +46,12 @@ RESUME_HARMLESS_GROUPS = ("speed (does not change what is learned)", "checkpoint
 
 
 def parse_args(argv=None):
-    return du.parse_args_with_config(build_parser(), argv)
+    return cli.parse_args_with_config(build_parser(), argv)
 
 
 def build_parser():
-    p = du.ArgumentParser(__doc__, __file__)
-    du.add_model_args(p).add_argument("--tokenizer_name", default=None, help="tokenizer to use instead of the model's own")
+    p = cli.ArgumentParser(__doc__, __file__)
+    cli.add_model_args(p).add_argument("--tokenizer_name", default=None, help="tokenizer to use instead of the model's own")
 
     g = p.add_argument_group("data")
     g.add_argument("--instance_dir", "--instance_data_dir", dest="instance_dir", default=None,
@@ -63,12 +62,12 @@ def build_parser():
     g.add_argument("--image_column", default="image", help="image column of --dataset_name")
     g.add_argument("--caption_column", default=None, help="caption column of --dataset_name (default: the instance prompt)")
     g.add_argument("--instance_prompt", default=None, help="prompt with the rare identifier, e.g. 'a photo of sks dog'")
-    g.add_argument("--resolution", type=du.SIZE, default=None,
+    g.add_argument("--resolution", type=cli.SIZE, default=None,
                    help="square training size (default: the model's own: 512 SD 1.5, 768 SD 2.x, 1024 SDXL)")
     g.add_argument("--center_crop", action="store_true", help="crop the centre instead of a random square")
     g.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
     g.add_argument("--aspect_ratio_buckets", nargs="?", const="auto", default=None,  # checked, kept as text
-                   type=lambda text: bucket_sizes(text, 64) and text,
+                   type=lambda text: imagedata.bucket_sizes(text, 64) and text,
                    help="keep each photo's aspect ratio: resize it to the nearest of these sizes 'h,w;h,w;...' "
                         "(diffusers' format; alone: sizes of about --resolution squared pixels in multiples of 64, "
                         "sides at most 2:1) and crop the rest; each batch has one size")
@@ -76,7 +75,7 @@ def build_parser():
                    help="several subjects in one run: a JSON list of {instance_prompt, instance_data_dir, class_prompt, "
                         "class_data_dir} (ShivamShrirao's format; optional validation_prompt), instead of those flags"
                    ).structured = True  # in a --config YAML, the list itself
-    g.add_argument("--mask_background_weight", type=du.FRACTION, default=0.0,
+    g.add_argument("--mask_background_weight", type=cli.FRACTION, default=0.0,
                    help="loss weight of the background of photos that have a mask (photo.mask.png beside photo.jpg, "
                         "white = subject); 0 ignores it (QUALITY.md: at 0.02 or 0.1 busy backgrounds still leak)")
 
@@ -85,76 +84,76 @@ def build_parser():
     g.add_argument("--class_dir", "--class_data_dir", dest="class_dir", default=None,
                    help="folder of class images; missing ones are generated from the base model")
     g.add_argument("--class_prompt", default=None, help="prompt of the class, e.g. 'a photo of dog'")
-    g.add_argument("--num_class_images", type=du.COUNT, default=100, help="class images to use (generated if the folder has fewer)")
-    g.add_argument("--prior_loss_weight", type=du.NONNEGATIVE, default=1.0, help="weight of the prior loss (lambda in the paper)")
-    g.add_argument("--sample_batch_size", type=du.COUNT, default=4, help="batch size when generating class images")
+    g.add_argument("--num_class_images", type=cli.COUNT, default=100, help="class images to use (generated if the folder has fewer)")
+    g.add_argument("--prior_loss_weight", type=cli.NONNEGATIVE, default=1.0, help="weight of the prior loss (lambda in the paper)")
+    g.add_argument("--sample_batch_size", type=cli.COUNT, default=4, help="batch size when generating class images")
     g.add_argument("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
                    help="precision of class-image generation (default: fp16 on a GPU, else fp32)")
 
     g = p.add_argument_group("training")
     g.add_argument("--train_text_encoder", action="store_true", help="also fine-tune the text encoder (SDXL: both)")
-    g.add_argument("--train_text_encoder_frac", "--train_text_encoder_ti_frac", type=du.number(float, above=0, high=1),
+    g.add_argument("--train_text_encoder_frac", "--train_text_encoder_ti_frac", type=cli.number(float, above=0, high=1),
                    default=1.0, help="with --train_text_encoder (or --train_text_encoder_ti): train it (or the new "
                                      "tokens) for this first fraction of the steps, then freeze it")
-    g.add_argument("--text_encoder_lr", type=du.POSITIVE, default=None,
+    g.add_argument("--text_encoder_lr", type=cli.POSITIVE, default=None,
                    help="learning rate of what trains in the text encoders (weights, adapters or new tokens; default: "
                         "--learning_rate)")
-    g.add_argument("--train_batch_size", type=du.COUNT, default=4, help="instance images per device per step")
-    g.add_argument("--num_train_epochs", type=du.COUNT, default=1, help="epochs, unless --max_train_steps is given")
-    g.add_argument("--max_train_steps", type=du.COUNT, default=None, help="optimizer steps; overrides --num_train_epochs")
-    g.add_argument("--gradient_accumulation_steps", type=du.COUNT, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--learning_rate", type=du.POSITIVE, default=None,
+    g.add_argument("--train_batch_size", type=cli.COUNT, default=4, help="instance images per device per step")
+    g.add_argument("--num_train_epochs", type=cli.COUNT, default=1, help="epochs, unless --max_train_steps is given")
+    g.add_argument("--max_train_steps", type=cli.COUNT, default=None, help="optimizer steps; overrides --num_train_epochs")
+    g.add_argument("--gradient_accumulation_steps", type=cli.COUNT, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--learning_rate", type=cli.POSITIVE, default=None,
                    help="peak learning rate (default: 5e-6; 1.0 with Prodigy, which sets its own step size)")
     g.add_argument("--scale_lr", action="store_true", help="multiply the learning rate by the global batch size")
     g.add_argument("--lr_scheduler", default="constant",
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
                    help="learning-rate schedule (diffusers' get_scheduler)")
-    g.add_argument("--lr_warmup_steps", type=du.NATURAL, default=500, help="warmup steps of the schedule")
-    g.add_argument("--lr_num_cycles", type=du.COUNT, default=1, help="hard restarts of cosine_with_restarts")
-    g.add_argument("--lr_power", type=du.POSITIVE, default=1.0, help="power of the polynomial schedule")
+    g.add_argument("--lr_warmup_steps", type=cli.NATURAL, default=500, help="warmup steps of the schedule")
+    g.add_argument("--lr_num_cycles", type=cli.COUNT, default=1, help="hard restarts of cosine_with_restarts")
+    g.add_argument("--lr_power", type=cli.POSITIVE, default=1.0, help="power of the polynomial schedule")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "prodigy"],
                    help="AdamW, bitsandbytes' 8-bit AdamW, or Prodigy (arxiv 2306.06101; the prodigyopt package)")
-    g.add_argument("--prodigy_beta3", type=du.FRACTION, default=None, help="Prodigy's beta3 (default: sqrt(beta2))")
-    g.add_argument("--prodigy_decouple", type=du.boolean, default=True, help="Prodigy: decoupled (AdamW-style) weight decay")
-    g.add_argument("--prodigy_use_bias_correction", type=du.boolean, default=True, help="Prodigy: Adam's bias correction")
-    g.add_argument("--prodigy_safeguard_warmup", type=du.boolean, default=True,
+    g.add_argument("--prodigy_beta3", type=cli.FRACTION, default=None, help="Prodigy's beta3 (default: sqrt(beta2))")
+    g.add_argument("--prodigy_decouple", type=cli.boolean, default=True, help="Prodigy: decoupled (AdamW-style) weight decay")
+    g.add_argument("--prodigy_use_bias_correction", type=cli.boolean, default=True, help="Prodigy: Adam's bias correction")
+    g.add_argument("--prodigy_safeguard_warmup", type=cli.boolean, default=True,
                    help="Prodigy: leave the learning-rate warmup out of its step-size estimate")
-    g.add_argument("--adam_beta1", type=du.FRACTION, default=0.9, help="AdamW's first-moment decay")
-    g.add_argument("--adam_beta2", type=du.FRACTION, default=0.999, help="AdamW's second-moment decay")
-    g.add_argument("--adam_weight_decay", type=du.NONNEGATIVE, default=1e-2, help="AdamW's decoupled weight decay")
-    g.add_argument("--adam_epsilon", type=du.POSITIVE, default=1e-8, help="AdamW's epsilon")
-    g.add_argument("--max_grad_norm", type=du.NONNEGATIVE, default=1.0, help="gradient clipping norm (0: no clipping)")
+    g.add_argument("--adam_beta1", type=cli.FRACTION, default=0.9, help="AdamW's first-moment decay")
+    g.add_argument("--adam_beta2", type=cli.FRACTION, default=0.999, help="AdamW's second-moment decay")
+    g.add_argument("--adam_weight_decay", type=cli.NONNEGATIVE, default=1e-2, help="AdamW's decoupled weight decay")
+    g.add_argument("--adam_epsilon", type=cli.POSITIVE, default=1e-8, help="AdamW's epsilon")
+    g.add_argument("--max_grad_norm", type=cli.NONNEGATIVE, default=1.0, help="gradient clipping norm (0: no clipping)")
     g.add_argument("--offset_noise", action="store_true", help="add offset noise (crosslabs.org/blog/diffusion-with-offset-noise)")
-    g.add_argument("--snr_gamma", type=du.POSITIVE, default=None,
+    g.add_argument("--snr_gamma", type=cli.POSITIVE, default=None,
                    help="min-SNR loss weighting gamma, 5.0 is usual (arxiv 2303.09556; v-prediction: the paper's "
                         "min(SNR, gamma) / (SNR + 1), not diffusers' min(SNR, gamma) / SNR + 1)")
     g.add_argument("--use_ema", action="store_true",
                    help="keep an exponential moving average of the trained weights (full or LoRA) and use it for "
                         "validation, exports and the result")
-    g.add_argument("--ema_decay", type=du.FRACTION, default=0.9999,
+    g.add_argument("--ema_decay", type=cli.FRACTION, default=0.9999,
                    help="the average's decay, reached after its warm-up (diffusers' EMAModel: (1 + t) / (10 + t))")
     g.add_argument("--ema_warmup", action="store_true", help="EMAModel's other warm-up: 1 - (1 + t) ** -2/3")
     g.add_argument("--save_raw_weights", action="store_true", help="with --use_ema, also save the raw weights in raw/")
-    g.add_argument("--seed", type=du.SEED, default=None, help="seed (default: drawn at random and recorded in run_config.json)")
+    g.add_argument("--seed", type=cli.SEED, default=None, help="seed (default: drawn at random and recorded in run_config.json)")
 
     g = p.add_argument_group("Pivotal tuning (the identifier as new tokens, trained beside the UNet or its LoRA)")
     g.add_argument("--train_text_encoder_ti", "--train_token_embeddings", dest="train_text_encoder_ti",
                    action="store_true", help="replace the identifier in the prompts by new tokens of every tokenizer "
                                              "and train their embeddings (the rest of the text encoders frozen)")
     g.add_argument("--token_abstraction", default="sks", help="the identifier word of the instance prompt")
-    g.add_argument("--num_new_tokens_per_abstraction", type=du.COUNT, default=2, help="new tokens for it: <s0><s1>...")
+    g.add_argument("--num_new_tokens_per_abstraction", type=cli.COUNT, default=2, help="new tokens for it: <s0><s1>...")
     g.add_argument("--initializer_concept", default=None,
                    help="word(s) whose embedding the new tokens start from, e.g. the class word (default: random, "
                         "with the embedding matrix's spread)")
 
     g = p.add_argument_group("LoRA (adapters instead of the full fine-tune)")
-    g.add_argument("--lora_rank", "--rank", dest="lora_rank", type=du.NATURAL, default=0,
+    g.add_argument("--lora_rank", "--rank", dest="lora_rank", type=cli.NATURAL, default=0,
                    help="rank of LoRA adapters (0: full fine-tune); use a learning rate of about 1e-4 with LoRA")
-    g.add_argument("--lora_alpha", type=du.POSITIVE, default=None, help="LoRA alpha (default: the rank, a scale of 1)")
-    g.add_argument("--lora_dropout", type=du.FRACTION, default=0.0, help="dropout of the LoRA layers")
+    g.add_argument("--lora_alpha", type=cli.POSITIVE, default=None, help="LoRA alpha (default: the rank, a scale of 1)")
+    g.add_argument("--lora_dropout", type=cli.FRACTION, default=0.0, help="dropout of the LoRA layers")
     g.add_argument("--use_dora", action="store_true",
                    help="DoRA adapters (arxiv 2402.09353: LoRA's direction plus a learned magnitude; peft's use_dora)")
-    g.add_argument("--lora_target_modules", nargs="+", default=du.UNET_LORA_TARGETS,
+    g.add_argument("--lora_target_modules", nargs="+", default=families.UNET_LORA_TARGETS,
                    help="UNet modules that get adapters (the text encoders' q/k/v/out projections with --train_text_encoder)")
 
     g = p.add_argument_group("precision and memory")
@@ -174,18 +173,18 @@ def build_parser():
     g.add_argument("--set_grads_to_none", action="store_true", help="free gradients between steps instead of zeroing")
     g.add_argument("--channels_last", action="store_true", help="UNet in channels-last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first steps)")
-    g.add_argument("--dataloader_num_workers", type=du.NATURAL, default=0, help="data loading subprocesses (0: main process)")
+    g.add_argument("--dataloader_num_workers", type=cli.NATURAL, default=0, help="data loading subprocesses (0: main process)")
 
     g = p.add_argument_group("checkpoints and exports")
-    g.add_argument("--checkpointing_steps", type=du.COUNT, default=500,
+    g.add_argument("--checkpointing_steps", type=cli.COUNT, default=500,
                    help="save the full training state (accelerate's save_state) every N optimizer steps")
-    g.add_argument("--checkpoints_total_limit", type=du.COUNT, default=None, help="keep only the newest K checkpoints")
+    g.add_argument("--checkpoints_total_limit", type=cli.COUNT, default=None, help="keep only the newest K checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' (the newest checkpoint in --output_dir, or a fresh start if there is none), a path, "
                         "or a checkpoint-N folder name in --output_dir")
-    g.add_argument("--export_steps", type=du.COUNT, default=None,
+    g.add_argument("--export_steps", type=cli.COUNT, default=None,
                    help="also write an inference pipeline (export-N) every N optimizer steps")
-    g.add_argument("--exports_total_limit", type=du.COUNT, default=None, help="keep only the newest K exports")
+    g.add_argument("--exports_total_limit", type=cli.COUNT, default=None, help="keep only the newest K exports")
     g.add_argument("--export_precision", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="weights of the exports and of the single files")
     g.add_argument("--save_single_file", action="store_true",
@@ -195,13 +194,13 @@ def build_parser():
     g.add_argument("--validation_prompt", action="append", default=None,
                    help="prompt to sample at step 0, every --validation_steps and at the end (repeatable)")
     g.add_argument("--validation_negative_prompt", default=None, help="negative prompt of the validation images")
-    g.add_argument("--num_validation_images", type=du.COUNT, default=4, help="images per validation prompt (fixed seeds)")
-    g.add_argument("--validation_steps", type=du.COUNT, default=100, help="sample every N optimizer steps")
-    g.add_argument("--validation_epochs", type=du.COUNT, default=None, help="instead: every N epochs (diffusers' SDXL flag)")
-    g.add_argument("--validation_scheduler", default="dpm++_2m", choices=sorted(du.SCHEDULERS),
+    g.add_argument("--num_validation_images", type=cli.COUNT, default=4, help="images per validation prompt (fixed seeds)")
+    g.add_argument("--validation_steps", type=cli.COUNT, default=100, help="sample every N optimizer steps")
+    g.add_argument("--validation_epochs", type=cli.COUNT, default=None, help="instead: every N epochs (diffusers' SDXL flag)")
+    g.add_argument("--validation_scheduler", default="dpm++_2m", choices=sorted(families.SCHEDULERS),
                    help="sampler, built from the model's scheduler config")
-    g.add_argument("--validation_guidance_scale", type=du.NONNEGATIVE, default=7.5, help="classifier-free guidance scale")
-    g.add_argument("--validation_inference_steps", type=du.COUNT, default=25, help="sampling steps per validation image")
+    g.add_argument("--validation_guidance_scale", type=cli.NONNEGATIVE, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--validation_inference_steps", type=cli.COUNT, default=25, help="sampling steps per validation image")
 
     g = p.add_argument_group("output and logging")
     g.add_argument("--output_dir", default="dreambooth-model",
@@ -211,7 +210,7 @@ def build_parser():
                    help="experiment tracker(s), through accelerate")
     g.add_argument("--tracker_project_name", default="dreambooth", help="project name in the tracker")
     g.add_argument("--run_name", default=None, help="run name in W&B (default: W&B's)")
-    g.add_argument("--logging_steps", type=du.COUNT, default=1,
+    g.add_argument("--logging_steps", type=cli.COUNT, default=1,
                    help="log every N optimizer steps (the only time a step waits for the GPU)")
     g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
     g.add_argument("--push_to_hub", action="store_true", help="upload the trained pipeline to the Hugging Face Hub")
@@ -227,91 +226,91 @@ def check_args(args):
         given = [flag for flag in ("instance_dir", "dataset_name", "instance_prompt", "class_dir", "class_prompt")
                  if getattr(args, flag)]
         if given:
-            du.fail(f"--concepts_list names each subject's folders and prompts: leave out --{', --'.join(given)}")
+            cli.fail(f"--concepts_list names each subject's folders and prompts: leave out --{', --'.join(given)}")
         if args.train_text_encoder_ti:
-            du.fail("--train_text_encoder_ti trains one identifier (--token_abstraction): not with --concepts_list")
-        args.subjects = du.read_concepts(args.concepts_list, args.with_prior_preservation)
+            cli.fail("--train_text_encoder_ti trains one identifier (--token_abstraction): not with --concepts_list")
+        args.subjects = imagedata.read_concepts(args.concepts_list, args.with_prior_preservation)
         args.validation_prompt = (args.validation_prompt or []) + [p for s in args.subjects for p in s["validation_prompt"]]
         args.validation_prompt = args.validation_prompt or None
     else:
         if not args.instance_prompt:
-            du.fail("--instance_prompt is required (e.g. 'a photo of sks dog')")
+            cli.fail("--instance_prompt is required (e.g. 'a photo of sks dog')")
         if (args.instance_dir is None) == (args.dataset_name is None):
-            du.fail("give exactly one of --instance_dir, --dataset_name and --concepts_list")
+            cli.fail("give exactly one of --instance_dir, --dataset_name and --concepts_list")
         if args.with_prior_preservation and not args.class_prompt:
-            du.fail("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
+            cli.fail("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
         if args.with_prior_preservation and not args.class_dir:
-            du.fail("--with_prior_preservation needs --class_dir (a folder; missing class images are generated)")
+            cli.fail("--with_prior_preservation needs --class_dir (a folder; missing class images are generated)")
         if not args.with_prior_preservation and (args.class_dir or args.class_prompt):
-            du.note("--class_dir/--class_prompt are ignored without --with_prior_preservation")
+            cli.note("--class_dir/--class_prompt are ignored without --with_prior_preservation")
         args.subjects = [{"instance_prompt": args.instance_prompt, "instance_data_dir": args.instance_dir,
                           "class_prompt": args.class_prompt, "class_data_dir": args.class_dir, "validation_prompt": []}]
     args.output_dir = os.path.expandvars(args.output_dir)
     if unset := re.search(r"\$\{?\w+\}?", args.output_dir):  # expandvars leaves an unset variable as it is
-        du.fail(f"--output_dir uses {unset.group()}, which is not set")
-    du.check_writable(args.output_dir, "--output_dir")
+        cli.fail(f"--output_dir uses {unset.group()}, which is not set")
+    cli.check_writable(args.output_dir, "--output_dir")
     if args.cache_latents and not args.center_crop:
-        du.fail("--cache_latents needs --center_crop: a random crop differs every epoch (flips are fine, both are cached)")
+        cli.fail("--cache_latents needs --center_crop: a random crop differs every epoch (flips are fine, both are cached)")
     if args.save_raw_weights and not args.use_ema:
-        du.note("--save_raw_weights has no effect without --use_ema (the result is the raw weights then)")
+        cli.note("--save_raw_weights has no effect without --use_ema (the result is the raw weights then)")
     if args.use_dora and not args.lora_rank:
-        du.fail("--use_dora needs --lora_rank: DoRA is a kind of LoRA adapter")
+        cli.fail("--use_dora needs --lora_rank: DoRA is a kind of LoRA adapter")
     if args.use_dora:
-        du.note(export.KOHYA_DORA)
+        cli.note(export.KOHYA_DORA)
     if args.save_single_file and args.lora_rank:
-        du.fail("--save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file")
+        cli.fail("--save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file")
     if args.train_text_encoder_ti and args.train_text_encoder:
-        du.fail("give one of --train_text_encoder (the text encoders' weights) and --train_text_encoder_ti (new tokens)")
+        cli.fail("give one of --train_text_encoder (the text encoders' weights) and --train_text_encoder_ti (new tokens)")
     if args.train_text_encoder_frac < 1 and not (args.train_text_encoder or args.train_text_encoder_ti):
-        du.fail("--train_text_encoder_frac needs --train_text_encoder or --train_text_encoder_ti")
+        cli.fail("--train_text_encoder_frac needs --train_text_encoder or --train_text_encoder_ti")
     if args.text_encoder_lr and args.optimizer == "prodigy" and args.text_encoder_lr != (args.learning_rate or 1.0):
-        du.fail("--optimizer prodigy takes one learning rate for all parameters: leave out --text_encoder_lr")
+        cli.fail("--optimizer prodigy takes one learning rate for all parameters: leave out --text_encoder_lr")
     args.new_tokens = [f"<s{i}>" for i in range(args.num_new_tokens_per_abstraction)] if args.train_text_encoder_ti else []
     if args.train_text_encoder_ti:  # the validation prompts as the model reads them; instance prompts: load_instance_examples
-        if du.pivot_prompt(args.instance_prompt, args.token_abstraction, args.new_tokens) == args.instance_prompt:
-            du.fail(f"--token_abstraction '{args.token_abstraction}' is not a word of --instance_prompt "
+        if families.pivot_prompt(args.instance_prompt, args.token_abstraction, args.new_tokens) == args.instance_prompt:
+            cli.fail(f"--token_abstraction '{args.token_abstraction}' is not a word of --instance_prompt "
                     f"'{args.instance_prompt}': give the identifier, e.g. --token_abstraction sks")
-        args.validation_prompt = [du.pivot_prompt(v, args.token_abstraction, args.new_tokens)
+        args.validation_prompt = [families.pivot_prompt(v, args.token_abstraction, args.new_tokens)
                                   for v in args.validation_prompt or []] or None
     if args.pre_compute_text_embeddings and (args.train_text_encoder or args.train_text_encoder_ti):
-        du.fail("--pre_compute_text_embeddings needs a frozen text encoder: leave out --train_text_encoder(_ti)")
-    args.pretrained_model_name_or_path = du.check_model_source(args.pretrained_model_name_or_path, args.revision,
+        cli.fail("--pre_compute_text_embeddings needs a frozen text encoder: leave out --train_text_encoder(_ti)")
+    args.pretrained_model_name_or_path = families.check_model_source(args.pretrained_model_name_or_path, args.revision,
                                                                args.single_file_config)
-    family, native_resolution = du.read_model(args.pretrained_model_name_or_path, args.revision)
+    family, native_resolution = families.read_model(args.pretrained_model_name_or_path, args.revision)
     args.model_family = family.name
     args.resolution = native_resolution if args.resolution is None else args.resolution
-    du.check_launch()
+    cli.check_launch()
     if args.enable_xformers_memory_efficient_attention:
-        du.check_xformers()
+        families.check_xformers()
     if args.use_8bit_adam:  # diffusers' spelling
         args.optimizer = "adamw8bit"
     args.use_8bit_adam = args.optimizer == "adamw8bit"
     if args.learning_rate is None:
         args.learning_rate = 1.0 if args.optimizer == "prodigy" else 5e-6
     if args.optimizer == "adamw8bit":
-        du.require("bitsandbytes", "--optimizer adamw8bit")
+        cli.require("bitsandbytes", "--optimizer adamw8bit")
     if args.optimizer == "prodigy":
-        du.require("prodigyopt", "--optimizer prodigy")
+        cli.require("prodigyopt", "--optimizer prodigy")
     if args.report_to in ("wandb", "all"):
-        du.check_wandb(f"--report_to {args.report_to}")
+        cli.check_wandb(f"--report_to {args.report_to}")
     if args.push_to_hub:
         export.check_hub_login(args.hub_token)
     out = Path(args.output_dir)
     args.resume_record = None
     if args.resume_from_checkpoint == "latest":
-        checkpoints = du.list_checkpoints(out)
+        checkpoints = runs.list_checkpoints(out)
         if checkpoints:
             args.resume_from_checkpoint = str(checkpoints[-1][1])
         else:  # the same command can start a preemptible job and restart it
-            du.note(f"no checkpoint in {out} yet: starting a new run")
+            cli.note(f"no checkpoint in {out} yet: starting a new run")
             args.resume_from_checkpoint = None
     if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).exists() and (out / args.resume_from_checkpoint).is_dir():
         args.resume_from_checkpoint = str(out / args.resume_from_checkpoint)  # a bare "checkpoint-N", as diffusers takes it
     if args.resume_from_checkpoint:
-        args.resume_record = du.check_checkpoint(args.resume_from_checkpoint)
+        args.resume_record = runs.check_checkpoint(args.resume_from_checkpoint)
     elif out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
-        hint = "--resume_from_checkpoint latest to continue it, " if du.list_checkpoints(out) else ""
-        du.fail(f"output folder is not empty: {out} (pass {hint}another --output_dir, or --overwrite_output_dir)")
+        hint = "--resume_from_checkpoint latest to continue it, " if runs.list_checkpoints(out) else ""
+        cli.fail(f"output folder is not empty: {out} (pass {hint}another --output_dir, or --overwrite_output_dir)")
 
 
 def load_subjects(args):
@@ -320,14 +319,14 @@ def load_subjects(args):
     subjects = []
     for subject in args.subjects:
         folder = subject["instance_data_dir"]
-        photos = [(path, du.read_caption(path, subject["instance_prompt"]), du.find_mask(path))
-                  for path in du.list_images(folder, "instance image")] if folder else du.read_dataset(
+        photos = [(path, imagedata.read_caption(path, subject["instance_prompt"]), imagedata.find_mask(path))
+                  for path in imagedata.list_images(folder, "instance image")] if folder else imagedata.read_dataset(
             args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column, args.instance_prompt)
         if not photos:
-            du.fail(f"no images in instance folder {folder}")
+            cli.fail(f"no images in instance folder {folder}")
         subjects.append(pivot_prompts(args, photos))
         if args.with_prior_preservation and Path(subject["class_data_dir"]).exists():
-            du.list_images(subject["class_data_dir"], "class image")  # names a corrupt class image now, not mid-run
+            imagedata.list_images(subject["class_data_dir"], "class image")  # names a corrupt class image now, not mid-run
     return subjects
 
 
@@ -335,270 +334,15 @@ def pivot_prompts(args, examples):
     if not args.train_text_encoder_ti:
         return examples
     for i, (image, prompt, _) in enumerate(examples):
-        if du.pivot_prompt(prompt, args.token_abstraction, args.new_tokens) == prompt:  # no identifier in it
-            du.fail(f"the caption of {image if isinstance(image, Path) else f'example {i}'} has no "
+        if families.pivot_prompt(prompt, args.token_abstraction, args.new_tokens) == prompt:  # no identifier in it
+            cli.fail(f"the caption of {image if isinstance(image, Path) else f'example {i}'} has no "
                     f"'{args.token_abstraction}' (--token_abstraction) for pivotal tuning's tokens: '{prompt}'")
-    return [(image, du.pivot_prompt(prompt, args.token_abstraction, args.new_tokens), mask)
+    return [(image, families.pivot_prompt(prompt, args.token_abstraction, args.new_tokens), mask)
             for image, prompt, mask in examples]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The method: pure functions of tensors
-
-
-def noise_target(scheduler, latents, noise, timesteps):
-    """What the UNet learns to predict: the noise (epsilon) or the velocity v = sqrt(a_t) eps - sqrt(1 - a_t) x0
-    (Salimans & Ho 2022; SD 2.x 768 px models use v). It must follow the model's own scheduler config."""
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
-
-
-def min_snr_weights(snr, gamma, prediction_type):
-    """Per-example loss weights of Min-SNR-gamma (Hang et al. 2023, arxiv 2303.09556): min(SNR, gamma) / SNR for an
-    epsilon target; a v target already carries a factor SNR + 1, so divide by that instead."""
-    weights = torch.clamp(snr, max=gamma)
-    return weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
-
-
-def dreambooth_loss(model_pred, target, num_instance, prior_loss_weight, weights=None, pixel_weights=None):
-    """Instance loss + prior_loss_weight * prior loss (the paper's eq. 2). The batch holds the instance examples first
-    and the class examples after them. `weights`: one per example (min-SNR); `pixel_weights`: one per latent pixel
-    (masks), each example's squared error averaged with them, so an all-ones weight is the plain mean. Returns (loss,
-    instance_loss, prior_loss); the prior loss is 0 without class examples."""
-    error = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-    dims = tuple(range(1, target.ndim))
-    if pixel_weights is None:
-        per_example = error.mean(dim=dims)
-    else:
-        per_example = (error * pixel_weights).mean(dim=dims) / pixel_weights.mean(dim=dims).clamp_min(1e-8)
-    if weights is not None:
-        per_example = per_example * weights
-    instance_loss = per_example[:num_instance].mean()
-    prior_loss = per_example[num_instance:].mean() if len(per_example) > num_instance else per_example.new_zeros(())
-    return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss
-
-
-def mask_weights(masks, size, background_weight):
-    """Masks (N, 1, H, W) in [0, 1] at pixel size, white = subject, as per-pixel loss weights at latent `size`: each
-    latent pixel the subject's share of its patch (area average), the background at `background_weight`. White is
-    exactly 1 whatever the background weight, so an all-white mask is the plain loss."""
-    return 1 - (1 - background_weight) * (1 - F.interpolate(masks, size=tuple(size), mode="area"))
-
-
-def sample_noise(latents, offset_noise=False):
-    """Gaussian noise like the latents; with offset noise, plus 0.1 x a per-channel constant, which lets the model
-    learn to change an image's mean brightness (crosslabs.org/blog/diffusion-with-offset-noise)."""
-    noise = torch.randn_like(latents)
-    if offset_noise:
-        noise = noise + 0.1 * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype)
-    return noise
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def preprocess(image, size, center_crop, random_flip, generator, flip=False, mask=None):
-    """Resize to cover `size` (height, width) keeping the aspect ratio, crop the rest (centre or random), maybe flip;
-    a mask (grey, the photo's size) the same way. Returns a CHW tensor in [-1, 1], SDXL's micro-conditioning of the
-    image: (original height, original width, crop top, crop left, height, width), the crop in the resized image and
-    mirrored with the flip, as diffusers' SDXL scripts compute it, and the mask (1HW in [0, 1]) or None."""
-    (h, w), (w0, h0) = size, image.size
-    scale = max(h / h0, w / w0)
-    resized = (max(w, round(w0 * scale)), max(h, round(h0 * scale)))
-    if center_crop:
-        left, top = (resized[0] - w) // 2, (resized[1] - h) // 2
-    else:
-        left = int(torch.randint(0, resized[0] - w + 1, (1,), generator=generator))
-        top = int(torch.randint(0, resized[1] - h + 1, (1,), generator=generator))
-    flip = flip or random_flip and torch.rand((), generator=generator) < 0.5
-    arrays = []
-    for im in (image,) if mask is None else (image, mask):
-        im = im.resize(resized, Image.BILINEAR).crop((left, top, left + w, top + h))
-        arrays.append(np.asarray(im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im, dtype=np.float32))
-    pixels = torch.from_numpy(arrays[0] / 127.5 - 1.0).permute(2, 0, 1)
-    mask = None if mask is None else torch.from_numpy(arrays[1] / 255.0)[None]
-    left = resized[0] - w - left if flip else left
-    return pixels, torch.tensor([h0, w0, top, left, h, w], dtype=torch.float32), mask
-
-
-def bucket_sizes(value, resolution):
-    """The (height, width) buckets: the listed ones, or for 'auto' the square and about resolution^2 pixels each in
-    multiples of 64, no side more than twice the other (kohya's scheme: 1024 gives 896x1152, 832x1216, 768x1344...)."""
-    if value != "auto":
-        try:
-            sizes = sorted({tuple(int(v) for v in pair.split(",")) for pair in value.replace(" ", "").strip(";").split(";")})
-        except ValueError:
-            sizes = [()]
-        if not all(len(hw) == 2 and min(hw) >= 8 and hw[0] % 8 == hw[1] % 8 == 0 for hw in sizes):
-            raise argparse.ArgumentTypeError(f"expected 'height,width;height,width;...' in multiples of 8, got {value!r}")
-        return sizes
-    step, area = 64, resolution * resolution
-    sizes = {(resolution, resolution)}
-    for w in range(step, 2 * resolution + 1, step):
-        h = area // w // step * step
-        if h >= step and max(w, h) <= 2 * min(w, h):
-            sizes |= {(h, w), (w, h)}
-    return sorted(sizes)
-
-
-def nearest_bucket(sizes, width, height):
-    """The bucket whose aspect ratio is nearest the image's (in log ratio; the first of a tie)."""
-    return min(sizes, key=lambda hw: abs(math.log(hw[1] / hw[0]) - math.log(width / height)))
-
-
-class BucketBatchSampler:
-    """--aspect_ratio_buckets: batches of items whose photo has the same bucket (the class image of an item is fitted
-    to it, so the pair shares a UNet batch). An epoch shuffles each bucket's items, then the batches, seeded by (seed,
-    dataset epoch): a resume replays it. A bucket's last batch may be short; `batch_size = None` tells accelerate's
-    sharding that batches vary in size, so each process gets whole batches."""
-
-    batch_size, drop_last = None, False
-
-    def __init__(self, dataset, batch_size, seed):
-        self.dataset, self.per_batch, self.seed = dataset, batch_size, seed
-        self.groups = {}
-        for i in range(len(dataset)):
-            self.groups.setdefault(dataset.size_of(i), []).append(i)
-
-    def __len__(self):
-        return sum(math.ceil(len(items) / self.per_batch) for items in self.groups.values())
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(du.image_seed(self.seed, f"buckets:{self.dataset.epoch}"))
-        batches = []
-        for _, items in sorted(self.groups.items()):
-            order = [items[k] for k in torch.randperm(len(items), generator=generator).tolist()]
-            batches += [order[k:k + self.per_batch] for k in range(0, len(order), self.per_batch)]
-        yield from (batches[k] for k in torch.randperm(len(batches), generator=generator).tolist())
-
-
-class DreamBoothDataset(Dataset):
-    """Item i is subject s = i mod S (each of S subjects gets the same share of an epoch, however many photos it has):
-    its photo k and class image k (k = i // S, modulo their counts; one subject: photo i and class image i, as
-    diffusers pairs them), at the photo's size (its bucket, or --resolution square; the class image fitted to it). An
-    epoch is S times the largest set. Crops and flips come from a generator seeded by (seed, epoch, i), whatever the
-    workers. An image comes with its time ids (SDXL's size and crop) and its mask or None, a prompt as token ids. With
-    caches (--cache_latents, --pre_compute_text_embeddings) an item holds cached latents and embeddings instead."""
-
-    def __init__(self, subjects, tokenizers, size, center_crop, random_flip, seed, buckets=None):
-        """subjects: [(photos: [(image, prompt, mask)], class images: [path], class prompt)]."""
-        self.subjects, self.tokenizers, self.center_crop, self.random_flip = subjects, tokenizers, center_crop, random_flip
-        self.seed, self.epoch = seed, 0
-        self.sizes = [[nearest_bucket(buckets, *(im if isinstance(im, Image.Image) else du.load_image(im)).size)
-                       if buckets else (size, size) for im, _, _ in photos] for photos, _, _ in subjects]
-        self.latents = self.embeddings = None  # filled by cache_latents / cache_embeddings
-
-    def __len__(self):
-        return len(self.subjects) * max(max(len(photos), len(classes)) for photos, classes, _ in self.subjects)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def locate(self, i):
-        """(subject, photo index, class image index or None) of item i."""
-        s, k = i % len(self.subjects), i // len(self.subjects)
-        photos, classes, _ = self.subjects[s]
-        return s, k % len(photos), k % len(classes) if classes else None
-
-    def size_of(self, i):
-        s, p, _ = self.locate(i)
-        return self.sizes[s][p]
-
-    def tokenize(self, prompt):
-        """(number of tokenizers, max length) token ids."""
-        return torch.stack([t(prompt, padding="max_length", truncation=True, max_length=t.model_max_length,
-                              return_tensors="pt").input_ids[0] for t in self.tokenizers])
-
-    def image(self, key, image, mask, size, generator):
-        if self.latents is not None:  # center crop only: the one random draw is the flip, as in preprocess
-            return self.latents[(*key, size, bool(self.random_flip and torch.rand((), generator=generator) < 0.5))]
-        image = image if isinstance(image, Image.Image) else du.load_image(image)
-        mask = mask and du.load_mask(mask, image.size)
-        return preprocess(image, size, self.center_crop, self.random_flip, generator, mask=mask)
-
-    def text(self, prompt):
-        return self.embeddings[prompt] if self.embeddings is not None else (self.tokenize(prompt),)
-
-    def __getitem__(self, i):
-        generator = torch.Generator().manual_seed(du.image_seed(self.seed, f"{self.epoch}:{i}"))
-        s, p, c = self.locate(i)
-        (photos, classes, class_prompt), size = self.subjects[s], self.sizes[s][p]
-        image, prompt, mask = photos[p]
-        examples = [(self.image(("instance", s, p), image, mask, size, generator), self.text(prompt))]
-        if classes:
-            examples.append((self.image(("class", s, c), classes[c], None, size, generator), self.text(class_prompt)))
-        return examples
-
-
-def collate(items):
-    """Instance examples first, then class examples, in one batch: one forward pass serves both losses. `texts` is
-    (token ids,) or, pre-computed, (prompt embeddings, pooled embeddings); `masks` when a photo of the batch has one."""
-    examples = [item[k] for k in range(len(items[0])) for item in items]
-    (images, time_ids, masks), texts = zip(*[e[0] for e in examples]), list(zip(*[e[1] for e in examples]))
-    batch = {"images": torch.stack(images).contiguous(), "time_ids": torch.stack(time_ids),
-             "texts": tuple(torch.stack(t) for t in texts)}
-    if any(m is not None for m in masks):  # the other images white, at the size in their time ids: the plain loss
-        batch["masks"] = torch.stack([torch.ones(1, *map(int, t[4:])) if m is None else m for m, t in zip(masks, time_ids)])
-    return batch
-
-
-@torch.no_grad()
-def cache_latents(dataset, vae, device, progress=True):
-    """--cache_latents: the VAE's latent distribution (its parameters: mean and log-variance) of every training image
-    at every size it is used at (a class image takes its photos' buckets), encoded once, one image at a time, both
-    flips when --random_flip, with its time ids and mask. A step then samples from it with the training random state,
-    as vae.encode(...).latent_dist.sample() would."""
-    flips = (False, True) if dataset.random_flip else (False,)
-    sources = {}
-    for i in range(len(dataset)):
-        (s, p, c), size = dataset.locate(i), dataset.size_of(i)
-        photos, classes, _ = dataset.subjects[s]
-        sources[("instance", s, p), size] = photos[p][0], photos[p][2]
-        if c is not None:
-            sources[("class", s, c), size] = classes[c], None
-    cache = {}
-    for (key, size), (image, mask) in tqdm(sources.items(), desc="caching latents", disable=not progress):
-        image = image if isinstance(image, Image.Image) else du.load_image(image)
-        mask = mask and du.load_mask(mask, image.size)
-        for flip in flips:
-            pixels, time_ids, m = preprocess(image, size, True, False, None, flip, mask)
-            latents = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist.parameters[0].cpu()
-            cache[(*key, size, flip)] = latents, time_ids, m
-    dataset.latents = cache
-
-
-@torch.no_grad()
-def cache_embeddings(dataset, prompts, encode_prompt, text_encoders, device):
-    """--pre_compute_text_embeddings: the frozen text encoders' output (prompt and pooled embeddings) for every
-    prompt, encoded once."""
-    dataset.embeddings = {p: tuple(t[0].cpu() for t in encode_prompt(text_encoders, dataset.tokenize(p)[None].to(device)))
-                          for p in dict.fromkeys(prompts)}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Models
-
-
-def encode_sd(text_encoders, ids):
-    """SD 1.x/2.x: the text encoder's last hidden state (StableDiffusionPipeline.encode_prompt). Its pooled output
-    rides along unused: this UNet has no added embedding and ignores it."""
-    out = text_encoders[0](ids[:, 0])
-    return out.last_hidden_state, out.pooler_output
-
-
-def encode_sdxl(text_encoders, ids):
-    """SDXL: the penultimate hidden states of both encoders side by side, and the second's projected pooled output
-    (StableDiffusionXLPipeline.encode_prompt)."""
-    outs = [encoder(ids[:, i], output_hidden_states=True) for i, encoder in enumerate(text_encoders)]
-    return torch.cat([out.hidden_states[-2] for out in outs], dim=-1), outs[-1].text_embeds
-
-
-ENCODE_PROMPT = {"sd": encode_sd, "sdxl": encode_sdxl}
 
 
 class DreamBoothModel(torch.nn.Module):
@@ -678,20 +422,67 @@ def class_images(args, accelerator, subject):
         return []
     class_dir = subject["class_data_dir"]
     precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
-    settings = {**du.PRIOR_DEFAULTS, **{k: getattr(args, k) for k in du.PRIOR_SETTINGS if hasattr(args, k)},
+    settings = {**generate_priors.PRIOR_DEFAULTS, **{k: getattr(args, k) for k in generate_priors.PRIOR_SETTINGS if hasattr(args, k)},
                 "class_prompt": subject["class_prompt"], "precision": "fp32" if precision == "no" else precision,
-                "unet_sha256": du.unet_fingerprint(args.pretrained_model_name_or_path, args.revision)}
-    settings = du.check_prior_folder(class_dir, settings, du.PRIOR_SETTINGS[:5])
-    missing = du.missing_prior_indices(class_dir, args.num_class_images)
+                "unet_sha256": generate_priors.unet_fingerprint(args.pretrained_model_name_or_path, args.revision)}
+    settings = generate_priors.check_prior_folder(class_dir, settings, generate_priors.PRIOR_SETTINGS[:5])
+    missing = generate_priors.missing_prior_indices(class_dir, args.num_class_images)
     if missing:
         accelerator.print(f"generating {len(missing)} class images in {class_dir} ({settings['precision']})")
-        du.make_prior_images(accelerator, class_dir, missing, settings)
+        generate_priors.make_prior_images(accelerator, class_dir, missing, settings)
         gc.collect()  # the sampling pipeline is gone: give its memory back before the models load
         torch.cuda.empty_cache()  # a no-op without CUDA
-    paths = du.list_images(class_dir, "class image", check=False)[: args.num_class_images]
+    paths = imagedata.list_images(class_dir, "class image", check=False)[: args.num_class_images]
     if not paths:
-        du.fail(f"no images in class folder {class_dir}")
+        cli.fail(f"no images in class folder {class_dir}")
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation images
+
+
+def validation_pipeline(args, family, model, vae, tokenizers, text_encoders, noise_scheduler):
+    """The family's pipeline around the in-memory models (nothing loads but the pipeline's config)."""
+    trained = {name: getattr(model, name) for name in model.text_encoder_names}
+    return families.load_pipeline(args.pretrained_model_name_or_path, args.revision, device=None, vae=vae, unet=model.unet,
+                            scheduler=families.make_scheduler(args.validation_scheduler, noise_scheduler.config),
+                            **dict(zip(family.tokenizers, tokenizers)), **{**text_encoders, **trained})
+
+
+def log_validation(accelerator, args, pipe, embeddings, step):
+    """Sample the validation prompts at fixed seeds (image j of every prompt has the same seed at every step, so the
+    images are comparable across steps); a PNG grid in output_dir/validation and images in the trackers. Its random
+    draws come from its own generators inside fork_rng, so the training random state is untouched: the same command
+    with and without validation trains the same weights."""
+    n, rows, negative = args.num_validation_images, [], args.validation_negative_prompt
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
+        for prompt in args.validation_prompt:
+            text = dict(prompt=[prompt] * n, negative_prompt=[negative] * n if negative else None)
+            if embeddings:  # pre-computed: the text encoders are not on the accelerator
+                text = {}
+                for key, p in (("", prompt), ("negative_", negative or "")):
+                    embeds, pooled = (e.expand(n, *e.shape).to(accelerator.device) for e in embeddings[p])
+                    if key and not negative and pipe.config.get("force_zeros_for_empty_prompt"):
+                        embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)  # as the pipeline does
+                    text.update({f"{key}prompt_embeds": embeds, **({f"{key}pooled_prompt_embeds": pooled}
+                                                                  if args.model_family == "sdxl" else {})})
+            rows.append(pipe(**text, num_inference_steps=args.validation_inference_steps,
+                             guidance_scale=args.validation_guidance_scale, height=args.resolution, width=args.resolution,
+                             generator=[torch.Generator().manual_seed(imagedata.image_seed(args.seed, j)) for j in range(n)]).images)
+    Path(args.output_dir, "validation").mkdir(parents=True, exist_ok=True)
+    imagedata.grid(sum(rows, []), columns=n).save(Path(args.output_dir, "validation", f"step-{step:06d}.png"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for r, images in enumerate(rows):
+                tracker.writer.add_images(f"validation/{r}", np.stack([np.asarray(im) for im in images]), step,
+                                          dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=f"{j}: {prompt}") for prompt, images in
+                                        zip(args.validation_prompt, rows) for j, im in enumerate(images)]}, step=step)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -808,7 +599,7 @@ def add_new_tokens(args, tokenizers, text_encoders):
     ids = []
     for tokenizer, encoder in zip(tokenizers, text_encoders):
         if any(t in tokenizer.get_vocab() for t in args.new_tokens):
-            du.fail(f"the tokenizer already has the tokens {args.new_tokens}")
+            cli.fail(f"the tokenizer already has the tokens {args.new_tokens}")
         tokenizer.add_tokens(args.new_tokens)
         new = tokenizer.convert_tokens_to_ids(args.new_tokens)
         encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -836,26 +627,26 @@ def load_models(args, accelerator, family):
     from transformers import AutoTokenizer
 
     model, kw = args.pretrained_model_name_or_path, dict(revision=args.revision)
-    tokenizers = [du.from_pretrained(AutoTokenizer, model, subfolder=sub, **kw) for sub in family.tokenizers]
+    tokenizers = [families.from_pretrained(AutoTokenizer, model, subfolder=sub, **kw) for sub in family.tokenizers]
     if args.tokenizer_name:
-        tokenizers[0] = du.from_pretrained(AutoTokenizer, args.tokenizer_name, **kw)
+        tokenizers[0] = families.from_pretrained(AutoTokenizer, args.tokenizer_name, **kw)
     # The training noise schedule is the model's own scheduler config read as DDPM: same betas, same prediction type.
-    noise_scheduler = du.from_pretrained(DDPMScheduler, model, subfolder="scheduler", **kw)
-    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
-        du.fail(f"the model's scheduler predicts {noise_scheduler.config.prediction_type!r}; supported: {PREDICTION_TYPES}")
+    noise_scheduler = families.from_pretrained(DDPMScheduler, model, subfolder="scheduler", **kw)
+    if noise_scheduler.config.prediction_type not in objectives.PREDICTION_TYPES:
+        cli.fail(f"the model's scheduler predicts {noise_scheduler.config.prediction_type!r}; supported: {objectives.PREDICTION_TYPES}")
     kw["variant"] = args.variant
     # important! Frozen weights load in the half-precision weight dtype; trained ones stay fp32, or the fp16 grad
     # scaler fails with "Attempting to unscale FP16 gradients". With LoRA the base weights are frozen (half precision)
     # and only the adapters train (fp32).
-    weight_dtype = du.torch_dtype(accelerator.mixed_precision)
+    weight_dtype = families.torch_dtype(accelerator.mixed_precision)
     lora = args.lora_rank > 0
     text_dtype = torch.float32 if args.train_text_encoder and not lora else weight_dtype
-    text_encoders = {name: du.from_pretrained(getattr(transformers, cls), model, subfolder=name, dtype=text_dtype, **kw)
+    text_encoders = {name: families.from_pretrained(getattr(transformers, cls), model, subfolder=name, dtype=text_dtype, **kw)
                      for name, cls in family.text_encoders}
     # important! SDXL's own VAE overflows in fp16: fp32 then, as its pipeline does (or give an fp16-safe VAE)
-    vae = du.load_vae(model, args.pretrained_vae_model_name_or_path, args.revision, args.variant, weight_dtype,
+    vae = families.load_vae(model, args.pretrained_vae_model_name_or_path, args.revision, args.variant, weight_dtype,
                       family.upcast_vae)
-    unet = du.from_pretrained(UNet2DConditionModel, model, subfolder="unet",
+    unet = families.from_pretrained(UNet2DConditionModel, model, subfolder="unet",
                               dtype=weight_dtype if lora else torch.float32, **kw)
     vae.requires_grad_(False).eval().to(accelerator.device)
     for encoder in text_encoders.values():
@@ -866,9 +657,9 @@ def load_models(args, accelerator, family):
     if args.train_text_encoder_ti:
         add_new_tokens(args, tokenizers, text_encoders.values())
     if lora:
-        du.add_lora(unet, vars(args), args.lora_target_modules)
+        families.add_lora(unet, vars(args), args.lora_target_modules)
         for encoder in text_encoders.values() if args.train_text_encoder else []:
-            du.add_lora(encoder, vars(args), du.TEXT_ENCODER_LORA_TARGETS)
+            families.add_lora(encoder, vars(args), families.TEXT_ENCODER_LORA_TARGETS)
         cast_training_params([unet, *text_encoders.values()], dtype=torch.float32)  # the adapters train in fp32
     if args.train_text_encoder and family.name == "sdxl":
         # important! SDXL reads the first encoder's penultimate layer: its last layer and final norm never reach the
@@ -877,7 +668,7 @@ def load_models(args, accelerator, family):
         first.encoder.layers[-1].requires_grad_(False)
         first.final_layer_norm.requires_grad_(False)
     if args.enable_xformers_memory_efficient_attention:
-        du.enable_xformers(unet)
+        families.enable_xformers(unet)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for encoder in text_encoders.values() if args.train_text_encoder else []:
@@ -901,7 +692,7 @@ def make_accelerator(args):
         args.seed = args.resume_record["config"]["seed"]
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(3), "little")
-        if du.partial_state().num_processes > 1:
+        if cli.partial_state().num_processes > 1:
             args.seed = broadcast_object_list([args.seed])[0]
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -912,11 +703,11 @@ def make_accelerator(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)),
         # the shuffle order of epoch e is a function of (seed, e) alone: a resumed run can replay it
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
-    du.check_deepspeed(accelerator, args.use_8bit_adam)
+    cli.check_deepspeed(accelerator, args.use_8bit_adam)
     set_seed(args.seed, device_specific=True)
     if args.overwrite_output_dir and not args.resume_from_checkpoint and accelerator.is_main_process:
-        for _, stale in du.list_checkpoints(args.output_dir):  # or `latest` and the rotation would mix two runs
-            du.note(f"--overwrite_output_dir: removing {stale} of an earlier run")
+        for _, stale in runs.list_checkpoints(args.output_dir):  # or `latest` and the rotation would mix two runs
+            cli.note(f"--overwrite_output_dir: removing {stale} of an earlier run")
             shutil.rmtree(stale)
     torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32  # off is PyTorch's default; no effect without CUDA
     return accelerator
@@ -926,16 +717,16 @@ def resume(accelerator, args, config, params, state):
     """--resume_from_checkpoint: the whole training state, with a note on settings that changed since."""
     changed = changed_settings(args.resume_record["config"], config)
     if changed:
-        du.note(f"resuming with changed settings ({', '.join(changed)}): the result will differ from an "
+        cli.note(f"resuming with changed settings ({', '.join(changed)}): the result will differ from an "
                 "uninterrupted run")
     try:
         accelerator.load_state(args.resume_from_checkpoint)
     except Exception as e:
         made_from = args.resume_record["config"].get("pretrained_model_name_or_path")
         if made_from != args.pretrained_model_name_or_path:
-            du.fail(f"checkpoint {args.resume_from_checkpoint} was made from the model {made_from}, not "
-                    f"{args.pretrained_model_name_or_path}: resume with that model ({du.first_line(e, 120)})")
-        du.fail(f"cannot load checkpoint {args.resume_from_checkpoint}: {du.first_line(e)}")
+            cli.fail(f"checkpoint {args.resume_from_checkpoint} was made from the model {made_from}, not "
+                    f"{args.pretrained_model_name_or_path}: resume with that model ({cli.first_line(e, 120)})")
+        cli.fail(f"cannot load checkpoint {args.resume_from_checkpoint}: {cli.first_line(e)}")
     # important! the loaded weights are copied into the fp32 trainable parameters: fp16 grads can't appear
     assert all(p.dtype == torch.float32 for p in params)
     accelerator.print(f"resumed from {args.resume_from_checkpoint} at step {state.global_step}")
@@ -960,24 +751,24 @@ def main(argv=None):
     class_paths = [path for _, paths, _ in subjects for path in paths]
 
     # ---- models: VAE frozen, UNet trained, text encoders trained or frozen; the family's prompt encoding
-    family = du.FAMILIES[args.model_family]
+    family = families.FAMILIES[args.model_family]
     tokenizers, noise_scheduler, text_encoders, vae, unet = load_models(args, accelerator, family)
 
     # ---- data, with the optional caches: then the VAE and the text encoders have nothing left to do in a step
-    buckets = bucket_sizes(args.aspect_ratio_buckets, args.resolution) if args.aspect_ratio_buckets else None
-    dataset = DreamBoothDataset(subjects, tokenizers, args.resolution, args.center_crop, args.random_flip, args.seed,
+    buckets = imagedata.bucket_sizes(args.aspect_ratio_buckets, args.resolution) if args.aspect_ratio_buckets else None
+    dataset = imagedata.DreamBoothDataset(subjects, tokenizers, args.resolution, args.center_crop, args.random_flip, args.seed,
                                 buckets)
     if args.cache_latents:
-        cache_latents(dataset, vae, accelerator.device, accelerator.is_local_main_process)
+        imagedata.cache_latents(dataset, vae, accelerator.device, accelerator.is_local_main_process)
         if not args.validation_prompt:  # validation still decodes with it
             vae.to("cpu")
     if args.pre_compute_text_embeddings:
         prompts = [p for _, p, _ in instances] + [prompt for _, paths, prompt in subjects if paths]
         prompts += (args.validation_prompt or []) + [args.validation_negative_prompt or ""]
-        cache_embeddings(dataset, prompts, ENCODE_PROMPT[family.name], list(text_encoders.values()), accelerator.device)
+        imagedata.cache_embeddings(dataset, prompts, families.ENCODE_PROMPT[family.name], list(text_encoders.values()), accelerator.device)
         for encoder in text_encoders.values():
             encoder.to("cpu")
-    model = DreamBoothModel(unet, {} if args.pre_compute_text_embeddings else text_encoders, ENCODE_PROMPT[family.name],
+    model = DreamBoothModel(unet, {} if args.pre_compute_text_embeddings else text_encoders, families.ENCODE_PROMPT[family.name],
                             args.train_text_encoder or args.train_text_encoder_ti,
                             [t.convert_tokens_to_ids(args.new_tokens) for t in tokenizers] if args.new_tokens else [])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -991,9 +782,9 @@ def main(argv=None):
     # important! The loader gets its own generator: by default each new iterator draws a seed from the global
     # torch RNG, and a resumed run (which starts a new iterator mid-epoch) would then draw different noise.
     # With buckets, a batch sampler keeps each batch to one size (with its own (seed, epoch) order).
-    batching = (dict(batch_sampler=BucketBatchSampler(dataset, args.train_batch_size, args.seed)) if buckets else
+    batching = (dict(batch_sampler=imagedata.BucketBatchSampler(dataset, args.train_batch_size, args.seed)) if buckets else
                 dict(batch_size=args.train_batch_size, shuffle=True))
-    dataloader = torch.utils.data.DataLoader(dataset, collate_fn=collate, num_workers=args.dataloader_num_workers,
+    dataloader = torch.utils.data.DataLoader(dataset, collate_fn=imagedata.collate, num_workers=args.dataloader_num_workers,
                                              pin_memory=accelerator.device.type == "cuda",
                                              generator=torch.Generator().manual_seed(args.seed), **batching)
     # Steps per epoch after sharding across processes; the schedule is stepped once per process per optimizer step.
@@ -1008,7 +799,7 @@ def main(argv=None):
                                  num_training_steps=max_train_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
-    export.diffusers_checkpoints(accelerator, family, args.lora_rank > 0,  # checkpoint-N/unet, as diffusers has it
+    runs.diffusers_checkpoints(accelerator, family, args.lora_rank > 0,  # checkpoint-N/unet, as diffusers has it
                                  ["unet"] + (list(text_encoders) if args.train_text_encoder else []))
     state, averager = TrainState(), Averager(params, args)
     accelerator.register_for_checkpointing(state)
@@ -1027,15 +818,15 @@ def main(argv=None):
               "masks": [str(mask) for _, _, mask in instances if mask],
               "buckets": {f"{h}x{w}": n for (h, w), n in sorted(Counter(sum(dataset.sizes, [])).items())} if buckets else None}
     del config["resume_record"]
-    record = du.run_record(config, __file__)
+    record = runs.run_record(config, __file__)
     if args.resume_from_checkpoint:
         resume(accelerator, args, config, params, state)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.resume_from_checkpoint:  # records of versions that wrote secrets in plain text
-            du.scrub_records(args.output_dir, Path(args.resume_from_checkpoint).parent)
-        du.write_json(Path(args.output_dir, "run_config.json"), record)
-        du.save_code(args.output_dir, __file__)
+            runs.scrub_records(args.output_dir, Path(args.resume_from_checkpoint).parent)
+        runs.write_json(Path(args.output_dir, "run_config.json"), record)
+        runs.save_code(args.output_dir, __file__)
         start_trackers(accelerator, args, record)
     # ---- SIGTERM (clusters, spot instances) or Ctrl-C: finish the optimizer step, save a checkpoint, exit 0. Installed
     # before the banner: a signal may come as soon as the run says it has started
@@ -1059,10 +850,10 @@ def main(argv=None):
     def validate(step):  # on the main process only; the others wait at the next collective
         if args.validation_prompt and accelerator.is_main_process:
             model.eval()
-            pipe = export.validation_pipeline(args, family, accelerator.unwrap_model(model), vae, tokenizers, text_encoders,
+            pipe = validation_pipeline(args, family, accelerator.unwrap_model(model), vae, tokenizers, text_encoders,
                                        noise_scheduler)
             with averager.applied():
-                export.log_validation(accelerator, args, pipe, dataset.embeddings, step)
+                log_validation(accelerator, args, pipe, dataset.embeddings, step)
             model.train()
 
     # ---- training loop
@@ -1097,21 +888,21 @@ def main(argv=None):
                 with torch.no_grad():
                     latents = encode(batch["images"]).float() * vae.config.scaling_factor  # noise, target, loss: fp32
                 # forward diffusion: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at a random timestep per example
-                noise = sample_noise(latents, args.offset_noise)
+                noise = objectives.sample_noise(latents, args.offset_noise)
                 timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                           device=latents.device).long()
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 # predict and compare: instance loss + lambda * prior loss
                 model_pred = model(noisy_latents, timesteps, batch["texts"], batch["time_ids"])
-                target = noise_target(noise_scheduler, latents, noise, timesteps)
+                target = objectives.noise_target(noise_scheduler, latents, noise, timesteps)
                 weights = pixel_weights = None
                 if args.snr_gamma:
-                    weights = min_snr_weights(compute_snr(noise_scheduler, timesteps), args.snr_gamma,
+                    weights = objectives.min_snr_weights(compute_snr(noise_scheduler, timesteps), args.snr_gamma,
                                               noise_scheduler.config.prediction_type)
                 if "masks" in batch:  # photos with masks: their background at --mask_background_weight
-                    pixel_weights = mask_weights(batch["masks"], latents.shape[-2:], args.mask_background_weight)
+                    pixel_weights = objectives.mask_weights(batch["masks"], latents.shape[-2:], args.mask_background_weight)
                 num_instance = latents.shape[0] // 2 if class_paths else latents.shape[0]
-                loss, instance_loss, prior_loss = dreambooth_loss(model_pred, target, num_instance,
+                loss, instance_loss, prior_loss = objectives.dreambooth_loss(model_pred, target, num_instance,
                                                                   args.prior_loss_weight, weights, pixel_weights)
                 # backward and update (accelerate skips the update until the last micro-batch of a step)
                 accelerator.backward(loss)
@@ -1152,7 +943,7 @@ def main(argv=None):
             if state.global_step % args.validation_steps == 0:
                 validate(state.global_step)
             if state.global_step % args.checkpointing_steps == 0 or stop:
-                checkpoint = export.save_checkpoint(accelerator, args, state, record)
+                checkpoint = runs.save_checkpoint(accelerator, args, state, record)
             if args.export_steps and state.global_step % args.export_steps == 0:
                 with averager.applied():
                     export.export_pipeline(accelerator, args, model, state.global_step)
@@ -1197,4 +988,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    du.run(main)
+    cli.run(main)

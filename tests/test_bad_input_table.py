@@ -13,7 +13,9 @@ import torch
 import yaml
 from PIL import Image
 
-import dreambooth_utils as du
+import cli
+import families
+import imagedata
 import export
 import generate_priors
 import infer
@@ -40,7 +42,7 @@ def base(tiny_model, photos, tmp_path):
     out, lora_run = tmp_path / "out", tmp_path / "lora-run"  # a finished LoRA run, as far as export.py looks
     lora_run.mkdir()
     (lora_run / "run_config.json").write_text('{"config": {}}')
-    (lora_run / du.LORA_WEIGHTS).write_bytes(b"adapters")
+    (lora_run / families.LORA_WEIGHTS).write_bytes(b"adapters")
     return out, {
         "train": ["--model", tiny_model, "--instance_dir", photos, "--instance_prompt", "a photo of sks dog",
                   "--output_dir", out, "--resolution", 64],
@@ -219,7 +221,7 @@ def test_a_full_disk_is_one_line(capsys):
         raise OSError(errno.ENOSPC, "No space left on device", "/data/run/.save.tmp/unet")
 
     with pytest.raises(SystemExit) as e:
-        du.run(main)
+        cli.run(main)
     assert e.value.code == ("error: no space left on the device while writing /data/run/.save.tmp/unet: free some "
                             "space and run again")
 
@@ -232,23 +234,23 @@ def test_deep_images_are_scaled_not_clipped(tmp_path, mode, values, expected):
     path = tmp_path / ("deep.png" if mode == "I;16" else "deep.tif")
     Image.fromarray(values).save(path)
     assert Image.open(path).mode == mode
-    assert np.asarray(du.load_image(path))[0, :, 0].tolist() == expected
+    assert np.asarray(imagedata.load_image(path))[0, :, 0].tolist() == expected
 
 
 def test_a_float_image_out_of_any_range_is_refused(tmp_path):
     path = tmp_path / "hdr.tif"
     Image.fromarray(np.array([[0.0, 1e6]], dtype=np.float32)).save(path)
     with pytest.raises(SystemExit, match=f"cannot read image {path}: its F values run from 0 to 1e\\+06"):
-        du.list_images(tmp_path, "instance image")
+        imagedata.list_images(tmp_path, "instance image")
 
 
 def test_transparent_pixels_are_white_and_noted(tmp_path, capsys):
     cut_out = np.zeros((4, 4, 4), dtype=np.uint8)
     cut_out[:2] = (200, 30, 30, 255)  # the subject, opaque; the rest transparent
     Image.fromarray(cut_out, "RGBA").save(tmp_path / "cut-out.png")
-    du.list_images(tmp_path, "instance image")
+    imagedata.list_images(tmp_path, "instance image")
     assert "1 image(s) in" in capsys.readouterr().err
-    rgb = np.asarray(du.load_image(tmp_path / "cut-out.png"))
+    rgb = np.asarray(imagedata.load_image(tmp_path / "cut-out.png"))
     assert rgb[0, 0].tolist() == [200, 30, 30] and rgb[3, 3].tolist() == [255, 255, 255]
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-import dreambooth_utils as du
-from train_dreambooth import DreamBoothDataset, collate, preprocess
+import generate_priors
+import imagedata
+from imagedata import DreamBoothDataset, collate, preprocess
 
 
 def save(path, size=(16, 12), color=(255, 0, 0), **kw):
@@ -19,7 +20,7 @@ def test_images_are_listed_sorted_and_non_images_skipped_with_a_note(tmp_path, c
     (tmp_path / "a.txt").write_text("a caption")  # sidecar: silent
     (tmp_path / "notes.pdf").write_text("not an image")
     (tmp_path / ".DS_Store").write_text("")
-    assert [p.name for p in du.list_images(tmp_path, "instance image")] == ["a.jpg", "b.png", "c.webp"]
+    assert [p.name for p in imagedata.list_images(tmp_path, "instance image")] == ["a.jpg", "b.png", "c.webp"]
     err = capsys.readouterr().err
     assert "notes.pdf" in err and "a.txt" not in err and "DS_Store" not in err
 
@@ -33,13 +34,13 @@ def test_a_corrupt_image_is_named(tmp_path, content):
         content = bad.read_bytes()[: len(bad.read_bytes()) // 2]
     bad.write_bytes(content)
     with pytest.raises(SystemExit) as e:
-        du.list_images(tmp_path, "instance image")
+        imagedata.list_images(tmp_path, "instance image")
     assert str(e.value).startswith("error: cannot read image") and str(bad) in str(e.value)
 
 
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(SystemExit, match="instance image folder not found: .*nope"):
-        du.list_images(tmp_path / "nope", "instance image")
+        imagedata.list_images(tmp_path / "nope", "instance image")
 
 
 def test_exif_orientation_is_honoured(tmp_path):
@@ -49,14 +50,14 @@ def test_exif_orientation_is_honoured(tmp_path):
     img.save(tmp_path / "phone.jpg", exif=exif.tobytes())
     with Image.open(tmp_path / "phone.jpg") as raw:
         assert raw.size == (40, 20)
-    assert du.load_image(tmp_path / "phone.jpg").size == (20, 40)
+    assert imagedata.load_image(tmp_path / "phone.jpg").size == (20, 40)
 
 
 def test_load_image_converts_to_rgb(tmp_path):
     Image.new("L", (8, 8), 128).save(tmp_path / "gray.png")
     Image.new("RGBA", (8, 8), (1, 2, 3, 4)).save(tmp_path / "alpha.png")
-    assert du.load_image(tmp_path / "gray.png").mode == "RGB"
-    assert du.load_image(tmp_path / "alpha.png").mode == "RGB"
+    assert imagedata.load_image(tmp_path / "gray.png").mode == "RGB"
+    assert imagedata.load_image(tmp_path / "alpha.png").mode == "RGB"
 
 
 def test_sidecar_caption_replaces_the_prompt(tmp_path):
@@ -64,9 +65,9 @@ def test_sidecar_caption_replaces_the_prompt(tmp_path):
     (tmp_path / "a.txt").write_text("  a photo of sks dog on grass \n")
     save(tmp_path / "b.png")
     (tmp_path / "b.txt").write_text("   ")  # empty: the default stands
-    assert du.read_caption(tmp_path / "a.png", "default") == "a photo of sks dog on grass"
-    assert du.read_caption(tmp_path / "b.png", "default") == "default"
-    assert du.read_caption(tmp_path / "c.png", "default") == "default"
+    assert imagedata.read_caption(tmp_path / "a.png", "default") == "a photo of sks dog on grass"
+    assert imagedata.read_caption(tmp_path / "b.png", "default") == "default"
+    assert imagedata.read_caption(tmp_path / "c.png", "default") == "default"
 
 
 def test_center_crop_takes_the_middle_and_scales_to_minus_one_one():
@@ -110,14 +111,14 @@ def test_batch_holds_instances_first_then_class_images(tmp_path):
 
 
 def test_image_seeds_depend_only_on_seed_and_index():
-    seeds = [du.image_seed(0, i) for i in range(100)]
-    assert len(set(seeds)) == 100 and seeds[7] == du.image_seed(0, 7) != du.image_seed(1, 7)
+    seeds = [imagedata.image_seed(0, i) for i in range(100)]
+    assert len(set(seeds)) == 100 and seeds[7] == imagedata.image_seed(0, 7) != imagedata.image_seed(1, 7)
 
 
 def test_missing_prior_indices_counts_user_images_and_fills_gaps(tmp_path):
-    assert du.missing_prior_indices(tmp_path / "new", 3) == [0, 1, 2]
-    save(tmp_path / du.prior_image_name(1))
+    assert generate_priors.missing_prior_indices(tmp_path / "new", 3) == [0, 1, 2]
+    save(tmp_path / generate_priors.prior_image_name(1))
     save(tmp_path / "my_own_dog.jpg")
     (tmp_path / ".000000.png.tmp").write_bytes(b"half an image")  # a killed run's leftover does not count
-    assert du.missing_prior_indices(tmp_path, 4) == [0, 2]
-    assert du.missing_prior_indices(tmp_path, 2) == []
+    assert generate_priors.missing_prior_indices(tmp_path, 4) == [0, 2]
+    assert generate_priors.missing_prior_indices(tmp_path, 2) == []

@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import dreambooth_utils as du
+import generate_priors
+import imagedata
+import objectives
 import train_dreambooth as td
 from test_data import WordTokenizer
 from test_train import scalars, train_args, weights
@@ -21,15 +23,15 @@ from test_train import scalars, train_args, weights
 
 
 def test_auto_buckets_are_about_the_resolutions_area_in_multiples_of_64():
-    sdxl = td.bucket_sizes("auto", 1024)
+    sdxl = imagedata.bucket_sizes("auto", 1024)
     assert {(1024, 1024), (896, 1152), (1152, 896), (832, 1216), (1216, 832), (768, 1344), (1344, 768)} <= set(sdxl)
     for resolution in (512, 768, 1024):
-        assert (resolution, resolution) in td.bucket_sizes("auto", resolution)
-        for h, w in td.bucket_sizes("auto", resolution):
+        assert (resolution, resolution) in imagedata.bucket_sizes("auto", resolution)
+        for h, w in imagedata.bucket_sizes("auto", resolution):
             assert h % 64 == w % 64 == 0 and max(h, w) <= 2 * min(h, w)
             assert 0.8 * resolution**2 <= h * w <= resolution**2, (resolution, h, w)
-    assert td.bucket_sizes("auto", 32) == [(32, 32)]  # below 64 px: the square alone
-    assert td.bucket_sizes("64,64; 48,80;80,48;", 64) == [(48, 80), (64, 64), (80, 48)]
+    assert imagedata.bucket_sizes("auto", 32) == [(32, 32)]  # below 64 px: the square alone
+    assert imagedata.bucket_sizes("64,64; 48,80;80,48;", 64) == [(48, 80), (64, 64), (80, 48)]
     for bad in ("64x64", "64,60", "64", "a,b", "0,64"):
         with pytest.raises(SystemExit):
             td.parse_args(["--aspect_ratio_buckets", bad])
@@ -37,9 +39,9 @@ def test_auto_buckets_are_about_the_resolutions_area_in_multiples_of_64():
 
 def test_each_photo_goes_to_the_bucket_of_the_nearest_aspect_ratio():
     sizes = [(48, 80), (64, 64), (80, 48)]
-    assert td.nearest_bucket(sizes, 120, 60) == (48, 80)  # wide: width 120, height 60
-    assert td.nearest_bucket(sizes, 60, 90) == (80, 48)
-    assert td.nearest_bucket(sizes, 70, 66) == (64, 64)
+    assert imagedata.nearest_bucket(sizes, 120, 60) == (48, 80)  # wide: width 120, height 60
+    assert imagedata.nearest_bucket(sizes, 60, 90) == (80, 48)
+    assert imagedata.nearest_bucket(sizes, 70, 66) == (64, 64)
 
 
 def test_a_photo_is_fitted_to_its_bucket_and_its_mask_follows_the_crop_and_flip():
@@ -51,7 +53,7 @@ def test_a_photo_is_fitted_to_its_bucket_and_its_mask_follows_the_crop_and_flip(
     ImageDraw.Draw(mask).ellipse([20, 20, 70, 70], fill=255)
     crops = set()
     for seed in range(12):
-        pixels, time_ids, m = td.preprocess(photo, (48, 80), False, True, torch.Generator().manual_seed(seed), mask=mask)
+        pixels, time_ids, m = imagedata.preprocess(photo, (48, 80), False, True, torch.Generator().manual_seed(seed), mask=mask)
         assert pixels.shape == (3, 48, 80) and m.shape == (1, 48, 80)
         red = (pixels[0] > 0.9) & (pixels[1] < -0.9)  # the disc; its mask, resized and cropped the same way:
         assert red[m[0] > 0.99].all() and not red[m[0] < 0.01].any() and red.any() and (m < 0.01).any()
@@ -75,9 +77,9 @@ def photo_set(folder, sizes, color=(200, 30, 30)):
 def test_bucket_batches_are_one_size_cover_the_epoch_and_replay_from_seed_and_epoch(tmp_path):
     photos = [(p, "sks dog", None) for p in photo_set(tmp_path / "i", [(96, 64), (64, 96), (80, 80), (120, 60), (90, 60)])]
     classes = photo_set(tmp_path / "c", [(64, 64)] * 7, color=(0, 0, 200))
-    ds = td.DreamBoothDataset([(photos, classes, "dog")], [WordTokenizer()], 64, False, True, seed=5,
+    ds = imagedata.DreamBoothDataset([(photos, classes, "dog")], [WordTokenizer()], 64, False, True, seed=5,
                               buckets=[(48, 80), (64, 64), (80, 48)])
-    sampler = td.BucketBatchSampler(ds, 2, seed=5)
+    sampler = imagedata.BucketBatchSampler(ds, 2, seed=5)
     orders = []
     for epoch in (0, 1, 0):
         ds.set_epoch(epoch)
@@ -86,7 +88,7 @@ def test_bucket_batches_are_one_size_cover_the_epoch_and_replay_from_seed_and_ep
         assert sorted(i for b in batches for i in b) == list(range(len(ds)))  # every item once
         for b in batches:
             assert len({ds.size_of(i) for i in b}) == 1
-            batch = td.collate([ds[i] for i in b])  # photos and their class images: one shape
+            batch = imagedata.collate([ds[i] for i in b])  # photos and their class images: one shape
             h, w = ds.size_of(b[0])
             assert batch["images"].shape == (2 * len(b), 3, h, w)
             assert batch["time_ids"][:, 4:].tolist() == [[h, w]] * (2 * len(b))
@@ -100,7 +102,7 @@ def test_two_subjects_get_equal_shares_with_their_own_class_images_and_prompts(t
     a = [(p, "a photo of sks dog", None) for p in photo_set(tmp_path / "a", [(64, 64)] * 3)]
     b = [(p, "a photo of zwx cat", None) for p in photo_set(tmp_path / "b", [(64, 64)] * 30)]
     dogs, cats = photo_set(tmp_path / "dogs", [(64, 64)] * 4), photo_set(tmp_path / "cats", [(64, 64)] * 5)
-    ds = td.DreamBoothDataset([(a, dogs, "a photo of dog"), (b, cats, "a photo of cat")], [WordTokenizer()], 32, True,
+    ds = imagedata.DreamBoothDataset([(a, dogs, "a photo of dog"), (b, cats, "a photo of cat")], [WordTokenizer()], 32, True,
                               False, seed=0)
     assert len(ds) == 60  # both subjects as long as the larger set: 30 each per epoch
     seen = {0: [], 1: []}
@@ -118,7 +120,7 @@ def test_two_subjects_get_equal_shares_with_their_own_class_images_and_prompts(t
 
 def test_one_subject_keeps_the_old_pairing():
     """Item i is photo i and class image i (modulo their counts), as before --concepts_list."""
-    ds = td.DreamBoothDataset([([("x", "p", None)] * 3, ["c"] * 5, "q")], [WordTokenizer()], 32, True, False, seed=0)
+    ds = imagedata.DreamBoothDataset([([("x", "p", None)] * 3, ["c"] * 5, "q")], [WordTokenizer()], 32, True, False, seed=0)
     assert len(ds) == 5 and [ds.locate(i) for i in range(5)] == [(0, i % 3, i) for i in range(5)]
 
 
@@ -132,23 +134,23 @@ def test_a_background_weight_of_zero_ignores_the_background_and_a_white_mask_is_
     masks = torch.zeros(4, 1, 32, 32)
     masks[:2, :, 8:24, 8:24] = 1  # instance examples: the subject in the middle; class examples (rows 2-3): ones
     masks[2:] = 1
-    weights = td.mask_weights(masks, (8, 8), 0.0)
+    weights = objectives.mask_weights(masks, (8, 8), 0.0)
     assert weights[0, 0, 3, 3] == 1 and weights[0, 0, 0, 0] == 0 and torch.equal(weights[2:], torch.ones(2, 1, 8, 8))
-    loss = td.dreambooth_loss(pred, target, 2, 1.0, pixel_weights=weights)
+    loss = objectives.dreambooth_loss(pred, target, 2, 1.0, pixel_weights=weights)
     other = target.clone()
     other[:2, :, :2, :] += 5.0  # only background pixels of the instance examples
-    assert all(torch.equal(x, y) for x, y in zip(loss, td.dreambooth_loss(pred, other, 2, 1.0, pixel_weights=weights)))
+    assert all(torch.equal(x, y) for x, y in zip(loss, objectives.dreambooth_loss(pred, other, 2, 1.0, pixel_weights=weights)))
     inside = target.clone()
     inside[:2, :, 3:5, 3:5] += 5.0  # the subject's pixels count
-    assert td.dreambooth_loss(pred, inside, 2, 1.0, pixel_weights=weights)[1] > loss[1]
+    assert objectives.dreambooth_loss(pred, inside, 2, 1.0, pixel_weights=weights)[1] > loss[1]
     # the class loss is never masked; an all-white mask is the plain loss, bit for bit
-    assert torch.equal(loss[2], td.dreambooth_loss(pred, target, 2, 1.0)[2])
-    white = td.mask_weights(torch.ones(4, 1, 32, 32), (8, 8), 0.1)
-    assert all(torch.equal(x, y) for x, y in zip(td.dreambooth_loss(pred, target, 2, 0.5, pixel_weights=white),
-                                                 td.dreambooth_loss(pred, target, 2, 0.5)))
+    assert torch.equal(loss[2], objectives.dreambooth_loss(pred, target, 2, 1.0)[2])
+    white = objectives.mask_weights(torch.ones(4, 1, 32, 32), (8, 8), 0.1)
+    assert all(torch.equal(x, y) for x, y in zip(objectives.dreambooth_loss(pred, target, 2, 0.5, pixel_weights=white),
+                                                 objectives.dreambooth_loss(pred, target, 2, 0.5)))
     # a background weight between: between the two
-    half = td.dreambooth_loss(pred, other, 2, 1.0, pixel_weights=td.mask_weights(masks, (8, 8), 0.5))[1]
-    assert loss[1] < half < td.dreambooth_loss(pred, other, 2, 1.0)[1]
+    half = objectives.dreambooth_loss(pred, other, 2, 1.0, pixel_weights=objectives.mask_weights(masks, (8, 8), 0.5))[1]
+    assert loss[1] < half < objectives.dreambooth_loss(pred, other, 2, 1.0)[1]
 
 
 def save_mask(path, array, mode=None):
@@ -159,9 +161,9 @@ def save_mask(path, array, mode=None):
 def test_masks_sit_beside_their_photos_and_are_not_photos(tmp_path):
     photo_set(tmp_path, [(64, 48), (64, 48)])
     save_mask(tmp_path / "p0.mask.png", np.full((24, 32), 255, np.uint8))  # half the size: fine
-    assert du.list_images(tmp_path, "instance image") == [tmp_path / "p0.png", tmp_path / "p1.png"]
-    assert du.find_mask(tmp_path / "p0.png") == tmp_path / "p0.mask.png" and du.find_mask(tmp_path / "p1.png") is None
-    assert du.load_mask(tmp_path / "p0.mask.png", (64, 48)).size == (64, 48)
+    assert imagedata.list_images(tmp_path, "instance image") == [tmp_path / "p0.png", tmp_path / "p1.png"]
+    assert imagedata.find_mask(tmp_path / "p0.png") == tmp_path / "p0.mask.png" and imagedata.find_mask(tmp_path / "p1.png") is None
+    assert imagedata.load_mask(tmp_path / "p0.mask.png", (64, 48)).size == (64, 48)
 
 
 @pytest.mark.parametrize("array, mode, message", [
@@ -178,7 +180,7 @@ def test_a_mask_that_makes_no_sense_is_one_line_naming_it(tmp_path, array, mode,
     photo_set(tmp_path, [(64, 48)])
     mask = save_mask(tmp_path / "p0.mask.png", array, mode)
     with pytest.raises(SystemExit) as e:
-        du.find_mask(tmp_path / "p0.png")
+        imagedata.find_mask(tmp_path / "p0.png")
     assert str(e.value) == f"error: mask {mask} {message}"
 
 
@@ -201,7 +203,7 @@ def test_a_concepts_list_that_makes_no_sense_is_one_line(tmp_path, content, mess
     path = tmp_path / "concepts.json"
     path.write_text(content)
     with pytest.raises(SystemExit) as e:
-        du.read_concepts(str(path), False)
+        imagedata.read_concepts(str(path), False)
     assert str(e.value) == f"error: --concepts_list {path} {message}".replace(f"{path} subject", f"{path}: subject")
 
 
@@ -209,12 +211,12 @@ def test_prior_preservation_needs_each_subjects_class_and_a_folder_per_class(tmp
     path = tmp_path / "concepts.json"
     path.write_text('[{"instance_prompt": "p", "instance_data_dir": "d", "class_prompt": "q"}]')
     with pytest.raises(SystemExit, match="subject 0 needs class_data_dir \\(prior preservation is on\\)"):
-        du.read_concepts(str(path), True)
+        imagedata.read_concepts(str(path), True)
     same = {"instance_prompt": "p", "instance_data_dir": "d", "class_data_dir": "priors/"}
     concepts = [{**same, "class_prompt": "a dog"}, {**same, "class_prompt": "a dog"}]
-    assert len(du.read_concepts(concepts, True)) == 2  # two subjects of one class share its folder
+    assert len(imagedata.read_concepts(concepts, True)) == 2  # two subjects of one class share its folder
     with pytest.raises(SystemExit) as e:
-        du.read_concepts(concepts + [{**same, "class_data_dir": "priors", "class_prompt": "a cat"}], True)
+        imagedata.read_concepts(concepts + [{**same, "class_data_dir": "priors", "class_prompt": "a cat"}], True)
     assert str(e.value) == ("error: --concepts_list: class folder priors is given two class prompts ('a dog' and "
                             "'a cat'): one folder per class")
 
@@ -313,7 +315,7 @@ def test_two_subjects_own_class_images_validation_prompts_and_exact_resume(run, 
     run("generate_priors.py", "--model", tiny_model, "--concepts_list", concepts, "--num_class_images", 2,
         "--num_inference_steps", 2, "--resolution", 64, launch=False)
     for folder, prompt in ((tmp_path / "dogs", "a photo of dog"), (tmp_path / "cat-priors", "a photo of cat")):
-        assert len(du.list_images(folder, "class image")) == 2 and du.read_prior_manifest(folder)["class_prompt"] == prompt
+        assert len(imagedata.list_images(folder, "class image")) == 2 and generate_priors.read_prior_manifest(folder)["class_prompt"] == prompt
 
     def args(out, *extra):
         return ["--pretrained_model_name_or_path", tiny_model, "--concepts_list", concepts, "--output_dir", out,
@@ -325,7 +327,7 @@ def test_two_subjects_own_class_images_validation_prompts_and_exact_resume(run, 
     resumed_equals_uninterrupted(run, out, args, trained=("unet", "text_encoder"))
     # each folder was topped up to 3 with its own prompt; both subjects' prompts were sampled
     for folder, prompt in ((tmp_path / "dogs", "a photo of dog"), (tmp_path / "cat-priors", "a photo of cat")):
-        assert len(du.list_images(folder, "class image")) == 3 and du.read_prior_manifest(folder)["class_prompt"] == prompt
+        assert len(imagedata.list_images(folder, "class image")) == 3 and generate_priors.read_prior_manifest(folder)["class_prompt"] == prompt
     record = json.loads((out / "run_config.json").read_text())["config"]
     assert record["validation_prompt"] == ["a sks dog on the beach", "a zwx cat in a box"]
     assert record["num_instance_images"] == 6 and record["num_class_images_used"] == 6
@@ -351,11 +353,11 @@ def test_a_batch_with_a_masked_photo_carries_white_masks_for_the_rest(tmp_path):
     mask = Image.new("L", (64, 64), 0)
     ImageDraw.Draw(mask).rectangle([0, 0, 31, 63], fill=255)  # the left half
     mask.save(tmp_path / "i" / "p0.mask.png")
-    photos = [(p, "sks dog", du.find_mask(p)) for p in paths]
+    photos = [(p, "sks dog", imagedata.find_mask(p)) for p in paths]
     classes = photo_set(tmp_path / "c", [(64, 64)] * 2)
-    ds = td.DreamBoothDataset([(photos, classes, "dog")], [WordTokenizer()], 32, True, False, seed=0)
-    batch = td.collate([ds[0], ds[1]])
+    ds = imagedata.DreamBoothDataset([(photos, classes, "dog")], [WordTokenizer()], 32, True, False, seed=0)
+    batch = imagedata.collate([ds[0], ds[1]])
     assert batch["masks"].shape == (4, 1, 32, 32)
     assert batch["masks"][0, 0, :, :15].min() == 1 and batch["masks"][0, 0, :, 17:].max() == 0  # the photo's mask
     assert torch.equal(batch["masks"][1:], torch.ones(3, 1, 32, 32))  # the photo without one, the class images
-    assert "masks" not in td.collate([ds[1]])  # no masked photo in the batch: the plain loss
+    assert "masks" not in imagedata.collate([ds[1]])  # no masked photo in the batch: the plain loss

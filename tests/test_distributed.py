@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-import dreambooth_utils as du
+import cli
 from conftest import ROOT, script_env
 from test_bad_input import refuse
 from test_train import generates, train_args
@@ -87,9 +87,9 @@ def test_the_launch_check_counts_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     with pytest.raises(SystemExit, match="asks for 4 processes on this machine, which has 2 GPU"):
-        du.check_launch()
+        cli.check_launch()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    du.check_launch()
+    cli.check_launch()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed and FSDP need GPUs")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dreambooth_utils as du
+import families
+import imagedata
 import infer
 
 
@@ -30,7 +31,7 @@ def test_infer_is_deterministic_and_carries_its_settings(tiny_model, tmp_path):
         settings = json.loads(img.text["dreambooth"])
         parameters = img.text["parameters"]
     assert settings["prompt"] == "a photo of sks dog" and settings["image_index"] == 1 and settings["seed"] == 5
-    assert settings["image_seed"] == du.image_seed(5, 1)
+    assert settings["image_seed"] == imagedata.image_seed(5, 1)
     assert parameters.splitlines() == [
         "a photo of sks dog", "Negative prompt: blurry",
         "Steps: 2, Sampler: PLMS, CFG scale: 7.5, Seed: 5, Size: 64x64, Model: tiny-sd, Image index: 1"]
@@ -40,15 +41,15 @@ A1111_NAMES = {"ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_a": "Eul
                "dpm++_2m_karras": "DPM++ 2M Karras", "unipc": "UniPC"}  # as AUTOMATIC1111 writes them
 
 
-@pytest.mark.parametrize("scheduler", sorted(du.SCHEDULERS))
+@pytest.mark.parametrize("scheduler", sorted(families.SCHEDULERS))
 def test_every_scheduler_runs_from_the_models_config(tiny_model_v, tmp_path, scheduler):
     infer.main(infer_argv(tiny_model_v, tmp_path, "--scheduler", scheduler, "--num_images_per_prompt", 1))
     (png,) = tmp_path.glob("*.png")
     with Image.open(png) as img:
         assert f"Sampler: {A1111_NAMES[scheduler]}, CFG scale" in img.text["parameters"]
         assert json.loads(img.text["dreambooth"])["scheduler"] == scheduler
-    pipe = du.load_pipeline(tiny_model_v)
-    du.set_scheduler(pipe, scheduler)
+    pipe = families.load_pipeline(tiny_model_v)
+    families.set_scheduler(pipe, scheduler)
     assert pipe.scheduler.config.prediction_type == "v_prediction"  # carried over from the model's config
 
 
@@ -65,7 +66,7 @@ def test_image_j_alone_is_the_same_bytes_and_the_metadata_round_trips(tiny_model
     with Image.open(one) as img:
         settings = json.loads(img.text["dreambooth"])
     assert settings == {"prompt": "a photo of sks dog", "negative_prompt": None, "seed": 7, "image_index": 3,
-                        "image_seed": du.image_seed(7, 3), "num_images_per_prompt": 5, "batch_size": 2,
+                        "image_seed": imagedata.image_seed(7, 3), "num_images_per_prompt": 5, "batch_size": 2,
                         "num_inference_steps": 2, "guidance_scale": 7.5, "sampler": "PLMS", "scheduler": "PNDMScheduler", "width": 64,
                         "height": 64, "model": tiny_model, "dtype": "fp32"}
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import dreambooth_utils as du
+import families
 import infer
 from test_lora_files import assert_diffusers_names, assert_kohya_names, older_layout
 from test_resume import command
@@ -58,7 +58,7 @@ def test_lora_trains_only_adapters_and_loads_everywhere(run, tiny_model, photos,
     kohya = out / "pytorch_lora_weights_kohya.safetensors"
     assert np.array_equal(image(tiny_model, tmp_path / "kohya", "--lora", kohya), tuned)
     assert_kohya_names(kohya, tiny_model, "sd", ["unet", "text_encoder"])  # the names ComfyUI and AUTOMATIC1111 map
-    assert_diffusers_names(out / du.LORA_WEIGHTS, tiny_model, "sd", ["unet", "text_encoder"])
+    assert_diffusers_names(out / families.LORA_WEIGHTS, tiny_model, "sd", ["unet", "text_encoder"])
 
     # a run of an earlier version (text-encoder keys without text_model): export.py --kohya writes its kohya file again
     old = tmp_path / "old"
@@ -75,13 +75,12 @@ def test_lora_trains_only_adapters_and_loads_everywhere(run, tiny_model, photos,
 def test_only_the_adapters_train(tiny_model, photos, tmp_path, make_accelerator):
     """The optimizer gets the parameters that require grad: with LoRA those are the adapters alone, so the base
     weights cannot move."""
-    import dreambooth_utils as du
     import train_dreambooth
 
     args = train_dreambooth.parse_args([str(a) for a in train_args(tiny_model, photos, tmp_path / "out", *LORA,
                                                                     "--train_text_encoder")])
     train_dreambooth.check_args(args)
-    _, _, encoders, _, unet = train_dreambooth.load_models(args, make_accelerator(), du.SD)
+    _, _, encoders, _, unet = train_dreambooth.load_models(args, make_accelerator(), families.SD)
     for module in (unet, *encoders.values()):
         trainable = [n for n, p in module.named_parameters() if p.requires_grad]
         assert trainable and all("lora_" in n for n in trainable)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import dreambooth_utils as du
+import families
 import export
 
 # The CLIP layers the web UIs map for a LoRA (ComfyUI's LORA_CLIP_MAP), and the prefixes kohya's sd-scripts writes.
@@ -37,13 +37,13 @@ def layers(model_dir, family):
     return found
 
 
-def trained_layers(model_dir, family, models, unet_targets=du.UNET_LORA_TARGETS):
+def trained_layers(model_dir, family, models, unet_targets=families.UNET_LORA_TARGETS):
     """The layers a run puts adapters on: the UNet's target modules, the text encoders' attention projections."""
     return {(model, path) for model, path in layers(model_dir, family) if model in models and any(
-        path.endswith("." + t) for t in (unet_targets if model == "unet" else du.TEXT_ENCODER_LORA_TARGETS))}
+        path.endswith("." + t) for t in (unet_targets if model == "unet" else families.TEXT_ENCODER_LORA_TARGETS))}
 
 
-def assert_kohya_names(path, model_dir, family, models, unet_targets=du.UNET_LORA_TARGETS):
+def assert_kohya_names(path, model_dir, family, models, unet_targets=families.UNET_LORA_TARGETS):
     """Every key of a kohya file names a layer the UIs map, and every trained layer has its three keys. Returns the
     number of layers per model."""
     state = load_file(path)
@@ -90,7 +90,7 @@ def adapters(model_dir, family, models, use_dora=False):
     trained = {}
     for name in models:
         module = getattr(pipe, name)
-        du.add_lora(module, config, du.UNET_LORA_TARGETS if name == "unet" else du.TEXT_ENCODER_LORA_TARGETS)
+        families.add_lora(module, config, families.UNET_LORA_TARGETS if name == "unet" else families.TEXT_ENCODER_LORA_TARGETS)
         for key, p in module.named_parameters():
             if "lora_B" in key:
                 torch.nn.init.normal_(p)
@@ -103,16 +103,16 @@ def adapters(model_dir, family, models, use_dora=False):
                          ids=["sd-text-encoder", "sd-unet", "sdxl-text-encoders", "sdxl-unet"])
 def test_both_files_name_every_trained_layer_as_their_readers_do(tiny_model, tiny_sdxl, tmp_path, family, models):
     model_dir = tiny_model if family == "sd" else tiny_sdxl
-    export.save_lora(tmp_path, du.FAMILIES[family], torch.float32, adapters(model_dir, family, models))
+    export.save_lora(tmp_path, families.FAMILIES[family], torch.float32, adapters(model_dir, family, models))
     counts = assert_kohya_names(tmp_path / "pytorch_lora_weights_kohya.safetensors", model_dir, family, models)
     assert all(counts[m] > 0 for m in models), counts
-    assert_diffusers_names(tmp_path / du.LORA_WEIGHTS, model_dir, family, models)
+    assert_diffusers_names(tmp_path / families.LORA_WEIGHTS, model_dir, family, models)
 
 
 def test_dora_file_names_every_trained_layer_and_its_magnitude(tiny_sdxl, tmp_path):
     models = ["unet", "text_encoder", "text_encoder_2"]
-    export.save_lora(tmp_path, du.SDXL, torch.float32, adapters(tiny_sdxl, "sdxl", models, use_dora=True))
-    assert_diffusers_names(tmp_path / du.LORA_WEIGHTS, tiny_sdxl, "sdxl", models, dora=True)
+    export.save_lora(tmp_path, families.SDXL, torch.float32, adapters(tiny_sdxl, "sdxl", models, use_dora=True))
+    assert_diffusers_names(tmp_path / families.LORA_WEIGHTS, tiny_sdxl, "sdxl", models, dora=True)
     assert not (tmp_path / "pytorch_lora_weights_kohya.safetensors").exists()
 
 
@@ -120,7 +120,7 @@ def older_layout(folder):
     """The diffusers file as earlier versions wrote it under transformers 5: text encoders without text_model."""
     from safetensors import safe_open
 
-    path = folder / du.LORA_WEIGHTS
+    path = folder / families.LORA_WEIGHTS
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
     state = load_file(path)
@@ -135,13 +135,13 @@ def test_resume_and_diffusers_read_both_layouts_into_the_same_adapters(tiny_sdxl
 
     models = ["unet", "text_encoder", "text_encoder_2"]
     written = adapters(tiny_sdxl, "sdxl", models)
-    export.save_lora(tmp_path, du.SDXL, torch.float32, written)
+    export.save_lora(tmp_path, families.SDXL, torch.float32, written)
     if layout == "older":
         older_layout(tmp_path)
     want = {name: get_peft_model_state_dict(module) for name, (module, _) in written.items()}
 
     fresh = adapters(tiny_sdxl, "sdxl", models)  # the resume hook's case: adapters in place, other values
-    export.load_lora(tmp_path, du.SDXL, {name: module for name, (module, _) in fresh.items()})
+    export.load_lora(tmp_path, families.SDXL, {name: module for name, (module, _) in fresh.items()})
     for name, (module, _) in fresh.items():
         got = get_peft_model_state_dict(module)
         assert got.keys() == want[name].keys() and all(torch.equal(got[k], want[name][k]) for k in got), name
@@ -156,7 +156,7 @@ def test_resume_and_diffusers_read_both_layouts_into_the_same_adapters(tiny_sdxl
 def test_a_file_that_does_not_fit_the_models_is_one_line(tiny_model, tmp_path):
     """Plain LoRA adapters into a run's DoRA modules (their magnitudes missing): one line naming the folder, not a
     silent partial load."""
-    export.save_lora(tmp_path, du.SD, torch.float32, adapters(tiny_model, "sd", ["unet"]))
+    export.save_lora(tmp_path, families.SD, torch.float32, adapters(tiny_model, "sd", ["unet"]))
     dora = adapters(tiny_model, "sd", ["unet"], use_dora=True)
     with pytest.raises(SystemExit, match=r"cannot load the adapters of .* into the unet: missing .*lora_magnitude"):
-        export.load_lora(tmp_path, du.SD, {"unet": dora["unet"][0]})
+        export.load_lora(tmp_path, families.SD, {"unet": dora["unet"][0]})

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from train_dreambooth import dreambooth_loss, min_snr_weights, noise_target, sample_noise
+from objectives import dreambooth_loss, min_snr_weights, noise_target, sample_noise
 
 
 def scheduler(prediction_type):

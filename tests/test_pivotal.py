@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-import dreambooth_utils as du
+import families
+import imagedata
 from test_lora_files import assert_kohya_names
 from test_train import train_args
 
@@ -82,10 +83,10 @@ def test_pivotal_tuning_saves_embeddings_that_diffusers_and_infer_load(run, tiny
     run("train_dreambooth.py", *train_args(model, photos, out, *common, "--resume_from_checkpoint", "latest"),
         launch=False, env=one)
     embeddings = load_file(out / "run_emb.safetensors")
-    assert embeddings.keys() == set(du.FAMILIES[family].embedding_keys)
+    assert embeddings.keys() == set(families.FAMILIES[family].embedding_keys)
     ref = load_file(reference / "reference_emb.safetensors")
     assert all(torch.equal(ref[k], embeddings[k]) for k in ref)  # the resume is exact, the new rows included
-    ref_lora, lora = (load_file(f / du.LORA_WEIGHTS) for f in (reference, out))
+    ref_lora, lora = (load_file(f / families.LORA_WEIGHTS) for f in (reference, out))
     assert all(torch.equal(ref_lora[k], lora[k]) for k in ref_lora)
     assert_kohya_names(out / "pytorch_lora_weights_kohya.safetensors", model, family, ["unet"])  # the UNet's alone
     record = json.loads((out / "run_config.json").read_text())["config"]
@@ -93,13 +94,13 @@ def test_pivotal_tuning_saves_embeddings_that_diffusers_and_infer_load(run, tiny
 
     pipe = (StableDiffusionPipeline if family == "sd" else StableDiffusionXLPipeline).from_pretrained(model)
     pipe.load_lora_weights(out)
-    du.load_token_embeddings(pipe, out / "run_emb.safetensors", du.FAMILIES[family], ["<s0>", "<s1>"])
-    du.set_scheduler(pipe, "dpm++_2m")
+    families.load_token_embeddings(pipe, out / "run_emb.safetensors", families.FAMILIES[family], ["<s0>", "<s1>"])
+    families.set_scheduler(pipe, "dpm++_2m")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         image = pipe("a photo of <s0><s1> dog", num_inference_steps=2, guidance_scale=7.5, height=64, width=64,
-                     generator=torch.Generator().manual_seed(du.image_seed(record["seed"], 0))).images[0]
+                     generator=torch.Generator().manual_seed(imagedata.image_seed(record["seed"], 0))).images[0]
     finally:
         torch.set_num_threads(threads)
     assert np.array_equal(np.asarray(image), validation_image(out, 4))

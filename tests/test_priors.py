@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import dreambooth_utils as du
 import generate_priors
 from test_train import train_args
 
@@ -30,7 +29,7 @@ def pngs(folder):
 def recorded(path):
     """What a generated class image says made it."""
     with Image.open(path) as image:
-        return json.loads(image.text[du.PRIOR_TEXT])
+        return json.loads(image.text[generate_priors.PRIOR_TEXT])
 
 
 def test_one_and_two_processes_write_the_same_bytes(run, tiny_model, tmp_path):
@@ -38,7 +37,7 @@ def test_one_and_two_processes_write_the_same_bytes(run, tiny_model, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run("generate_priors.py", *priors_argv(tiny_model, one, 5, "--sample_batch_size", 3), launch=ONE)
     run("generate_priors.py", *priors_argv(tiny_model, two, 5, "--sample_batch_size", 3), launch=TWO, env=CPU)
-    assert sorted(p.name for p in two.iterdir()) == [du.prior_image_name(i) for i in range(5)]  # images only
+    assert sorted(p.name for p in two.iterdir()) == [generate_priors.prior_image_name(i) for i in range(5)]  # images only
     assert pngs(one) == pngs(two)
 
 
@@ -58,14 +57,14 @@ def test_top_up_makes_exactly_the_missing_files(tiny_model, tmp_path):
     original = pngs(d)
     made = recorded(d / "000000.png")
     assert made["settings"]["class_prompt"] == "a photo of dog" and made["settings"]["seed"] == 3
-    assert made["settings"]["unet_sha256"] == du.unet_fingerprint(tiny_model)
+    assert made["settings"]["unet_sha256"] == generate_priors.unet_fingerprint(tiny_model)
     assert made["settings"]["pretrained_model_name_or_path"] == tiny_model and "diffusers" in made["versions"]
 
     # a killed run: two images gone (one in each batch), a temporary file left behind that must not count
     (d / "000001.png").unlink()
     (d / "000004.png").unlink()
     (d / ".000002.png.tmp").write_bytes(b"half")
-    assert du.missing_prior_indices(d, 5) == [1, 4]
+    assert generate_priors.missing_prior_indices(d, 5) == [1, 4]
     # another batch size on the command line: the folder's own is kept, so the bytes are the same
     generate_priors.main(priors_argv(tiny_model, d, 5, "--seed", 3, "--sample_batch_size", 2))
     assert pngs(d) == original
@@ -146,7 +145,7 @@ def test_a_folder_of_an_older_version_with_manifest_json_still_tops_up(tiny_mode
     for name in ("000000.png", "000001.png"):  # as the older version wrote them: no text
         with Image.open(d / name) as image:
             image.save(d / name, pnginfo=PngInfo())
-    (d / du.PRIOR_MANIFEST).write_text(json.dumps({"settings": settings}))
+    (d / generate_priors.PRIOR_MANIFEST).write_text(json.dumps({"settings": settings}))
     with pytest.raises(SystemExit, match="was made with other settings"):
         generate_priors.main(priors_argv(tiny_model, d, 3, "--num_inference_steps", 3))
     generate_priors.main(priors_argv(tiny_model, d, 3))

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import dreambooth_utils as du
+import families
+import imagedata
 import export
 import infer
 import train_dreambooth
@@ -46,13 +47,13 @@ def sdxl_generates(folder, **kw):
 
 
 def test_family_and_native_resolution_come_from_the_model(tiny_model, tiny_sdxl):
-    assert du.read_model(tiny_sdxl) == (du.SDXL, 16)  # sample size 8 x the tiny VAE's factor 2
-    assert du.read_model(tiny_model) == (du.SD, 16)
+    assert families.read_model(tiny_sdxl) == (families.SDXL, 16)  # sample size 8 x the tiny VAE's factor 2
+    assert families.read_model(tiny_model) == (families.SD, 16)
     shutil.rmtree(Path(tiny_sdxl).with_name("broken"), ignore_errors=True)
     shutil.copytree(tiny_sdxl, Path(tiny_sdxl).with_name("broken"))
     shutil.rmtree(Path(tiny_sdxl).with_name("broken") / "text_encoder_2")
     try:
-        du.check_model_source(str(Path(tiny_sdxl).with_name("broken")))
+        families.check_model_source(str(Path(tiny_sdxl).with_name("broken")))
         raise AssertionError("a folder without text_encoder_2 was accepted")
     except SystemExit as e:
         assert "has no text_encoder_2 subfolder" in str(e)
@@ -65,9 +66,9 @@ def test_time_ids_carry_each_images_real_size_and_crop_into_the_unet(tiny_sdxl, 
     Image.new("RGB", (40, 80), (30, 30, 200)).save(tmp_path / "tall.png")  # resized to 64 x 128: a crop top in 0..64
     from transformers import AutoTokenizer
 
-    tokenizers = [AutoTokenizer.from_pretrained(tiny_sdxl, subfolder=s) for s in du.SDXL.tokenizers]
+    tokenizers = [AutoTokenizer.from_pretrained(tiny_sdxl, subfolder=s) for s in families.SDXL.tokenizers]
     examples = [(tmp_path / "wide.png", "a photo of sks dog", None), (tmp_path / "tall.png", "a photo of sks dog", None)]
-    data = train_dreambooth.DreamBoothDataset([(examples, [], None)], tokenizers, 64, False, True, seed=3)
+    data = imagedata.DreamBoothDataset([(examples, [], None)], tokenizers, 64, False, True, seed=3)
     crops = set()
     for epoch in range(6):
         data.set_epoch(epoch)
@@ -81,8 +82,8 @@ def test_time_ids_carry_each_images_real_size_and_crop_into_the_unet(tiny_sdxl, 
     assert len(crops) > 4  # random crops and flips: the time ids change with them
     # the flip mirrors the crop: the same draw without --random_flip gives the unmirrored left edge
     g = torch.Generator().manual_seed(0)
-    _, plain, _ = train_dreambooth.preprocess(Image.open(tmp_path / "wide.png"), (64, 64), False, False, g)
-    _, flipped, _ = train_dreambooth.preprocess(Image.open(tmp_path / "wide.png"), (64, 64), False, False,
+    _, plain, _ = imagedata.preprocess(Image.open(tmp_path / "wide.png"), (64, 64), False, False, g)
+    _, flipped, _ = imagedata.preprocess(Image.open(tmp_path / "wide.png"), (64, 64), False, False,
                                                 torch.Generator().manual_seed(0), flip=True)
     assert flipped[3] == 85 - 64 - plain[3]
 
@@ -92,10 +93,10 @@ def test_time_ids_carry_each_images_real_size_and_crop_into_the_unet(tiny_sdxl, 
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
     encoders = {"text_encoder": CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),
                 "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2")}
-    model = train_dreambooth.DreamBoothModel(unet, encoders, train_dreambooth.encode_sdxl, False)
+    model = train_dreambooth.DreamBoothModel(unet, encoders, families.encode_sdxl, False)
     seen = {}
     unet.register_forward_pre_hook(lambda m, a, kw: seen.update(kw["added_cond_kwargs"]), with_kwargs=True)
-    batch = train_dreambooth.collate([data[0], data[1]])
+    batch = imagedata.collate([data[0], data[1]])
     latents = torch.randn(2, 4, 32, 32)
     out = model(latents, torch.tensor([10, 500]), batch["texts"], batch["time_ids"])
     assert out.shape == latents.shape
@@ -110,11 +111,11 @@ def test_half_precision_keeps_the_sdxl_vae_in_fp32_unless_a_separate_vae_is_give
                                                                     "--mixed_precision", "bf16", "--lora_rank", 2)])
     train_dreambooth.check_args(args)
     accelerator = make_accelerator(mixed_precision="bf16")
-    _, _, encoders, vae, unet = train_dreambooth.load_models(args, accelerator, du.SDXL)
+    _, _, encoders, vae, unet = train_dreambooth.load_models(args, accelerator, families.SDXL)
     assert vae.dtype == torch.float32 and unet.dtype == torch.bfloat16
     assert {e.dtype for e in encoders.values()} == {torch.bfloat16}
     args.pretrained_vae_model_name_or_path = separate_vae(tmp_path / "vae")
-    vae = train_dreambooth.load_models(args, accelerator, du.SDXL)[3]
+    vae = train_dreambooth.load_models(args, accelerator, families.SDXL)[3]
     assert vae.dtype == torch.bfloat16  # an fp16-safe VAE (force_upcast false) runs in the weight dtype
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import dreambooth_utils as du
+import cli
 import export
 from test_train import train_args
 
@@ -27,7 +27,7 @@ def files_holding(folder, secret=TOKEN):
     (["x.py", "--hub_model_id", "--hub_token"], ["x.py", "--hub_model_id", "--hub_token"]),  # a value, not the flag
 ])
 def test_secret_values_are_redacted_in_every_spelling_argparse_accepts(argv, expected):
-    assert du.redact_argv(argv) == expected
+    assert cli.redact_argv(argv) == expected
 
 
 @pytest.fixture(scope="module")

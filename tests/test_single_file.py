@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import dreambooth_utils as du
+import families
 import export
 from test_train import train_args
 
@@ -22,7 +22,7 @@ def image(pipe):
 def same_model(folder, single_file, atol=1e-5):
     """The pipeline from the folder and the one from the single file (the folder giving the configs): equal weights
     (after the file's precision), and images within `atol`; returns the largest pixel difference."""
-    family = du.read_model(str(folder))[0]
+    family = families.read_model(str(folder))[0]
     cls, kw = family.pipeline_class(), dict(family.pipeline_kwargs)
     a = cls.from_pretrained(folder, **kw)
     b = cls.from_single_file(str(single_file), config=str(folder), local_files_only=True, **kw)

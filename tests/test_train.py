@@ -69,7 +69,10 @@ def test_prior_preservation_with_text_encoder_8bit_adam_and_accumulation(run, ti
     assert record["config"]["num_class_images_used"] == 3 and record["config"]["use_8bit_adam"] is True
     assert {"torch", "diffusers", "transformers", "accelerate", "bitsandbytes"} <= record["versions"].keys()
     assert "train_dreambooth.py" in record["command"] and "--with_prior_preservation" in record["command"]
-    for name in ("train_dreambooth.py", "dreambooth_utils.py"):  # the code as it ran
+    code = sorted(p.name for p in (out / "code").iterdir())  # the code as it ran: the script and the suite's modules
+    assert code == ["cli.py", "export.py", "families.py", "generate_priors.py", "imagedata.py", "objectives.py",
+                    "runs.py", "train_dreambooth.py"]
+    for name in code:
         assert (out / "code" / name).read_text() == (Path(__file__).parent.parent / name).read_text()
 
     logged = scalars(out / "logs")

@@ -1,0 +1,336 @@
+"""Model families and loading, shared by the scripts: one row per family (what differs between Stable Diffusion
+1.x/2.x and SDXL: pipeline, text encoders and how a prompt becomes embeddings, key names of the files other tools
+read), the family read from the model itself, and loading through from_pretrained: models, pipelines, samplers,
+LoRA adapters and pivotal tuning's tokens."""
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import cli
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt encoding, per family
+
+
+def encode_sd(text_encoders, ids):
+    """SD 1.x/2.x: the text encoder's last hidden state (StableDiffusionPipeline.encode_prompt). Its pooled output
+    rides along unused: this UNet has no added embedding and ignores it."""
+    out = text_encoders[0](ids[:, 0])
+    return out.last_hidden_state, out.pooler_output
+
+
+def encode_sdxl(text_encoders, ids):
+    """SDXL: the penultimate hidden states of both encoders side by side, and the second's projected pooled output
+    (StableDiffusionXLPipeline.encode_prompt)."""
+    outs = [encoder(ids[:, i], output_hidden_states=True) for i, encoder in enumerate(text_encoders)]
+    return torch.cat([out.hidden_states[-2] for out in outs], dim=-1), outs[-1].text_embeds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The families
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_offline():
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the model families for loading and saving, chosen once from the model itself."""
+    name: str
+    pipeline: str  # the diffusers pipeline class
+    text_encoders: tuple  # (subfolder, transformers class) of each text encoder, in the order prompts go through them
+    tokenizers: tuple  # the subfolders of their tokenizers
+    pipeline_kwargs: tuple  # (name, value) pairs from_pretrained needs so that nothing else loads
+    upcast_vae: bool  # the pipeline decodes in fp32 when the VAE's config says force_upcast (SDXL's overflows in fp16)
+    embedding_keys: tuple  # a token-embeddings file's key per text encoder, as AUTOMATIC1111 and ComfyUI read it
+    kohya_prefixes: tuple  # (model, prefix) of a kohya-format LoRA file's keys, as kohya's sd-scripts name them
+
+    @property
+    def components(self):
+        return ("unet", "vae", "scheduler", *(name for name, _ in self.text_encoders), *self.tokenizers)
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline)
+
+
+SD = Family("sd", "StableDiffusionPipeline", (("text_encoder", "CLIPTextModel"),), ("tokenizer",),
+            (("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)), False,
+            ("emb_params",), (("unet", "lora_unet"), ("text_encoder", "lora_te")))
+# SDXL: two text encoders (the second with a projection: its pooled output conditions the UNet too). No invisible
+# watermark: the same seed gives the same bytes whether or not the invisible-watermark package is installed.
+SDXL = Family("sdxl", "StableDiffusionXLPipeline",
+              (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
+              ("tokenizer", "tokenizer_2"), (("add_watermarker", False),), True, ("clip_l", "clip_g"),
+              (("unet", "lora_unet"), ("text_encoder", "lora_te1"), ("text_encoder_2", "lora_te2")))
+FAMILIES = {family.name: family for family in (SD, SDXL)}
+
+
+ENCODE_PROMPT = {"sd": encode_sd, "sdxl": encode_sdxl}
+
+
+def read_model(name_or_path, revision=None):
+    """(family, native resolution) from the model's own UNet and VAE configs, before any weights load. SDXL's UNet takes
+    the pooled text embedding and the size/crop time ids (addition_embed_type "text_time"); the native resolution is
+    the UNet's sample size times the VAE's downsampling (512 SD 1.5, 768 SD 2.x, 1024 SDXL)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    try:
+        unet = UNet2DConditionModel.load_config(name_or_path, subfolder="unet", revision=revision)
+        vae = AutoencoderKL.load_config(name_or_path, subfolder="vae", revision=revision)
+    except (OSError, ValueError) as e:
+        load_error("the model config", name_or_path, e)
+    family = SDXL if unet.get("addition_embed_type") == "text_time" else SD
+    return family, unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def check_model_source(name_or_path, revision=None, single_file_config=None):
+    """Fail early, before anything loads, when a local model folder is missing or lacks a component of its family.
+    Returns the model as the run records it: a local folder as an absolute path (a record then works from any
+    directory), a string shaped like a hub id ("org/name") as it is, left to `from_pretrained`; a single .safetensors
+    file (the web UIs' kind) as the diffusers folder it was converted to.
+    """
+    path = Path(os.path.expanduser(name_or_path))
+    if path.is_file() and path.suffix == ".safetensors":
+        return single_file_folder(path, single_file_config)
+    if path.is_dir():
+        if not (path / "unet").is_dir():
+            cli.fail(f"model folder {path} has no unet subfolder: is it a diffusers pipeline folder?")
+        missing = [c for c in read_model(str(path))[0].components if not (path / c).is_dir()]
+        if missing:
+            cli.fail(f"model folder {path} has no {', '.join(missing)} subfolder: is it a diffusers pipeline folder?")
+        return str(path.resolve())
+    if path.exists():
+        cli.fail(f"model path is a file, not a diffusers pipeline folder or a .safetensors single file: {path}")
+    # "org/name" could be a hub id; a path that starts like one, or whose first part is a folder here, is a typo
+    if name_or_path.startswith((".", "/", "~")) or Path(name_or_path.split("/")[0]).is_dir():
+        cli.fail(f"model folder not found: {name_or_path}")
+    if not HUB_ID.match(name_or_path):
+        cli.fail(f"model not found: {name_or_path} (neither a local folder nor a hub id like 'org/name')")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "model_index.json", revision=revision), str):
+        return name_or_path  # in the cache: the library falls back to it if the Hub cannot be reached
+    if hub_offline():
+        cli.fail(f"{name_or_path} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download it once "
+             "with the network on, or give a local folder")
+    if not hub_reachable():  # at once, instead of the library's retries (about 30 s) and a long message
+        cli.fail(f"cannot reach the Hugging Face Hub to download {name_or_path}: check the network, or give a local folder")
+    return name_or_path
+
+
+def hub_reachable(timeout=5):
+    """A TCP connection to the Hub's host (skipped behind a proxy, which only the HTTP client knows how to use)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_error(what, name_or_path, error):
+    """One line for a failure to find or download a model: when the Hub could not be reached, say so and how to work
+    offline instead of the library's long message."""
+    text = f"{error!r} {error.__cause__!r} {error.__context__!r}".lower()
+    if not hub_offline() and not Path(name_or_path).is_dir() and any(
+            k in text for k in ("connect", "timeout", "timed out", "name resolution", "network", "offline")):
+        cli.fail(f"cannot reach the Hugging Face Hub to load {what} {name_or_path}: check the network, or work offline "
+             "with HF_HUB_OFFLINE=1 (models already in the cache) or a local folder")
+    cli.fail(f"cannot load {what} from {name_or_path}: {cli.first_line(error)}")
+
+
+def single_file_folder(path, config=None):
+    """A single-file checkpoint as a diffusers pipeline folder: converted once by diffusers' from_single_file and kept
+    in the Hugging Face cache (keyed by the file's path, size and time, and the config). `config` is a diffusers
+    folder or hub id with the component configs (default: diffusers picks one for the file's architecture on the Hub)."""
+    from huggingface_hub import constants
+    from safetensors import safe_open
+
+    path, stat = Path(path).resolve(), Path(path).stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{config}".encode()).hexdigest()[:16]
+    folder = Path(constants.HF_HOME, "dreambooth-single-file", f"{path.stem}-{key}")
+    if (folder / "model_index.json").is_file():
+        return str(folder)
+    try:
+        with safe_open(path, "pt") as f:
+            family = SDXL if any(k.startswith("conditioner.embedders.1.") for k in f.keys()) else SD
+    except Exception as e:
+        cli.fail(f"cannot read the single-file model {path}: {cli.first_line(e)}")
+    cli.note(f"converting {path.name} ({family.pipeline}) to diffusers' layout once, into {folder}")
+    try:
+        pipe = family.pipeline_class().from_single_file(str(path), config=config, **dict(family.pipeline_kwargs))
+    except Exception as e:  # most often: no config at hand offline
+        cli.fail(f"cannot convert the single-file model {path}: {cli.first_line(e)} (--single_file_config takes a diffusers "
+             "folder or hub id of the same architecture)")
+    tmp = folder.with_name(folder.name + ".tmp")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, folder)
+    return str(folder)
+
+
+def from_pretrained(cls, name_or_path, **kwargs):
+    """`cls.from_pretrained` with a failure to find or download the model turned into one line."""
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        load_error(cls.__name__, name_or_path, e)
+
+
+def load_vae(name_or_path, vae_path=None, revision=None, variant=None, dtype=torch.float32, upcast=False):
+    """The model's own VAE, or a separate one (--pretrained_vae_model_name_or_path: a folder or hub id of an
+    AutoencoderKL, e.g. an fp16-safe SDXL VAE), in `dtype`; in fp32 when `upcast` and the VAE's config says
+    force_upcast, as StableDiffusionXLPipeline decodes (SDXL's own VAE overflows in fp16)."""
+    from diffusers import AutoencoderKL
+
+    source, kw = (vae_path, {}) if vae_path else (name_or_path, dict(subfolder="vae", revision=revision))
+    try:
+        if upcast and AutoencoderKL.load_config(source, **kw).get("force_upcast", True):
+            dtype = torch.float32
+    except (OSError, ValueError) as e:
+        cli.fail(f"cannot read the VAE config of {source}: {cli.first_line(e)}")
+    return from_pretrained(AutoencoderKL, source, dtype=dtype, **kw, **({} if vae_path else dict(variant=variant)))
+
+
+def torch_dtype(precision):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
+def check_xformers():
+    """xformers only helps on CUDA; when its kernels cannot run, say so instead of silently using another kernel."""
+    if not torch.cuda.is_available():
+        cli.fail("--enable_xformers_memory_efficient_attention needs a CUDA GPU and none is visible "
+             "(drop the flag: PyTorch's SDPA attention is used by default)")
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as e:
+        cli.fail(f"--enable_xformers_memory_efficient_attention: xformers does not import here ({e})")
+
+
+def enable_xformers(model):
+    try:
+        model.enable_xformers_memory_efficient_attention()
+    except Exception as e:  # diffusers runs a test kernel: a build that does not match this torch/GPU fails here
+        cli.fail(f"--enable_xformers_memory_efficient_attention: xformers cannot run on this setup ({e})")
+
+
+def load_pipeline(name_or_path, revision=None, variant=None, dtype=torch.float32, device="cpu", vae_path=None, **components):
+    """The model's pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) for sampling: safety checker and
+    watermark off, no progress bar. Components given as keywords (in-memory models) are used as they are, not loaded,
+    and device None leaves every component where it is."""
+    family = read_model(name_or_path, revision)[0]
+    if vae_path and "vae" not in components:
+        components["vae"] = load_vae(name_or_path, vae_path, revision, dtype=dtype)
+    pipe = from_pretrained(family.pipeline_class(), name_or_path, revision=revision, variant=variant, dtype=dtype,
+                           **dict(family.pipeline_kwargs), **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device) if device else pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samplers
+
+
+# Samplers by their usual short names, each built from the model's own scheduler config so that its betas and
+# prediction type (epsilon or v) carry over.
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def make_scheduler(name, config):
+    import diffusers
+
+    cls_name, kwargs = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(config, **kwargs)
+
+
+def set_scheduler(pipe, name):
+    if name is not None:
+        pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA and pivotal tuning
+
+
+# LoRA through peft: the attention projections of the UNet and of the CLIP text encoder, as diffusers' LoRA scripts
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+EMBEDDINGS = "{name}_emb.safetensors"  # pivotal tuning's tokens, named after the run as diffusers' advanced script does
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name: load_lora_weights(folder) finds it
+
+
+# Text-encoder weights in files keep the names the ecosystem reads: transformers 4's CLIP layout ("text_model.encoder.
+# layers.N..."), which diffusers' LoRA files, kohya's and every web UI's key map use. important! transformers 5's
+# CLIPTextModel dropped its `text_model` level (CLIPTextModelWithProjection kept it): written with the module's own
+# names, ComfyUI drops every first-text-encoder layer of a LoRA without an error, only "lora key not loaded" lines.
+CLIP_LEVEL = "text_model."
+
+
+def file_keys(state, encoder_class):
+    """A text encoder's state (keys relative to the encoder) under the files' names, whichever transformers built it."""
+    if not encoder_class.startswith("CLIPText"):
+        return state
+    return {k if k.startswith((CLIP_LEVEL, "text_projection.")) else CLIP_LEVEL + k: v for k, v in state.items()}
+
+
+def module_keys(state, module):
+    """The files' names of a text encoder's state (or a file of an older version, without the level) -> the names of
+    `module` as the installed transformers builds it."""
+    state = file_keys(state, type(module).__name__)
+    if not type(module).__name__.startswith("CLIPText") or hasattr(module, "text_model"):
+        return state
+    return {k.removeprefix(CLIP_LEVEL): v for k, v in state.items()}
+
+
+def pivot_prompt(prompt, word, tokens):
+    """Pivotal tuning: the identifier in a prompt replaced by the run's new tokens ("a photo of sks dog" -> "a photo
+    of <s0><s1> dog")."""
+    return re.sub(rf"\b{re.escape(word)}\b", "".join(tokens), prompt)
+
+
+def load_token_embeddings(pipe, path, family, tokens):
+    """A pivotal-tuning embeddings file into a pipeline: each text encoder's rows under the run's tokens, through
+    diffusers' load_textual_inversion (the file is in the web UIs' format: one key per text encoder)."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    for key, (encoder, _), tokenizer in zip(family.embedding_keys, family.text_encoders, family.tokenizers):
+        pipe.load_textual_inversion(state[key], token=list(tokens), text_encoder=getattr(pipe, encoder),
+                                    tokenizer=getattr(pipe, tokenizer))
+
+
+def add_lora(model, config, targets):
+    """Inject LoRA adapters (the run config's rank, alpha, dropout, DoRA) into a diffusers or transformers model."""
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=config["lora_rank"], lora_alpha=config["lora_alpha"] or config["lora_rank"],
+                                 lora_dropout=config["lora_dropout"], init_lora_weights="gaussian",
+                                 use_dora=bool(config.get("use_dora")), target_modules=targets))

@@ -1,0 +1,61 @@
+"""What the model is trained to predict, and the loss: pure functions of tensors (the noise target for epsilon and
+v-prediction, Min-SNR weights, offset noise, the instance/prior loss split, the masked loss), unit-tested against
+hand-computed values."""
+
+import torch
+import torch.nn.functional as F
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def noise_target(scheduler, latents, noise, timesteps):
+    """What the UNet learns to predict: the noise (epsilon) or the velocity v = sqrt(a_t) eps - sqrt(1 - a_t) x0
+    (Salimans & Ho 2022; SD 2.x 768 px models use v). It must follow the model's own scheduler config."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+def min_snr_weights(snr, gamma, prediction_type):
+    """Per-example loss weights of Min-SNR-gamma (Hang et al. 2023, arxiv 2303.09556): min(SNR, gamma) / SNR for an
+    epsilon target; a v target already carries a factor SNR + 1, so divide by that instead."""
+    weights = torch.clamp(snr, max=gamma)
+    return weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
+
+
+def dreambooth_loss(model_pred, target, num_instance, prior_loss_weight, weights=None, pixel_weights=None):
+    """Instance loss + prior_loss_weight * prior loss (the paper's eq. 2). The batch holds the instance examples first
+    and the class examples after them. `weights`: one per example (min-SNR); `pixel_weights`: one per latent pixel
+    (masks), each example's squared error averaged with them, so an all-ones weight is the plain mean. Returns (loss,
+    instance_loss, prior_loss); the prior loss is 0 without class examples."""
+    error = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    dims = tuple(range(1, target.ndim))
+    if pixel_weights is None:
+        per_example = error.mean(dim=dims)
+    else:
+        per_example = (error * pixel_weights).mean(dim=dims) / pixel_weights.mean(dim=dims).clamp_min(1e-8)
+    if weights is not None:
+        per_example = per_example * weights
+    instance_loss = per_example[:num_instance].mean()
+    prior_loss = per_example[num_instance:].mean() if len(per_example) > num_instance else per_example.new_zeros(())
+    return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss
+
+
+def mask_weights(masks, size, background_weight):
+    """Masks (N, 1, H, W) in [0, 1] at pixel size, white = subject, as per-pixel loss weights at latent `size`: each
+    latent pixel the subject's share of its patch (area average), the background at `background_weight`. White is
+    exactly 1 whatever the background weight, so an all-white mask is the plain loss."""
+    return 1 - (1 - background_weight) * (1 - F.interpolate(masks, size=tuple(size), mode="area"))
+
+
+def sample_noise(latents, offset_noise=False):
+    """Gaussian noise like the latents; with offset noise, plus 0.1 x a per-channel constant, which lets the model
+    learn to change an image's mean brightness (crosslabs.org/blog/diffusion-with-offset-noise)."""
+    noise = torch.randn_like(latents)
+    if offset_noise:
+        noise = noise + 0.1 * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype)
+    return noise
