@@ -41,16 +41,16 @@ def save_lora(folder, family, dtype, trained):
 
     classes = dict(family.text_encoders)
     peft = {name: families.file_keys({k: v.to(dtype) for k, v in get_peft_model_state_dict(module, state_dict=state).items()},
-                               classes.get(name, ""))
+                                     classes.get(name, ""))
             for name, (module, state) in trained.items()}
     # DoRA's magnitudes of a text encoder are written as "...lora_magnitude_vector.weight": transformers' load_adapter
     # (which load_lora_weights calls for text encoders) skips the key without ".weight", peft reads both spellings
-    layers = {name: {(k + ".weight" if name != "unet" and k.endswith(".lora_magnitude_vector") else k): v
+    layers = {name: {(k + ".weight" if name in classes and k.endswith(".lora_magnitude_vector") else k): v
                      for k, v in convert_state_dict_to_diffusers(sd).items()} for name, sd in peft.items()}
     family.pipeline_class().save_lora_weights(
         folder, safe_serialization=True, **{f"{name}_lora_layers": sd for name, sd in layers.items()},
         **{f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict() for name, (module, _) in trained.items()})
-    if trained["unet"][0].peft_config["default"].use_dora:
+    if trained[family.denoiser][0].peft_config["default"].use_dora:
         return  # no kohya copy: see KOHYA_DORA
     alphas = {name: module.peft_config["default"].lora_alpha for name, (module, _) in trained.items()}
     save_file(kohya_state(family, peft, alphas), Path(folder, families.LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors")))
@@ -65,7 +65,7 @@ def read_lora(folder, family):
     for name, _ in family.kohya_prefixes:
         own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         if own:
-            peft[name] = (convert_unet_state_dict_to_peft(own) if name == "unet" else
+            peft[name] = (convert_unet_state_dict_to_peft(own) if name == family.denoiser else
                           families.file_keys(convert_state_dict_to_peft(convert_state_dict_to_diffusers(own)), classes[name]))
     return peft
 
@@ -139,7 +139,7 @@ def trained_weights(accelerator, args, model):
     """{name: (module, full state dict)} of the trained modules. Call it on every process: under FSDP (or DeepSpeed
     ZeRO-3) accelerator.get_state_dict gathers the sharded weights onto the main process."""
     state, unwrapped = accelerator.get_state_dict(model), accelerator.unwrap_model(model)
-    names = ["unet"] + (unwrapped.text_encoder_names if args.train_text_encoder else [])
+    names = [unwrapped.family.denoiser] + (unwrapped.text_encoder_names if args.train_text_encoder else [])
     return {n: (getattr(unwrapped, n), {k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
             for n in names}
 
@@ -262,10 +262,34 @@ def open_clip_state(state):
     return out
 
 
+def clip_state(state):
+    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()
+            if not k.endswith("position_ids")}
+
+
+def ldm_text_encoders(parts, configs, v_prediction):
+    """SD 1.x/2.x: (text encoder's keys, ModelSpec architecture). SD 2.x's OpenCLIP ViT-H (width 1024, gelu; OpenAI's
+    CLIP has quick_gelu) in OpenCLIP's layout."""
+    if configs["text_encoder"].get("hidden_act") == "gelu":
+        return ({"cond_stage_model.model." + k: v for k, v in open_clip_state(parts["text_encoder"]).items()},
+                f"stable-diffusion-v2-{'768-v' if v_prediction else '512'}")
+    return {"cond_stage_model.transformer." + k: v for k, v in clip_state(parts["text_encoder"]).items()}, "stable-diffusion-v1"
+
+
+def sgm_text_encoders(parts, configs, v_prediction):
+    """SDXL: (both encoders' keys under the conditioner's embedders, ModelSpec architecture)."""
+    return ({**{"conditioner.embedders.0.transformer." + k: v for k, v in clip_state(parts["text_encoder"]).items()},
+             **{"conditioner.embedders.1.model." + k: v for k, v in open_clip_state(parts["text_encoder_2"]).items()}},
+            "stable-diffusion-xl-v1-base")
+
+
+TEXT_LAYOUTS = {"ldm": ldm_text_encoders, "sgm": sgm_text_encoders}  # a family row's single_file_layout
+
+
 def ldm_state(parts, configs, family, v_prediction):
-    """{name: diffusers state dict} of the unet, vae and text encoder(s) -> one state dict in the original layout
-    (SGM's prefixes for SDXL); SD 2.x's OpenCLIP encoder (width 1024) in OpenCLIP's layout. A v-prediction model
-    gets the `v_pred` key that ComfyUI reads."""
+    """{name: diffusers state dict} of the unet, vae and text encoder(s) -> (one state dict in the original layout,
+    its ModelSpec architecture): LDM's keys, or SGM's for SDXL (the family row's single_file_layout). A v-prediction
+    model gets the `v_pred` key that ComfyUI reads."""
     unet, vae = parts["unet"], parts["vae"]
     up_attention = {int(k.split(".")[1]) for k in unet if k.startswith("up_blocks.") and ".attentions." in k}
     out = {"model.diffusion_model." + ldm_unet_key(k, configs["unet"], up_attention): v for k, v in unet.items()}
@@ -273,20 +297,11 @@ def ldm_state(parts, configs, family, v_prediction):
         name = ldm_vae_key(key, configs["vae"])
         out["first_stage_model." + name] = value[:, :, None, None] if ".mid.attn_1." in name and value.ndim == 2 else value
 
-    def clip(state):
-        return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()
-                if not k.endswith("position_ids")}
-
-    if family is families.SDXL:
-        out.update({"conditioner.embedders.0.transformer." + k: v for k, v in clip(parts["text_encoder"]).items()})
-        out.update({"conditioner.embedders.1.model." + k: v for k, v in open_clip_state(parts["text_encoder_2"]).items()})
-    elif configs["text_encoder"].get("hidden_act") == "gelu":  # SD 2.x's OpenCLIP ViT-H (OpenAI's CLIP: quick_gelu)
-        out.update({"cond_stage_model.model." + k: v for k, v in open_clip_state(parts["text_encoder"]).items()})
-    else:
-        out.update({"cond_stage_model.transformer." + k: v for k, v in clip(parts["text_encoder"]).items()})
+    text, architecture = TEXT_LAYOUTS[family.single_file_layout](parts, configs, v_prediction)
+    out.update(text)
     if v_prediction:
         out["v_pred"] = torch.tensor([])
-    return out
+    return out, architecture
 
 
 def single_file_metadata(config, title, architecture, v_prediction):
@@ -314,16 +329,13 @@ def save_single_file(pipeline_folder, path, dtype=torch.float16, config=None):
 
     folder = Path(pipeline_folder)
     family = families.read_model(str(folder))[0]
-    names = ["unet", "vae", *(name for name, _ in family.text_encoders)]
+    names = [family.denoiser, "vae", *family.text_encoder_names]
     parts = {name: {k: v for f in sorted(Path(folder, name).glob("*.safetensors")) for k, v in load_file(f).items()}
              for name in names}
     configs = {name: json.loads(Path(folder, name, "config.json").read_text()) for name in names}
     scheduler = json.loads(Path(folder, "scheduler", "scheduler_config.json").read_text())
     v_prediction = scheduler.get("prediction_type") == "v_prediction"
-    state = ldm_state(parts, configs, family, v_prediction)
-    architecture = "stable-diffusion-xl-v1-base" if family is families.SDXL else (
-        f"stable-diffusion-v2-{'768-v' if v_prediction else '512'}" if configs["text_encoder"].get("hidden_act") == "gelu"
-        else "stable-diffusion-v1")
+    state, architecture = ldm_state(parts, configs, family, v_prediction)
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, tmp,
               metadata=single_file_metadata(config or {}, Path(path).stem, architecture, v_prediction))
@@ -356,7 +368,7 @@ def model_card(folder, config):
         config["pretrained_model_name_or_path"]
     hub_base = base if families.HUB_ID.match(base) and not Path(base).exists() else None
     tags = ["text-to-image", "diffusers", "diffusers-training", "dreambooth",
-            "stable-diffusion-xl" if family is families.SDXL else "stable-diffusion"] + (["lora"] if lora else [])
+            family.hub_tag] + (["lora"] if lora else [])
     data = ModelCardData(base_model=hub_base, license=base_license(base), library_name="diffusers", tags=tags,
                          instance_prompt="; ".join(subject_prompts(config)))
     method = (f"{'DoRA' if config.get('use_dora') else 'LoRA'} (rank {config['lora_rank']}, alpha "

@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ import cli
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompt encoding, per family
+# What the family rows name: how a prompt becomes embeddings, how the denoiser is called, what never trains
 
 
 def encode_sd(text_encoders, ids):
@@ -32,8 +33,29 @@ def encode_sdxl(text_encoders, ids):
     return torch.cat([out.hidden_states[-2] for out in outs], dim=-1), outs[-1].text_embeds
 
 
+def call_unet(unet, noisy_latents, timesteps, prompt_embeds, pooled, time_ids):
+    """The UNet's prediction. SDXL's UNet adds the pooled embedding and the size/crop time ids to its timestep
+    embedding; SD 1.x/2.x's ignores added_cond_kwargs."""
+    return unet(noisy_latents, timesteps, prompt_embeds,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+
+def freeze_unread_sdxl_layers(text_encoders):
+    """important! SDXL reads the first encoder's penultimate layer: its last layer and final norm never reach the
+    loss. Frozen (with any adapters in them), so that DDP does not wait for gradients that never come."""
+    first = getattr(text_encoders["text_encoder"], "text_model", text_encoders["text_encoder"])  # transformers 4/5
+    first.encoder.layers[-1].requires_grad_(False)
+    first.final_layer_norm.requires_grad_(False)
+
+
+def scale_latents(latents, vae_config):
+    """The VAE's latents as the denoiser sees them: shifted (where the VAE's config has a shift) and scaled."""
+    shift = vae_config.get("shift_factor")
+    return (latents - shift if shift is not None else latents) * vae_config["scaling_factor"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The families
+# The families: one row each. A new family is a row (and, if its objective differs, an objective in objectives.py)
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -47,19 +69,35 @@ def hub_offline():
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between the model families for loading and saving, chosen once from the model itself."""
+    """What differs between the model families, declared once and chosen once from the model itself (read_model):
+    the scripts, the training step and export.py ask the row, never the family's name."""
     name: str
     pipeline: str  # the diffusers pipeline class
+    denoiser: str  # the denoiser's pipeline attribute and subfolder ("unet"; "transformer" for the flow families)
+    denoiser_class: str  # its diffusers class
+    detect: Callable  # the denoiser's config -> whether the model is of this family
     text_encoders: tuple  # (subfolder, transformers class) of each text encoder, in the order prompts go through them
     tokenizers: tuple  # the subfolders of their tokenizers
+    encode_prompt: Callable  # (text encoders, token ids (batch, encoder, length)) -> (prompt embeddings, pooled)
+    denoise: Callable  # (denoiser, noisy latents, timesteps, prompt embeddings, pooled, time ids) -> prediction
+    freeze_unread: Callable  # {name: text encoder} -> None: freeze what never reaches the loss (None: nothing)
+    lora_targets: tuple  # the denoiser's modules that get LoRA adapters by default (--lora_target_modules)
+    size_multiple: int  # image sides in pixels: a multiple of this (the VAE's downsampling, and any patching)
     pipeline_kwargs: tuple  # (name, value) pairs from_pretrained needs so that nothing else loads
+    pooled_argument: str  # the pipeline's argument for a pre-computed pooled embedding ("": it takes none)
     upcast_vae: bool  # the pipeline decodes in fp32 when the VAE's config says force_upcast (SDXL's overflows in fp16)
     embedding_keys: tuple  # a token-embeddings file's key per text encoder, as AUTOMATIC1111 and ComfyUI read it
     kohya_prefixes: tuple  # (model, prefix) of a kohya-format LoRA file's keys, as kohya's sd-scripts name them
+    single_file_layout: str  # the original layout its single file is written in (export.py: "ldm", "sgm")
+    hub_tag: str  # the model card's tag for the family
 
     @property
     def components(self):
-        return ("unet", "vae", "scheduler", *(name for name, _ in self.text_encoders), *self.tokenizers)
+        return (self.denoiser, "vae", "scheduler", *(name for name, _ in self.text_encoders), *self.tokenizers)
+
+    @property
+    def text_encoder_names(self):
+        return [name for name, _ in self.text_encoders]
 
     def pipeline_class(self):
         import diffusers
@@ -67,34 +105,44 @@ class Family:
         return getattr(diffusers, self.pipeline)
 
 
-SD = Family("sd", "StableDiffusionPipeline", (("text_encoder", "CLIPTextModel"),), ("tokenizer",),
-            (("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)), False,
-            ("emb_params",), (("unet", "lora_unet"), ("text_encoder", "lora_te")))
+UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
+SD = Family("sd", "StableDiffusionPipeline", "unet", "UNet2DConditionModel",
+            lambda config: config.get("addition_embed_type") != "text_time",
+            (("text_encoder", "CLIPTextModel"),), ("tokenizer",), encode_sd, call_unet, None, UNET_LORA_TARGETS, 8,
+            (("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)), "", False,
+            ("emb_params",), (("unet", "lora_unet"), ("text_encoder", "lora_te")), "ldm", "stable-diffusion")
 # SDXL: two text encoders (the second with a projection: its pooled output conditions the UNet too). No invisible
 # watermark: the same seed gives the same bytes whether or not the invisible-watermark package is installed.
-SDXL = Family("sdxl", "StableDiffusionXLPipeline",
+SDXL = Family("sdxl", "StableDiffusionXLPipeline", "unet", "UNet2DConditionModel",
+              lambda config: config.get("addition_embed_type") == "text_time",
               (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
-              ("tokenizer", "tokenizer_2"), (("add_watermarker", False),), True, ("clip_l", "clip_g"),
-              (("unet", "lora_unet"), ("text_encoder", "lora_te1"), ("text_encoder_2", "lora_te2")))
+              ("tokenizer", "tokenizer_2"), encode_sdxl, call_unet, freeze_unread_sdxl_layers, UNET_LORA_TARGETS, 8,
+              (("add_watermarker", False),), "pooled_prompt_embeds", True, ("clip_l", "clip_g"),
+              (("unet", "lora_unet"), ("text_encoder", "lora_te1"), ("text_encoder_2", "lora_te2")), "sgm",
+              "stable-diffusion-xl")
 FAMILIES = {family.name: family for family in (SD, SDXL)}
 
 
-ENCODE_PROMPT = {"sd": encode_sd, "sdxl": encode_sdxl}
+def family_of(pipe):
+    """The row of a loaded pipeline."""
+    return next(f for f in FAMILIES.values() if type(pipe).__name__ == f.pipeline)
+DENOISERS = tuple(dict.fromkeys(family.denoiser for family in FAMILIES.values()))  # their subfolders, in row order
 
 
 def read_model(name_or_path, revision=None):
     """(family, native resolution) from the model's own UNet and VAE configs, before any weights load. SDXL's UNet takes
     the pooled text embedding and the size/crop time ids (addition_embed_type "text_time"); the native resolution is
     the UNet's sample size times the VAE's downsampling (512 SD 1.5, 768 SD 2.x, 1024 SDXL)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL
 
     try:
-        unet = UNet2DConditionModel.load_config(name_or_path, subfolder="unet", revision=revision)
+        denoiser = getattr(diffusers, SD.denoiser_class).load_config(name_or_path, subfolder=SD.denoiser, revision=revision)
         vae = AutoencoderKL.load_config(name_or_path, subfolder="vae", revision=revision)
     except (OSError, ValueError) as e:
         load_error("the model config", name_or_path, e)
-    family = SDXL if unet.get("addition_embed_type") == "text_time" else SD
-    return family, unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    family = next(f for f in FAMILIES.values() if f.detect(denoiser))
+    return family, denoiser["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def check_model_source(name_or_path, revision=None, single_file_config=None):
@@ -107,8 +155,8 @@ def check_model_source(name_or_path, revision=None, single_file_config=None):
     if path.is_file() and path.suffix == ".safetensors":
         return single_file_folder(path, single_file_config)
     if path.is_dir():
-        if not (path / "unet").is_dir():
-            cli.fail(f"model folder {path} has no unet subfolder: is it a diffusers pipeline folder?")
+        if not any((path / name).is_dir() for name in DENOISERS):
+            cli.fail(f"model folder {path} has no {' or '.join(DENOISERS)} subfolder: is it a diffusers pipeline folder?")
         missing = [c for c in read_model(str(path))[0].components if not (path / c).is_dir()]
         if missing:
             cli.fail(f"model folder {path} has no {', '.join(missing)} subfolder: is it a diffusers pipeline folder?")
@@ -280,8 +328,7 @@ def set_scheduler(pipe, name):
 # LoRA and pivotal tuning
 
 
-# LoRA through peft: the attention projections of the UNet and of the CLIP text encoder, as diffusers' LoRA scripts
-UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+# LoRA through peft: the text encoders' attention projections (the denoiser's are in the family rows)
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 EMBEDDINGS = "{name}_emb.safetensors"  # pivotal tuning's tokens, named after the run as diffusers' advanced script does
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name: load_lora_weights(folder) finds it

@@ -44,13 +44,15 @@ def prior_image_name(index):
     return f"{index:06d}.png"
 
 
-def unet_fingerprint(name_or_path, revision=None):
-    """sha256 of a local model's UNet weight files, or the commit of a hub model's cached snapshot (None if it is not
-    cached yet): a folder of class images made by another model, even one under the same path, is then told apart."""
+def denoiser_fingerprint(name_or_path, revision=None):
+    """sha256 of a local model's denoiser weight files, or the commit of a hub model's cached snapshot (None if it is
+    not cached yet): a folder of class images made by another model, even one under the same path, is then told apart.
+    Recorded in each image as "unet_sha256", the key earlier versions wrote, whatever the family's denoiser."""
     path = Path(name_or_path)
     if path.is_dir():
         digest = hashlib.sha256()
-        for f in sorted((path / "unet").iterdir()):
+        folder = next((path / d for d in families.DENOISERS if (path / d).is_dir()), path / families.DENOISERS[0])
+        for f in sorted(folder.iterdir()):
             if f.suffix in (".safetensors", ".bin"):
                 with open(f, "rb") as stream:
                     while chunk := stream.read(1 << 24):
@@ -234,7 +236,7 @@ def main(argv=None):
 
     state = cli.partial_state()
     precision = args.mixed_precision or ("fp16" if state.device.type == "cuda" else "fp32")
-    unet_sha256 = unet_fingerprint(args.pretrained_model_name_or_path, args.revision)
+    unet_sha256 = denoiser_fingerprint(args.pretrained_model_name_or_path, args.revision)
     folders = []  # (class folder, settings), every folder checked before any image is made
     for subject in subjects:
         class_dir = Path(subject["class_data_dir"])

@@ -105,7 +105,8 @@ def check_model(args):
         cli.fail(f"LoRA folder {args.lora} has no {families.LORA_WEIGHTS}")
     path = Path(args.pretrained_model_name_or_path).expanduser()
     if path.is_dir() and not (path / "model_index.json").is_file():
-        if ((path / "model.safetensors").is_file() or (path / "unet").is_dir()) and (path / "run_config.json").is_file():
+        if ((path / "model.safetensors").is_file() or any((path / d).is_dir() for d in families.DENOISERS)) \
+                and (path / "run_config.json").is_file():
             return "checkpoint", base_of(path, runs.check_checkpoint(path)["config"])
         if (path / families.LORA_WEIGHTS).is_file() and (path / "run_config.json").is_file():
             if args.lora:
@@ -145,9 +146,9 @@ def load_model(args, kind, source, dtype, device):
 
         # the trained models in diffusers' layout (checkpoint-N/unet, text_encoder...), or, from older versions, as
         # accelerate saved them: "unet.*", "text_encoder.*", "text_encoder_2.*" with any LoRA adapters in place
-        folder = Path(args.pretrained_model_name_or_path)
-        if (folder / "unet").is_dir():
-            for name in [n for n in ("unet", "text_encoder", "text_encoder_2") if (folder / n).is_dir()]:
+        folder, family = Path(args.pretrained_model_name_or_path), families.family_of(pipe)
+        if (folder / family.denoiser).is_dir():
+            for name in [n for n in (family.denoiser, *family.text_encoder_names) if (folder / n).is_dir()]:
                 getattr(pipe, name).load_state_dict(families.module_keys(
                     {k: v for f in sorted((folder / name).glob("*.safetensors")) for k, v in load_file(f).items()},
                     getattr(pipe, name)))
@@ -157,8 +158,9 @@ def load_model(args, kind, source, dtype, device):
             state = load_file(folder / "model.safetensors")
         for name in sorted({k.split(".")[0] for k in state}):
             module = getattr(pipe, name)
-            if source.get("lora_rank") and (name == "unet" or source["train_text_encoder"]):
-                families.add_lora(module, source, source["lora_target_modules"] if name == "unet" else families.TEXT_ENCODER_LORA_TARGETS)
+            if source.get("lora_rank") and (name == family.denoiser or source["train_text_encoder"]):
+                families.add_lora(module, source, source["lora_target_modules"] if name == family.denoiser
+                                  else families.TEXT_ENCODER_LORA_TARGETS)
             module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
             module.to(device, dtype)  # the injected adapters start in fp32
     if args.lora:
@@ -280,9 +282,11 @@ def main(argv=None):
         pipe.enable_attention_slicing()
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
+    denoiser = families.family_of(pipe).denoiser
     if args.compile:
-        pipe.unet = torch.compile(pipe.unet)
-    height, width = (size or pipe.unet.config.sample_size * pipe.vae_scale_factor for size in (args.height, args.width))
+        setattr(pipe, denoiser, torch.compile(getattr(pipe, denoiser)))
+    height, width = (size or getattr(pipe, denoiser).config.sample_size * pipe.vae_scale_factor
+                     for size in (args.height, args.width))
     sampler = a1111_sampler(pipe.scheduler)
     model_name = Path(args.pretrained_model_name_or_path.rstrip("/")).name
     hash_ = model_hash(args.pretrained_model_name_or_path)

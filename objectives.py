@@ -2,6 +2,8 @@
 v-prediction, Min-SNR weights, offset noise, the instance/prior loss split, the masked loss), unit-tested against
 hand-computed values."""
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -59,3 +61,54 @@ def sample_noise(latents, offset_noise=False):
     if offset_noise:
         noise = noise + 0.1 * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype)
     return noise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The objectives: chosen once from the model's scheduler config, before the loop; the step calls draw() and the
+# loss without knowing which
+
+
+class Draw(NamedTuple):
+    """One training draw for a batch of clean latents: the denoiser's input, its timesteps, what it should predict,
+    and per-example loss weights (None: all 1)."""
+    noisy_latents: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    weights: torch.Tensor | None
+
+
+class DDPM:
+    """The denoising objective of DDPM (Ho et al. 2020) on the model's own noise schedule, read as DDPMScheduler
+    (same betas, same prediction type): a uniform timestep per example, x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, the
+    noise or the velocity as the target, optional Min-SNR weights and offset noise."""
+
+    def __init__(self, scheduler, snr_gamma=None, offset_noise=False):
+        self.scheduler, self.snr_gamma, self.offset_noise = scheduler, snr_gamma, offset_noise
+        self.prediction_type = scheduler.config.prediction_type
+
+    def draw(self, latents):
+        # important! the noise first, then the timesteps: the order of the random draws is part of exact resume
+        noise = sample_noise(latents, self.offset_noise)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  device=latents.device).long()
+        weights = None
+        if self.snr_gamma:
+            from diffusers.training_utils import compute_snr
+
+            weights = min_snr_weights(compute_snr(self.scheduler, timesteps), self.snr_gamma, self.prediction_type)
+        return Draw(self.scheduler.add_noise(latents, noise, timesteps), timesteps,
+                    noise_target(self.scheduler, latents, noise, timesteps), weights)
+
+
+def load(name_or_path, revision=None, snr_gamma=None, offset_noise=False):
+    """The objective of a model, from its scheduler config (the flow-matching models' FlowMatchEulerDiscreteScheduler
+    will choose theirs here)."""
+    from diffusers import DDPMScheduler
+
+    import cli
+    import families
+
+    scheduler = families.from_pretrained(DDPMScheduler, name_or_path, subfolder="scheduler", revision=revision)
+    if scheduler.config.prediction_type not in PREDICTION_TYPES:
+        cli.fail(f"the model's scheduler predicts {scheduler.config.prediction_type!r}; supported: {PREDICTION_TYPES}")
+    return DDPM(scheduler, snr_gamma, offset_noise)

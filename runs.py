@@ -114,7 +114,7 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # what every accelerate back end writes for our trainer state, plus our run record; the weights in one of these
 # layouts: diffusers' (export.diffusers_checkpoints: unet/, or the LoRA file), accelerate's own, DeepSpeed's, FSDP's
 CHECKPOINT_FILES = ("random_states_0.pkl", "custom_checkpoint_0.pkl", "run_config.json")
-CHECKPOINT_WEIGHTS = ("unet", families.LORA_WEIGHTS, "model.safetensors", "pytorch_model", "pytorch_model_fsdp_0")
+CHECKPOINT_WEIGHTS = (*families.DENOISERS, families.LORA_WEIGHTS, "model.safetensors", "pytorch_model", "pytorch_model_fsdp_0")
 
 
 def list_checkpoints(output_dir):

@@ -153,8 +153,9 @@ def build_parser():
     g.add_argument("--lora_dropout", type=cli.FRACTION, default=0.0, help="dropout of the LoRA layers")
     g.add_argument("--use_dora", action="store_true",
                    help="DoRA adapters (arxiv 2402.09353: LoRA's direction plus a learned magnitude; peft's use_dora)")
-    g.add_argument("--lora_target_modules", nargs="+", default=families.UNET_LORA_TARGETS,
-                   help="UNet modules that get adapters (the text encoders' q/k/v/out projections with --train_text_encoder)")
+    g.add_argument("--lora_target_modules", nargs="+", default=None,
+                   help="denoiser modules that get adapters (default: the family's attention projections, to_k to_q to_v "
+                        "to_out.0 for SD and SDXL; the text encoders' q/k/v/out projections with --train_text_encoder)")
 
     g = p.add_argument_group("precision and memory")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
@@ -279,6 +280,9 @@ def check_args(args):
     family, native_resolution = families.read_model(args.pretrained_model_name_or_path, args.revision)
     args.model_family = family.name
     args.resolution = native_resolution if args.resolution is None else args.resolution
+    if args.resolution % family.size_multiple:
+        cli.fail(f"--resolution {args.resolution}: {family.pipeline} takes sides in multiples of {family.size_multiple}")
+    args.lora_target_modules = args.lora_target_modules or list(family.lora_targets)
     cli.check_launch()
     if args.enable_xformers_memory_efficient_attention:
         families.check_xformers()
@@ -346,16 +350,22 @@ def pivot_prompts(args, examples):
 
 
 class DreamBoothModel(torch.nn.Module):
-    """The UNet and the text encoders as one module, so that one `accelerator.prepare` and one `accumulate` cover
+    """The denoiser and the text encoders as one module, so that one `accelerator.prepare` and one `accumulate` cover
     them all: gradient accumulation then works on any number of processes. The text encoders keep their pipeline
-    names (text_encoder, text_encoder_2) as attributes, so the checkpoint's keys are the pipeline's."""
+    names (unet, text_encoder, text_encoder_2) as attributes, so the checkpoint's keys are the pipeline's. The family
+    row says how a prompt becomes embeddings and how the denoiser is called."""
 
-    def __init__(self, unet, text_encoders, encode_prompt, train_text_encoder, new_token_ids=()):
+    def __init__(self, family, denoiser, text_encoders, train_text_encoder, new_token_ids=()):
         super().__init__()
-        self.unet, self.encode_prompt, self.train_text_encoder = unet, encode_prompt, train_text_encoder
+        self.family, self.train_text_encoder = family, train_text_encoder
         self.text_encoder_names, self.new_token_ids = list(text_encoders), list(new_token_ids)
+        setattr(self, family.denoiser, denoiser)
         for name, encoder in text_encoders.items():
             setattr(self, name, encoder)
+
+    @property
+    def denoiser(self):
+        return getattr(self, self.family.denoiser)
 
     def trainable_parameters(self):
         """How many numbers train: pivotal tuning's matrix counts with its new rows only."""
@@ -392,14 +402,13 @@ class DreamBoothModel(torch.nn.Module):
 
     def forward(self, noisy_latents, timesteps, texts, time_ids):
         """texts: (token ids,), or (prompt embeddings, pooled embeddings) when they were pre-computed (the model then
-        holds no text encoder). SDXL's UNet adds the pooled embedding and the size/crop time ids to its timestep
-        embedding; SD 1.x/2.x's ignores added_cond_kwargs."""
+        holds no text encoder); time_ids: SDXL's size and crop of each image."""
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             encoders = [getattr(self, name) for name in self.text_encoder_names]
-            prompt_embeds, pooled = self.encode_prompt(encoders, *texts) if encoders else texts
+            prompt_embeds, pooled = self.family.encode_prompt(encoders, *texts) if encoders else texts
         dtype = noisy_latents.dtype  # frozen text encoders run in the half-precision weight dtype: one dtype here
-        return self.unet(noisy_latents, timesteps, prompt_embeds.to(dtype),
-                         added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}).sample
+        return self.family.denoise(self.denoiser, noisy_latents, timesteps, prompt_embeds.to(dtype), pooled.to(dtype),
+                                   time_ids.to(dtype))
 
 
 def data_summary(args, photos, config):
@@ -424,7 +433,7 @@ def class_images(args, accelerator, subject):
     precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
     settings = {**generate_priors.PRIOR_DEFAULTS, **{k: getattr(args, k) for k in generate_priors.PRIOR_SETTINGS if hasattr(args, k)},
                 "class_prompt": subject["class_prompt"], "precision": "fp32" if precision == "no" else precision,
-                "unet_sha256": generate_priors.unet_fingerprint(args.pretrained_model_name_or_path, args.revision)}
+                "unet_sha256": generate_priors.denoiser_fingerprint(args.pretrained_model_name_or_path, args.revision)}
     settings = generate_priors.check_prior_folder(class_dir, settings, generate_priors.PRIOR_SETTINGS[:5])
     missing = generate_priors.missing_prior_indices(class_dir, args.num_class_images)
     if missing:
@@ -445,12 +454,13 @@ def class_images(args, accelerator, subject):
 def validation_pipeline(args, family, model, vae, tokenizers, text_encoders, noise_scheduler):
     """The family's pipeline around the in-memory models (nothing loads but the pipeline's config)."""
     trained = {name: getattr(model, name) for name in model.text_encoder_names}
-    return families.load_pipeline(args.pretrained_model_name_or_path, args.revision, device=None, vae=vae, unet=model.unet,
-                            scheduler=families.make_scheduler(args.validation_scheduler, noise_scheduler.config),
-                            **dict(zip(family.tokenizers, tokenizers)), **{**text_encoders, **trained})
+    return families.load_pipeline(args.pretrained_model_name_or_path, args.revision, device=None, vae=vae,
+                                  scheduler=families.make_scheduler(args.validation_scheduler, noise_scheduler.config),
+                                  **{family.denoiser: model.denoiser}, **dict(zip(family.tokenizers, tokenizers)),
+                                  **{**text_encoders, **trained})
 
 
-def log_validation(accelerator, args, pipe, embeddings, step):
+def log_validation(accelerator, args, family, pipe, embeddings, step):
     """Sample the validation prompts at fixed seeds (image j of every prompt has the same seed at every step, so the
     images are comparable across steps); a PNG grid in output_dir/validation and images in the trackers. Its random
     draws come from its own generators inside fork_rng, so the training random state is untouched: the same command
@@ -466,8 +476,8 @@ def log_validation(accelerator, args, pipe, embeddings, step):
                     embeds, pooled = (e.expand(n, *e.shape).to(accelerator.device) for e in embeddings[p])
                     if key and not negative and pipe.config.get("force_zeros_for_empty_prompt"):
                         embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)  # as the pipeline does
-                    text.update({f"{key}prompt_embeds": embeds, **({f"{key}pooled_prompt_embeds": pooled}
-                                                                  if args.model_family == "sdxl" else {})})
+                    text.update({f"{key}prompt_embeds": embeds,
+                                 **({key + family.pooled_argument: pooled} if family.pooled_argument else {})})
             rows.append(pipe(**text, num_inference_steps=args.validation_inference_steps,
                              guidance_scale=args.validation_guidance_scale, height=args.resolution, width=args.resolution,
                              generator=[torch.Generator().manual_seed(imagedata.image_seed(args.seed, j)) for j in range(n)]).images)
@@ -619,10 +629,10 @@ def add_new_tokens(args, tokenizers, text_encoders):
 
 
 def load_models(args, accelerator, family):
-    """Tokenizers, noise scheduler, text encoders, VAE and UNet through from_pretrained: the VAE frozen, the UNet
-    trained (or its LoRA adapters), the text encoders trained with --train_text_encoder."""
+    """Tokenizers, the objective, text encoders, VAE and the denoiser through from_pretrained: the VAE frozen, the
+    denoiser trained (or its LoRA adapters), the text encoders trained with --train_text_encoder."""
+    import diffusers
     import transformers
-    from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import cast_training_params
     from transformers import AutoTokenizer
 
@@ -630,10 +640,8 @@ def load_models(args, accelerator, family):
     tokenizers = [families.from_pretrained(AutoTokenizer, model, subfolder=sub, **kw) for sub in family.tokenizers]
     if args.tokenizer_name:
         tokenizers[0] = families.from_pretrained(AutoTokenizer, args.tokenizer_name, **kw)
-    # The training noise schedule is the model's own scheduler config read as DDPM: same betas, same prediction type.
-    noise_scheduler = families.from_pretrained(DDPMScheduler, model, subfolder="scheduler", **kw)
-    if noise_scheduler.config.prediction_type not in objectives.PREDICTION_TYPES:
-        cli.fail(f"the model's scheduler predicts {noise_scheduler.config.prediction_type!r}; supported: {objectives.PREDICTION_TYPES}")
+    # the objective comes with the model: its own scheduler config (DDPM for SD 1.x/2.x and SDXL)
+    objective = objectives.load(model, args.revision, args.snr_gamma, args.offset_noise)
     kw["variant"] = args.variant
     # important! Frozen weights load in the half-precision weight dtype; trained ones stay fp32, or the fp16 grad
     # scaler fails with "Attempting to unscale FP16 gradients". With LoRA the base weights are frozen (half precision)
@@ -646,39 +654,35 @@ def load_models(args, accelerator, family):
     # important! SDXL's own VAE overflows in fp16: fp32 then, as its pipeline does (or give an fp16-safe VAE)
     vae = families.load_vae(model, args.pretrained_vae_model_name_or_path, args.revision, args.variant, weight_dtype,
                       family.upcast_vae)
-    unet = families.from_pretrained(UNet2DConditionModel, model, subfolder="unet",
-                              dtype=weight_dtype if lora else torch.float32, **kw)
+    denoiser = families.from_pretrained(getattr(diffusers, family.denoiser_class), model, subfolder=family.denoiser,
+                                        dtype=weight_dtype if lora else torch.float32, **kw)
     vae.requires_grad_(False).eval().to(accelerator.device)
     for encoder in text_encoders.values():
         encoder.requires_grad_(args.train_text_encoder and not lora)
         if not args.train_text_encoder:
             encoder.eval().to(accelerator.device)
-    unet.requires_grad_(not lora)
+    denoiser.requires_grad_(not lora)
     if args.train_text_encoder_ti:
         add_new_tokens(args, tokenizers, text_encoders.values())
     if lora:
-        families.add_lora(unet, vars(args), args.lora_target_modules)
+        families.add_lora(denoiser, vars(args), args.lora_target_modules)
         for encoder in text_encoders.values() if args.train_text_encoder else []:
             families.add_lora(encoder, vars(args), families.TEXT_ENCODER_LORA_TARGETS)
-        cast_training_params([unet, *text_encoders.values()], dtype=torch.float32)  # the adapters train in fp32
-    if args.train_text_encoder and family.name == "sdxl":
-        # important! SDXL reads the first encoder's penultimate layer: its last layer and final norm never reach the
-        # loss. Frozen (with any adapters in them), so that DDP does not wait for gradients that never come.
-        first = getattr(text_encoders["text_encoder"], "text_model", text_encoders["text_encoder"])  # transformers 4/5
-        first.encoder.layers[-1].requires_grad_(False)
-        first.final_layer_norm.requires_grad_(False)
+        cast_training_params([denoiser, *text_encoders.values()], dtype=torch.float32)  # the adapters train in fp32
+    if args.train_text_encoder and family.freeze_unread:
+        family.freeze_unread(text_encoders)  # SDXL: layers of the first encoder that never reach the loss
     if args.enable_xformers_memory_efficient_attention:
-        families.enable_xformers(unet)
+        families.enable_xformers(denoiser)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         for encoder in text_encoders.values() if args.train_text_encoder else []:
             # transformers 5 renamed gradient_checkpointing_enable; take whichever this version has
             getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
     if args.channels_last:
-        unet.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
     if args.compile:
-        unet.compile()  # in place: the state dict keeps its keys for checkpoints and saving
-    return tokenizers, noise_scheduler, text_encoders, vae, unet
+        denoiser.compile()  # in place: the state dict keeps its keys for checkpoints and saving
+    return tokenizers, objective, text_encoders, vae, denoiser
 
 
 def make_accelerator(args):
@@ -732,6 +736,116 @@ def resume(accelerator, args, config, params, state):
     accelerator.print(f"resumed from {args.resume_from_checkpoint} at step {state.global_step}")
 
 
+def make_data(args, accelerator, subjects, tokenizers, family, vae, text_encoders):
+    """The dataset, with the optional caches (then the VAE and the text encoders have nothing left to do in a step),
+    and its loader. important! The loader gets its own generator: by default each new iterator draws a seed from
+    the global torch RNG, and a resumed run (which starts a new iterator mid-epoch) would then draw different noise.
+    With buckets, a batch sampler keeps each batch to one size (with its own (seed, epoch) order)."""
+    buckets = imagedata.bucket_sizes(args.aspect_ratio_buckets, args.resolution) if args.aspect_ratio_buckets else None
+    dataset = imagedata.DreamBoothDataset(subjects, tokenizers, args.resolution, args.center_crop, args.random_flip,
+                                          args.seed, buckets)
+    if args.cache_latents:
+        imagedata.cache_latents(dataset, vae, accelerator.device, accelerator.is_local_main_process)
+        if not args.validation_prompt:  # validation still decodes with it
+            vae.to("cpu")
+    if args.pre_compute_text_embeddings:
+        prompts = [p for images, _, _ in subjects for _, p, _ in images] + [prompt for _, paths, prompt in subjects if paths]
+        prompts += (args.validation_prompt or []) + [args.validation_negative_prompt or ""]
+        imagedata.cache_embeddings(dataset, prompts, family.encode_prompt, list(text_encoders.values()), accelerator.device)
+        for encoder in text_encoders.values():
+            encoder.to("cpu")
+    batching = (dict(batch_sampler=imagedata.BucketBatchSampler(dataset, args.train_batch_size, args.seed)) if buckets
+                else dict(batch_size=args.train_batch_size, shuffle=True))
+    dataloader = torch.utils.data.DataLoader(dataset, collate_fn=imagedata.collate, num_workers=args.dataloader_num_workers,
+                                             pin_memory=accelerator.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(args.seed), **batching)
+    return dataset, dataloader
+
+
+def plan(args, num_batches, num_processes):
+    """What follows from the data and the launch: the global batch, the learning rates (--scale_lr), the number of
+    optimizer steps and epochs, when the text encoders freeze, and the validation interval (--validation_epochs).
+    Steps per epoch count after sharding across processes."""
+    global_batch = args.train_batch_size * args.gradient_accumulation_steps * num_processes
+    steps_per_epoch = math.ceil(math.ceil(num_batches / num_processes) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    scale = global_batch if args.scale_lr else 1
+    return {"global_batch_size": global_batch, "total_optimizer_steps": max_train_steps,
+            "num_epochs": math.ceil(max_train_steps / steps_per_epoch),
+            "learning_rate": args.learning_rate * scale, "text_encoder_lr": args.text_encoder_lr and args.text_encoder_lr * scale,
+            "text_encoder_steps": max(1, round(args.train_text_encoder_frac * max_train_steps)),  # then they freeze
+            "validation_steps": args.validation_epochs * steps_per_epoch if args.validation_epochs else args.validation_steps}
+
+
+def run_config(args, accelerator, model, objective, instances, class_paths, dataset):
+    """The resolved config the run records (run_config.json, the trackers, every checkpoint): every flag as resolved,
+    plus what the data and the model made of them."""
+    unwrapped = accelerator.unwrap_model(model)
+    config = {**vars(args), "num_instance_images": len(instances), "num_class_images_used": len(class_paths),
+              "num_processes": accelerator.num_processes, "mixed_precision_resolved": accelerator.mixed_precision,
+              "text_encoder_steps": min(args.text_encoder_steps, args.total_optimizer_steps) * unwrapped.train_text_encoder,
+              "prediction_type": objective.prediction_type, "trainable_parameters": unwrapped.trainable_parameters(),
+              "instance_images": [str(image) if isinstance(image, Path) else f"{args.dataset_name}[{i}]"
+                                  for i, (image, _, _) in enumerate(instances)],
+              "masks": [str(mask) for _, _, mask in instances if mask],
+              "buckets": {f"{h}x{w}": n for (h, w), n in sorted(Counter(sum(dataset.sizes, [])).items())}
+              if args.aspect_ratio_buckets else None}
+    del config["resume_record"]
+    return config
+
+
+def banner(args, accelerator, family, photos, config):
+    accelerator.print(
+        f"DreamBooth: {family.pipeline.removesuffix('Pipeline')}, {data_summary(args, photos, config)}, "
+        f"{accelerator.num_processes} process(es), global batch {args.global_batch_size} "
+        f"({args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes}), "
+        f"{args.total_optimizer_steps} optimizer steps, {config['trainable_parameters']:,} trainable parameters, "
+        f"mixed precision {accelerator.mixed_precision}, {config['prediction_type']} target"
+        + (f", text encoder(s) frozen after step {args.text_encoder_steps}" if args.train_text_encoder_frac < 1 else "")
+        + (f", pivotal tuning: '{args.token_abstraction}' is {''.join(args.new_tokens)}" if args.new_tokens else ""))
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGTERM (clusters, spot instances) or Ctrl-C while inside: the names of the signals that came, for the loop to
+    finish its optimizer step, save a checkpoint and exit 0. A second signal stops at once. The previous handlers
+    come back on the way out."""
+    came = []
+
+    def request_stop(signum, frame):
+        came.append(signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield came
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def save_result(accelerator, args, model, averager, record):
+    """The pipeline (the trained modules in fp32; the frozen ones re-read from the base model) or the adapters; with
+    --use_ema the average, and with --save_raw_weights the raw weights as well in raw/; the model card; the upload."""
+    accelerator.wait_for_everyone()
+    name = Path(args.output_dir).resolve().name
+    if args.use_ema and args.save_raw_weights:
+        trained = export.trained_weights(accelerator, args, model)
+        if accelerator.is_main_process:
+            export.save_weights(args, Path(args.output_dir, "raw"), torch.float32, trained, f"{name}-raw",
+                                accelerator.unwrap_model(model).token_embeddings())
+    with averager.applied():
+        trained = export.trained_weights(accelerator, args, model)
+        if accelerator.is_main_process:
+            export.save_weights(args, args.output_dir, torch.float32, trained, name,
+                                accelerator.unwrap_model(model).token_embeddings())
+    if accelerator.is_main_process:
+        export.model_card(args.output_dir, record["config"]).save(Path(args.output_dir, "README.md"))
+        accelerator.print(f"saved the fine-tuned {'LoRA adapters' if args.lora_rank else 'pipeline'} to {args.output_dir}")
+        if args.push_to_hub:
+            export.push_to_hub(args.output_dir, args.hub_model_id or name, args.hub_token, args.logging_dir)
+
+
 def main(argv=None):
     args = parse_args(argv)
     # ---- check the input before anything loads
@@ -740,7 +854,6 @@ def main(argv=None):
 
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import compute_snr
 
     accelerator = make_accelerator(args)
 
@@ -750,74 +863,34 @@ def main(argv=None):
     instances = [photo for images in photos for photo in images]
     class_paths = [path for _, paths, _ in subjects for path in paths]
 
-    # ---- models: VAE frozen, UNet trained, text encoders trained or frozen; the family's prompt encoding
+    # ---- models (VAE frozen, denoiser trained, text encoders trained or frozen) and the objective, from the family row
     family = families.FAMILIES[args.model_family]
-    tokenizers, noise_scheduler, text_encoders, vae, unet = load_models(args, accelerator, family)
+    tokenizers, objective, text_encoders, vae, denoiser = load_models(args, accelerator, family)
 
-    # ---- data, with the optional caches: then the VAE and the text encoders have nothing left to do in a step
-    buckets = imagedata.bucket_sizes(args.aspect_ratio_buckets, args.resolution) if args.aspect_ratio_buckets else None
-    dataset = imagedata.DreamBoothDataset(subjects, tokenizers, args.resolution, args.center_crop, args.random_flip, args.seed,
-                                buckets)
-    if args.cache_latents:
-        imagedata.cache_latents(dataset, vae, accelerator.device, accelerator.is_local_main_process)
-        if not args.validation_prompt:  # validation still decodes with it
-            vae.to("cpu")
-    if args.pre_compute_text_embeddings:
-        prompts = [p for _, p, _ in instances] + [prompt for _, paths, prompt in subjects if paths]
-        prompts += (args.validation_prompt or []) + [args.validation_negative_prompt or ""]
-        imagedata.cache_embeddings(dataset, prompts, families.ENCODE_PROMPT[family.name], list(text_encoders.values()), accelerator.device)
-        for encoder in text_encoders.values():
-            encoder.to("cpu")
-    model = DreamBoothModel(unet, {} if args.pre_compute_text_embeddings else text_encoders, families.ENCODE_PROMPT[family.name],
+    # ---- data; then what follows from it joins the resolved config (the schedule, --scale_lr, --validation_epochs)
+    dataset, dataloader = make_data(args, accelerator, subjects, tokenizers, family, vae, text_encoders)
+    vars(args).update(plan(args, len(dataloader), accelerator.num_processes))
+    model = DreamBoothModel(family, denoiser, {} if args.pre_compute_text_embeddings else text_encoders,
                             args.train_text_encoder or args.train_text_encoder_ti,
                             [t.convert_tokens_to_ids(args.new_tokens) for t in tokenizers] if args.new_tokens else [])
     params = [p for p in model.parameters() if p.requires_grad]
 
-    # ---- optimizer, data, schedule
-    global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    if args.scale_lr:
-        args.learning_rate *= global_batch
-        args.text_encoder_lr = args.text_encoder_lr and args.text_encoder_lr * global_batch
+    # ---- optimizer, schedule, accelerate; the checkpoints' contents
     optimizer = make_optimizer(args, param_groups(args, model, params))
-    # important! The loader gets its own generator: by default each new iterator draws a seed from the global
-    # torch RNG, and a resumed run (which starts a new iterator mid-epoch) would then draw different noise.
-    # With buckets, a batch sampler keeps each batch to one size (with its own (seed, epoch) order).
-    batching = (dict(batch_sampler=imagedata.BucketBatchSampler(dataset, args.train_batch_size, args.seed)) if buckets else
-                dict(batch_size=args.train_batch_size, shuffle=True))
-    dataloader = torch.utils.data.DataLoader(dataset, collate_fn=imagedata.collate, num_workers=args.dataloader_num_workers,
-                                             pin_memory=accelerator.device.type == "cuda",
-                                             generator=torch.Generator().manual_seed(args.seed), **batching)
-    # Steps per epoch after sharding across processes; the schedule is stepped once per process per optimizer step.
-    steps_per_epoch = math.ceil(math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    text_encoder_steps = max(1, round(args.train_text_encoder_frac * max_train_steps))  # then the text encoders freeze
-    if args.validation_epochs:
-        args.validation_steps = args.validation_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes,
+                                 num_training_steps=args.total_optimizer_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     runs.diffusers_checkpoints(accelerator, family, args.lora_rank > 0,  # checkpoint-N/unet, as diffusers has it
-                                 ["unet"] + (list(text_encoders) if args.train_text_encoder else []))
+                               [family.denoiser] + (list(text_encoders) if args.train_text_encoder else []))
     state, averager = TrainState(), Averager(params, args)
     accelerator.register_for_checkpointing(state)
     if args.use_ema:
         accelerator.register_for_checkpointing(averager)
 
     # ---- the run records itself
-    config = {**vars(args), "num_instance_images": len(instances), "num_class_images_used": len(class_paths),
-              "num_processes": accelerator.num_processes, "mixed_precision_resolved": accelerator.mixed_precision,
-              "global_batch_size": global_batch, "total_optimizer_steps": max_train_steps, "num_epochs": num_epochs,
-              "text_encoder_steps": min(text_encoder_steps, max_train_steps) * accelerator.unwrap_model(model).train_text_encoder,
-              "prediction_type": noise_scheduler.config.prediction_type,
-              "trainable_parameters": accelerator.unwrap_model(model).trainable_parameters(),
-              "instance_images": [str(image) if isinstance(image, Path) else f"{args.dataset_name}[{i}]"
-                                  for i, (image, _, _) in enumerate(instances)],
-              "masks": [str(mask) for _, _, mask in instances if mask],
-              "buckets": {f"{h}x{w}": n for (h, w), n in sorted(Counter(sum(dataset.sizes, [])).items())} if buckets else None}
-    del config["resume_record"]
+    config = run_config(args, accelerator, model, objective, instances, class_paths, dataset)
     record = runs.run_record(config, __file__)
     if args.resume_from_checkpoint:
         resume(accelerator, args, config, params, state)
@@ -828,162 +901,122 @@ def main(argv=None):
         runs.write_json(Path(args.output_dir, "run_config.json"), record)
         runs.save_code(args.output_dir, __file__)
         start_trackers(accelerator, args, record)
-    # ---- SIGTERM (clusters, spot instances) or Ctrl-C: finish the optimizer step, save a checkpoint, exit 0. Installed
-    # before the banner: a signal may come as soon as the run says it has started
-    stop_signal = []
-
-    def request_stop(signum, frame):
-        stop_signal.append(signal.Signals(signum).name)
-        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
-
-    previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    accelerator.print(
-        f"DreamBooth: {family.pipeline.removesuffix('Pipeline')}, {data_summary(args, photos, config)}, "
-        f"{accelerator.num_processes} process(es), global batch {global_batch} "
-        f"({args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes}), "
-        f"{max_train_steps} optimizer steps, {config['trainable_parameters']:,} trainable parameters, "
-        f"mixed precision {accelerator.mixed_precision}, {config['prediction_type']} target"
-        + (f", text encoder(s) frozen after step {text_encoder_steps}" if args.train_text_encoder_frac < 1 else "")
-        + (f", pivotal tuning: '{args.token_abstraction}' is {''.join(args.new_tokens)}" if args.new_tokens else ""))
 
     def validate(step):  # on the main process only; the others wait at the next collective
         if args.validation_prompt and accelerator.is_main_process:
             model.eval()
             pipe = validation_pipeline(args, family, accelerator.unwrap_model(model), vae, tokenizers, text_encoders,
-                                       noise_scheduler)
+                                       objective.scheduler)
             with averager.applied():
-                log_validation(accelerator, args, pipe, dataset.embeddings, step)
+                log_validation(accelerator, args, family, pipe, dataset.embeddings, step)
             model.train()
 
-    # ---- training loop
-    if state.global_step == 0:
-        validate(0)  # the base model's images: the baseline the later ones are compared with
-    images_per_step = global_batch * (2 if class_paths else 1)
-    progress = tqdm(total=max_train_steps, initial=state.global_step, desc="steps",
-                    disable=not accelerator.is_local_main_process)
     if args.cache_latents:  # sample from the cached distribution with the training random state, as the VAE would
         def encode(images):
             return DiagonalGaussianDistribution(images).sample()
     else:
         def encode(images):
             return vae.encode(images.to(vae.dtype)).latent_dist.sample()
-    step_losses, micro_steps, grad_norm = torch.zeros(3, device=accelerator.device), 0, None
-    window_steps, window_seconds, t0 = 0, 0.0, time.perf_counter()
-    for epoch in range(state.epoch, num_epochs):
-        if state.global_step >= max_train_steps:
-            break
-        state.epoch = epoch
-        dataset.set_epoch(epoch)
-        model.train()
-        # the epoch's batch order is a function of (seed, epoch); a resumed run skips the batches already used
-        loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch) if state.batches_in_epoch else dataloader
-        loader.set_epoch(epoch)
-        for batch in loader:
-            if state.global_step >= text_encoder_steps:  # --train_text_encoder_frac (a resumed run too)
-                accelerator.unwrap_model(model).freeze_text_encoders()
-            state.batches_in_epoch += 1
-            with accelerator.accumulate(model):
-                # encode: images -> latents with the frozen VAE (or from the cache)
-                with torch.no_grad():
-                    latents = encode(batch["images"]).float() * vae.config.scaling_factor  # noise, target, loss: fp32
-                # forward diffusion: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps at a random timestep per example
-                noise = objectives.sample_noise(latents, args.offset_noise)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          device=latents.device).long()
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                # predict and compare: instance loss + lambda * prior loss
-                model_pred = model(noisy_latents, timesteps, batch["texts"], batch["time_ids"])
-                target = objectives.noise_target(noise_scheduler, latents, noise, timesteps)
-                weights = pixel_weights = None
-                if args.snr_gamma:
-                    weights = objectives.min_snr_weights(compute_snr(noise_scheduler, timesteps), args.snr_gamma,
-                                              noise_scheduler.config.prediction_type)
-                if "masks" in batch:  # photos with masks: their background at --mask_background_weight
-                    pixel_weights = objectives.mask_weights(batch["masks"], latents.shape[-2:], args.mask_background_weight)
-                num_instance = latents.shape[0] // 2 if class_paths else latents.shape[0]
-                loss, instance_loss, prior_loss = objectives.dreambooth_loss(model_pred, target, num_instance,
-                                                                  args.prior_loss_weight, weights, pixel_weights)
-                # backward and update (accelerate skips the update until the last micro-batch of a step)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
-                step_losses += torch.stack([loss, instance_loss, prior_loss]).detach()
-                micro_steps += 1
-            if not accelerator.sync_gradients:
-                continue
-            # ---- end of an optimizer step. Every --logging_steps: the mean over the window's micro-batches and over
-            # the processes, in one reduce (the step's only wait for the GPU), which also tells every process
-            # whether any of them was asked to stop
-            state.global_step += 1
-            window_steps, window_seconds = window_steps + 1, window_seconds + time.perf_counter() - t0
-            progress.update(1)
-            stop = False
-            if state.global_step % args.logging_steps == 0 or state.global_step >= max_train_steps:
-                stop_flag = torch.tensor([float(bool(stop_signal))], device=accelerator.device)
-                mean = accelerator.reduce(torch.cat([step_losses / micro_steps, stop_flag]), reduction="mean").tolist()
-                logs = {"loss": mean[0], "instance_loss": mean[1], "lr": lr_scheduler.get_last_lr()[0],
-                        "seconds_per_step": window_seconds / window_steps,
-                        "images_per_second": images_per_step * window_steps / window_seconds}
-                if torch.cuda.is_available():
-                    logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                if class_paths:
-                    logs["prior_loss"] = mean[2]
-                if grad_norm is not None:
-                    logs["grad_norm"] = float(grad_norm)
-                accelerator.log(logs, step=state.global_step)
-                progress.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{logs['lr']:.2e}")
-                step_losses.zero_()
-                micro_steps, window_steps, window_seconds, stop = 0, 0, 0.0, mean[3] > 0
-            # ---- validation images, checkpoint, export, stop
-            averager.step()
-            if state.global_step % args.validation_steps == 0:
-                validate(state.global_step)
-            if state.global_step % args.checkpointing_steps == 0 or stop:
-                checkpoint = runs.save_checkpoint(accelerator, args, state, record)
-            if args.export_steps and state.global_step % args.export_steps == 0:
-                with averager.applied():
-                    export.export_pipeline(accelerator, args, model, state.global_step)
-            if stop:
-                progress.close()
-                accelerator.print(f"stopped by {stop_signal[0] if stop_signal else 'a signal to another process'} "
-                                  f"after step {state.global_step}; the training state is in {checkpoint}. Continue "
-                                  "with the same command plus --resume_from_checkpoint latest")
-                accelerator.end_training()
-                for sig, handler in previous_handlers.items():
-                    signal.signal(sig, handler)
-                return
-            t0 = time.perf_counter()
-            if state.global_step >= max_train_steps:
-                break
-        state.batches_in_epoch = 0
-    progress.close()
-    if state.global_step % args.validation_steps:
-        validate(state.global_step)  # the final model's images
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
 
-    # ---- save the pipeline (the trained modules in fp32; the frozen ones re-read from the base model) or the adapters;
-    # with --use_ema the average, and with --save_raw_weights the raw weights as well in raw/
-    accelerator.wait_for_everyone()
-    name = Path(args.output_dir).resolve().name
-    if args.use_ema and args.save_raw_weights:
-        trained = export.trained_weights(accelerator, args, model)
-        if accelerator.is_main_process:
-            export.save_weights(args, Path(args.output_dir, "raw"), torch.float32, trained, f"{name}-raw",
-                         accelerator.unwrap_model(model).token_embeddings())
-    with averager.applied():
-        trained = export.trained_weights(accelerator, args, model)
-        if accelerator.is_main_process:
-            export.save_weights(args, args.output_dir, torch.float32, trained, name, accelerator.unwrap_model(model).token_embeddings())
-    if accelerator.is_main_process:
-        export.model_card(args.output_dir, record["config"]).save(Path(args.output_dir, "README.md"))
-        accelerator.print(f"saved the fine-tuned {'LoRA adapters' if args.lora_rank else 'pipeline'} to {args.output_dir}")
-        if args.push_to_hub:
-            export.push_to_hub(args.output_dir, args.hub_model_id or name, args.hub_token, args.logging_dir)
+    # ---- training loop. Signals are caught from before the banner: one may come as soon as the run says it started
+    with stop_requests() as stop_signals:
+        banner(args, accelerator, family, photos, config)
+        if state.global_step == 0:
+            validate(0)  # the base model's images: the baseline the later ones are compared with
+        images_per_step = args.global_batch_size * (2 if class_paths else 1)
+        progress = tqdm(total=args.total_optimizer_steps, initial=state.global_step, desc="steps",
+                        disable=not accelerator.is_local_main_process)
+        sums = {name: torch.zeros((), device=accelerator.device) for name in ("loss", "instance_loss", "prior_loss")}
+        micro_steps, grad_norm, window_steps, window_seconds, t0 = 0, None, 0, 0.0, time.perf_counter()
+        for epoch in range(state.epoch, args.num_epochs):
+            if state.global_step >= args.total_optimizer_steps:
+                break
+            state.epoch = epoch
+            dataset.set_epoch(epoch)
+            model.train()
+            # the epoch's batch order is a function of (seed, epoch); a resumed run skips the batches already used
+            loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch) if state.batches_in_epoch else dataloader
+            loader.set_epoch(epoch)
+            for batch in loader:
+                if state.global_step >= args.text_encoder_steps:  # --train_text_encoder_frac (a resumed run too)
+                    accelerator.unwrap_model(model).freeze_text_encoders()
+                state.batches_in_epoch += 1
+                with accelerator.accumulate(model):
+                    # encode: images -> latents with the frozen VAE (or from the cache)
+                    with torch.no_grad():
+                        latents = families.scale_latents(encode(batch["images"]).float(), vae.config)  # fp32 from here
+                    # the objective's draw: noisy latents at random timesteps, the target, per-example weights
+                    draw = objective.draw(latents)
+                    # predict and compare: instance loss + lambda * prior loss (masked photos: the background weighs less)
+                    model_pred = model(draw.noisy_latents, draw.timesteps, batch["texts"], batch["time_ids"])
+                    pixel_weights = (objectives.mask_weights(batch["masks"], latents.shape[-2:], args.mask_background_weight)
+                                     if "masks" in batch else None)
+                    num_instance = latents.shape[0] // 2 if class_paths else latents.shape[0]
+                    losses = dict(zip(sums, objectives.dreambooth_loss(model_pred, draw.target, num_instance,
+                                                                       args.prior_loss_weight, draw.weights, pixel_weights)))
+                    # backward and update (accelerate skips the update until the last micro-batch of a step)
+                    accelerator.backward(losses["loss"])
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+                    for name, value in losses.items():
+                        sums[name] += value.detach()
+                    micro_steps += 1
+                if not accelerator.sync_gradients:
+                    continue
+                # ---- end of an optimizer step. Every --logging_steps: the mean over the window's micro-batches and
+                # over the processes, in one reduce (the step's only wait for the GPU), which also tells every process
+                # whether any of them was asked to stop
+                state.global_step += 1
+                window_steps, window_seconds = window_steps + 1, window_seconds + time.perf_counter() - t0
+                progress.update(1)
+                stop = False
+                if state.global_step % args.logging_steps == 0 or state.global_step >= args.total_optimizer_steps:
+                    means = {name: value / micro_steps for name, value in sums.items()}
+                    means["stop"] = torch.tensor(float(bool(stop_signals)), device=accelerator.device)
+                    means = dict(zip(means, accelerator.reduce(torch.stack(list(means.values())), reduction="mean").tolist()))
+                    logs = {"loss": means["loss"], "instance_loss": means["instance_loss"],
+                            "lr": lr_scheduler.get_last_lr()[0], "seconds_per_step": window_seconds / window_steps,
+                            "images_per_second": images_per_step * window_steps / window_seconds}
+                    if torch.cuda.is_available():
+                        logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                    if class_paths:
+                        logs["prior_loss"] = means["prior_loss"]
+                    if grad_norm is not None:
+                        logs["grad_norm"] = float(grad_norm)
+                    accelerator.log(logs, step=state.global_step)
+                    progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                    for value in sums.values():
+                        value.zero_()
+                    micro_steps, window_steps, window_seconds, stop = 0, 0, 0.0, means["stop"] > 0
+                # ---- validation images, checkpoint, export, stop
+                averager.step()
+                if state.global_step % args.validation_steps == 0:
+                    validate(state.global_step)
+                if state.global_step % args.checkpointing_steps == 0 or stop:
+                    checkpoint = runs.save_checkpoint(accelerator, args, state, record)
+                if args.export_steps and state.global_step % args.export_steps == 0:
+                    with averager.applied():
+                        export.export_pipeline(accelerator, args, model, state.global_step)
+                if stop:
+                    progress.close()
+                    accelerator.print(f"stopped by {stop_signals[0] if stop_signals else 'a signal to another process'} "
+                                      f"after step {state.global_step}; the training state is in {checkpoint}. "
+                                      "Continue with the same command plus --resume_from_checkpoint latest")
+                    accelerator.end_training()
+                    return
+                t0 = time.perf_counter()
+                if state.global_step >= args.total_optimizer_steps:
+                    break
+            state.batches_in_epoch = 0
+        progress.close()
+        if state.global_step % args.validation_steps:
+            validate(state.global_step)  # the final model's images
+
+    # ---- save the result
+    save_result(accelerator, args, model, averager, record)
     accelerator.end_training()
 
 

@@ -89,3 +89,30 @@ def test_offset_noise_adds_a_per_channel_constant():
     delta = offset - plain
     assert not torch.equal(delta, torch.zeros_like(delta))
     assert torch.allclose(delta, delta[:, :, :1, :1].expand_as(delta), atol=1e-6)  # constant over each channel's pixels
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_ddpm_objectives_draw_by_hand(prediction_type):
+    """The objective's draw on the two-step schedule (alpha_bar 0.64, 0.36): the noise and then a timestep per
+    example from the random state, x_t = sqrt(a) x0 + sqrt(1 - a) eps, the target eps or v, Min-SNR weights."""
+    from objectives import DDPM
+
+    x0 = torch.linspace(-1, 1, 2 * 4 * 3 * 3).reshape(2, 4, 3, 3)
+    torch.manual_seed(7)
+    draw = DDPM(scheduler(prediction_type), snr_gamma=1.0).draw(x0)
+    torch.manual_seed(7)
+    eps, t = torch.randn_like(x0), torch.randint(0, 2, (2,))
+    root_a = torch.tensor([0.8, 0.6])[t].view(2, 1, 1, 1)
+    root_1ma = torch.tensor([0.6, 0.8])[t].view(2, 1, 1, 1)
+    assert torch.equal(draw.timesteps, t)
+    assert torch.allclose(draw.noisy_latents, root_a * x0 + root_1ma * eps, atol=1e-6)
+    assert torch.allclose(draw.target, eps if prediction_type == "epsilon" else root_a * eps - root_1ma * x0, atol=1e-6)
+    snr = torch.tensor([16 / 9, 9 / 16])[t]  # min(snr, 1) / snr for epsilon, / (snr + 1) for v
+    expected = torch.clamp(snr, max=1.0) / (snr if prediction_type == "epsilon" else snr + 1)
+    assert torch.allclose(draw.weights, expected)
+
+
+def test_the_ddpm_objective_without_min_snr_weighs_nothing():
+    from objectives import DDPM
+
+    assert DDPM(scheduler("epsilon")).draw(torch.zeros(2, 1, 2, 2)).weights is None

@@ -57,7 +57,7 @@ def test_top_up_makes_exactly_the_missing_files(tiny_model, tmp_path):
     original = pngs(d)
     made = recorded(d / "000000.png")
     assert made["settings"]["class_prompt"] == "a photo of dog" and made["settings"]["seed"] == 3
-    assert made["settings"]["unet_sha256"] == generate_priors.unet_fingerprint(tiny_model)
+    assert made["settings"]["unet_sha256"] == generate_priors.denoiser_fingerprint(tiny_model)
     assert made["settings"]["pretrained_model_name_or_path"] == tiny_model and "diffusers" in made["versions"]
 
     # a killed run: two images gone (one in each batch), a temporary file left behind that must not count
