@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import ROOT, script_env
 
+import comfyui_check
 import export
 import generate_priors
 import infer
@@ -27,7 +28,8 @@ def help_flags(module, capsys):
 
 
 def test_every_flag_in_the_readme_exists(capsys):
-    known = ACCELERATE_FLAGS.union(*(help_flags(m, capsys) for m in (train_dreambooth, generate_priors, infer, export)))
+    known = ACCELERATE_FLAGS.union(*(help_flags(m, capsys) for m in (train_dreambooth, generate_priors, infer, export,
+                                                                     comfyui_check)))
     readme = (ROOT / "README.md").read_text()
     shown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]+", readme))
     assert shown - known == set()

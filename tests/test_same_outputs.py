@@ -91,7 +91,7 @@ def cases(data, sd, sdxl):
         ("sdxl-buckets-masks", [("train_dreambooth.py", [
             "--model", sdxl, "--instance_dir", data / "mixed", "--instance_prompt", "a photo of sks dog",
             "--output_dir", "{out}/run", *common, *priors, "--aspect_ratio_buckets", "64,64;48,80;80,48",
-            "--mask_background_weight", 0.1, "--cache_latents"])]),
+            "--mask_background_weight", 0.1, "--cache_latents", "--center_crop"])]),
         ("sd-two-subjects", [("generate_priors.py", ["--model", sd, "--concepts_list", "{out}/concepts.json",
                                                      "--num_class_images", 2, "--num_inference_steps", 2,
                                                      "--resolution", 64]),

@@ -116,7 +116,7 @@ def test_export_publishes_a_finished_run_from_the_shell(token_run, monkeypatch, 
         assert str(e.value).startswith(f"error: {message}")
     with pytest.raises(SystemExit) as e:
         export.main([str(out)])
-    assert str(e.value) == "error: nothing to do: give --single_file, --push_to_hub or both"
+    assert str(e.value) == "error: nothing to do: give --single_file, --kohya or --push_to_hub"
 
 
 def test_resuming_a_run_recorded_by_an_older_version_redacts_its_records(token_run, run, tiny_model, photos, tmp_path):

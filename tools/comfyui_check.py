@@ -86,13 +86,17 @@ def check_embeddings(path, clip):
     return 0 if counts and all(counts.values()) else 1
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a training output folder (or export-N, checkpoint-N)")
     p.add_argument("--comfyui", required=True, help="a ComfyUI checkout (the folder holding comfy/)")
     p.add_argument("--checkpoint", default=None,
                    help="the base model as a single file, for a LoRA run (default: the run's own NAME.safetensors)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     run, comfyui = Path(args.run), Path(args.comfyui).expanduser()
     if not (comfyui / "comfy" / "sd.py").is_file():
         sys.exit(f"error: {comfyui} is not a ComfyUI checkout (no comfy/sd.py)")
