@@ -290,9 +290,9 @@ def ldm_state(parts, configs, family, v_prediction):
     """{name: diffusers state dict} of the unet, vae and text encoder(s) -> (one state dict in the original layout,
     its ModelSpec architecture): LDM's keys, or SGM's for SDXL (the family row's single_file_layout). A v-prediction
     model gets the `v_pred` key that ComfyUI reads."""
-    unet, vae = parts["unet"], parts["vae"]
+    unet, vae = parts[family.denoiser], parts["vae"]
     up_attention = {int(k.split(".")[1]) for k in unet if k.startswith("up_blocks.") and ".attentions." in k}
-    out = {"model.diffusion_model." + ldm_unet_key(k, configs["unet"], up_attention): v for k, v in unet.items()}
+    out = {"model.diffusion_model." + ldm_unet_key(k, configs[family.denoiser], up_attention): v for k, v in unet.items()}
     for key, value in vae.items():
         name = ldm_vae_key(key, configs["vae"])
         out["first_stage_model." + name] = value[:, :, None, None] if ".mid.attn_1." in name and value.ndim == 2 else value
@@ -364,7 +364,7 @@ def model_card(folder, config):
     instance prompt), the method and its settings, the newest validation grid, and how to load the result."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    family, lora, base = families.FAMILIES[config.get("model_family", "sd")], bool(config.get("lora_rank")), \
+    family, lora, base = families.family_of_record(config), bool(config.get("lora_rank")), \
         config["pretrained_model_name_or_path"]
     hub_base = base if families.HUB_ID.match(base) and not Path(base).exists() else None
     tags = ["text-to-image", "diffusers", "diffusers-training", "dreambooth",

@@ -54,6 +54,16 @@ def scale_latents(latents, vae_config):
     return (latents - shift if shift is not None else latents) * vae_config["scaling_factor"]
 
 
+def latent_sampler(vae, cached=False):
+    """Images -> a sample of the frozen VAE's latent distribution; `cached` (--cache_latents): the batch holds the cached
+    distribution's parameters, sampled with the training random state as the VAE would."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if cached:
+        return lambda images: DiagonalGaussianDistribution(images).sample()
+    return lambda images: vae.encode(images.to(vae.dtype)).latent_dist.sample()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The families: one row each. A new family is a row (and, if its objective differs, an objective in objectives.py)
 
@@ -126,6 +136,11 @@ FAMILIES = {family.name: family for family in (SD, SDXL)}
 def family_of(pipe):
     """The row of a loaded pipeline."""
     return next(f for f in FAMILIES.values() if type(pipe).__name__ == f.pipeline)
+
+
+def family_of_record(config):
+    """The row of a run's record (run_config.json's config); records of versions before SDXL have none: SD's."""
+    return FAMILIES[config.get("model_family", SD.name)]
 DENOISERS = tuple(dict.fromkeys(family.denoiser for family in FAMILIES.values()))  # their subfolders, in row order
 
 
@@ -372,6 +387,34 @@ def load_token_embeddings(pipe, path, family, tokens):
     for key, (encoder, _), tokenizer in zip(family.embedding_keys, family.text_encoders, family.tokenizers):
         pipe.load_textual_inversion(state[key], token=list(tokens), text_encoder=getattr(pipe, encoder),
                                     tokenizer=getattr(pipe, tokenizer))
+
+
+def add_new_tokens(tokenizers, text_encoders, new_tokens, initializer_concept=None):
+    """Pivotal tuning: the run's new tokens (<s0><s1>...) join every tokenizer, and each text encoder's embedding
+    matrix grows by their rows, which start from --initializer_concept's embedding (its tokens' mean) or at random with
+    the matrix's spread (diffusers' advanced script). Only those rows train: the matrix becomes an fp32 parameter
+    whose gradient is masked to them, and it gets no weight decay (make_optimizer), so every other row stays
+    bit-identical. Returns the new rows' ids, per text encoder."""
+    ids = []
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        if any(t in tokenizer.get_vocab() for t in new_tokens):
+            cli.fail(f"the tokenizer already has the tokens {new_tokens}")
+        tokenizer.add_tokens(new_tokens)
+        new = tokenizer.convert_tokens_to_ids(new_tokens)
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        weight = encoder.get_input_embeddings().weight
+        weight.data = weight.data.float()
+        with torch.no_grad():
+            if initializer_concept:
+                concept = tokenizer(initializer_concept, add_special_tokens=False).input_ids
+                weight[new] = weight[concept].mean(0)
+            else:
+                weight[new] = torch.randn(len(new), weight.shape[1]).to(weight) * weight[:new[0]].std()
+        trained = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+        trained[new] = True
+        weight.requires_grad_(True).register_hook(lambda grad, trained=trained: torch.where(trained, grad, 0))
+        ids.append(new)
+    return ids
 
 
 def add_lora(model, config, targets):

@@ -2,12 +2,14 @@
 other tools read them), found, rotated and checked for resume; and the record every run leaves beside its results
 (resolved config, command line, versions, hardware, the code as it ran)."""
 
+import contextlib
 import json
 import os
 import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +241,22 @@ def save_checkpoint(accelerator, args, state, record):
         remove_oldest(args.output_dir, "checkpoint", args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGTERM (clusters, spot instances) or Ctrl-C while inside: the names of the signals that came, for the loop to
+    finish its optimizer step, save a checkpoint and exit 0. A second signal stops at once. The previous handlers
+    come back on the way out."""
+    came = []
+
+    def request_stop(signum, frame):
+        came.append(signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield came
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

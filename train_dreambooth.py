@@ -2,8 +2,9 @@
 
 Teaches a model a subject from 3-5 photos, bound to a rare token ("a photo of sks dog"), optionally with the
 paper's class-prior preservation loss. The VAE is frozen, the UNet is trained, the text encoder(s) optionally. The
-model family is read from the model itself; what differs (prompt encoding, SDXL's extra UNet inputs, the pipeline
-class) is chosen once, before the loop.
+model family is read from the model itself: what differs between families (prompt encoding, the denoiser and its
+extra inputs, the pipeline class, file layouts) is its row in families.py, and the objective (objectives.py) comes
+from the model's scheduler config; both are chosen once, before the loop, and the step does not know which.
 
     accelerate launch train_dreambooth.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --instance_dir photos/ --instance_prompt "a photo of sks dog" --output_dir sks-dog \
@@ -18,7 +19,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -222,7 +222,9 @@ def build_parser():
 
 
 def check_args(args):
-    """Everything that can be checked about the user's input before a model loads."""
+    """Everything that can be checked about the user's input before a model loads, and the config resolved from it
+    (the model's family and resolution, subjects, the optimizer and learning rate, the checkpoint to resume, the
+    seed): the one place that sets flags' values, with plan() for what follows from the data."""
     if args.concepts_list:  # several subjects: their prompts and folders come from the list
         given = [flag for flag in ("instance_dir", "dataset_name", "instance_prompt", "class_dir", "class_prompt")
                  if getattr(args, flag)]
@@ -315,6 +317,15 @@ def check_args(args):
     elif out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
         hint = "--resume_from_checkpoint latest to continue it, " if runs.list_checkpoints(out) else ""
         cli.fail(f"output folder is not empty: {out} (pass {hint}another --output_dir, or --overwrite_output_dir)")
+    # the run's seed: a resumed run keeps its own, an unseeded one draws one and records it (the same on every process)
+    if args.seed is None and args.resume_record:
+        args.seed = args.resume_record["config"]["seed"]
+    if args.seed is None:
+        from accelerate.utils import broadcast_object_list
+
+        args.seed = int.from_bytes(os.urandom(3), "little")
+        if cli.partial_state().num_processes > 1:
+            args.seed = broadcast_object_list([args.seed])[0]
 
 
 def load_subjects(args):
@@ -548,6 +559,38 @@ class TrainState:
         vars(self).update(state)
 
 
+class Window:
+    """The losses and timings between two logging steps: each loss summed over the micro-batches, then averaged over
+    them and, in one reduce (the step's only wait for the GPU), over the processes, with the flag that tells every
+    process whether any of them was asked to stop."""
+
+    def __init__(self, device):
+        self.device, self.sums = device, {name: torch.zeros((), device=device) for name in LOSSES}
+        self.micro_steps, self.steps, self.seconds, self.t0 = 0, 0, 0.0, time.perf_counter()
+
+    def add(self, losses):
+        for name, value in losses.items():
+            self.sums[name] += value.detach()
+        self.micro_steps += 1
+
+    def step_done(self):
+        self.steps, self.seconds = self.steps + 1, self.seconds + time.perf_counter() - self.t0
+
+    def means(self, accelerator, stop):
+        """{loss name: mean, "stop": > 0 if a process was asked to stop, "seconds_per_step"}; the window starts again."""
+        values = {name: value / self.micro_steps for name, value in self.sums.items()}
+        values["stop"] = torch.tensor(float(stop), device=self.device)
+        means = dict(zip(values, accelerator.reduce(torch.stack(list(values.values())), reduction="mean").tolist()))
+        means["seconds_per_step"] = self.seconds / self.steps
+        for value in self.sums.values():
+            value.zero_()
+        self.micro_steps, self.steps, self.seconds = 0, 0, 0.0
+        return means
+
+
+LOSSES = ("loss", "instance_loss", "prior_loss")  # what dreambooth_loss returns, in its order
+
+
 def changed_settings(saved, current):
     """Settings that differ from the checkpoint's record, leaving out the flag groups that cannot change the weights."""
     harmless = {a.dest for g in build_parser()._action_groups if g.title in RESUME_HARMLESS_GROUPS for a in g._group_actions}
@@ -600,34 +643,6 @@ def make_optimizer(args, params):
     return torch.optim.AdamW(params, lr=args.learning_rate, **adam)
 
 
-def add_new_tokens(args, tokenizers, text_encoders):
-    """Pivotal tuning: the run's new tokens (<s0><s1>...) join every tokenizer, and each text encoder's embedding
-    matrix grows by their rows, which start from --initializer_concept's embedding (its tokens' mean) or at random with
-    the matrix's spread (diffusers' advanced script). Only those rows train: the matrix becomes an fp32 parameter
-    whose gradient is masked to them, and it gets no weight decay (make_optimizer), so every other row stays
-    bit-identical. Returns the new rows' ids, per text encoder."""
-    ids = []
-    for tokenizer, encoder in zip(tokenizers, text_encoders):
-        if any(t in tokenizer.get_vocab() for t in args.new_tokens):
-            cli.fail(f"the tokenizer already has the tokens {args.new_tokens}")
-        tokenizer.add_tokens(args.new_tokens)
-        new = tokenizer.convert_tokens_to_ids(args.new_tokens)
-        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        weight = encoder.get_input_embeddings().weight
-        weight.data = weight.data.float()
-        with torch.no_grad():
-            if args.initializer_concept:
-                concept = tokenizer(args.initializer_concept, add_special_tokens=False).input_ids
-                weight[new] = weight[concept].mean(0)
-            else:
-                weight[new] = torch.randn(len(new), weight.shape[1]).to(weight) * weight[:new[0]].std()
-        trained = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
-        trained[new] = True
-        weight.requires_grad_(True).register_hook(lambda grad, trained=trained: torch.where(trained, grad, 0))
-        ids.append(new)
-    return ids
-
-
 def load_models(args, accelerator, family):
     """Tokenizers, the objective, text encoders, VAE and the denoiser through from_pretrained: the VAE frozen, the
     denoiser trained (or its LoRA adapters), the text encoders trained with --train_text_encoder."""
@@ -663,7 +678,7 @@ def load_models(args, accelerator, family):
             encoder.eval().to(accelerator.device)
     denoiser.requires_grad_(not lora)
     if args.train_text_encoder_ti:
-        add_new_tokens(args, tokenizers, text_encoders.values())
+        families.add_new_tokens(tokenizers, text_encoders.values(), args.new_tokens, args.initializer_concept)
     if lora:
         families.add_lora(denoiser, vars(args), args.lora_target_modules)
         for encoder in text_encoders.values() if args.train_text_encoder else []:
@@ -686,18 +701,11 @@ def load_models(args, accelerator, family):
 
 
 def make_accelerator(args):
-    """The Accelerator, and the run's seed: a resumed run keeps its own, an unseeded one draws one and records it (the
-    same on every process). Each process then draws its own noise and timesteps (seed + process index)."""
+    """The Accelerator, seeded with the run's seed: each process draws its own noise and timesteps (seed + process
+    index)."""
     from accelerate import Accelerator
-    from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration,
-                                  broadcast_object_list, set_seed)
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
-    if args.seed is None and args.resume_record:
-        args.seed = args.resume_record["config"]["seed"]
-    if args.seed is None:
-        args.seed = int.from_bytes(os.urandom(3), "little")
-        if cli.partial_state().num_processes > 1:
-            args.seed = broadcast_object_list([args.seed])[0]
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # the text encoders' parameters stop getting gradients at --train_text_encoder_frac: DDP must not wait for them
@@ -805,25 +813,6 @@ def banner(args, accelerator, family, photos, config):
         + (f", pivotal tuning: '{args.token_abstraction}' is {''.join(args.new_tokens)}" if args.new_tokens else ""))
 
 
-@contextlib.contextmanager
-def stop_requests():
-    """SIGTERM (clusters, spot instances) or Ctrl-C while inside: the names of the signals that came, for the loop to
-    finish its optimizer step, save a checkpoint and exit 0. A second signal stops at once. The previous handlers
-    come back on the way out."""
-    came = []
-
-    def request_stop(signum, frame):
-        came.append(signal.Signals(signum).name)
-        signal.signal(signum, signal.SIG_DFL)
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield came
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def save_result(accelerator, args, model, averager, record):
     """The pipeline (the trained modules in fp32; the frozen ones re-read from the base model) or the adapters; with
     --use_ema the average, and with --save_raw_weights the raw weights as well in raw/; the model card; the upload."""
@@ -852,7 +841,6 @@ def main(argv=None):
     check_args(args)
     photos = load_subjects(args)
 
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.optimization import get_scheduler
 
     accelerator = make_accelerator(args)
@@ -911,23 +899,16 @@ def main(argv=None):
                 log_validation(accelerator, args, family, pipe, dataset.embeddings, step)
             model.train()
 
-    if args.cache_latents:  # sample from the cached distribution with the training random state, as the VAE would
-        def encode(images):
-            return DiagonalGaussianDistribution(images).sample()
-    else:
-        def encode(images):
-            return vae.encode(images.to(vae.dtype)).latent_dist.sample()
-
+    encode = families.latent_sampler(vae, args.cache_latents)
     # ---- training loop. Signals are caught from before the banner: one may come as soon as the run says it started
-    with stop_requests() as stop_signals:
+    with runs.stop_requests() as stop_signals:
         banner(args, accelerator, family, photos, config)
         if state.global_step == 0:
             validate(0)  # the base model's images: the baseline the later ones are compared with
         images_per_step = args.global_batch_size * (2 if class_paths else 1)
         progress = tqdm(total=args.total_optimizer_steps, initial=state.global_step, desc="steps",
                         disable=not accelerator.is_local_main_process)
-        sums = {name: torch.zeros((), device=accelerator.device) for name in ("loss", "instance_loss", "prior_loss")}
-        micro_steps, grad_norm, window_steps, window_seconds, t0 = 0, None, 0, 0.0, time.perf_counter()
+        window, grad_norm = Window(accelerator.device), None
         for epoch in range(state.epoch, args.num_epochs):
             if state.global_step >= args.total_optimizer_steps:
                 break
@@ -952,8 +933,8 @@ def main(argv=None):
                     pixel_weights = (objectives.mask_weights(batch["masks"], latents.shape[-2:], args.mask_background_weight)
                                      if "masks" in batch else None)
                     num_instance = latents.shape[0] // 2 if class_paths else latents.shape[0]
-                    losses = dict(zip(sums, objectives.dreambooth_loss(model_pred, draw.target, num_instance,
-                                                                       args.prior_loss_weight, draw.weights, pixel_weights)))
+                    losses = dict(zip(LOSSES, objectives.dreambooth_loss(model_pred, draw.target, num_instance,
+                                                                         args.prior_loss_weight, draw.weights, pixel_weights)))
                     # backward and update (accelerate skips the update until the last micro-batch of a step)
                     accelerator.backward(losses["loss"])
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -961,25 +942,19 @@ def main(argv=None):
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=args.set_grads_to_none)
-                    for name, value in losses.items():
-                        sums[name] += value.detach()
-                    micro_steps += 1
+                    window.add(losses)
                 if not accelerator.sync_gradients:
                     continue
-                # ---- end of an optimizer step. Every --logging_steps: the mean over the window's micro-batches and
-                # over the processes, in one reduce (the step's only wait for the GPU), which also tells every process
-                # whether any of them was asked to stop
+                # ---- end of an optimizer step; every --logging_steps the window's means go to the trackers
                 state.global_step += 1
-                window_steps, window_seconds = window_steps + 1, window_seconds + time.perf_counter() - t0
+                window.step_done()
                 progress.update(1)
                 stop = False
                 if state.global_step % args.logging_steps == 0 or state.global_step >= args.total_optimizer_steps:
-                    means = {name: value / micro_steps for name, value in sums.items()}
-                    means["stop"] = torch.tensor(float(bool(stop_signals)), device=accelerator.device)
-                    means = dict(zip(means, accelerator.reduce(torch.stack(list(means.values())), reduction="mean").tolist()))
+                    means = window.means(accelerator, bool(stop_signals))
                     logs = {"loss": means["loss"], "instance_loss": means["instance_loss"],
-                            "lr": lr_scheduler.get_last_lr()[0], "seconds_per_step": window_seconds / window_steps,
-                            "images_per_second": images_per_step * window_steps / window_seconds}
+                            "lr": lr_scheduler.get_last_lr()[0], "seconds_per_step": means["seconds_per_step"],
+                            "images_per_second": images_per_step / means["seconds_per_step"]}
                     if torch.cuda.is_available():
                         logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                     if class_paths:
@@ -988,9 +963,7 @@ def main(argv=None):
                         logs["grad_norm"] = float(grad_norm)
                     accelerator.log(logs, step=state.global_step)
                     progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-                    for value in sums.values():
-                        value.zero_()
-                    micro_steps, window_steps, window_seconds, stop = 0, 0, 0.0, means["stop"] > 0
+                    stop = means["stop"] > 0
                 # ---- validation images, checkpoint, export, stop
                 averager.step()
                 if state.global_step % args.validation_steps == 0:
@@ -1007,7 +980,7 @@ def main(argv=None):
                                       "Continue with the same command plus --resume_from_checkpoint latest")
                     accelerator.end_training()
                     return
-                t0 = time.perf_counter()
+                window.t0 = time.perf_counter()
                 if state.global_step >= args.total_optimizer_steps:
                     break
             state.batches_in_epoch = 0

@@ -33,7 +33,7 @@ def test_only_the_new_rows_of_the_embedding_matrix_train(tiny_model, photos, tmp
     tokenizer = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
     encoder = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder").requires_grad_(False)  # as load_models
     base = encoder.get_input_embeddings().weight.detach().clone()
-    [ids] = train_dreambooth.add_new_tokens(args, [tokenizer], [encoder])
+    [ids] = families.add_new_tokens([tokenizer], [encoder], args.new_tokens, args.initializer_concept)
     assert tokenizer.convert_ids_to_tokens(ids) == ["<s0>", "<s1>"] and ids == [base.shape[0], base.shape[0] + 1]
     tokens = tokenizer("a photo of <s0><s1> dog").input_ids
     assert tokens[tokens.index(ids[0]):][:2] == ids  # one token each, side by side

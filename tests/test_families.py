@@ -1,0 +1,65 @@
+"""The family seam: what differs between model families is declared in families.py's rows, and nothing outside
+families.py branches on a family's name or writes a family's denoiser name. A new family is then its row."""
+
+import ast
+
+import pytest
+
+from conftest import ROOT
+import families
+
+SCRIPTS = ["train_dreambooth.py", "generate_priors.py", "infer.py", "export.py", "imagedata.py", "objectives.py",
+           "runs.py", "cli.py"]
+# diffusers' own table of UNet keys (DIFFUSERS_TO_LDM_MAPPING["unet"]) in the UNet families' single-file layout
+ALLOWED = {("export.py", "ldm_unet_key")}
+
+
+def literals(path):
+    """(string constant, enclosing function) of a file, docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+
+    def visit(node, function):
+        if isinstance(node, ast.FunctionDef):
+            function = node.name
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            found.append((node.value, function))
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(tree, None)
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_no_family_names_outside_the_rows(script):
+    names = set(families.FAMILIES) | set(families.DENOISERS)
+    found = [(value, function) for value, function in literals(ROOT / script)
+             if value in names and (script, function) not in ALLOWED]
+    assert not found, f"{script} names a family or a denoiser outside families.py: {found}"
+    source = (ROOT / script).read_text()
+    assert not [row for row in ("families.SD.", "families.SD)", "families.SDXL") if row in source]
+
+
+def test_every_row_is_complete_and_names_real_classes():
+    import diffusers
+    import transformers
+
+    for family in families.FAMILIES.values():
+        assert family.pipeline_class().__name__ == family.pipeline
+        assert hasattr(diffusers, family.denoiser_class)
+        assert all(hasattr(transformers, cls) for _, cls in family.text_encoders)
+        assert len(family.tokenizers) == len(family.text_encoders) == len(family.embedding_keys)
+        assert {name for name, _ in family.kohya_prefixes} == {family.denoiser, *family.text_encoder_names}
+        assert family.components[0] == family.denoiser and callable(family.encode_prompt) and callable(family.denoise)
+
+
+def test_each_model_is_recognised_by_exactly_one_row(tiny_model, tiny_sdxl):
+    from diffusers import UNet2DConditionModel
+
+    for model, name in ((tiny_model, "sd"), (tiny_sdxl, "sdxl")):
+        config = UNet2DConditionModel.load_config(model, subfolder="unet")
+        assert [f.name for f in families.FAMILIES.values() if f.detect(config)] == [name]
