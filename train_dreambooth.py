@@ -319,7 +319,7 @@ def check_args(args):
         cli.fail(f"output folder is not empty: {out} (pass {hint}another --output_dir, or --overwrite_output_dir)")
     # the run's seed: a resumed run keeps its own, an unseeded one draws one and records it (the same on every process)
     if args.seed is None and args.resume_record:
-        args.seed = args.resume_record["config"]["seed"]
+        args.seed = args.resume_record["config"].get("seed")
     if args.seed is None:
         from accelerate.utils import broadcast_object_list
 

@@ -93,7 +93,7 @@ def test_time_ids_carry_each_images_real_size_and_crop_into_the_unet(tiny_sdxl, 
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
     encoders = {"text_encoder": CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder"),
                 "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2")}
-    model = train_dreambooth.DreamBoothModel(unet, encoders, families.encode_sdxl, False)
+    model = train_dreambooth.DreamBoothModel(families.SDXL, unet, encoders, False)
     seen = {}
     unet.register_forward_pre_hook(lambda m, a, kw: seen.update(kw["added_cond_kwargs"]), with_kwargs=True)
     batch = imagedata.collate([data[0], data[1]])
