@@ -11,7 +11,6 @@ training it again.
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import cli
 import families
 import runs
+import singlefile
 
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA files
@@ -161,7 +161,8 @@ def save_weights(args, output_dir, dtype, trained, name, embeddings=None):
             getattr(pipe, module).load_state_dict(state)
         pipe.save_pretrained(tmp, safe_serialization=True)
         if args.save_single_file:
-            save_single_file(tmp, tmp / f"{name}.safetensors", families.torch_dtype(args.export_precision), vars(args))
+            singlefile.save_single_file(tmp, tmp / f"{name}.safetensors", families.torch_dtype(args.export_precision),
+                                        vars(args))
     if embeddings:
         save_token_embeddings(tmp / families.EMBEDDINGS.format(name=name), families.FAMILIES[args.model_family], embeddings, dtype)
     for item in sorted(tmp.iterdir(), key=lambda p: p.name in ("model_index.json", families.LORA_WEIGHTS)):
@@ -183,164 +184,6 @@ def export_pipeline(accelerator, args, model, step):
                      f"{Path(args.output_dir).resolve().name}-step-{step}", accelerator.unwrap_model(model).token_embeddings())
         runs.remove_oldest(args.output_dir, "export", args.exports_total_limit)
     accelerator.wait_for_everyone()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Single file: the original (LDM / SGM) key layout that AUTOMATIC1111, ComfyUI, Forge, InvokeAI and diffusers'
-# from_single_file read. diffusers ships only the other direction (its loader, and a conversion script outside the
-# package), so this mapping is ours; its proof is the test: diffusers' own loader reads the file back to the same
-# weights and the same image. Block indices come from the model's config, so any layout of the two families works.
-
-RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
-          ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
-VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def ldm_unet_key(key, config, up_attention):
-    """A diffusers UNet key -> its LDM key (without model.diffusion_model.). `up_attention`: the up blocks that have
-    attentions (their upsampler sits one place later)."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING as LDM
-
-    fixed = {**LDM["unet"]["layers"], **LDM["unet"]["addition_embed_type"]}
-    if key in fixed:
-        return fixed[key]
-    step = config["layers_per_block"] + 1  # an LDM block per resnet, and one for the down- or upsampler
-
-    def part(kind, rest):
-        if kind == "attentions":
-            return f"1.{rest}"
-        return "0." + next((ldm + rest[len(ours):] for ours, ldm in RESNET if rest.startswith(ours + ".")), rest)
-
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        return f"input_blocks.{int(m[1]) * step + int(m[3]) + 1}.{part(m[2], m[4])}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{(int(m[1]) + 1) * step}.0.op.{m[2]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        return f"output_blocks.{int(m[1]) * step + int(m[3])}.{part(m[2], m[4])}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
-        return f"output_blocks.{int(m[1]) * step + step - 1}.{2 if int(m[1]) in up_attention else 1}.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", key):
-        return f"middle_block.{2 * int(m[2]) if m[1] == 'resnets' else 1}.{part(m[1], m[3])[2:]}"
-    raise KeyError(f"no LDM name for the UNet weight {key}")
-
-
-def ldm_vae_key(key, config):
-    """A diffusers VAE key -> its LDM key (without first_stage_model.); the decoder's blocks count the other way."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING as LDM
-
-    if key in LDM["vae"]:
-        return LDM["vae"][key]
-    last, key = len(config["block_out_channels"]) - 1, key.replace("conv_shortcut", "nin_shortcut")
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.(resnets\.(\d+)|downsamplers\.0)\.(.+)", key):
-        return f"encoder.down.{m[1]}.{f'block.{m[3]}' if m[3] else 'downsample'}.{m[4]}"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.+)", key):
-        return f"decoder.up.{last - int(m[1])}.{f'block.{m[3]}' if m[3] else 'upsample'}.{m[4]}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)", key):
-        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)", key):
-        return f"{m[1]}.mid.attn_1.{VAE_ATTENTION[m[2]]}.{m[3]}"
-    raise KeyError(f"no LDM name for the VAE weight {key}")
-
-
-def open_clip_state(state):
-    """A transformers CLIP text model's weights in OpenCLIP's layout (SD 2.x's encoder, SDXL's second): q, k and v
-    fused into in_proj, the projection transposed."""
-    s = {k.removeprefix("text_model."): v for k, v in state.items()}
-    out = {"token_embedding.weight": s["embeddings.token_embedding.weight"],
-           "positional_embedding": s["embeddings.position_embedding.weight"],
-           "ln_final.weight": s["final_layer_norm.weight"], "ln_final.bias": s["final_layer_norm.bias"]}
-    if "text_projection.weight" in s:
-        out["text_projection"] = s["text_projection.weight"].T.contiguous()
-    layers = sorted({int(k.split(".")[2]) for k in s if k.startswith("encoder.layers.")})
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-             "self_attn.out_proj": "attn.out_proj"}
-    for i in layers:
-        ours, theirs = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            out[f"{theirs}attn.in_proj_{kind}"] = torch.cat([s[f"{ours}self_attn.{p}_proj.{kind}"] for p in "qkv"])
-            out.update({f"{theirs}{new}.{kind}": s[f"{ours}{old}.{kind}"] for old, new in names.items()})
-    return out
-
-
-def clip_state(state):
-    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()
-            if not k.endswith("position_ids")}
-
-
-def ldm_text_encoders(parts, configs, v_prediction):
-    """SD 1.x/2.x: (text encoder's keys, ModelSpec architecture). SD 2.x's OpenCLIP ViT-H (width 1024, gelu; OpenAI's
-    CLIP has quick_gelu) in OpenCLIP's layout."""
-    if configs["text_encoder"].get("hidden_act") == "gelu":
-        return ({"cond_stage_model.model." + k: v for k, v in open_clip_state(parts["text_encoder"]).items()},
-                f"stable-diffusion-v2-{'768-v' if v_prediction else '512'}")
-    return {"cond_stage_model.transformer." + k: v for k, v in clip_state(parts["text_encoder"]).items()}, "stable-diffusion-v1"
-
-
-def sgm_text_encoders(parts, configs, v_prediction):
-    """SDXL: (both encoders' keys under the conditioner's embedders, ModelSpec architecture)."""
-    return ({**{"conditioner.embedders.0.transformer." + k: v for k, v in clip_state(parts["text_encoder"]).items()},
-             **{"conditioner.embedders.1.model." + k: v for k, v in open_clip_state(parts["text_encoder_2"]).items()}},
-            "stable-diffusion-xl-v1-base")
-
-
-TEXT_LAYOUTS = {"ldm": ldm_text_encoders, "sgm": sgm_text_encoders}  # a family row's single_file_layout
-
-
-def ldm_state(parts, configs, family, v_prediction):
-    """{name: diffusers state dict} of the unet, vae and text encoder(s) -> (one state dict in the original layout,
-    its ModelSpec architecture): LDM's keys, or SGM's for SDXL (the family row's single_file_layout). A v-prediction
-    model gets the `v_pred` key that ComfyUI reads."""
-    unet, vae = parts[family.denoiser], parts["vae"]
-    up_attention = {int(k.split(".")[1]) for k in unet if k.startswith("up_blocks.") and ".attentions." in k}
-    out = {"model.diffusion_model." + ldm_unet_key(k, configs[family.denoiser], up_attention): v for k, v in unet.items()}
-    for key, value in vae.items():
-        name = ldm_vae_key(key, configs["vae"])
-        out["first_stage_model." + name] = value[:, :, None, None] if ".mid.attn_1." in name and value.ndim == 2 else value
-
-    text, architecture = TEXT_LAYOUTS[family.single_file_layout](parts, configs, v_prediction)
-    out.update(text)
-    if v_prediction:
-        out["v_pred"] = torch.tensor([])
-    return out, architecture
-
-
-def single_file_metadata(config, title, architecture, v_prediction):
-    """The header the web UIs show: Stability's ModelSpec keys (what kohya's scripts write), and the run's settings."""
-    settings = {k: config.get(k) for k in ("instance_prompt", "class_prompt", "with_prior_preservation",
-                                           "train_text_encoder", "learning_rate", "resolution", "seed", "lora_rank")}
-    settings["optimizer_steps"] = config.get("total_optimizer_steps") or config.get("max_train_steps")
-    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
-            "modelspec.implementation": "diffusers", "modelspec.title": title,
-            "modelspec.prediction_type": "v" if v_prediction else "epsilon",
-            "modelspec.resolution": f"{config.get('resolution')}x{config.get('resolution')}",
-            "dreambooth.base_model": str(config.get("pretrained_model_name_or_path")),
-            "dreambooth.instance_prompt": "; ".join(subject_prompts(config)), "dreambooth.settings": json.dumps(settings)}
-
-
-def subject_prompts(config, key="instance_prompt"):
-    """Each subject's instance (or class) prompt: several with --concepts_list, else the run's one."""
-    return [str(s.get(key)) for s in config.get("subjects") or [config]]
-
-
-def save_single_file(pipeline_folder, path, dtype=torch.float16, config=None):
-    """A diffusers pipeline folder (a full fine-tune's output or export) -> one .safetensors file in the original
-    layout, in `dtype`, with the run's `config` in its header. Read from the folder's files: no model is built."""
-    from safetensors.torch import load_file, save_file
-
-    folder = Path(pipeline_folder)
-    family = families.read_model(str(folder))[0]
-    names = [family.denoiser, "vae", *family.text_encoder_names]
-    parts = {name: {k: v for f in sorted(Path(folder, name).glob("*.safetensors")) for k, v in load_file(f).items()}
-             for name in names}
-    configs = {name: json.loads(Path(folder, name, "config.json").read_text()) for name in names}
-    scheduler = json.loads(Path(folder, "scheduler", "scheduler_config.json").read_text())
-    v_prediction = scheduler.get("prediction_type") == "v_prediction"
-    state, architecture = ldm_state(parts, configs, family, v_prediction)
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, tmp,
-              metadata=single_file_metadata(config or {}, Path(path).stem, architecture, v_prediction))
-    tmp.replace(path)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,18 +213,18 @@ def model_card(folder, config):
     tags = ["text-to-image", "diffusers", "diffusers-training", "dreambooth",
             family.hub_tag] + (["lora"] if lora else [])
     data = ModelCardData(base_model=hub_base, license=base_license(base), library_name="diffusers", tags=tags,
-                         instance_prompt="; ".join(subject_prompts(config)))
+                         instance_prompt="; ".join(runs.subject_prompts(config)))
     method = (f"{'DoRA' if config.get('use_dora') else 'LoRA'} (rank {config['lora_rank']}, alpha "
               f"{config['lora_alpha'] or config['lora_rank']})" if lora
               else "full fine-tune") + (" of the UNet and the text encoder(s)" if config.get("train_text_encoder")
                                         else " of the UNet")
     prior = (f"with prior preservation ({config['num_class_images_used']} images of "
-             + ", ".join(f'"{p}"' for p in subject_prompts(config, "class_prompt")) + ", "
+             + ", ".join(f'"{p}"' for p in runs.subject_prompts(config, "class_prompt")) + ", "
              f"weight {config['prior_loss_weight']})" if config.get("with_prior_preservation") else "without prior preservation")
     load = (f"pipe = {family.pipeline}.from_pretrained(\"{base}\", torch_dtype=torch.float16).to(\"cuda\")\n"
             "pipe.load_lora_weights(\"THIS_REPO_OR_FOLDER\")" if lora else
             f"pipe = {family.pipeline}.from_pretrained(\"THIS_REPO_OR_FOLDER\", torch_dtype=torch.float16).to(\"cuda\")")
-    prompt = subject_prompts(config)[0]
+    prompt = runs.subject_prompts(config)[0]
     if config.get("train_text_encoder_ti"):  # pivotal tuning: the new tokens' embeddings load beside the weights
         prompt = families.pivot_prompt(prompt, config["token_abstraction"], config["new_tokens"])
         embeddings = families.EMBEDDINGS.format(name=Path(folder).resolve().name)
@@ -391,15 +234,15 @@ def model_card(folder, config):
             zip(family.embedding_keys, family.text_encoders, family.tokenizers)))
     grids = sorted(Path(folder, "validation").glob("step-*.png"))
     body = f"""
-# DreamBooth: {' and '.join(subject_prompts(config))}
+# DreamBooth: {' and '.join(runs.subject_prompts(config))}
 
 A DreamBooth ([Ruiz et al. 2022](https://arxiv.org/abs/2208.12242)) {method} of `{base}`, {prior}:
 {config['total_optimizer_steps']} optimizer steps at a global batch of {config['global_batch_size']}, learning rate
 {config['learning_rate']}, {config['resolution']} px, seed {config['seed']}. Every setting is in `run_config.json`, the
 code that ran in `code/`.
 
-Prompt {'each subject' if len(subject_prompts(config)) > 1 else 'the subject'} as it was trained: \
-{', '.join(f'**{p}**' for p in subject_prompts(config))}.
+Prompt {'each subject' if len(runs.subject_prompts(config)) > 1 else 'the subject'} as it was trained: \
+{', '.join(f'**{p}**' for p in runs.subject_prompts(config))}.
 """ + (f"""
 ![validation images at step {int(grids[-1].stem.split('-')[1])}](validation/{grids[-1].name})
 """ if grids else "") + f"""
@@ -521,7 +364,7 @@ def main(argv=None):
     if args.single_file:
         name = folder.resolve().name if record.parent == folder else \
             f"{folder.resolve().parent.name}-{folder.name.replace('export-', 'step-')}"
-        path = save_single_file(folder, folder / f"{name}.safetensors", families.torch_dtype(args.precision), config)
+        path = singlefile.save_single_file(folder, folder / f"{name}.safetensors", families.torch_dtype(args.precision), config)
         print(f"wrote {path}")
     if args.push_to_hub:
         if not (folder / "README.md").is_file():

@@ -69,6 +69,11 @@ def run_record(config, script):
     }
 
 
+def subject_prompts(config, key="instance_prompt"):
+    """Each subject's instance (or class) prompt: several with --concepts_list, else the run's one."""
+    return [str(s.get(key)) for s in config.get("subjects") or [config]]
+
+
 def save_code(folder, script):
     """The script and the suite's modules it imported (those beside it) as they ran, beside the run record: research
     forks are seldom committed, so the git commit alone does not say what ran."""

@@ -9,9 +9,9 @@ from conftest import ROOT
 import families
 
 SCRIPTS = ["train_dreambooth.py", "generate_priors.py", "infer.py", "export.py", "imagedata.py", "objectives.py",
-           "runs.py", "cli.py"]
+           "runs.py", "cli.py", "singlefile.py"]
 # diffusers' own table of UNet keys (DIFFUSERS_TO_LDM_MAPPING["unet"]) in the UNet families' single-file layout
-ALLOWED = {("export.py", "ldm_unet_key")}
+ALLOWED = {("singlefile.py", "ldm_unet_key")}
 
 
 def literals(path):

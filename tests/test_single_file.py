@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 import families
 import export
+import singlefile
 from test_train import train_args
 
 
@@ -42,7 +43,7 @@ def same_model(folder, single_file, atol=1e-5):
                                                   ("tiny_sdxl", "stable-diffusion-xl-v1-base")])
 def test_a_model_round_trips_through_from_single_file(request, tmp_path, model, architecture):
     folder = request.getfixturevalue(model)
-    path = export.save_single_file(folder, tmp_path / "model.safetensors", torch.float32, {"instance_prompt": "sks"})
+    path = singlefile.save_single_file(folder, tmp_path / "model.safetensors", torch.float32, {"instance_prompt": "sks"})
     same_model(folder, path)
     with safe_open(path, "pt") as f:
         meta, keys = f.metadata(), set(f.keys())
@@ -55,8 +56,8 @@ def test_a_model_round_trips_through_from_single_file(request, tmp_path, model, 
 
 
 def test_fp16_file_is_half_the_size_and_close(tiny_sdxl, tmp_path):
-    full = export.save_single_file(tiny_sdxl, tmp_path / "fp32.safetensors", torch.float32)
-    half = export.save_single_file(tiny_sdxl, tmp_path / "fp16.safetensors", torch.float16)
+    full = singlefile.save_single_file(tiny_sdxl, tmp_path / "fp32.safetensors", torch.float32)
+    half = singlefile.save_single_file(tiny_sdxl, tmp_path / "fp16.safetensors", torch.float16)
     assert half.stat().st_size < 0.55 * full.stat().st_size
     same_model(tiny_sdxl, half, atol=0.05)  # weights rounded to fp16: pixels within 5% on the tiny random model
 
@@ -95,7 +96,7 @@ def test_training_and_sampling_from_a_single_file(run, tiny_model, photos, tmp_p
     the cache) to the same weights as the diffusers folder it came from, and infer.py samples it."""
     from test_train import weights
 
-    single = export.save_single_file(tiny_model, tmp_path / "tiny.safetensors", torch.float32)
+    single = singlefile.save_single_file(tiny_model, tmp_path / "tiny.safetensors", torch.float32)
     common = ["--max_train_steps", 2, "--report_to", "none", "--train_text_encoder"]
     run("train_dreambooth.py", *train_args(tiny_model, photos, tmp_path / "from-folder", *common))
     proc = run("train_dreambooth.py", *train_args(single, photos, tmp_path / "from-file", *common,
