@@ -1,6 +1,6 @@
 """Bad input, table-driven: each row is an input to one script, the one line it must print, its exit code, and that
 nothing was written. Every row that can be checked before a model loads is checked then, so these run in-process in
-milliseconds. Numeric flags declare their range with the flag (dreambooth_utils.number): the command line and
+milliseconds. Numeric flags declare their range with the flag (cli.number): the command line and
 --config go through the same check, and a new numeric flag without a range fails the test below."""
 
 import errno
