@@ -33,7 +33,7 @@ KOHYA_DORA = ("DoRA adapters get no kohya-format copy: the web UIs' DoRA readers
 def save_lora(folder, family, dtype, trained):
     """Adapters of {name: (module, state dict)} ("unet", "text_encoder", "text_encoder_2") in diffusers' format
     (`pipe.load_lora_weights(folder)` of the family's pipeline; the LoRA config, alpha included, rides along as
-    metadata), and a copy in kohya's format for the web UIs. Text encoders' keys in the files' layout (du.file_keys),
+    metadata), and a copy in kohya's format for the web UIs. Text encoders' keys in the files' layout (families.file_keys),
     whatever the installed transformers names its modules."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -53,7 +53,7 @@ def save_lora(folder, family, dtype, trained):
     if trained[family.denoiser][0].peft_config["default"].use_dora:
         return  # no kohya copy: see KOHYA_DORA
     alphas = {name: module.peft_config["default"].lora_alpha for name, (module, _) in trained.items()}
-    save_file(kohya_state(family, peft, alphas), Path(folder, families.LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors")))
+    save_file(kohya_state(family, peft, alphas), Path(folder, families.KOHYA_WEIGHTS))
 
 
 def read_lora(folder, family):
@@ -62,7 +62,7 @@ def read_lora(folder, family):
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
     state, classes, peft = family.pipeline_class().lora_state_dict(str(folder))[0], dict(family.text_encoders), {}
-    for name, _ in family.kohya_prefixes:
+    for name in (family.denoiser, *classes):
         own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         if own:
             peft[name] = (convert_unet_state_dict_to_peft(own) if name == family.denoiser else
@@ -87,11 +87,10 @@ def load_lora(folder, family, modules):
 def write_kohya(folder, config):
     """A LoRA run's kohya-format file made again from its diffusers-format file (export.py --kohya): runs of earlier
     versions wrote first-text-encoder keys that ComfyUI drops."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from safetensors import SafetensorError
-
-    family, path = families.FAMILIES.get(config.get("model_family")), Path(folder, families.LORA_WEIGHTS.replace(".safetensors", "_kohya.safetensors"))
+    family, path = families.FAMILIES.get(config.get("model_family")), Path(folder, families.KOHYA_WEIGHTS)
     if family is None:
         cli.fail(f"the run config of {folder} names no model family this version knows ({config.get('model_family')})")
     try:
@@ -112,12 +111,12 @@ def kohya_state(family, peft, alphas):
     sd-scripts writes them and the web UIs map them: "<prefix>_<module, dots as underscores>" with .lora_down.weight,
     .lora_up.weight and .alpha, the prefix from the family row (SD 1.x/2.x: lora_unet, lora_te; SDXL: lora_unet,
     lora_te1, lora_te2)."""
-    prefixes, kohya = dict(family.kohya_prefixes), {}
+    prefixes, matrices, kohya = dict(family.kohya_prefixes), {"lora_A": "lora_down", "lora_B": "lora_up"}, {}
     for name, state in peft.items():
         for key, value in state.items():
             module, matrix, _ = key.rsplit(".", 2)
             stem = f"{prefixes[name]}_{module.replace('.', '_')}"
-            kohya[f"{stem}.{ {'lora_A': 'lora_down', 'lora_B': 'lora_up'}[matrix]}.weight"] = value.contiguous()
+            kohya[f"{stem}.{matrices[matrix]}.weight"] = value.contiguous()
             kohya[f"{stem}.alpha"] = torch.tensor(float(alphas[name]))
     return kohya
 
@@ -125,7 +124,7 @@ def kohya_state(family, peft, alphas):
 def save_token_embeddings(path, family, rows, dtype):
     """Pivotal tuning's new tokens, one tensor of rows per text encoder, in the embedding format AUTOMATIC1111 and
     ComfyUI read (SD 1.x/2.x: emb_params; SDXL: clip_l and clip_g), which diffusers' load_textual_inversion takes
-    tensor by tensor (du.load_token_embeddings)."""
+    tensor by tensor (families.load_token_embeddings)."""
     from safetensors.torch import save_file
 
     save_file({key: row.to(dtype).contiguous().cpu() for key, row in zip(family.embedding_keys, rows)}, path)
@@ -354,7 +353,7 @@ def main(argv=None):
         cli.fail(f"--kohya rewrites a LoRA run's kohya-format file, and {folder} holds a whole model (no {families.LORA_WEIGHTS})")
     if args.single_file and not (folder / "model_index.json").is_file():
         cli.fail(f"--single_file writes a whole model, and {folder} holds LoRA adapters: their file for the web UIs is "
-                f"{families.LORA_WEIGHTS.replace('.safetensors', '_kohya.safetensors')}")
+                f"{families.KOHYA_WEIGHTS}")
     if args.push_to_hub:
         check_hub_login(args.hub_token)
     config = json.loads(record.read_text())["config"]

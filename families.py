@@ -347,6 +347,7 @@ def set_scheduler(pipe, name):
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 EMBEDDINGS = "{name}_emb.safetensors"  # pivotal tuning's tokens, named after the run as diffusers' advanced script does
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name: load_lora_weights(folder) finds it
+KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"  # the same adapters under kohya's names, for the web UIs
 
 
 # Text-encoder weights in files keep the names the ecosystem reads: transformers 4's CLIP layout ("text_model.encoder.

@@ -91,8 +91,8 @@ def open_clip_state(state):
 
 
 def clip_state(state):
-    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()
-            if not k.endswith("position_ids")}
+    """A CLIP text model's weights under transformers 4's names, as the original layouts nest them."""
+    return {k: v for k, v in families.file_keys(state, "CLIPTextModel").items() if not k.endswith("position_ids")}
 
 
 def ldm_text_encoders(parts, configs, v_prediction):

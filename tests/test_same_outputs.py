@@ -147,7 +147,8 @@ def equal_objects(x, y):
 @pytest.mark.parametrize("case", ["sd-full", "sd-lora", "sdxl-full", "sdxl-pivotal", "sdxl-buckets-masks",
                                   "sd-two-subjects"])
 def test_this_version_writes_what_the_reference_wrote(reference, data, tiny_model, tiny_sdxl, hf_home, tmp_path, case):
-    steps, concepts = dict(cases(data, tiny_model, tiny_sdxl)[0])[case], cases(data, tiny_model, tiny_sdxl)[1]
+    all_cases, concepts = cases(data, tiny_model, tiny_sdxl)
+    steps = dict(all_cases)[case]
     ref, new = tmp_path / "ref" / case, tmp_path / "new" / case
     run_case(reference, ref, steps, concepts, hf_home)
     run_case(ROOT, new, steps, concepts, hf_home)
