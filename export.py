@@ -50,8 +50,8 @@ def save_lora(folder, family, dtype, trained):
     family.pipeline_class().save_lora_weights(
         folder, safe_serialization=True, **{f"{name}_lora_layers": sd for name, sd in layers.items()},
         **{f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict() for name, (module, _) in trained.items()})
-    if trained[family.denoiser][0].peft_config["default"].use_dora:
-        return  # no kohya copy: see KOHYA_DORA
+    if trained[family.denoiser][0].peft_config["default"].use_dora or not family.kohya_prefixes:
+        return  # no kohya copy: see KOHYA_DORA; FLUX.1 and SD 3.5: ComfyUI reads diffusers' file as it is
     alphas = {name: module.peft_config["default"].lora_alpha for name, (module, _) in trained.items()}
     save_file(kohya_state(family, peft, alphas), Path(folder, families.KOHYA_WEIGHTS))
 
@@ -93,6 +93,9 @@ def write_kohya(folder, config):
     family, path = families.FAMILIES.get(config.get("model_family")), Path(folder, families.KOHYA_WEIGHTS)
     if family is None:
         cli.fail(f"the run config of {folder} names no model family this version knows ({config.get('model_family')})")
+    if not family.kohya_prefixes:
+        cli.fail(f"{folder} is a {family.pipeline} LoRA: its {families.LORA_WEIGHTS} is the file ComfyUI and the other "
+                 "UIs load (no kohya-format copy is made for this family)")
     try:
         peft = read_lora(folder, family)
     except (OSError, ValueError, KeyError, SafetensorError) as e:
@@ -138,7 +141,7 @@ def trained_weights(accelerator, args, model):
     """{name: (module, full state dict)} of the trained modules. Call it on every process: under FSDP (or DeepSpeed
     ZeRO-3) accelerator.get_state_dict gathers the sharded weights onto the main process."""
     state, unwrapped = accelerator.get_state_dict(model), accelerator.unwrap_model(model)
-    names = [unwrapped.family.denoiser] + (unwrapped.text_encoder_names if args.train_text_encoder else [])
+    names = [unwrapped.family.denoiser] + (list(unwrapped.family.trained_text_encoders) if args.train_text_encoder else [])
     return {n: (getattr(unwrapped, n), {k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
             for n in names}
 
@@ -215,8 +218,8 @@ def model_card(folder, config):
                          instance_prompt="; ".join(runs.subject_prompts(config)))
     method = (f"{'DoRA' if config.get('use_dora') else 'LoRA'} (rank {config['lora_rank']}, alpha "
               f"{config['lora_alpha'] or config['lora_rank']})" if lora
-              else "full fine-tune") + (" of the UNet and the text encoder(s)" if config.get("train_text_encoder")
-                                        else " of the UNet")
+              else "full fine-tune") + f" of the {family.denoiser}" + (
+        f" and {', '.join(family.trained_text_encoders)}" if config.get("train_text_encoder") else "")
     prior = (f"with prior preservation ({config['num_class_images_used']} images of "
              + ", ".join(f'"{p}"' for p in runs.subject_prompts(config, "class_prompt")) + ", "
              f"weight {config['prior_loss_weight']})" if config.get("with_prior_preservation") else "without prior preservation")
@@ -257,7 +260,7 @@ image = pipe("{prompt}", num_inference_steps=30).images[0]
 """ + ("""
 `pytorch_lora_weights_kohya.safetensors` holds the same adapters under kohya's names, for AUTOMATIC1111, ComfyUI and
 the other web UIs.
-""" if lora and not config.get("use_dora") else "") + ("""
+""" if lora and not config.get("use_dora") and family.kohya_prefixes else "") + ("""
 Pivotal tuning: the identifier is new tokens, whose embeddings are in `*_emb.safetensors` (AUTOMATIC1111 and ComfyUI
 read that file as a textual-inversion embedding named after it; write its name where the identifier was).
 """ if config.get("train_text_encoder_ti") else "") + f"""

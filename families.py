@@ -7,7 +7,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 from pathlib import Path
 
 import torch
@@ -22,22 +22,62 @@ import cli
 def encode_sd(text_encoders, ids):
     """SD 1.x/2.x: the text encoder's last hidden state (StableDiffusionPipeline.encode_prompt). Its pooled output
     rides along unused: this UNet has no added embedding and ignores it."""
-    out = text_encoders[0](ids[:, 0])
+    out = text_encoders[0](ids[0])
     return out.last_hidden_state, out.pooler_output
 
 
 def encode_sdxl(text_encoders, ids):
     """SDXL: the penultimate hidden states of both encoders side by side, and the second's projected pooled output
     (StableDiffusionXLPipeline.encode_prompt)."""
-    outs = [encoder(ids[:, i], output_hidden_states=True) for i, encoder in enumerate(text_encoders)]
+    outs = [encoder(i, output_hidden_states=True) for encoder, i in zip(text_encoders, ids)]
     return torch.cat([out.hidden_states[-2] for out in outs], dim=-1), outs[-1].text_embeds
 
 
-def call_unet(unet, noisy_latents, timesteps, prompt_embeds, pooled, time_ids):
+def encode_flux(text_encoders, ids):
+    """FLUX.1: CLIP's pooled output, T5's last hidden state as the sequence (FluxPipeline.encode_prompt)."""
+    clip, t5 = text_encoders
+    return t5(ids[1]).last_hidden_state, clip(ids[0]).pooler_output
+
+
+def encode_sd3(text_encoders, ids):
+    """SD3 and 3.5: both CLIP encoders' penultimate hidden states side by side, zero-padded to T5's width, then T5's
+    sequence after them; the pooled vector is both CLIPs' projected outputs side by side
+    (StableDiffusion3Pipeline.encode_prompt)."""
+    outs = [encoder(i, output_hidden_states=True) for encoder, i in zip(text_encoders[:2], ids[:2])]
+    t5 = text_encoders[2](ids[2]).last_hidden_state
+    clip = torch.cat([out.hidden_states[-2] for out in outs], dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5], dim=-2), torch.cat([out.text_embeds for out in outs], dim=-1)
+
+
+def call_unet(unet, noisy_latents, timesteps, prompt_embeds, pooled, time_ids, guidance=None):
     """The UNet's prediction. SDXL's UNet adds the pooled embedding and the size/crop time ids to its timestep
     embedding; SD 1.x/2.x's ignores added_cond_kwargs."""
     return unet(noisy_latents, timesteps, prompt_embeds,
                 added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+
+def call_flux(transformer, noisy_latents, timesteps, prompt_embeds, pooled, time_ids, guidance=None):
+    """FLUX.1's prediction in the latents' own layout: the latents packed into 2x2 patches with their position ids,
+    the timestep as a fraction (sigma), the guidance value when the checkpoint is guidance-distilled (FLUX.1-dev has
+    the embedding, schnell not), the output unpacked again, so the loss, masks and buckets see ordinary latents."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = noisy_latents.shape
+    packed = FluxPipeline._pack_latents(noisy_latents, b, c, h, w)
+    image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy_latents.device, noisy_latents.dtype)
+    text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=noisy_latents.device, dtype=noisy_latents.dtype)
+    guidance = (torch.full((b,), float(guidance), device=noisy_latents.device)
+                if transformer.config.guidance_embeds else None)
+    out = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, pooled_projections=pooled,
+                      encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids).sample
+    return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def call_sd3(transformer, noisy_latents, timesteps, prompt_embeds, pooled, time_ids, guidance=None):
+    """SD3's MMDiT: patches itself; the timestep on the 0-1000 scale."""
+    return transformer(hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=prompt_embeds,
+                       pooled_projections=pooled).sample
 
 
 def freeze_unread_sdxl_layers(text_encoders):
@@ -82,23 +122,28 @@ class Family:
     """What differs between the model families, declared once and chosen once from the model itself (read_model):
     the scripts, the training step and export.py ask the row, never the family's name."""
     name: str
-    pipeline: str  # the diffusers pipeline class
+    pipeline: str  # the diffusers pipeline class, as model_index.json names it
     denoiser: str  # the denoiser's pipeline attribute and subfolder ("unet"; "transformer" for the flow families)
     denoiser_class: str  # its diffusers class
-    detect: Callable  # the denoiser's config -> whether the model is of this family
+    detect: Callable  # the denoiser's config -> whether the model is of this family (SD and SDXL share a UNet class)
+    objective: str  # what it is trained on (objectives.py): "ddpm" (noise prediction) or "flow" (flow matching)
     text_encoders: tuple  # (subfolder, transformers class) of each text encoder, in the order prompts go through them
     tokenizers: tuple  # the subfolders of their tokenizers
-    encode_prompt: Callable  # (text encoders, token ids (batch, encoder, length)) -> (prompt embeddings, pooled)
-    denoise: Callable  # (denoiser, noisy latents, timesteps, prompt embeddings, pooled, time ids) -> prediction
+    sequence_tokenizer: str  # the tokenizer whose length --max_sequence_length sets ("": none)
+    trained_text_encoders: tuple  # those --train_text_encoder trains (T5 never: as diffusers' scripts)
+    encode_prompt: Callable  # (text encoders, token ids per encoder (batch, length)) -> (prompt embeddings, pooled)
+    denoise: Callable  # (denoiser, noisy latents, timesteps, prompt embeddings, pooled, time ids, guidance) -> prediction
     freeze_unread: Callable  # {name: text encoder} -> None: freeze what never reaches the loss (None: nothing)
     lora_targets: tuple  # the denoiser's modules that get LoRA adapters by default (--lora_target_modules)
     size_multiple: int  # image sides in pixels: a multiple of this (the VAE's downsampling, and any patching)
     pipeline_kwargs: tuple  # (name, value) pairs from_pretrained needs so that nothing else loads
     pooled_argument: str  # the pipeline's argument for a pre-computed pooled embedding ("": it takes none)
     upcast_vae: bool  # the pipeline decodes in fp32 when the VAE's config says force_upcast (SDXL's overflows in fp16)
+    training_defaults: Callable  # the denoiser's config -> {flag: default} of the training flags this family reads
+    sampling_defaults: Callable  # the denoiser's config -> sampler settings that differ from the scripts' defaults
     embedding_keys: tuple  # a token-embeddings file's key per text encoder, as AUTOMATIC1111 and ComfyUI read it
-    kohya_prefixes: tuple  # (model, prefix) of a kohya-format LoRA file's keys, as kohya's sd-scripts name them
-    single_file_layout: str  # the original layout its single file is written in (export.py: "ldm", "sgm")
+    kohya_prefixes: tuple  # (model, prefix) of a kohya-format LoRA file's keys (): the diffusers file is the UIs' one
+    single_file_layout: str  # the original layout its single file is written in (singlefile.py; "": none yet)
     hub_tag: str  # the model card's tag for the family
 
     @property
@@ -115,22 +160,91 @@ class Family:
         return getattr(diffusers, self.pipeline)
 
 
+# Training flags whose default depends on the model. A family reads those its training_defaults name (with None:
+# read, no default) and refuses the others in one line.
+UNET_DEFAULTS = {"validation_scheduler": "dpm++_2m", "validation_guidance_scale": 7.5, "validation_inference_steps": 25,
+                 "pre_compute_text_embeddings": False}
+# Flow matching, as diffusers' FLUX and SD3 scripts: timesteps drawn by --weighting_scheme's density
+FLOW_DEFAULTS = {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, "validation_scheduler": "flow_euler",
+                 "validation_inference_steps": 28, "pre_compute_text_embeddings": True}
+
+
+def flux_defaults(config):
+    """FLUX.1: no loss weighting (diffusers' default for FLUX). A guidance-distilled checkpoint (dev: the transformer
+    embeds a guidance value) is fed --guidance_scale 1.0 while training: the value the trainers settled on; diffusers'
+    3.5 teaches the LoRA to expect guidance that sampling adds again, a known cause of weak FLUX LoRAs. schnell has no
+    guidance input: the flag is refused, and it samples in 4 steps without guidance."""
+    distilled = config.get("guidance_embeds", False)
+    return {**FLOW_DEFAULTS, "weighting_scheme": "none", "max_sequence_length": 512,
+            **({"guidance_scale": 1.0} if distilled else {}), **flux_sampling(config)}
+
+
+def flux_sampling(config):
+    return {"validation_guidance_scale": 3.5, "validation_inference_steps": 28} if config.get("guidance_embeds") else         {"validation_guidance_scale": 0.0, "validation_inference_steps": 4}
+
+
 UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
-SD = Family("sd", "StableDiffusionPipeline", "unet", "UNet2DConditionModel",
-            lambda config: config.get("addition_embed_type") != "text_time",
-            (("text_encoder", "CLIPTextModel"),), ("tokenizer",), encode_sd, call_unet, None, UNET_LORA_TARGETS, 8,
-            (("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)), "", False,
-            ("emb_params",), (("unet", "lora_unet"), ("text_encoder", "lora_te")), "ldm", "stable-diffusion")
+# The joint blocks' image and text attention; FLUX's feed-forwards too (diffusers' FLUX and SD3 LoRA scripts' lists)
+MMDIT_LORA_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                      "attn.add_v_proj", "attn.to_add_out")
+FLUX_LORA_TARGETS = MMDIT_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+
+SD = Family(
+    name="sd", pipeline="StableDiffusionPipeline", denoiser="unet", denoiser_class="UNet2DConditionModel",
+    detect=lambda config: config.get("addition_embed_type") != "text_time", objective="ddpm",
+    text_encoders=(("text_encoder", "CLIPTextModel"),), tokenizers=("tokenizer",), sequence_tokenizer="",
+    trained_text_encoders=("text_encoder",), encode_prompt=encode_sd, denoise=call_unet, freeze_unread=None,
+    lora_targets=UNET_LORA_TARGETS, size_multiple=8,
+    pipeline_kwargs=(("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)),
+    pooled_argument="", upcast_vae=False, training_defaults=lambda config: UNET_DEFAULTS,
+    sampling_defaults=lambda config: {}, embedding_keys=("emb_params",),
+    kohya_prefixes=(("unet", "lora_unet"), ("text_encoder", "lora_te")), single_file_layout="ldm",
+    hub_tag="stable-diffusion")
 # SDXL: two text encoders (the second with a projection: its pooled output conditions the UNet too). No invisible
 # watermark: the same seed gives the same bytes whether or not the invisible-watermark package is installed.
-SDXL = Family("sdxl", "StableDiffusionXLPipeline", "unet", "UNet2DConditionModel",
-              lambda config: config.get("addition_embed_type") == "text_time",
-              (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
-              ("tokenizer", "tokenizer_2"), encode_sdxl, call_unet, freeze_unread_sdxl_layers, UNET_LORA_TARGETS, 8,
-              (("add_watermarker", False),), "pooled_prompt_embeds", True, ("clip_l", "clip_g"),
-              (("unet", "lora_unet"), ("text_encoder", "lora_te1"), ("text_encoder_2", "lora_te2")), "sgm",
-              "stable-diffusion-xl")
-FAMILIES = {family.name: family for family in (SD, SDXL)}
+SDXL = Family(
+    name="sdxl", pipeline="StableDiffusionXLPipeline", denoiser="unet", denoiser_class="UNet2DConditionModel",
+    detect=lambda config: config.get("addition_embed_type") == "text_time", objective="ddpm",
+    text_encoders=(("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
+    tokenizers=("tokenizer", "tokenizer_2"), sequence_tokenizer="", trained_text_encoders=("text_encoder", "text_encoder_2"),
+    encode_prompt=encode_sdxl, denoise=call_unet, freeze_unread=freeze_unread_sdxl_layers,
+    lora_targets=UNET_LORA_TARGETS, size_multiple=8, pipeline_kwargs=(("add_watermarker", False),),
+    pooled_argument="pooled_prompt_embeds", upcast_vae=True, training_defaults=lambda config: UNET_DEFAULTS,
+    sampling_defaults=lambda config: {}, embedding_keys=("clip_l", "clip_g"),
+    kohya_prefixes=(("unet", "lora_unet"), ("text_encoder", "lora_te1"), ("text_encoder_2", "lora_te2")),
+    single_file_layout="sgm", hub_tag="stable-diffusion-xl")
+# FLUX.1 (dev, schnell and FLUX.1-shaped checkpoints): CLIP-L's pooled vector and T5-XXL's sequence; a 2x2-patched
+# latent, so sides in multiples of 16. ComfyUI reads diffusers' LoRA file for FLUX ("transformer.<module>" keys).
+FLUX = Family(
+    name="flux", pipeline="FluxPipeline", denoiser="transformer", denoiser_class="FluxTransformer2DModel",
+    detect=lambda config: True, objective="flow",
+    text_encoders=(("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel")),
+    tokenizers=("tokenizer", "tokenizer_2"), sequence_tokenizer="tokenizer_2", trained_text_encoders=("text_encoder",),
+    encode_prompt=encode_flux, denoise=call_flux, freeze_unread=None, lora_targets=FLUX_LORA_TARGETS, size_multiple=16,
+    pipeline_kwargs=(), pooled_argument="pooled_prompt_embeds", upcast_vae=False, training_defaults=flux_defaults,
+    sampling_defaults=flux_sampling, embedding_keys=("clip_l", "t5"), kohya_prefixes=(), single_file_layout="",
+    hub_tag="flux")
+# SD3 and SD 3.5: CLIP-L and CLIG-G (pooled and sequence) and T5-XXL; logit-normal timesteps and preconditioned
+# outputs by default, as diffusers' SD3 scripts; --lora_blocks picks joint blocks.
+SD3 = Family(
+    name="sd3", pipeline="StableDiffusion3Pipeline", denoiser="transformer", denoiser_class="SD3Transformer2DModel",
+    detect=lambda config: True, objective="flow",
+    text_encoders=(("text_encoder", "CLIPTextModelWithProjection"), ("text_encoder_2", "CLIPTextModelWithProjection"),
+                   ("text_encoder_3", "T5EncoderModel")),
+    tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"), sequence_tokenizer="tokenizer_3",
+    trained_text_encoders=("text_encoder", "text_encoder_2"), encode_prompt=encode_sd3, denoise=call_sd3,
+    freeze_unread=None, lora_targets=MMDIT_LORA_TARGETS, size_multiple=16, pipeline_kwargs=(),
+    pooled_argument="pooled_prompt_embeds", upcast_vae=False,
+    training_defaults=lambda config: {**FLOW_DEFAULTS, "weighting_scheme": "logit_normal", "precondition_outputs": 1,
+                                      "max_sequence_length": 77, "lora_blocks": None, "validation_guidance_scale": 7.0},
+    sampling_defaults=lambda config: {"validation_guidance_scale": 7.0, "validation_inference_steps": 28},
+    embedding_keys=("clip_l", "clip_g", "t5"), kohya_prefixes=(), single_file_layout="", hub_tag="sd3")
+FAMILIES = {family.name: family for family in (SD, SDXL, FLUX, SD3)}
+# every flag some family reads; read_model's caller refuses those the model's family does not, saying what it is for
+FAMILY_FLAGS = tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.training_defaults({"guidance_embeds": True})))
+FLAG_SCOPES = {"flow": "flow-matching models (FLUX.1, SD 3.5)", "precondition_outputs": "SD3 and SD 3.5",
+               "lora_blocks": "SD3 and SD 3.5 (their joint blocks)", "max_sequence_length": "models with a T5 encoder",
+               "guidance_scale": "guidance-distilled FLUX.1 (dev: a transformer with a guidance embedding)"}
 
 
 def family_of(pipe):
@@ -144,20 +258,39 @@ def family_of_record(config):
 DENOISERS = tuple(dict.fromkeys(family.denoiser for family in FAMILIES.values()))  # their subfolders, in row order
 
 
+class Model(NamedTuple):
+    family: Family
+    resolution: int  # native: 512 SD 1.5, 768 SD 2.x, 1024 SDXL, FLUX.1 and SD 3.5
+    config: dict  # the denoiser's config (its row's defaults read it: a distilled FLUX.1 has a guidance embedding)
+
+
 def read_model(name_or_path, revision=None):
-    """(family, native resolution) from the model's own UNet and VAE configs, before any weights load. SDXL's UNet takes
-    the pooled text embedding and the size/crop time ids (addition_embed_type "text_time"); the native resolution is
-    the UNet's sample size times the VAE's downsampling (512 SD 1.5, 768 SD 2.x, 1024 SDXL)."""
+    """The model's family, native resolution and denoiser config, from model_index.json and the denoiser's and VAE's
+    configs, before any weights load. The family is the row whose pipeline and denoiser class model_index.json names
+    (SD and SDXL share a UNet class: SDXL's UNet takes the pooled text embedding and the size/crop time ids,
+    addition_embed_type "text_time"). The native resolution is the denoiser's sample size times the VAE's
+    downsampling, or the VAE's own sample size where the denoiser has none (FLUX.1)."""
     import diffusers
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, DiffusionPipeline
 
     try:
-        denoiser = getattr(diffusers, SD.denoiser_class).load_config(name_or_path, subfolder=SD.denoiser, revision=revision)
+        index = DiffusionPipeline.load_config(name_or_path, revision=revision)
+    except (OSError, ValueError) as e:
+        load_error("the model config", name_or_path, e)
+    rows = [f for f in FAMILIES.values() if (index.get(f.denoiser) or [None, None])[1] == f.denoiser_class]
+    try:
+        denoiser = getattr(diffusers, rows[0].denoiser_class).load_config(
+            name_or_path, subfolder=rows[0].denoiser, revision=revision) if rows else {}
         vae = AutoencoderKL.load_config(name_or_path, subfolder="vae", revision=revision)
     except (OSError, ValueError) as e:
         load_error("the model config", name_or_path, e)
-    family = next(f for f in FAMILIES.values() if f.detect(denoiser))
-    return family, denoiser["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    family = next((f for f in rows if f.detect(denoiser)), None)
+    if family is None:
+        cli.fail(f"{name_or_path} is a {index.get('_class_name', 'model of unknown kind')}: this suite trains "
+                 + ", ".join(f.pipeline for f in FAMILIES.values()))
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    return Model(family, denoiser["sample_size"] * factor if denoiser.get("sample_size") else vae["sample_size"],
+                 dict(denoiser))
 
 
 def check_model_source(name_or_path, revision=None, single_file_config=None):
@@ -324,7 +457,19 @@ SCHEDULERS = {
     "dpm++_2m": ("DPMSolverMultistepScheduler", {}),
     "dpm++_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),  # the flow-matching models' own
+    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
 }
+FLOW_SCHEDULERS = ("flow_euler", "flow_heun")
+
+
+def check_sampler(name, family, flag="--scheduler"):
+    """A sampler of the model's kind, or one line: the flow-matching models sample with flow_euler or flow_heun, the
+    others with the rest."""
+    flow = family.objective == "flow"
+    if name and (name in FLOW_SCHEDULERS) != flow:
+        cli.fail(f"{flag} {name} does not sample a {family.pipeline}: use one of "
+                 + ", ".join(n for n in sorted(SCHEDULERS) if (n in FLOW_SCHEDULERS) == flow))
 
 
 def make_scheduler(name, config):

@@ -35,9 +35,20 @@ PRIOR_TEXT = "dreambooth_prior"  # the PNG text entry of each generated class im
 PRIOR_SETTINGS = ("pretrained_model_name_or_path", "revision", "variant", "unet_sha256", "class_prompt",
                   "negative_prompt", "scheduler", "num_inference_steps", "guidance_scale", "resolution", "seed",
                   "precision", "sample_batch_size", "pretrained_vae_model_name_or_path")
-# generate_priors.py's defaults, which train_dreambooth.py uses when it fills a class folder itself
+# generate_priors.py's defaults, which train_dreambooth.py uses when it fills a class folder itself; the sampler's
+# steps and guidance are the model family's where it has its own (sampler_defaults)
 PRIOR_DEFAULTS = {"negative_prompt": None, "scheduler": None, "num_inference_steps": 50, "guidance_scale": 7.5,
                   "sample_batch_size": 4}
+PRIOR_SAMPLER = ("negative_prompt", "scheduler", "num_inference_steps", "guidance_scale")
+
+
+def sampler_defaults(name_or_path, revision=None):
+    """PRIOR_DEFAULTS with the family's own sampler settings: FLUX.1 dev 28 steps at its embedded guidance 3.5,
+    schnell 4 steps without guidance, SD 3.5 28 steps at 7.0."""
+    model = families.read_model(name_or_path, revision)
+    own = model.family.sampling_defaults(model.config)
+    return {**PRIOR_DEFAULTS, **({"num_inference_steps": own["validation_inference_steps"],
+                                  "guidance_scale": own["validation_guidance_scale"]} if own else {})}
 
 
 def prior_image_name(index):
@@ -198,10 +209,10 @@ def build_parser():
     g.add_argument("--num_class_images", type=cli.COUNT, default=100, help="images the folder should hold")
     g = p.add_argument_group("sampling")
     g.add_argument("--negative_prompt", default=PRIOR_DEFAULTS["negative_prompt"], help="negative prompt")
-    g.add_argument("--num_inference_steps", type=cli.COUNT, default=PRIOR_DEFAULTS["num_inference_steps"],
-                   help="sampling steps per image")
-    g.add_argument("--guidance_scale", type=cli.NONNEGATIVE, default=PRIOR_DEFAULTS["guidance_scale"],
-                   help="classifier-free guidance scale")
+    g.add_argument("--num_inference_steps", type=cli.COUNT, default=None,
+                   help="sampling steps per image (default: 50; 28 FLUX.1 dev and SD 3.5, 4 FLUX.1 schnell)")
+    g.add_argument("--guidance_scale", type=cli.NONNEGATIVE, default=None,
+                   help="guidance scale (default: 7.5; FLUX.1 dev's embedded guidance 3.5, none for schnell, 7.0 SD 3.5)")
     g.add_argument("--scheduler", default=None, choices=sorted(families.SCHEDULERS), help="sampler (default: the model's own)")
     g.add_argument("--resolution", type=cli.SIZE, default=None, help="image size (default: the model's)")
     g.add_argument("--sample_batch_size", type=cli.COUNT, default=PRIOR_DEFAULTS["sample_batch_size"],
@@ -233,6 +244,10 @@ def main(argv=None):
     args.pretrained_model_name_or_path = families.check_model_source(args.pretrained_model_name_or_path, args.revision,
                                                                args.single_file_config)
     cli.check_launch()
+    for key, value in sampler_defaults(args.pretrained_model_name_or_path, args.revision).items():
+        if key in PRIOR_SAMPLER and getattr(args, key) is None:
+            setattr(args, key, value)
+    families.check_sampler(args.scheduler, families.read_model(args.pretrained_model_name_or_path, args.revision).family)
 
     state = cli.partial_state()
     precision = args.mixed_precision or ("fp16" if state.device.type == "cuda" else "fp32")

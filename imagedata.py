@@ -347,9 +347,9 @@ class DreamBoothDataset(Dataset):
         return self.sizes[s][p]
 
     def tokenize(self, prompt):
-        """(number of tokenizers, max length) token ids."""
-        return torch.stack([t(prompt, padding="max_length", truncation=True, max_length=t.model_max_length,
-                              return_tensors="pt").input_ids[0] for t in self.tokenizers])
+        """Token ids per tokenizer, each padded to its own length (CLIP's 77, T5's --max_sequence_length)."""
+        return tuple(t(prompt, padding="max_length", truncation=True, max_length=t.model_max_length,
+                       return_tensors="pt").input_ids[0] for t in self.tokenizers)
 
     def image(self, key, image, mask, size, generator):
         if self.latents is not None:  # center crop only: the one random draw is the flip, as in preprocess
@@ -359,7 +359,7 @@ class DreamBoothDataset(Dataset):
         return preprocess(image, size, self.center_crop, self.random_flip, generator, mask=mask)
 
     def text(self, prompt):
-        return self.embeddings[prompt] if self.embeddings is not None else (self.tokenize(prompt),)
+        return self.embeddings[prompt] if self.embeddings is not None else self.tokenize(prompt)
 
     def __getitem__(self, i):
         generator = torch.Generator().manual_seed(image_seed(self.seed, f"{self.epoch}:{i}"))
@@ -374,7 +374,7 @@ class DreamBoothDataset(Dataset):
 
 def collate(items):
     """Instance examples first, then class examples, in one batch: one forward pass serves both losses. `texts` is
-    (token ids,) or, pre-computed, (prompt embeddings, pooled embeddings); `masks` when a photo of the batch has one."""
+    token ids per tokenizer or, pre-computed, (prompt embeddings, pooled embeddings); `masks` when a photo of the batch has one."""
     examples = [item[k] for k in range(len(items[0])) for item in items]
     (images, time_ids, masks), texts = zip(*[e[0] for e in examples]), list(zip(*[e[1] for e in examples]))
     batch = {"images": torch.stack(images).contiguous(), "time_ids": torch.stack(time_ids),
@@ -413,5 +413,5 @@ def cache_latents(dataset, vae, device, progress=True):
 def cache_embeddings(dataset, prompts, encode_prompt, text_encoders, device):
     """--pre_compute_text_embeddings: the frozen text encoders' output (prompt and pooled embeddings) for every
     prompt, encoded once."""
-    dataset.embeddings = {p: tuple(t[0].cpu() for t in encode_prompt(text_encoders, dataset.tokenize(p)[None].to(device)))
+    dataset.embeddings = {p: tuple(t[0].cpu() for t in encode_prompt(text_encoders, [i[None].to(device) for i in dataset.tokenize(p)]))
                           for p in dict.fromkeys(prompts)}

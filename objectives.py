@@ -1,6 +1,6 @@
 """What the model is trained to predict, and the loss: pure functions of tensors (the noise target for epsilon and
-v-prediction, Min-SNR weights, offset noise, the instance/prior loss split, the masked loss), unit-tested against
-hand-computed values."""
+v-prediction, Min-SNR weights, offset noise, the flow-matching noise levels, the instance/prior loss split, the
+masked loss), unit-tested against hand-computed values; and the two objectives, DDPM and flow matching."""
 
 from typing import NamedTuple
 
@@ -70,11 +70,18 @@ def sample_noise(latents, offset_noise=False):
 
 class Draw(NamedTuple):
     """One training draw for a batch of clean latents: the denoiser's input, its timesteps, what it should predict,
-    and per-example loss weights (None: all 1)."""
+    per-example loss weights (None: all 1), and with SD3's preconditioning the sigmas that turn the denoiser's output
+    into a prediction of the clean latents (prediction())."""
     noisy_latents: torch.Tensor
     timesteps: torch.Tensor
     target: torch.Tensor
     weights: torch.Tensor | None
+    precondition: torch.Tensor | None = None
+
+    def prediction(self, output):
+        """What the loss compares with the target: the denoiser's output, or with preconditioning (EDM, Karras et al.
+        2022, as diffusers' SD3 scripts) the clean latents it implies, x_t - sigma v."""
+        return output if self.precondition is None else output * -self.precondition + self.noisy_latents
 
 
 class DDPM:
@@ -100,14 +107,68 @@ class DDPM:
                     noise_target(self.scheduler, latents, noise, timesteps), weights)
 
 
-def load(name_or_path, revision=None, snr_gamma=None, offset_noise=False):
-    """The objective of a model, from its scheduler config (the flow-matching models' FlowMatchEulerDiscreteScheduler
-    will choose theirs here)."""
-    from diffusers import DDPMScheduler
+WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+
+
+def flow_sigmas(scheduler, u, image_tokens):
+    """Noise levels for draws u in [0, 1): diffusers' discretisation (u picks one of the scheduler's training
+    timesteps, u = 0 the noisiest), with the scheduler's shift: a fixed one is already in its timesteps (SD 3.5:
+    3.0); a resolution-dependent one (FLUX.1: use_dynamic_shifting) is applied here for the image's token count, as
+    FluxPipeline samples (diffusers' FLUX scripts leave it out and train on unshifted sigmas)."""
+    config = scheduler.config
+    indices = (u * config.num_train_timesteps).long()
+    sigmas = scheduler.sigmas[indices].float()
+    if config.use_dynamic_shifting:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        mu = calculate_shift(image_tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
+                             config.max_shift)
+        sigmas = scheduler.time_shift(mu, 1.0, sigmas)
+    return sigmas
+
+
+class Flow:
+    """Rectified flow (Liu et al. 2022; Esser et al. 2024, the SD3 paper): x_t = (1 - sigma) x_0 + sigma noise, the
+    target the velocity noise - x_0, sigma drawn with --weighting_scheme's density (logit-normal, mode) or uniformly,
+    the loss weighted by sigma_sqrt or cosmap, all through diffusers' training_utils; the timestep the denoiser sees
+    is 1000 sigma. Offset noise keeps its meaning: the noise drawn with a per-channel offset."""
+    prediction_type = "flow"
+
+    def __init__(self, scheduler, weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                 precondition_outputs=False, offset_noise=False, patch_size=2):
+        self.scheduler, self.weighting_scheme, self.offset_noise = scheduler, weighting_scheme, offset_noise
+        self.density = dict(logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
+        self.precondition_outputs, self.patch_size = precondition_outputs, patch_size
+
+    def draw(self, latents):
+        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+        # important! the noise first, then the timesteps: the order of the random draws is part of exact resume
+        noise = sample_noise(latents, self.offset_noise)
+        u = compute_density_for_timestep_sampling(self.weighting_scheme, latents.shape[0], **self.density)
+        image_tokens = latents.shape[-2] * latents.shape[-1] // self.patch_size ** 2
+        sigmas = flow_sigmas(self.scheduler, u, image_tokens).to(latents.device)
+        s = sigmas.view(-1, *[1] * (latents.ndim - 1))
+        weights = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas)
+        return Draw((1 - s) * latents + s * noise, sigmas * self.scheduler.config.num_train_timesteps,
+                    latents if self.precondition_outputs else noise - latents,
+                    None if self.weighting_scheme not in ("sigma_sqrt", "cosmap") else weights,
+                    s if self.precondition_outputs else None)
+
+
+def load(name_or_path, family, revision=None, snr_gamma=None, offset_noise=False, flow=None):
+    """The objective of a model, named by its family's row and built on its own scheduler config: DDPM (the noise
+    schedule read as DDPMScheduler) or flow matching (FlowMatchEulerDiscreteScheduler, with its shift). `flow`: the
+    flow settings (weighting_scheme, logit_mean, logit_std, mode_scale, precondition_outputs)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     import cli
     import families
 
+    if family.objective == "flow":
+        scheduler = families.from_pretrained(FlowMatchEulerDiscreteScheduler, name_or_path, subfolder="scheduler",
+                                             revision=revision)
+        return Flow(scheduler, offset_noise=offset_noise, **flow)
     scheduler = families.from_pretrained(DDPMScheduler, name_or_path, subfolder="scheduler", revision=revision)
     if scheduler.config.prediction_type not in PREDICTION_TYPES:
         cli.fail(f"the model's scheduler predicts {scheduler.config.prediction_type!r}; supported: {PREDICTION_TYPES}")

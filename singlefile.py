@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import families
 import runs
 
@@ -112,6 +113,8 @@ def sgm_text_encoders(parts, configs, v_prediction):
 
 
 TEXT_LAYOUTS = {"ldm": ldm_text_encoders, "sgm": sgm_text_encoders}  # a family row's single_file_layout
+SINGLE_FILE_MISSING = ("no single file for a {pipeline} yet (its original layout is not written by this version): "
+                       "ComfyUI and diffusers load the pipeline folder's transformer/ as it is")
 
 
 def ldm_state(parts, configs, family, v_prediction):
@@ -152,6 +155,8 @@ def save_single_file(pipeline_folder, path, dtype=torch.float16, config=None):
 
     folder = Path(pipeline_folder)
     family = families.read_model(str(folder))[0]
+    if not family.single_file_layout:
+        cli.fail(SINGLE_FILE_MISSING.format(pipeline=family.pipeline))
     names = [family.denoiser, "vae", *family.text_encoder_names]
     parts = {name: {k: v for f in sorted(Path(folder, name).glob("*.safetensors")) for k, v in load_file(f).items()}
              for name in names}

@@ -34,6 +34,7 @@ import generate_priors
 import imagedata
 import objectives
 import runs
+import singlefile
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,6 +137,22 @@ def build_parser():
     g.add_argument("--save_raw_weights", action="store_true", help="with --use_ema, also save the raw weights in raw/")
     g.add_argument("--seed", type=cli.SEED, default=None, help="seed (default: drawn at random and recorded in run_config.json)")
 
+    g = p.add_argument_group("flow matching (FLUX.1, SD 3.5; refused for the DDPM models, --snr_gamma refused for these)")
+    g.add_argument("--weighting_scheme", default=None, choices=objectives.WEIGHTING_SCHEMES,
+                   help="how timesteps are drawn (logit_normal, mode) or the loss weighted (sigma_sqrt, cosmap), as in "
+                        "diffusers' scripts (default: none for FLUX.1, logit_normal for SD 3.5)")
+    g.add_argument("--logit_mean", type=float, default=None, help="mean of the logit-normal draw (default 0.0)")
+    g.add_argument("--logit_std", type=cli.POSITIVE, default=None, help="std of the logit-normal draw (default 1.0)")
+    g.add_argument("--mode_scale", type=float, default=None, help="scale of the mode draw (default 1.29)")
+    g.add_argument("--precondition_outputs", type=int, choices=[0, 1], default=None,
+                   help="SD 3.5: compare the clean latents the output implies, not the velocity (default 1, as diffusers)")
+    g.add_argument("--guidance_scale", type=cli.NONNEGATIVE, default=None,
+                   help="guidance-distilled FLUX.1 (dev): the guidance value fed to the transformer while training "
+                        "(default 1.0, the value the trainers settled on: diffusers' 3.5 gives weak LoRAs, as sampling "
+                        "adds its guidance again); the sampling guidance is --validation_guidance_scale")
+    g.add_argument("--max_sequence_length", type=cli.COUNT, default=None,
+                   help="T5's prompt length in tokens (default: 512 FLUX.1, 77 SD 3.5, as diffusers' scripts)")
+
     g = p.add_argument_group("Pivotal tuning (the identifier as new tokens, trained beside the UNet or its LoRA)")
     g.add_argument("--train_text_encoder_ti", "--train_token_embeddings", dest="train_text_encoder_ti",
                    action="store_true", help="replace the identifier in the prompts by new tokens of every tokenizer "
@@ -153,9 +170,14 @@ def build_parser():
     g.add_argument("--lora_dropout", type=cli.FRACTION, default=0.0, help="dropout of the LoRA layers")
     g.add_argument("--use_dora", action="store_true",
                    help="DoRA adapters (arxiv 2402.09353: LoRA's direction plus a learned magnitude; peft's use_dora)")
-    g.add_argument("--lora_target_modules", nargs="+", default=None,
-                   help="denoiser modules that get adapters (default: the family's attention projections, to_k to_q to_v "
-                        "to_out.0 for SD and SDXL; the text encoders' q/k/v/out projections with --train_text_encoder)")
+    g.add_argument("--lora_target_modules", "--lora_layers", dest="lora_target_modules", nargs="+", default=None,
+                   type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
+                   help="denoiser modules that get adapters, by name or name ending, spaces or commas between "
+                        "(diffusers' --lora_layers 'attn.to_k,attn.to_q'; default: the attention projections, to_k "
+                        "to_q to_v to_out.0 for SD and SDXL, of both streams for SD 3.5, plus the feed-forwards for "
+                        "FLUX.1; the text encoders' q/k/v/out projections with --train_text_encoder)")
+    g.add_argument("--lora_blocks", default=None, type=lambda text: [cli.NATURAL(b.strip()) for b in text.split(",")],
+                   help="SD 3.5: adapters only in these joint blocks, e.g. '12,13' (diffusers' flag)")
 
     g = p.add_argument_group("precision and memory")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
@@ -166,8 +188,9 @@ def build_parser():
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
     g.add_argument("--cache_latents", action="store_true",
                    help="encode every training image once with the VAE (needs --center_crop; flips are cached both ways)")
-    g.add_argument("--pre_compute_text_embeddings", action="store_true",
-                   help="encode the prompts once and take the frozen text encoder(s) off the accelerator")
+    g.add_argument("--pre_compute_text_embeddings", type=cli.boolean, nargs="?", const=True, default=None,
+                   help="encode the prompts once and take the frozen text encoders off the accelerator (default: on for "
+                        "FLUX.1 and SD 3.5 when no text encoder trains: T5-XXL alone is 9.5 GB in bf16)")
 
     g = p.add_argument_group("speed (does not change what is learned)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
@@ -198,10 +221,14 @@ def build_parser():
     g.add_argument("--num_validation_images", type=cli.COUNT, default=4, help="images per validation prompt (fixed seeds)")
     g.add_argument("--validation_steps", type=cli.COUNT, default=100, help="sample every N optimizer steps")
     g.add_argument("--validation_epochs", type=cli.COUNT, default=None, help="instead: every N epochs (diffusers' SDXL flag)")
-    g.add_argument("--validation_scheduler", default="dpm++_2m", choices=sorted(families.SCHEDULERS),
-                   help="sampler, built from the model's scheduler config")
-    g.add_argument("--validation_guidance_scale", type=cli.NONNEGATIVE, default=7.5, help="classifier-free guidance scale")
-    g.add_argument("--validation_inference_steps", type=cli.COUNT, default=25, help="sampling steps per validation image")
+    g.add_argument("--validation_scheduler", default=None, choices=sorted(families.SCHEDULERS),
+                   help="sampler, built from the model's scheduler config (default: dpm++_2m; flow_euler for FLUX.1 and "
+                        "SD 3.5)")
+    g.add_argument("--validation_guidance_scale", type=cli.NONNEGATIVE, default=None,
+                   help="guidance scale (default: 7.5 SD and SDXL, 7.0 SD 3.5, FLUX.1 dev's embedded guidance 3.5, "
+                        "none for schnell)")
+    g.add_argument("--validation_inference_steps", type=cli.COUNT, default=None,
+                   help="sampling steps per validation image (default: 25; 28 FLUX.1 dev and SD 3.5, 4 schnell)")
 
     g = p.add_argument_group("output and logging")
     g.add_argument("--output_dir", default="dreambooth-model",
@@ -279,12 +306,15 @@ def check_args(args):
         cli.fail("--pre_compute_text_embeddings needs a frozen text encoder: leave out --train_text_encoder(_ti)")
     args.pretrained_model_name_or_path = families.check_model_source(args.pretrained_model_name_or_path, args.revision,
                                                                args.single_file_config)
-    family, native_resolution = families.read_model(args.pretrained_model_name_or_path, args.revision)
+    model = families.read_model(args.pretrained_model_name_or_path, args.revision)
+    family = model.family
     args.model_family = family.name
-    args.resolution = native_resolution if args.resolution is None else args.resolution
+    args.resolution = model.resolution if args.resolution is None else args.resolution
     if args.resolution % family.size_multiple:
         cli.fail(f"--resolution {args.resolution}: {family.pipeline} takes sides in multiples of {family.size_multiple}")
-    args.lora_target_modules = args.lora_target_modules or list(family.lora_targets)
+    check_family_flags(args, model)
+    if args.save_single_file and not family.single_file_layout:
+        cli.fail("--save_single_file: " + singlefile.SINGLE_FILE_MISSING.format(pipeline=family.pipeline))
     cli.check_launch()
     if args.enable_xformers_memory_efficient_attention:
         families.check_xformers()
@@ -328,6 +358,33 @@ def check_args(args):
             args.seed = broadcast_object_list([args.seed])[0]
 
 
+def check_family_flags(args, model):
+    """The flags whose default or meaning depends on the model: the family row's defaults fill those left unset, and
+    a flag the family does not read is refused in one line, as are the DDPM-only options on a flow-matching model."""
+    family, defaults = model.family, model.family.training_defaults(model.config)
+    for flag in families.FAMILY_FLAGS:
+        if flag in defaults and getattr(args, flag) is None:
+            setattr(args, flag, defaults[flag])
+        elif flag not in defaults and getattr(args, flag) is not None:
+            cli.fail(f"--{flag} is for {families.FLAG_SCOPES.get(flag, families.FLAG_SCOPES['flow'])}, and "
+                     f"{args.pretrained_model_name_or_path} is a {family.pipeline}"
+                     + (" without one" if flag == "guidance_scale" and family.objective == "flow" else ""))
+    if args.snr_gamma and family.objective == "flow":
+        cli.fail(f"--snr_gamma (min-SNR weighting) is defined for noise prediction; {family.pipeline} is trained with "
+                 "flow matching: weigh its loss with --weighting_scheme")
+    families.check_sampler(args.validation_scheduler, family, "--validation_scheduler")
+    args.lora_target_modules = [m for part in args.lora_target_modules or [family.lora_targets]
+                                for m in ([part] if isinstance(part, str) else part)]
+    if args.lora_blocks:  # diffusers' SD3 script: the modules of these joint blocks only
+        args.lora_target_modules = [f"transformer_blocks.{b}.{m}" for b in args.lora_blocks for m in args.lora_target_modules]
+    frozen = [name for name in family.text_encoder_names if name not in family.trained_text_encoders]
+    if args.train_text_encoder and frozen:
+        cli.note(f"--train_text_encoder trains {', '.join(family.trained_text_encoders)} of {family.pipeline}; "
+                 f"{', '.join(frozen)} (T5) stays frozen, as in diffusers' scripts")
+    if args.train_text_encoder or args.train_text_encoder_ti:  # explicitly asked for: refused in check_args
+        args.pre_compute_text_embeddings = False
+
+
 def load_subjects(args):
     """Each subject's photos as (image, prompt, mask): from a folder (paths, sorted; with photo.txt captions and
     photo.mask.png masks) or a `datasets` dataset (PIL images). Pivotal tuning: the identifier is the new tokens."""
@@ -366,9 +423,10 @@ class DreamBoothModel(torch.nn.Module):
     names (unet, text_encoder, text_encoder_2) as attributes, so the checkpoint's keys are the pipeline's. The family
     row says how a prompt becomes embeddings and how the denoiser is called."""
 
-    def __init__(self, family, denoiser, text_encoders, train_text_encoder, new_token_ids=()):
+    def __init__(self, family, denoiser, text_encoders, trained_text_encoders, new_token_ids=(), guidance=None):
         super().__init__()
-        self.family, self.train_text_encoder = family, train_text_encoder
+        self.family, self.trained_text_encoders = family, list(trained_text_encoders)
+        self.train_text_encoder, self.guidance = bool(self.trained_text_encoders), guidance
         self.text_encoder_names, self.new_token_ids = list(text_encoders), list(new_token_ids)
         setattr(self, family.denoiser, denoiser)
         for name, encoder in text_encoders.items():
@@ -407,19 +465,21 @@ class DreamBoothModel(torch.nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        for name in [] if self.train_text_encoder else self.text_encoder_names:
-            getattr(self, name).eval()  # a frozen text encoder never runs its dropout
+        for name in self.text_encoder_names:
+            if not (self.train_text_encoder and name in self.trained_text_encoders):
+                getattr(self, name).eval()  # a frozen text encoder never runs its dropout (T5's is 0.1)
         return self
 
     def forward(self, noisy_latents, timesteps, texts, time_ids):
-        """texts: (token ids,), or (prompt embeddings, pooled embeddings) when they were pre-computed (the model then
-        holds no text encoder); time_ids: SDXL's size and crop of each image."""
+        """texts: token ids per text encoder, or (prompt embeddings, pooled embeddings) when they were pre-computed
+        (the model then holds no text encoder); time_ids: SDXL's size and crop of each image; the guidance value fed
+        to a guidance-distilled transformer (FLUX.1 dev), if any."""
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             encoders = [getattr(self, name) for name in self.text_encoder_names]
-            prompt_embeds, pooled = self.family.encode_prompt(encoders, *texts) if encoders else texts
+            prompt_embeds, pooled = self.family.encode_prompt(encoders, texts) if encoders else texts
         dtype = noisy_latents.dtype  # frozen text encoders run in the half-precision weight dtype: one dtype here
         return self.family.denoise(self.denoiser, noisy_latents, timesteps, prompt_embeds.to(dtype), pooled.to(dtype),
-                                   time_ids.to(dtype))
+                                   time_ids.to(dtype), self.guidance)
 
 
 def data_summary(args, photos, config):
@@ -442,7 +502,9 @@ def class_images(args, accelerator, subject):
         return []
     class_dir = subject["class_data_dir"]
     precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
-    settings = {**generate_priors.PRIOR_DEFAULTS, **{k: getattr(args, k) for k in generate_priors.PRIOR_SETTINGS if hasattr(args, k)},
+    settings = {**generate_priors.sampler_defaults(args.pretrained_model_name_or_path, args.revision),
+                **{k: getattr(args, k) for k in generate_priors.PRIOR_SETTINGS
+                   if hasattr(args, k) and k not in generate_priors.PRIOR_SAMPLER},  # --guidance_scale is training's
                 "class_prompt": subject["class_prompt"], "precision": "fp32" if precision == "no" else precision,
                 "unet_sha256": generate_priors.denoiser_fingerprint(args.pretrained_model_name_or_path, args.revision)}
     settings = generate_priors.check_prior_folder(class_dir, settings, generate_priors.PRIOR_SETTINGS[:5])
@@ -489,6 +551,8 @@ def log_validation(accelerator, args, family, pipe, embeddings, step):
                         embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)  # as the pipeline does
                     text.update({f"{key}prompt_embeds": embeds,
                                  **({key + family.pooled_argument: pooled} if family.pooled_argument else {})})
+            if family.sequence_tokenizer:  # T5's prompt length as in training
+                text["max_sequence_length"] = args.max_sequence_length
             rows.append(pipe(**text, num_inference_steps=args.validation_inference_steps,
                              guidance_scale=args.validation_guidance_scale, height=args.resolution, width=args.resolution,
                              generator=[torch.Generator().manual_seed(imagedata.image_seed(args.seed, j)) for j in range(n)]).images)
@@ -655,16 +719,21 @@ def load_models(args, accelerator, family):
     tokenizers = [families.from_pretrained(AutoTokenizer, model, subfolder=sub, **kw) for sub in family.tokenizers]
     if args.tokenizer_name:
         tokenizers[0] = families.from_pretrained(AutoTokenizer, args.tokenizer_name, **kw)
-    # the objective comes with the model: its own scheduler config (DDPM for SD 1.x/2.x and SDXL)
-    objective = objectives.load(model, args.revision, args.snr_gamma, args.offset_noise)
+    if family.sequence_tokenizer:  # T5's prompt length (--max_sequence_length)
+        tokenizers[family.tokenizers.index(family.sequence_tokenizer)].model_max_length = args.max_sequence_length
+    # the objective comes with the model: its row names it, its scheduler config sets it up (DDPM for SD 1.x/2.x and
+    # SDXL, flow matching with the scheduler's shift for FLUX.1 and SD 3.5)
+    objective = objectives.load(model, family, args.revision, args.snr_gamma, args.offset_noise, flow={
+        k: getattr(args, k) for k in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")})
     kw["variant"] = args.variant
     # important! Frozen weights load in the half-precision weight dtype; trained ones stay fp32, or the fp16 grad
     # scaler fails with "Attempting to unscale FP16 gradients". With LoRA the base weights are frozen (half precision)
     # and only the adapters train (fp32).
     weight_dtype = families.torch_dtype(accelerator.mixed_precision)
     lora = args.lora_rank > 0
-    text_dtype = torch.float32 if args.train_text_encoder and not lora else weight_dtype
-    text_encoders = {name: families.from_pretrained(getattr(transformers, cls), model, subfolder=name, dtype=text_dtype, **kw)
+    trained = family.trained_text_encoders if args.train_text_encoder else ()  # T5 never: as diffusers' scripts
+    text_encoders = {name: families.from_pretrained(getattr(transformers, cls), model, subfolder=name, **kw,
+                                                    dtype=torch.float32 if name in trained and not lora else weight_dtype)
                      for name, cls in family.text_encoders}
     # important! SDXL's own VAE overflows in fp16: fp32 then, as its pipeline does (or give an fp16-safe VAE)
     vae = families.load_vae(model, args.pretrained_vae_model_name_or_path, args.revision, args.variant, weight_dtype,
@@ -672,17 +741,17 @@ def load_models(args, accelerator, family):
     denoiser = families.from_pretrained(getattr(diffusers, family.denoiser_class), model, subfolder=family.denoiser,
                                         dtype=weight_dtype if lora else torch.float32, **kw)
     vae.requires_grad_(False).eval().to(accelerator.device)
-    for encoder in text_encoders.values():
-        encoder.requires_grad_(args.train_text_encoder and not lora)
-        if not args.train_text_encoder:
+    for name, encoder in text_encoders.items():
+        encoder.requires_grad_(name in trained and not lora)
+        if name not in trained:
             encoder.eval().to(accelerator.device)
     denoiser.requires_grad_(not lora)
     if args.train_text_encoder_ti:
         families.add_new_tokens(tokenizers, text_encoders.values(), args.new_tokens, args.initializer_concept)
     if lora:
         families.add_lora(denoiser, vars(args), args.lora_target_modules)
-        for encoder in text_encoders.values() if args.train_text_encoder else []:
-            families.add_lora(encoder, vars(args), families.TEXT_ENCODER_LORA_TARGETS)
+        for name in trained:
+            families.add_lora(text_encoders[name], vars(args), families.TEXT_ENCODER_LORA_TARGETS)
         cast_training_params([denoiser, *text_encoders.values()], dtype=torch.float32)  # the adapters train in fp32
     if args.train_text_encoder and family.freeze_unread:
         family.freeze_unread(text_encoders)  # SDXL: layers of the first encoder that never reach the loss
@@ -690,7 +759,7 @@ def load_models(args, accelerator, family):
         families.enable_xformers(denoiser)
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-        for encoder in text_encoders.values() if args.train_text_encoder else []:
+        for encoder in [text_encoders[name] for name in trained]:
             # transformers 5 renamed gradient_checkpointing_enable; take whichever this version has
             getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
     if args.channels_last:
@@ -859,8 +928,10 @@ def main(argv=None):
     dataset, dataloader = make_data(args, accelerator, subjects, tokenizers, family, vae, text_encoders)
     vars(args).update(plan(args, len(dataloader), accelerator.num_processes))
     model = DreamBoothModel(family, denoiser, {} if args.pre_compute_text_embeddings else text_encoders,
-                            args.train_text_encoder or args.train_text_encoder_ti,
-                            [t.convert_tokens_to_ids(args.new_tokens) for t in tokenizers] if args.new_tokens else [])
+                            family.trained_text_encoders if args.train_text_encoder else
+                            family.text_encoder_names if args.train_text_encoder_ti else [],
+                            [t.convert_tokens_to_ids(args.new_tokens) for t in tokenizers] if args.new_tokens else [],
+                            args.guidance_scale)
     params = [p for p in model.parameters() if p.requires_grad]
 
     # ---- optimizer, schedule, accelerate; the checkpoints' contents
@@ -871,7 +942,7 @@ def main(argv=None):
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     runs.diffusers_checkpoints(accelerator, family, args.lora_rank > 0,  # checkpoint-N/unet, as diffusers has it
-                               [family.denoiser] + (list(text_encoders) if args.train_text_encoder else []))
+                               [family.denoiser] + (list(family.trained_text_encoders) if args.train_text_encoder else []))
     state, averager = TrainState(), Averager(params, args)
     accelerator.register_for_checkpointing(state)
     if args.use_ema:
@@ -929,7 +1000,7 @@ def main(argv=None):
                     # the objective's draw: noisy latents at random timesteps, the target, per-example weights
                     draw = objective.draw(latents)
                     # predict and compare: instance loss + lambda * prior loss (masked photos: the background weighs less)
-                    model_pred = model(draw.noisy_latents, draw.timesteps, batch["texts"], batch["time_ids"])
+                    model_pred = draw.prediction(model(draw.noisy_latents, draw.timesteps, batch["texts"], batch["time_ids"]))
                     pixel_weights = (objectives.mask_weights(batch["masks"], latents.shape[-2:], args.mask_background_weight)
                                      if "masks" in batch else None)
                     num_instance = latents.shape[0] // 2 if class_paths else latents.shape[0]

@@ -1,4 +1,4 @@
-"""Write a tiny, randomly initialised Stable Diffusion pipeline folder and a few sample photos.
+"""Write a tiny, randomly initialised pipeline folder (SD, SDXL, FLUX.1, SD 3.5) and a few sample photos.
 
 Nothing is downloaded: every component is built from a config dict and saved with `save_pretrained`, so the
 scripts load it through the same `from_pretrained` code they use for a hub model. The weights are random: the
@@ -7,6 +7,7 @@ second on a CPU).
 
     python tools/make_tiny_model.py --output_dir tiny-sd [--prediction_type v_prediction] [--images_dir photos]
     python tools/make_tiny_model.py --output_dir tiny-sdxl --family sdxl
+    python tools/make_tiny_model.py --output_dir tiny-flux --family flux    # also flux-schnell, sd3
 
 The SDXL one is built as diffusers' own SDXL tests build theirs: a `text_time` UNet (small `addition_time_embed_dim`
 and `projection_class_embeddings_input_dim`), a `CLIPTextModel` and a `CLIPTextModelWithProjection` whose hidden
@@ -97,9 +98,88 @@ TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channel
 BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
 
 
+def write_t5_tokenizer(folder, max_length=512):
+    """A T5-format tokenizer (SentencePiece-style Unigram) with a small vocabulary: lower-case letters, digits and a
+    few words, built with the tokenizers library (nothing downloaded)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    chars = list(string.ascii_lowercase + string.digits + ".,!?'-<>")
+    words = ["a", "photo", "of", "sks", "dog", "in", "the", "on"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -3.0) for c in chars] + [
+        ("\u2581" + c, -3.5) for c in chars] + [("\u2581" + w, -1.0) for w in words]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.normalizer, backend.pre_tokenizer, backend.decoder = normalizers.Lowercase(), pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                extra_ids=0, model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_t5(tokenizer, d_model):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
+
+def make_tiny_flux_pipeline(output_dir, seed=0, guidance=True):
+    """FLUX.1-shaped (as diffusers' FluxPipeline tests build theirs): double and single blocks, CLIP's pooled vector and
+    T5's sequence, a VAE with a shift, FLUX.1-dev's scheduler (resolution-dependent shift); `guidance`: a
+    guidance-distilled transformer (dev) or not (schnell)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(os.path.join(output_dir, "tokenizer"))
+    tokenizer_2 = write_t5_tokenizer(os.path.join(output_dir, "tokenizer_2"))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 4, 8))
+    pipe = FluxPipeline(transformer=transformer, vae=tiny_vae(shift_factor=0.1159, scaling_factor=0.3611,
+                                                              use_quant_conv=False, use_post_quant_conv=False),
+                        text_encoder=CLIPTextModel(tiny_text_config(tokenizer)), tokenizer=tokenizer,
+                        text_encoder_2=tiny_t5(tokenizer_2, 32), tokenizer_2=tokenizer_2,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                                  max_shift=1.15, base_image_seq_len=256,
+                                                                  max_image_seq_len=4096))
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    return output_dir
+
+
+def make_tiny_sd3_pipeline(output_dir, seed=0):
+    """SD 3.5-shaped: an MMDiT with qk RMS norm, two CLIP encoders with projections (the second wider, as CLIP-G) and
+    T5, a VAE with a shift, SD 3.5's scheduler (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(os.path.join(output_dir, "tokenizer"))
+    tokenizer_2 = write_clip_tokenizer(os.path.join(output_dir, "tokenizer_2"))
+    tokenizer_3 = write_t5_tokenizer(os.path.join(output_dir, "tokenizer_3"), max_length=256)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32,
+                                        pooled_projection_dim=64, out_channels=4, pos_embed_max_size=32,
+                                        qk_norm="rms_norm", dual_attention_layers=(0,))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=CLIPTextModelWithProjection(tiny_text_config(tokenizer)), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(tiny_text_config(tokenizer_2, hidden_size=48)), tokenizer_2=tokenizer_2,
+        text_encoder_3=tiny_t5(tokenizer_3, 96), tokenizer_3=tokenizer_3,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    return output_dir
+
+
 def make_tiny_pipeline(output_dir, prediction_type="epsilon", seed=0, family="sd"):
     if family == "sdxl":
         return make_tiny_sdxl_pipeline(output_dir, prediction_type, seed)
+    if family in ("flux", "flux-schnell"):
+        return make_tiny_flux_pipeline(output_dir, seed, guidance=family == "flux")
+    if family == "sd3":
+        return make_tiny_sd3_pipeline(output_dir, seed)
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -193,7 +273,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="where the pipeline folder is written")
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
-    parser.add_argument("--family", default="sd", choices=["sd", "sdxl"], help="Stable Diffusion 1.x/2.x or SDXL")
+    parser.add_argument("--family", default="sd", choices=["sd", "sdxl", "flux", "flux-schnell", "sd3"],
+                        help="Stable Diffusion 1.x/2.x, SDXL, FLUX.1 (dev or schnell) or SD 3.5")
     parser.add_argument("--images_dir", default=None, help="also write a few sample subject photos here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
