@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny Stable Diffusion pipeline written to disk with save_pretrained (loaded back by the scripts
+"""Shared fixtures: tiny pipelines of each family (SD, SDXL, FLUX.1, SD 3.5) written to disk with save_pretrained (loaded back by the scripts
 through the real from_pretrained path), a few subject photos, and a helper that runs a script as a user would."""
 
 import os
@@ -46,6 +46,18 @@ def tiny_model_v(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     return str(make_tiny_model.make_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sdxl"), family="sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """FLUX.1-dev-shaped: guidance-distilled, CLIP + T5, the resolution-dependent shift."""
+    return str(make_tiny_model.make_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-flux"), family="flux"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """SD 3.5-shaped: two CLIPs with projections and T5, MMDiT with qk norm and a dual-attention layer."""
+    return str(make_tiny_model.make_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd3"), family="sd3"))
 
 
 @pytest.fixture(scope="session")

@@ -112,10 +112,10 @@ def test_two_subjects_get_equal_shares_with_their_own_class_images_and_prompts(t
     assert len(seen[0]) == len(seen[1]) == 30
     assert {p for p, _ in seen[0]} == {0, 1, 2} and {c for _, c in seen[0]} == {0, 1, 2, 3}
     assert {p for p, _ in seen[1]} == set(range(30)) and {c for _, c in seen[1]} == set(range(5))
-    (_, (dog_prompt,)), (_, (dog_class,)) = ds[0]
-    (_, (cat_prompt,)), (_, (cat_class,)) = ds[1]
-    assert torch.equal(dog_prompt, ds.tokenize("a photo of sks dog")) and torch.equal(dog_class, ds.tokenize("a photo of dog"))
-    assert torch.equal(cat_prompt, ds.tokenize("a photo of zwx cat")) and torch.equal(cat_class, ds.tokenize("a photo of cat"))
+    (_, dog_prompt), (_, dog_class) = ds[0]
+    (_, cat_prompt), (_, cat_class) = ds[1]
+    assert torch.equal(dog_prompt[0], ds.tokenize("a photo of sks dog")[0]) and torch.equal(dog_class[0], ds.tokenize("a photo of dog")[0])
+    assert torch.equal(cat_prompt[0], ds.tokenize("a photo of zwx cat")[0]) and torch.equal(cat_class[0], ds.tokenize("a photo of cat")[0])
 
 
 def test_one_subject_keeps_the_old_pairing():

@@ -53,13 +53,32 @@ def test_every_row_is_complete_and_names_real_classes():
         assert hasattr(diffusers, family.denoiser_class)
         assert all(hasattr(transformers, cls) for _, cls in family.text_encoders)
         assert len(family.tokenizers) == len(family.text_encoders) == len(family.embedding_keys)
-        assert {name for name, _ in family.kohya_prefixes} == {family.denoiser, *family.text_encoder_names}
+        # a kohya-format copy names every model that trains, or there is none (the diffusers file is the UIs' one)
+        assert {name for name, _ in family.kohya_prefixes} in (set(), {family.denoiser, *family.trained_text_encoders})
+        assert set(family.trained_text_encoders) <= set(family.text_encoder_names)
+        assert family.sequence_tokenizer in ("", *family.tokenizers) and family.objective in ("ddpm", "flow")
         assert family.components[0] == family.denoiser and callable(family.encode_prompt) and callable(family.denoise)
 
 
-def test_each_model_is_recognised_by_exactly_one_row(tiny_model, tiny_sdxl):
-    from diffusers import UNet2DConditionModel
+def test_every_family_flag_exists_and_the_samplers_match_the_objective():
+    import train_dreambooth
 
-    for model, name in ((tiny_model, "sd"), (tiny_sdxl, "sdxl")):
-        config = UNet2DConditionModel.load_config(model, subfolder="unet")
-        assert [f.name for f in families.FAMILIES.values() if f.detect(config)] == [name]
+    dests = {a.dest for a in train_dreambooth.build_parser()._actions}
+    assert set(families.FAMILY_FLAGS) <= dests
+    for family in families.FAMILIES.values():
+        for config in ({"guidance_embeds": True}, {}):
+            defaults = family.training_defaults(config)
+            assert (defaults["validation_scheduler"] in families.FLOW_SCHEDULERS) == (family.objective == "flow")
+
+
+def test_each_model_is_recognised_by_exactly_one_row(tiny_model, tiny_sdxl, tiny_flux, tiny_sd3):
+    """The family, native resolution and denoiser config come from the model's own files (model_index.json names the
+    pipeline and the denoiser class; SD and SDXL share the class and differ in the UNet's config)."""
+    for model, family in ((tiny_model, families.SD), (tiny_sdxl, families.SDXL), (tiny_flux, families.FLUX),
+                          (tiny_sd3, families.SD3)):
+        read = families.read_model(model)
+        assert read.family is family
+        index = __import__("json").loads((ROOT / model / "model_index.json").read_text())
+        assert index["_class_name"] == family.pipeline and index[family.denoiser][1] == family.denoiser_class
+    assert families.read_model(tiny_flux).config["guidance_embeds"] is True
+    assert [families.read_model(m).resolution for m in (tiny_model, tiny_flux, tiny_sd3)] == [16, 64, 64]

@@ -41,7 +41,7 @@ def test_only_the_new_rows_of_the_embedding_matrix_train(tiny_model, photos, tmp
     weight = encoder.get_input_embeddings().weight
     assert weight.dtype == torch.float32 and torch.equal(weight[ids[0]], base[dog].mean(0))
 
-    model = train_dreambooth.DreamBoothModel(families.SD, torch.nn.Linear(1, 1), {"text_encoder": encoder}, True, [ids])
+    model = train_dreambooth.DreamBoothModel(families.SD, torch.nn.Linear(1, 1), {"text_encoder": encoder}, ["text_encoder"], [ids])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = train_dreambooth.make_optimizer(args, train_dreambooth.param_groups(args, model, params))
     assert optimizer.param_groups[1]["weight_decay"] == 0.0 and optimizer.param_groups[1]["params"] == [weight]
