@@ -46,7 +46,8 @@ def save_lora(folder, family, dtype, trained):
     # DoRA's magnitudes of a text encoder are written as "...lora_magnitude_vector.weight": transformers' load_adapter
     # (which load_lora_weights calls for text encoders) skips the key without ".weight", peft reads both spellings
     layers = {name: {(k + ".weight" if name in classes and k.endswith(".lora_magnitude_vector") else k): v
-                     for k, v in convert_state_dict_to_diffusers(sd).items()} for name, sd in peft.items()}
+                     for k, v in (sd if name == family.denoiser and family.peft_lora_keys
+                                  else convert_state_dict_to_diffusers(sd)).items()} for name, sd in peft.items()}
     family.pipeline_class().save_lora_weights(
         folder, safe_serialization=True, **{f"{name}_lora_layers": sd for name, sd in layers.items()},
         **{f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict() for name, (module, _) in trained.items()})
@@ -61,7 +62,8 @@ def read_lora(folder, family):
     with transformers 4's text_model level (as now) or without it (earlier versions under transformers 5) alike."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
-    state, classes, peft = family.pipeline_class().lora_state_dict(str(folder))[0], dict(family.text_encoders), {}
+    state, classes, peft = family.pipeline_class().lora_state_dict(str(folder)), dict(family.text_encoders), {}
+    state = state[0] if isinstance(state, tuple) else state  # (state, alphas) for the UNet families, FLUX's alone
     for name in (family.denoiser, *classes):
         own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
         if own:

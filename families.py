@@ -143,6 +143,8 @@ class Family:
     sampling_defaults: Callable  # the denoiser's config -> sampler settings that differ from the scripts' defaults
     embedding_keys: tuple  # a token-embeddings file's key per text encoder, as AUTOMATIC1111 and ComfyUI read it
     kohya_prefixes: tuple  # (model, prefix) of a kohya-format LoRA file's keys (): the diffusers file is the UIs' one
+    peft_lora_keys: bool  # the denoiser's LoRA keys as peft names them (lora_A/lora_B), as diffusers' script for the
+    # family writes them (its FLUX and SD3 scripts), or converted to diffusers' older UNet names (lora.down/lora.up)
     single_file_layout: str  # the original layout its single file is written in (singlefile.py; "": none yet)
     hub_tag: str  # the model card's tag for the family
 
@@ -198,7 +200,7 @@ SD = Family(
     pipeline_kwargs=(("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)),
     pooled_argument="", upcast_vae=False, training_defaults=lambda config: UNET_DEFAULTS,
     sampling_defaults=lambda config: {}, embedding_keys=("emb_params",),
-    kohya_prefixes=(("unet", "lora_unet"), ("text_encoder", "lora_te")), single_file_layout="ldm",
+    kohya_prefixes=(("unet", "lora_unet"), ("text_encoder", "lora_te")), peft_lora_keys=False, single_file_layout="ldm",
     hub_tag="stable-diffusion")
 # SDXL: two text encoders (the second with a projection: its pooled output conditions the UNet too). No invisible
 # watermark: the same seed gives the same bytes whether or not the invisible-watermark package is installed.
@@ -212,7 +214,7 @@ SDXL = Family(
     pooled_argument="pooled_prompt_embeds", upcast_vae=True, training_defaults=lambda config: UNET_DEFAULTS,
     sampling_defaults=lambda config: {}, embedding_keys=("clip_l", "clip_g"),
     kohya_prefixes=(("unet", "lora_unet"), ("text_encoder", "lora_te1"), ("text_encoder_2", "lora_te2")),
-    single_file_layout="sgm", hub_tag="stable-diffusion-xl")
+    peft_lora_keys=False, single_file_layout="sgm", hub_tag="stable-diffusion-xl")
 # FLUX.1 (dev, schnell and FLUX.1-shaped checkpoints): CLIP-L's pooled vector and T5-XXL's sequence; a 2x2-patched
 # latent, so sides in multiples of 16. ComfyUI reads diffusers' LoRA file for FLUX ("transformer.<module>" keys).
 FLUX = Family(
@@ -222,7 +224,7 @@ FLUX = Family(
     tokenizers=("tokenizer", "tokenizer_2"), sequence_tokenizer="tokenizer_2", trained_text_encoders=("text_encoder",),
     encode_prompt=encode_flux, denoise=call_flux, freeze_unread=None, lora_targets=FLUX_LORA_TARGETS, size_multiple=16,
     pipeline_kwargs=(), pooled_argument="pooled_prompt_embeds", upcast_vae=False, training_defaults=flux_defaults,
-    sampling_defaults=flux_sampling, embedding_keys=("clip_l", "t5"), kohya_prefixes=(), single_file_layout="",
+    sampling_defaults=flux_sampling, embedding_keys=("clip_l", "t5"), kohya_prefixes=(), peft_lora_keys=True, single_file_layout="",
     hub_tag="flux")
 # SD3 and SD 3.5: CLIP-L and CLIG-G (pooled and sequence) and T5-XXL; logit-normal timesteps and preconditioned
 # outputs by default, as diffusers' SD3 scripts; --lora_blocks picks joint blocks.
@@ -238,7 +240,8 @@ SD3 = Family(
     training_defaults=lambda config: {**FLOW_DEFAULTS, "weighting_scheme": "logit_normal", "precondition_outputs": 1,
                                       "max_sequence_length": 77, "lora_blocks": None, "validation_guidance_scale": 7.0},
     sampling_defaults=lambda config: {"validation_guidance_scale": 7.0, "validation_inference_steps": 28},
-    embedding_keys=("clip_l", "clip_g", "t5"), kohya_prefixes=(), single_file_layout="", hub_tag="sd3")
+    embedding_keys=("clip_l", "clip_g", "t5"), kohya_prefixes=(), peft_lora_keys=True, single_file_layout="",
+    hub_tag="sd3")
 FAMILIES = {family.name: family for family in (SD, SDXL, FLUX, SD3)}
 # every flag some family reads; read_model's caller refuses those the model's family does not, saying what it is for
 FAMILY_FLAGS = tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.training_defaults({"guidance_embeds": True})))

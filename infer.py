@@ -49,8 +49,10 @@ def build_parser():
     g.add_argument("--image_index", type=cli.NATURAL, action="append", default=None,
                    help="make only image j of each prompt (repeatable); the same bytes as in the full run")
     g = p.add_argument_group("sampling")
-    g.add_argument("--num_inference_steps", type=cli.COUNT, default=30, help="sampling steps")
-    g.add_argument("--guidance_scale", type=cli.NONNEGATIVE, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--num_inference_steps", type=cli.COUNT, default=None,
+                   help="sampling steps (default: 30; 28 FLUX.1 dev and SD 3.5, 4 FLUX.1 schnell)")
+    g.add_argument("--guidance_scale", type=cli.NONNEGATIVE, default=None,
+                   help="guidance scale (default: 7.5; FLUX.1 dev's embedded guidance 3.5, none for schnell, 7.0 SD 3.5)")
     g.add_argument("--scheduler", default=None, choices=sorted(families.SCHEDULERS), help="sampler (default: the model's own)")
     g.add_argument("--height", type=cli.SIZE, default=None, help="default: the model's")
     g.add_argument("--width", type=cli.SIZE, default=None, help="default: the model's")
@@ -242,6 +244,12 @@ def main(argv=None):
     if wanted[0] < 0 or wanted[-1] >= n:
         cli.fail(f"--image_index must be between 0 and --num_images_per_prompt - 1 ({n - 1})")
     kind, source = check_model(args)
+    model = families.read_model(source if kind == "pipeline" else source["pretrained_model_name_or_path"],
+                                args.revision if kind == "pipeline" else source.get("revision"))
+    families.check_sampler(args.scheduler, model.family)
+    own = model.family.sampling_defaults(model.config)  # FLUX.1 and SD 3.5 have their own steps and guidance
+    args.num_inference_steps = args.num_inference_steps or own.get("validation_inference_steps", 30)
+    args.guidance_scale = own.get("validation_guidance_scale", 7.5) if args.guidance_scale is None else args.guidance_scale
     pivotal = find_token_embeddings(args)
     model_prompts = prompts  # what the text encoder reads; files and their records keep the prompts as written
     if pivotal:  # the identifier is new tokens: write it as trained ("sks"), the model reads its tokens
@@ -285,8 +293,7 @@ def main(argv=None):
     denoiser = families.family_of(pipe).denoiser
     if args.compile:
         setattr(pipe, denoiser, torch.compile(getattr(pipe, denoiser)))
-    height, width = (size or getattr(pipe, denoiser).config.sample_size * pipe.vae_scale_factor
-                     for size in (args.height, args.width))
+    height, width = (size or model.resolution for size in (args.height, args.width))
     sampler = a1111_sampler(pipe.scheduler)
     model_name = Path(args.pretrained_model_name_or_path.rstrip("/")).name
     hash_ = model_hash(args.pretrained_model_name_or_path)

@@ -141,10 +141,10 @@ def build_parser():
     g.add_argument("--weighting_scheme", default=None, choices=objectives.WEIGHTING_SCHEMES,
                    help="how timesteps are drawn (logit_normal, mode) or the loss weighted (sigma_sqrt, cosmap), as in "
                         "diffusers' scripts (default: none for FLUX.1, logit_normal for SD 3.5)")
-    g.add_argument("--logit_mean", type=float, default=None, help="mean of the logit-normal draw (default 0.0)")
+    g.add_argument("--logit_mean", type=cli.number(float), default=None, help="mean of the logit-normal draw (default 0.0)")
     g.add_argument("--logit_std", type=cli.POSITIVE, default=None, help="std of the logit-normal draw (default 1.0)")
-    g.add_argument("--mode_scale", type=float, default=None, help="scale of the mode draw (default 1.29)")
-    g.add_argument("--precondition_outputs", type=int, choices=[0, 1], default=None,
+    g.add_argument("--mode_scale", type=cli.number(float), default=None, help="scale of the mode draw (default 1.29)")
+    g.add_argument("--precondition_outputs", type=cli.number(int, low=0, high=1), default=None,
                    help="SD 3.5: compare the clean latents the output implies, not the velocity (default 1, as diffusers)")
     g.add_argument("--guidance_scale", type=cli.NONNEGATIVE, default=None,
                    help="guidance-distilled FLUX.1 (dev): the guidance value fed to the transformer while training "
