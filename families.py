@@ -182,7 +182,9 @@ def flux_defaults(config):
 
 
 def flux_sampling(config):
-    return {"validation_guidance_scale": 3.5, "validation_inference_steps": 28} if config.get("guidance_embeds") else         {"validation_guidance_scale": 0.0, "validation_inference_steps": 4}
+    if config.get("guidance_embeds"):
+        return {"validation_guidance_scale": 3.5, "validation_inference_steps": 28}
+    return {"validation_guidance_scale": 0.0, "validation_inference_steps": 4}
 
 
 UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
@@ -208,7 +210,8 @@ SDXL = Family(
     name="sdxl", pipeline="StableDiffusionXLPipeline", denoiser="unet", denoiser_class="UNet2DConditionModel",
     detect=lambda config: config.get("addition_embed_type") == "text_time", objective="ddpm",
     text_encoders=(("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
-    tokenizers=("tokenizer", "tokenizer_2"), sequence_tokenizer="", trained_text_encoders=("text_encoder", "text_encoder_2"),
+    tokenizers=("tokenizer", "tokenizer_2"), sequence_tokenizer="",
+    trained_text_encoders=("text_encoder", "text_encoder_2"),
     encode_prompt=encode_sdxl, denoise=call_unet, freeze_unread=freeze_unread_sdxl_layers,
     lora_targets=UNET_LORA_TARGETS, size_multiple=8, pipeline_kwargs=(("add_watermarker", False),),
     pooled_argument="pooled_prompt_embeds", upcast_vae=True, training_defaults=lambda config: UNET_DEFAULTS,
@@ -224,8 +227,8 @@ FLUX = Family(
     tokenizers=("tokenizer", "tokenizer_2"), sequence_tokenizer="tokenizer_2", trained_text_encoders=("text_encoder",),
     encode_prompt=encode_flux, denoise=call_flux, freeze_unread=None, lora_targets=FLUX_LORA_TARGETS, size_multiple=16,
     pipeline_kwargs=(), pooled_argument="pooled_prompt_embeds", upcast_vae=False, training_defaults=flux_defaults,
-    sampling_defaults=flux_sampling, embedding_keys=("clip_l", "t5"), kohya_prefixes=(), peft_lora_keys=True, single_file_layout="",
-    hub_tag="flux")
+    sampling_defaults=flux_sampling, embedding_keys=("clip_l", "t5"), kohya_prefixes=(), peft_lora_keys=True,
+    single_file_layout="", hub_tag="flux")
 # SD3 and SD 3.5: CLIP-L and CLIG-G (pooled and sequence) and T5-XXL; logit-normal timesteps and preconditioned
 # outputs by default, as diffusers' SD3 scripts; --lora_blocks picks joint blocks.
 SD3 = Family(

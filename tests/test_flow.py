@@ -151,9 +151,13 @@ def test_lora_layers_and_blocks_choose_the_adapted_modules(tiny_sd3, photos, tmp
 # The scripts
 
 
-def infer_image(run, model, out, *extra):
-    run("infer.py", "--model", model, "--prompt", "a photo of sks dog", "--num_images_per_prompt", 1, "--output_dir", out,
-        "--num_inference_steps", 2, *extra, launch=False)
+def infer_image(model, out, *extra):
+    """infer.py's main in this process (the scripts' own subprocess runs cover its command line)."""
+    import infer
+
+    infer.main([str(a) for a in ("--model", model, "--prompt", "a photo of sks dog", "--num_images_per_prompt", 1,
+                                 "--output_dir", out, "--num_inference_steps", 2, "--device", "cpu",
+                                 "--cpu_threads", torch.get_num_threads(), *extra)])
     (path,) = Path(out).glob("*.png")
     return path
 
@@ -193,9 +197,9 @@ def test_flux_lora_with_priors_and_text_encoder_loads_in_diffusers_comfyui_and_i
     assert {k.rsplit(".", 3)[-3] for k in state if k.startswith("text_encoder.")} == {"lora_linear_layer"}
 
     # infer.py: the run folder as the model (its base plus its adapters) changes the base model's image
-    base = infer_image(run, tiny_flux, tmp_path / "base")
-    tuned = infer_image(run, out, tmp_path / "tuned")
-    zero = infer_image(run, out, tmp_path / "zero", "--lora_scale", 0)
+    base = infer_image(tiny_flux, tmp_path / "base")
+    tuned = infer_image(out, tmp_path / "tuned")
+    zero = infer_image(out, tmp_path / "zero", "--lora_scale", 0)
     assert Image.open(base).tobytes() == Image.open(zero).tobytes() != Image.open(tuned).tobytes()
     assert json.loads(Image.open(tuned).text["dreambooth"])["guidance_scale"] == 3.5  # FLUX.1-dev's sampling default
 
@@ -203,9 +207,9 @@ def test_flux_lora_with_priors_and_text_encoder_loads_in_diffusers_comfyui_and_i
 def test_sd3_full_fine_tune_with_priors_saves_a_pipeline_that_loads(run, tiny_sd3, photos, tmp_path):
     out, priors = tmp_path / "out", tmp_path / "priors"
     run("generate_priors.py", "--model", tiny_sd3, "--class_prompt", "a photo of dog", "--class_dir", priors,
-        "--num_class_images", 2, "--sample_batch_size", 2, launch=False)
+        "--num_class_images", 2, "--sample_batch_size", 2, "--num_inference_steps", 4, launch=False)
     made = json.loads(Image.open(priors / "000000.png").text["dreambooth_prior"])["settings"]
-    assert (made["num_inference_steps"], made["guidance_scale"]) == (28, 7.0)  # SD 3.5's sampler defaults
+    assert (made["num_inference_steps"], made["guidance_scale"], made["scheduler"]) == (4, 7.0, None)  # SD 3.5's CFG
     run("train_dreambooth.py", "--model", tiny_sd3, "--instance_dir", photos, "--instance_prompt", "a photo of sks dog",
         "--output_dir", out, "--resolution", 64, "--max_train_steps", 2, "--learning_rate", "1e-3",
         "--train_batch_size", 2, "--with_prior_preservation", "--class_dir", priors, "--class_prompt", "a photo of dog",
@@ -223,7 +227,7 @@ def test_sd3_full_fine_tune_with_priors_saves_a_pipeline_that_loads(run, tiny_sd
         a, b = weights(tiny_sd3, frozen), weights(out, frozen)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), frozen
     # the same seed gives the same bytes
-    first, again = infer_image(run, out, tmp_path / "a"), infer_image(run, out, tmp_path / "b")
+    first, again = infer_image(out, tmp_path / "a"), infer_image(out, tmp_path / "b")
     assert Image.open(first).tobytes() == Image.open(again).tobytes()
 
 
@@ -278,3 +282,19 @@ def test_flags_a_family_does_not_read_are_refused(flow_base, capsys, model, extr
     code, printed = outcome("train", argv, capsys)
     assert (code, printed) == (1, "error: " + line.format(model=argv[1]))
     assert not Path(argv[argv.index("--output_dir") + 1]).exists()
+
+
+def test_the_benchmark_architectures_build_the_published_sizes():
+    """bench/architectures: FLUX.1-dev's transformer is 11,901,408,320 parameters, SD 3.5 Large's 8.06 B, Medium's
+    2.24 B (built on the meta device: no memory)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from conftest import ROOT
+
+    for folder, cls, count in (("flux1-dev", FluxTransformer2DModel, 11_901_408_320),
+                               ("sd35-large", SD3Transformer2DModel, 8_056_627_520),
+                               ("sd35-medium", SD3Transformer2DModel, 2_243_171_520)):
+        config = json.loads((ROOT / "bench" / "architectures" / folder / "transformer_config.json").read_text())
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        assert sum(p.numel() for p in model.parameters()) == count, folder

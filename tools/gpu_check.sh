@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The suite's GPU check: one call on a GPU machine (the device tool), under 8 minutes, everything written to $OUT.
 #   1. tests on the GPU: fp16 grad scaler with fp32 trainables, 8-bit Adam on CUDA, an SDXL fine-tune, the
-#      xformers refusal when xformers is absent, and exact resume (fp32: are CUDA kernels bit-identical?)
+#      xformers refusal when xformers is absent, exact resume (fp32: are CUDA kernels bit-identical?), and the
+#      flow families (a FLUX.1 LoRA resumed, an SD 3.5 full fine-tune)
 #   2. bench/benchmark.py on the SDXL (1024 px) and SD 1.5 (512 px) architectures: the rows the targets name
 #   3. a profile of the first SDXL target row's step (torch.profiler), for whatever the numbers miss
 # The device image has torch, accelerate, transformers, peft, tensorboard and pytest, not diffusers or bitsandbytes:
@@ -45,7 +46,9 @@ if stage tests; then  # about 2 minutes
     "tests/test_resume.py::test_fp16_resume_exports_and_a_corrupt_checkpoint" \
     "tests/test_resume.py::test_resume_mid_epoch_is_bit_identical" \
     "tests/test_sdxl.py::test_full_fine_tune_with_priors_both_text_encoders_and_a_separate_vae" \
-    "tests/test_bad_input.py::test_xformers_that_cannot_run_is_refused" > "$OUT/tests.txt" 2>&1
+    "tests/test_bad_input.py::test_xformers_that_cannot_run_is_refused" \
+    "tests/test_flow.py::test_flux_lora_resume_mid_run_is_bit_identical" \
+    "tests/test_flow.py::test_sd3_full_fine_tune_with_priors_saves_a_pipeline_that_loads" > "$OUT/tests.txt" 2>&1
   tail -3 "$OUT/tests.txt"
 fi
 if stage sdxl; then  # about 3 minutes: the model is made once on the GPU, then a training process per row
