@@ -213,7 +213,10 @@ def test_sd3_full_fine_tune_with_priors_saves_a_pipeline_that_loads(run, tiny_sd
     run("train_dreambooth.py", "--model", tiny_sd3, "--instance_dir", photos, "--instance_prompt", "a photo of sks dog",
         "--output_dir", out, "--resolution", 64, "--max_train_steps", 2, "--learning_rate", "1e-3",
         "--train_batch_size", 2, "--with_prior_preservation", "--class_dir", priors, "--class_prompt", "a photo of dog",
-        "--num_class_images", 2, "--report_to", "none", launch=False)
+        "--num_class_images", 2, "--report_to", "none", "--validation_prompt", "a photo of sks dog",
+        "--validation_negative_prompt", "blurry", "--num_validation_images", 1, "--validation_inference_steps", 2,
+        launch=False)
+    assert (out / "validation" / "step-000002.png").is_file()  # sampled from the pre-computed embeddings
     config = json.loads((out / "run_config.json").read_text())["config"]
     assert (config["weighting_scheme"], config["precondition_outputs"], config["max_sequence_length"]) == (
         "logit_normal", 1, 77)
@@ -231,20 +234,55 @@ def test_sd3_full_fine_tune_with_priors_saves_a_pipeline_that_loads(run, tiny_sd
     assert Image.open(first).tobytes() == Image.open(again).tobytes()
 
 
-def test_flux_lora_resume_mid_run_is_bit_identical(run, tiny_flux, photos, tmp_path):
+def test_flux_pivotal_lora_resume_mid_run_is_bit_identical(run, tiny_flux, photos, tmp_path):
+    """LoRA with pivotal tuning (new tokens in CLIP and T5, as diffusers' advanced FLUX script can), cached latents,
+    logit-normal timesteps: a run resumed after step 2 ends with the same adapters and token embeddings."""
     reference, out = tmp_path / "reference", tmp_path / "run"
     args = ["--model", tiny_flux, "--instance_dir", photos, "--instance_prompt", "a photo of sks dog", "--resolution", 64,
             "--rank", 4, "--learning_rate", "1e-3", "--max_train_steps", 4, "--checkpointing_steps", 2,
             "--train_batch_size", 1, "--max_sequence_length", 8, "--weighting_scheme", "logit_normal",
-            "--cache_latents", "--center_crop", "--random_flip", "--report_to", "none"]
+            "--train_text_encoder_ti", "--cache_latents", "--center_crop", "--random_flip", "--report_to", "none"]
     run("train_dreambooth.py", *args, "--output_dir", reference, launch=False)
     shutil.copytree(reference / "checkpoint-2", out / "checkpoint-2")  # as if the run had died after step 2
     shutil.copy(reference / "run_config.json", out)
     run("train_dreambooth.py", *args, "--output_dir", out, "--resume_from_checkpoint", "latest", launch=False)
-    ref, new = load_file(reference / families.LORA_WEIGHTS), load_file(out / families.LORA_WEIGHTS)
-    assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref)
-    base = load_file(reference / "checkpoint-2" / families.LORA_WEIGHTS)
+    for name in (families.LORA_WEIGHTS, "reference_emb.safetensors"):
+        ref, new = load_file(reference / name), load_file(out / name.replace("reference", "run"))
+        assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref), name
+    assert set(load_file(reference / "reference_emb.safetensors")) == {"clip_l", "t5"}
+    base, ref = load_file(reference / "checkpoint-2" / families.LORA_WEIGHTS), load_file(reference / families.LORA_WEIGHTS)
     assert any(not torch.equal(base[k], ref[k]) for k in ref)  # steps 3 and 4 changed the adapters
+    # infer.py reads "sks" as the new tokens in both encoders, beside the adapters
+    tuned, plain = infer_image(out, tmp_path / "tuned"), infer_image(tiny_flux, tmp_path / "plain")
+    assert Image.open(tuned).tobytes() != Image.open(plain).tobytes()
+
+
+def test_flux_full_fine_tune_of_two_subjects_with_buckets_masks_ema_and_prodigy(run, tiny_flux, photos, tmp_path):
+    """The data and training options on a flow family: several subjects, aspect-ratio buckets, a mask, EMA, Prodigy,
+    a full fine-tune (the transformer trains, T5, CLIP and the VAE stay as they were)."""
+    import numpy as np
+
+    cats, out = tmp_path / "cats", tmp_path / "out"
+    cats.mkdir()
+    for i, size in enumerate([(96, 64), (64, 96)]):
+        Image.new("RGB", size, (40 * i, 90, 200)).save(cats / f"c{i}.png")
+    Image.fromarray(np.full((64, 96), 255, np.uint8)).save(cats / "c0.mask.png")  # h x w
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps([{"instance_prompt": "a photo of sks dog", "instance_data_dir": photos},
+                                    {"instance_prompt": "a photo of zwx cat", "instance_data_dir": str(cats)}]))
+    run("train_dreambooth.py", "--model", tiny_flux, "--concepts_list", concepts, "--output_dir", out, "--resolution", 64,
+        "--aspect_ratio_buckets", "64,64;64,96;96,64", "--use_ema", "--optimizer", "prodigy", "--max_train_steps", 2,
+        "--train_batch_size", 1, "--max_sequence_length", 8, "--report_to", "none", launch=False)
+    config = json.loads((out / "run_config.json").read_text())["config"]
+    assert config["masks"] == [str(cats / "c0.mask.png")] and set(config["buckets"]) <= {"64x64", "64x96", "96x64"}
+    from diffusers import FluxPipeline
+
+    FluxPipeline.from_pretrained(out)  # loads whole
+    base, tuned = weights(tiny_flux, "transformer"), weights(out, "transformer")
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)
+    for frozen in ("vae", "text_encoder", "text_encoder_2"):
+        a, b = weights(tiny_flux, frozen), weights(out, frozen)
+        assert all(torch.equal(a[k], b[k]) for k in a), frozen
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,6 +314,9 @@ def flow_base(tiny_model, tiny_flux, tiny_sd3, photos, tmp_path):
                                      "not written by this version): ComfyUI and diffusers load the pipeline folder's "
                                      "transformer/ as it is"),
     ("flux", ["--resolution", 72], "--resolution 72: FluxPipeline takes sides in multiples of 16"),
+    ("sd3", ["--train_text_encoder_ti"], "--train_text_encoder_ti: diffusers' StableDiffusion3Pipeline has no "
+                                         "textual-inversion loader, so the new tokens could not be loaded beside the "
+                                         "weights (pivotal tuning is for SD, SDXL and FLUX.1)"),
 ])
 def test_flags_a_family_does_not_read_are_refused(flow_base, capsys, model, extra, line):
     argv = flow_base(model, *extra)
