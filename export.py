@@ -220,7 +220,7 @@ def model_card(folder, config):
                          instance_prompt="; ".join(runs.subject_prompts(config)))
     method = (f"{'DoRA' if config.get('use_dora') else 'LoRA'} (rank {config['lora_rank']}, alpha "
               f"{config['lora_alpha'] or config['lora_rank']})" if lora
-              else "full fine-tune") + f" of the {family.denoiser}" + (
+              else "full fine-tune") + f" of the {family.denoiser_class}" + (
         f" and {', '.join(family.trained_text_encoders)}" if config.get("train_text_encoder") else "")
     prior = (f"with prior preservation ({config['num_class_images_used']} images of "
              + ", ".join(f'"{p}"' for p in runs.subject_prompts(config, "class_prompt")) + ", "

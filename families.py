@@ -463,15 +463,14 @@ SCHEDULERS = {
     "dpm++_2m": ("DPMSolverMultistepScheduler", {}),
     "dpm++_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
-    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),  # the flow-matching models' own
-    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
-}
-FLOW_SCHEDULERS = ("flow_euler", "flow_heun")
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),  # the flow-matching models' own (FluxPipeline's sigmas:
+}  # diffusers' FlowMatchHeunDiscreteScheduler takes none, so it is not offered)
+FLOW_SCHEDULERS = ("flow_euler",)
 
 
 def check_sampler(name, family, flag="--scheduler"):
-    """A sampler of the model's kind, or one line: the flow-matching models sample with flow_euler or flow_heun, the
-    others with the rest."""
+    """A sampler of the model's kind, or one line: the flow-matching models sample with flow_euler, the others with
+    the rest."""
     flow = family.objective == "flow"
     if name and (name in FLOW_SCHEDULERS) != flow:
         cli.fail(f"{flag} {name} does not sample a {family.pipeline}: use one of "

@@ -190,7 +190,8 @@ def warn_if_truncated(tokenizer, prompt, index):
 # diffusers' schedulers under the names AUTOMATIC1111 writes (and Civitai and the other UIs read)
 A1111_SAMPLERS = {"DDIMScheduler": "DDIM", "PNDMScheduler": "PLMS", "EulerDiscreteScheduler": "Euler",
                   "EulerAncestralDiscreteScheduler": "Euler a", "DPMSolverMultistepScheduler": "DPM++ 2M",
-                  "UniPCMultistepScheduler": "UniPC", "LMSDiscreteScheduler": "LMS", "HeunDiscreteScheduler": "Heun"}
+                  "UniPCMultistepScheduler": "UniPC", "LMSDiscreteScheduler": "LMS", "HeunDiscreteScheduler": "Heun",
+                  "FlowMatchEulerDiscreteScheduler": "Euler", "FlowMatchHeunDiscreteScheduler": "Heun"}  # Forge's FLUX names
 
 
 def a1111_sampler(scheduler):

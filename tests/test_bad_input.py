@@ -83,7 +83,7 @@ def test_model_folder_without_a_unet(case, tmp_path, tiny_model):
     shutil.copytree(tiny_model, broken)
     shutil.rmtree(broken / "unet")
     args["--pretrained_model_name_or_path"] = str(broken)
-    assert refuse(args) == f"error: model folder {broken} has no unet subfolder: is it a diffusers pipeline folder?"
+    assert refuse(args) == f"error: model folder {broken} has no unet or transformer subfolder: is it a diffusers pipeline folder?"
     assert not out.exists()
 
 

@@ -104,9 +104,9 @@ def test_batch_holds_instances_first_then_class_images(tmp_path):
     batch = collate([ds[0], ds[1]])
     assert batch["images"].shape == (4, 3, 8, 8) and batch["time_ids"].shape == (4, 6)
     # rows 0-1: instances 0, 1; rows 2-3: class images 0, 1 (blue); token ids of the one tokenizer
-    (texts,) = batch["texts"]
-    assert texts.shape == (4, 1, 6)
-    assert texts[:, 0, 1].tolist() == [1, 2, 0, 0] and texts[:, 0, 0].tolist() == [3, 3, 3, 3]
+    (texts,) = batch["texts"]  # token ids of the one tokenizer
+    assert texts.shape == (4, 6)
+    assert texts[:, 1].tolist() == [1, 2, 0, 0] and texts[:, 0].tolist() == [3, 3, 3, 3]
     assert (batch["images"][2:, 2] > 0).all() and (batch["images"][:2, 2] == -1).all()
 
 

@@ -306,7 +306,7 @@ def flow_base(tiny_model, tiny_flux, tiny_sd3, photos, tmp_path):
     ("flux", ["--snr_gamma", 5], "--snr_gamma (min-SNR weighting) is defined for noise prediction; FluxPipeline is "
                                  "trained with flow matching: weigh its loss with --weighting_scheme"),
     ("sd3", ["--validation_scheduler", "dpm++_2m"], "--validation_scheduler dpm++_2m does not sample a "
-                                                     "StableDiffusion3Pipeline: use one of flow_euler, flow_heun"),
+                                                     "StableDiffusion3Pipeline: use one of flow_euler"),
     ("sd", ["--validation_scheduler", "flow_euler"], "--validation_scheduler flow_euler does not sample a "
                                                       "StableDiffusionPipeline: use one of ddim, dpm++_2m, "
                                                       "dpm++_2m_karras, euler, euler_a, pndm, unipc"),

@@ -38,19 +38,26 @@ def test_infer_is_deterministic_and_carries_its_settings(tiny_model, tmp_path):
 
 
 A1111_NAMES = {"ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_a": "Euler a", "dpm++_2m": "DPM++ 2M",
-               "dpm++_2m_karras": "DPM++ 2M Karras", "unipc": "UniPC"}  # as AUTOMATIC1111 writes them
+               "dpm++_2m_karras": "DPM++ 2M Karras", "unipc": "UniPC",  # as AUTOMATIC1111 writes them
+               "flow_euler": "Euler"}  # and Forge for FLUX
 
 
 @pytest.mark.parametrize("scheduler", sorted(families.SCHEDULERS))
-def test_every_scheduler_runs_from_the_models_config(tiny_model_v, tmp_path, scheduler):
-    infer.main(infer_argv(tiny_model_v, tmp_path, "--scheduler", scheduler, "--num_images_per_prompt", 1))
+def test_every_scheduler_runs_from_the_models_config(tiny_model_v, tiny_flux, tmp_path, scheduler):
+    """The noise-prediction samplers on a v-prediction SD model (its prediction type carries over), the flow ones on
+    FLUX.1 (its shift carries over)."""
+    model = tiny_flux if scheduler in families.FLOW_SCHEDULERS else tiny_model_v
+    infer.main(infer_argv(model, tmp_path, "--scheduler", scheduler, "--num_images_per_prompt", 1))
     (png,) = tmp_path.glob("*.png")
     with Image.open(png) as img:
         assert f"Sampler: {A1111_NAMES[scheduler]}, CFG scale" in img.text["parameters"]
         assert json.loads(img.text["dreambooth"])["scheduler"] == scheduler
-    pipe = families.load_pipeline(tiny_model_v)
+    pipe = families.load_pipeline(model)
     families.set_scheduler(pipe, scheduler)
-    assert pipe.scheduler.config.prediction_type == "v_prediction"  # carried over from the model's config
+    if model == tiny_flux:
+        assert pipe.scheduler.config.use_dynamic_shifting and pipe.scheduler.config.max_shift == 1.15
+    else:
+        assert pipe.scheduler.config.prediction_type == "v_prediction"  # carried over from the model's config
 
 
 def test_image_j_alone_is_the_same_bytes_and_the_metadata_round_trips(tiny_model, tmp_path):

@@ -146,7 +146,7 @@ def test_the_model_card_parses_and_says_how_to_load_the_result(token_run, tiny_m
     assert card.data.library_name == "diffusers" and card.data.instance_prompt == "a photo of sks dog"
     assert {"dreambooth", "lora", "stable-diffusion", "text-to-image"} <= set(card.data.tags)
     assert card.data.base_model is None  # a local folder is no hub id; the text names it
-    assert f"LoRA (rank 2, alpha 2) of the UNet of `{tiny_model}`, without prior preservation" in card.text
+    assert f"LoRA (rank 2, alpha 2) of the UNet2DConditionModel of `{tiny_model}`, without prior preservation" in card.text
     assert "pipe.load_lora_weights(" in card.text and "![validation images at step 2](validation/step-000002.png)" in card.text
     # a hub base model: its id in the metadata; an SDXL full fine-tune
     config = json.loads((out / "run_config.json").read_text())["config"]
@@ -156,6 +156,6 @@ def test_the_model_card_parses_and_says_how_to_load_the_result(token_run, tiny_m
     assert card.data.base_model == "stabilityai/stable-diffusion-xl-base-1.0"
     assert "stable-diffusion-xl" in card.data.tags and "lora" not in card.data.tags
     assert "StableDiffusionXLPipeline.from_pretrained(\"THIS_REPO_OR_FOLDER\"" in card.text
-    assert "full fine-tune of the UNet and the text encoder(s)" in card.text
+    assert "full fine-tune of the UNet2DConditionModel and text_encoder, text_encoder_2" in card.text
     (tmp_path / "README.md").write_text("---\nlicense: openrail++\n---\n# a base model\n")
     assert export.base_license(str(tmp_path)) == "openrail++"  # the base model's license, from its own card
