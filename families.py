@@ -145,7 +145,8 @@ class Family:
     kohya_prefixes: tuple  # (model, prefix) of a kohya-format LoRA file's keys (): the diffusers file is the UIs' one
     peft_lora_keys: bool  # the denoiser's LoRA keys as peft names them (lora_A/lora_B), as diffusers' script for the
     # family writes them (its FLUX and SD3 scripts), or converted to diffusers' older UNet names (lora.down/lora.up)
-    single_file_layout: str  # the original layout its single file is written in (singlefile.py; "": none yet)
+    single_file_layout: str  # the original layout its single file is written in (singlefile.py: ldm, sgm; bfl and
+    # mmdit for the transformer alone)
     hub_tag: str  # the model card's tag for the family
 
     @property
@@ -228,7 +229,7 @@ FLUX = Family(
     encode_prompt=encode_flux, denoise=call_flux, freeze_unread=None, lora_targets=FLUX_LORA_TARGETS, size_multiple=16,
     pipeline_kwargs=(), pooled_argument="pooled_prompt_embeds", upcast_vae=False, training_defaults=flux_defaults,
     sampling_defaults=flux_sampling, embedding_keys=("clip_l", "t5"), kohya_prefixes=(), peft_lora_keys=True,
-    single_file_layout="", hub_tag="flux")
+    single_file_layout="bfl", hub_tag="flux")
 # SD3 and SD 3.5: CLIP-L and CLIG-G (pooled and sequence) and T5-XXL; logit-normal timesteps and preconditioned
 # outputs by default, as diffusers' SD3 scripts; --lora_blocks picks joint blocks.
 SD3 = Family(
@@ -243,7 +244,7 @@ SD3 = Family(
     training_defaults=lambda config: {**FLOW_DEFAULTS, "weighting_scheme": "logit_normal", "precondition_outputs": 1,
                                       "max_sequence_length": 77, "lora_blocks": None, "validation_guidance_scale": 7.0},
     sampling_defaults=lambda config: {"validation_guidance_scale": 7.0, "validation_inference_steps": 28},
-    embedding_keys=("clip_l", "clip_g", "t5"), kohya_prefixes=(), peft_lora_keys=True, single_file_layout="",
+    embedding_keys=("clip_l", "clip_g", "t5"), kohya_prefixes=(), peft_lora_keys=True, single_file_layout="mmdit",
     hub_tag="sd3")
 FAMILIES = {family.name: family for family in (SD, SDXL, FLUX, SD3)}
 # every flag some family reads; read_model's caller refuses those the model's family does not, saying what it is for
@@ -376,9 +377,13 @@ def single_file_folder(path, config=None):
         return str(folder)
     try:
         with safe_open(path, "pt") as f:
-            family = SDXL if any(k.startswith("conditioner.embedders.1.") for k in f.keys()) else SD
+            keys = list(f.keys())
     except Exception as e:
         cli.fail(f"cannot read the single-file model {path}: {cli.first_line(e)}")
+    if any({"double_blocks", "joint_blocks"} & set(k.split(".")) for k in keys):
+        cli.fail(f"{path} is a FLUX.1 or SD3 single file: give the model as a diffusers folder or hub id (single files "
+                 "of these families are not read by this version)")
+    family = SDXL if any(k.startswith("conditioner.embedders.1.") for k in keys) else SD
     cli.note(f"converting {path.name} ({family.pipeline}) to diffusers' layout once, into {folder}")
     try:
         pipe = family.pipeline_class().from_single_file(str(path), config=config, **dict(family.pipeline_kwargs))

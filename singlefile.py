@@ -1,6 +1,6 @@
 """Single files: a diffusers pipeline folder as one .safetensors file in the original key layout that AUTOMATIC1111,
-ComfyUI, Forge, InvokeAI and diffusers' from_single_file read (LDM's for SD 1.x/2.x, SGM's for SDXL: the family row's
-single_file_layout), with the run in its header. export.py --single_file and train_dreambooth.py --save_single_file
+ComfyUI, Forge, InvokeAI and diffusers' from_single_file read (LDM's for SD 1.x/2.x, SGM's for SDXL; the transformer
+alone for FLUX.1 and SD 3.5: the family row's single_file_layout), with the run in its header. export.py --single_file and train_dreambooth.py --save_single_file
 write them."""
 
 import json
@@ -113,8 +113,6 @@ def sgm_text_encoders(parts, configs, v_prediction):
 
 
 TEXT_LAYOUTS = {"ldm": ldm_text_encoders, "sgm": sgm_text_encoders}  # a family row's single_file_layout
-SINGLE_FILE_MISSING = ("no single file for a {pipeline} yet (its original layout is not written by this version): "
-                       "ComfyUI and diffusers load the pipeline folder's transformer/ as it is")
 
 
 def ldm_state(parts, configs, family, v_prediction):
@@ -135,14 +133,110 @@ def ldm_state(parts, configs, family, v_prediction):
     return out, architecture
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The flow transformers alone, in their original layout: FLUX.1's as Black Forest Labs ships flux1-dev.safetensors
+# (no prefix), SD 3.5's MMDiT as Stability's files hold it (model.diffusion_model.). The inverse of diffusers'
+# convert_flux/sd3_transformer_checkpoint_to_diffusers: (original name, diffusers names) per block, several diffusers
+# tensors fused into one (q, k, v; FLUX's single blocks also the MLP input), the final modulation's halves back in the
+# original (shift, scale) order. ComfyUI loads these with its diffusion-model loader.
+
+FLUX_TOP = (("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+            ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+            ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+            ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+            ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+            ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+            ("txt_in", "context_embedder"), ("img_in", "x_embedder"), ("final_layer.linear", "proj_out"))
+FLUX_DOUBLE = (("img_mod.lin", "norm1.linear"), ("txt_mod.lin", "norm1_context.linear"),
+               ("img_attn.qkv", "attn.to_q attn.to_k attn.to_v"),
+               ("txt_attn.qkv", "attn.add_q_proj attn.add_k_proj attn.add_v_proj"),
+               ("img_attn.norm.query_norm", "attn.norm_q"), ("img_attn.norm.key_norm", "attn.norm_k"),
+               ("txt_attn.norm.query_norm", "attn.norm_added_q"), ("txt_attn.norm.key_norm", "attn.norm_added_k"),
+               ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"), ("txt_mlp.0", "ff_context.net.0.proj"),
+               ("txt_mlp.2", "ff_context.net.2"), ("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out"))
+FLUX_SINGLE = (("modulation.lin", "norm.linear"), ("linear1", "attn.to_q attn.to_k attn.to_v proj_mlp"),
+               ("norm.query_norm", "attn.norm_q"), ("norm.key_norm", "attn.norm_k"), ("linear2", "proj_out"))
+MMDIT_TOP = (("x_embedder.proj", "pos_embed.proj"), ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+             ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"), ("context_embedder", "context_embedder"),
+             ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+             ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"), ("final_layer.linear", "proj_out"))
+MMDIT_BLOCK = (("x_block.attn.qkv", "attn.to_q attn.to_k attn.to_v"),
+               ("context_block.attn.qkv", "attn.add_q_proj attn.add_k_proj attn.add_v_proj"),
+               ("x_block.attn.ln_q", "attn.norm_q"), ("x_block.attn.ln_k", "attn.norm_k"),
+               ("context_block.attn.ln_q", "attn.norm_added_q"), ("context_block.attn.ln_k", "attn.norm_added_k"),
+               ("x_block.attn.proj", "attn.to_out.0"), ("context_block.attn.proj", "attn.to_add_out"),
+               ("x_block.attn2.qkv", "attn2.to_q attn2.to_k attn2.to_v"), ("x_block.attn2.ln_q", "attn2.norm_q"),
+               ("x_block.attn2.ln_k", "attn2.norm_k"), ("x_block.attn2.proj", "attn2.to_out.0"),
+               ("x_block.adaLN_modulation.1", "norm1.linear"), ("x_block.mlp.fc1", "ff.net.0.proj"),
+               ("x_block.mlp.fc2", "ff.net.2"), ("context_block.mlp.fc1", "ff_context.net.0.proj"),
+               ("context_block.mlp.fc2", "ff_context.net.2"))
+
+
+def swap_halves(tensor):
+    """(scale, shift) <-> (shift, scale): diffusers' AdaLayerNormContinuous splits the projection the other way."""
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first])
+
+
+def renamed(state, table, original_prefix="", diffusers_prefix=""):
+    """Move the tensors of `table` out of `state` under their original names (fused where it names several)."""
+    out = {}
+    for original, names in table:
+        for suffix in ("weight", "bias"):
+            keys = [f"{diffusers_prefix}{n}.{suffix}" for n in names.split()]
+            if all(k in state for k in keys):
+                name = "scale" if original.endswith("_norm") else suffix  # BFL's RMS norms keep a `scale`
+                out[f"{original_prefix}{original}.{name}"] = torch.cat([state.pop(k) for k in keys])
+    return out
+
+
+def blocks(state, prefix):
+    return sorted({int(k.split(".")[1]) for k in state if k.startswith(prefix + ".")})
+
+
+def flux_state(transformer):
+    state = dict(transformer)
+    out = renamed(state, FLUX_TOP)
+    for i in blocks(state, "transformer_blocks"):
+        out.update(renamed(state, FLUX_DOUBLE, f"double_blocks.{i}.", f"transformer_blocks.{i}."))
+    for i in blocks(state, "single_transformer_blocks"):
+        out.update(renamed(state, FLUX_SINGLE, f"single_blocks.{i}.", f"single_transformer_blocks.{i}."))
+    for suffix in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{suffix}"] = swap_halves(state.pop(f"norm_out.linear.{suffix}"))
+    return out, state
+
+
+def mmdit_state(transformer):
+    state, prefix = dict(transformer), "model.diffusion_model."
+    out = {prefix + "pos_embed": state.pop("pos_embed.pos_embed"), **renamed(state, MMDIT_TOP, prefix)}
+    last = blocks(state, "transformer_blocks")[-1]
+    for i in blocks(state, "transformer_blocks"):
+        if i == last:  # the last block's text side is an AdaLayerNormContinuous: its halves swapped
+            for suffix in ("weight", "bias"):
+                out[f"{prefix}joint_blocks.{i}.context_block.adaLN_modulation.1.{suffix}"] = swap_halves(
+                    state.pop(f"transformer_blocks.{i}.norm1_context.linear.{suffix}"))
+        else:
+            out.update(renamed(state, (("context_block.adaLN_modulation.1", "norm1_context.linear"),),
+                               f"{prefix}joint_blocks.{i}.", f"transformer_blocks.{i}."))
+        out.update(renamed(state, MMDIT_BLOCK, f"{prefix}joint_blocks.{i}.", f"transformer_blocks.{i}."))
+    for suffix in ("weight", "bias"):
+        out[f"{prefix}final_layer.adaLN_modulation.1.{suffix}"] = swap_halves(state.pop(f"norm_out.linear.{suffix}"))
+    return out, state
+
+
+# a family row's single_file_layout for a transformer alone -> (writer, ModelSpec architecture)
+TRANSFORMER_LAYOUTS = {"bfl": (flux_state, "flux-1"), "mmdit": (mmdit_state, "stable-diffusion-v3-5")}
+
+
 def single_file_metadata(config, title, architecture, v_prediction):
-    """The header the web UIs show: Stability's ModelSpec keys (what kohya's scripts write), and the run's settings."""
+    """The header the web UIs show: Stability's ModelSpec keys (what kohya's scripts write), and the run's settings;
+    `v_prediction` None for the flow models (no prediction type in the spec)."""
     settings = {k: config.get(k) for k in ("instance_prompt", "class_prompt", "with_prior_preservation",
                                            "train_text_encoder", "learning_rate", "resolution", "seed", "lora_rank")}
     settings["optimizer_steps"] = config.get("total_optimizer_steps") or config.get("max_train_steps")
     return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
             "modelspec.implementation": "diffusers", "modelspec.title": title,
-            "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+            **({} if v_prediction is None else {"modelspec.prediction_type": "v" if v_prediction else "epsilon"}),
             "modelspec.resolution": f"{config.get('resolution')}x{config.get('resolution')}",
             "dreambooth.base_model": str(config.get("pretrained_model_name_or_path")),
             "dreambooth.instance_prompt": "; ".join(runs.subject_prompts(config)), "dreambooth.settings": json.dumps(settings)}
@@ -151,12 +245,18 @@ def single_file_metadata(config, title, architecture, v_prediction):
 def save_single_file(pipeline_folder, path, dtype=torch.float16, config=None):
     """A diffusers pipeline folder (a full fine-tune's output or export) -> one .safetensors file in the original
     layout, in `dtype`, with the run's `config` in its header. Read from the folder's files: no model is built."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     folder = Path(pipeline_folder)
     family = families.read_model(str(folder))[0]
-    if not family.single_file_layout:
-        cli.fail(SINGLE_FILE_MISSING.format(pipeline=family.pipeline))
+    if family.single_file_layout in TRANSFORMER_LAYOUTS:  # FLUX.1, SD 3.5: the transformer alone
+        write, architecture = TRANSFORMER_LAYOUTS[family.single_file_layout]
+        state, left = write({k: v for f in sorted(Path(folder, family.denoiser).glob("*.safetensors"))
+                             for k, v in load_file(f).items()})
+        if left:
+            cli.fail(f"cannot write {family.pipeline}'s transformer in its original layout: {len(left)} tensors have "
+                     f"no place in it, e.g. {next(iter(left))}")
+        return write_file(path, state, dtype, single_file_metadata(config or {}, Path(path).stem, architecture, None))
     names = [family.denoiser, "vae", *family.text_encoder_names]
     parts = {name: {k: v for f in sorted(Path(folder, name).glob("*.safetensors")) for k, v in load_file(f).items()}
              for name in names}
@@ -164,8 +264,14 @@ def save_single_file(pipeline_folder, path, dtype=torch.float16, config=None):
     scheduler = json.loads(Path(folder, "scheduler", "scheduler_config.json").read_text())
     v_prediction = scheduler.get("prediction_type") == "v_prediction"
     state, architecture = ldm_state(parts, configs, family, v_prediction)
+    return write_file(path, state, dtype, single_file_metadata(config or {}, Path(path).stem, architecture, v_prediction))
+
+
+def write_file(path, state, dtype, metadata):
+    """Under a temporary name, then moved into place: a killed write never leaves a file with the real name."""
+    from safetensors.torch import save_file
+
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, tmp,
-              metadata=single_file_metadata(config or {}, Path(path).stem, architecture, v_prediction))
+    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, tmp, metadata=metadata)
     tmp.replace(path)
     return path

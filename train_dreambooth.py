@@ -34,7 +34,6 @@ import generate_priors
 import imagedata
 import objectives
 import runs
-import singlefile
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,8 +315,6 @@ def check_args(args):
     if args.train_text_encoder_ti and not hasattr(family.pipeline_class(), "load_textual_inversion"):
         cli.fail(f"--train_text_encoder_ti: diffusers' {family.pipeline} has no textual-inversion loader, so the new "
                  "tokens could not be loaded beside the weights (pivotal tuning is for SD, SDXL and FLUX.1)")
-    if args.save_single_file and not family.single_file_layout:
-        cli.fail("--save_single_file: " + singlefile.SINGLE_FILE_MISSING.format(pipeline=family.pipeline))
     cli.check_launch()
     if args.enable_xformers_memory_efficient_attention:
         families.check_xformers()

@@ -213,7 +213,7 @@ def test_sd3_full_fine_tune_with_priors_saves_a_pipeline_that_loads(run, tiny_sd
     run("train_dreambooth.py", "--model", tiny_sd3, "--instance_dir", photos, "--instance_prompt", "a photo of sks dog",
         "--output_dir", out, "--resolution", 64, "--max_train_steps", 2, "--learning_rate", "1e-3",
         "--train_batch_size", 2, "--with_prior_preservation", "--class_dir", priors, "--class_prompt", "a photo of dog",
-        "--num_class_images", 2, "--report_to", "none", "--validation_prompt", "a photo of sks dog",
+        "--num_class_images", 2, "--report_to", "none", "--save_single_file", "--validation_prompt", "a photo of sks dog",
         "--validation_negative_prompt", "blurry", "--num_validation_images", 1, "--validation_inference_steps", 2,
         launch=False)
     assert (out / "validation" / "step-000002.png").is_file()  # sampled from the pre-computed embeddings
@@ -224,6 +224,14 @@ def test_sd3_full_fine_tune_with_priors_saves_a_pipeline_that_loads(run, tiny_sd
     from diffusers import StableDiffusion3Pipeline
 
     StableDiffusion3Pipeline.from_pretrained(out)  # loads whole
+    # the transformer alone in Stability's layout: diffusers' own single-file loader reads back the same weights
+    from diffusers import SD3Transformer2DModel
+
+    single = SD3Transformer2DModel.from_single_file(str(out / "out.safetensors"), config=tiny_sd3, subfolder="transformer",
+                                                    torch_dtype=torch.float16).state_dict()
+    saved = SD3Transformer2DModel.from_pretrained(out, subfolder="transformer", torch_dtype=torch.float16).state_dict()
+    assert single.keys() == saved.keys() and all(torch.equal(single[k], saved[k]) for k in single)
+    assert all(k.startswith("model.diffusion_model.") for k in load_file(out / "out.safetensors"))
     base, tuned = weights(tiny_sd3, "transformer"), weights(out, "transformer")
     assert sum(not torch.equal(base[k], tuned[k]) for k in base) > 0.8 * len(base)
     for frozen in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -278,6 +286,13 @@ def test_flux_full_fine_tune_of_two_subjects_with_buckets_masks_ema_and_prodigy(
     from diffusers import FluxPipeline
 
     FluxPipeline.from_pretrained(out)  # loads whole
+    run("export.py", out, "--single_file", launch=False)  # the transformer alone, in Black Forest Labs' layout
+    single = load_file(out / "out.safetensors")
+    assert {"img_in.weight", "txt_in.weight", "guidance_in.in_layer.weight", "double_blocks.0.img_attn.qkv.weight",
+            "double_blocks.0.txt_attn.norm.key_norm.scale", "single_blocks.0.linear1.weight",
+            "final_layer.adaLN_modulation.1.weight"} <= set(single)
+    assert single["double_blocks.0.img_attn.qkv.weight"].shape == (3 * 32, 32)  # q, k, v fused
+    assert single["single_blocks.0.linear1.weight"].shape == (3 * 32 + 4 * 32, 32)  # and the MLP input
     base, tuned = weights(tiny_flux, "transformer"), weights(out, "transformer")
     assert any(not torch.equal(base[k], tuned[k]) for k in base)
     for frozen in ("vae", "text_encoder", "text_encoder_2"):
@@ -310,9 +325,6 @@ def flow_base(tiny_model, tiny_flux, tiny_sd3, photos, tmp_path):
     ("sd", ["--validation_scheduler", "flow_euler"], "--validation_scheduler flow_euler does not sample a "
                                                       "StableDiffusionPipeline: use one of ddim, dpm++_2m, "
                                                       "dpm++_2m_karras, euler, euler_a, pndm, unipc"),
-    ("flux", ["--save_single_file"], "--save_single_file: no single file for a FluxPipeline yet (its original layout is "
-                                     "not written by this version): ComfyUI and diffusers load the pipeline folder's "
-                                     "transformer/ as it is"),
     ("flux", ["--resolution", 72], "--resolution 72: FluxPipeline takes sides in multiples of 16"),
     ("sd3", ["--train_text_encoder_ti"], "--train_text_encoder_ti: diffusers' StableDiffusion3Pipeline has no "
                                          "textual-inversion loader, so the new tokens could not be loaded beside the "
@@ -339,3 +351,52 @@ def test_the_benchmark_architectures_build_the_published_sizes():
         with torch.device("meta"):
             model = cls.from_config(config)
         assert sum(p.numel() for p in model.parameters()) == count, folder
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_flux_lora_with_its_text_encoder(run, tiny_flux, photos, tmp_path):
+    """DDP over two CPU processes (gloo): every trained adapter gets its gradient (FLUX reads CLIP's pooled output,
+    which every CLIP layer reaches), and the run sees both processes."""
+    out = tmp_path / "out"
+    proc = run("train_dreambooth.py", "--model", tiny_flux, "--instance_dir", photos, "--instance_prompt",
+               "a photo of sks dog", "--output_dir", out, "--resolution", 64, "--rank", 4, "--train_text_encoder",
+               "--gradient_accumulation_steps", 2, "--train_batch_size", 1, "--max_train_steps", 2,
+               "--max_sequence_length", 8, "--report_to", "none",
+               launch=["--multi_gpu", "--num_processes", 2], env={"ACCELERATE_USE_CPU": "true"})
+    assert "2 process(es), global batch 4 (1 per device x 2 accumulation x 2)" in proc.stdout
+    state = load_file(out / families.LORA_WEIGHTS)
+    assert any(k.startswith("text_encoder.") for k in state) and any(k.startswith("transformer.") for k in state)
+
+
+def test_a_flux_single_file_as_the_base_model_is_refused(flow_base, capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "flux1-dev.safetensors"  # the original layout's keys, as ComfyUI's FLUX files have them
+    save_file({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, path)
+    argv = flow_base("flux")
+    argv[1] = path
+    assert outcome("train", argv, capsys) == (1, f"error: {path} is a FLUX.1 or SD3 single file: give the model as a "
+                                                 "diffusers folder or hub id (single files of these families are not "
+                                                 "read by this version)")
+
+
+@pytest.mark.slow
+def test_the_flux_single_file_reads_back_through_diffusers_at_flux_width(tmp_path):
+    """diffusers' FLUX single-file loader assumes FLUX.1's width (3072) and MLP ratio: a FLUX.1-wide transformer with
+    one block of each kind (531 M parameters, bf16) goes through our writer and diffusers' reader to the same tensors."""
+    import singlefile
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                                   num_attention_heads=24, joint_attention_dim=64, pooled_projection_dim=64,
+                                   guidance_embeds=True).to(torch.bfloat16)
+    model.save_config(tmp_path / "transformer")
+    state, left = singlefile.flux_state(model.state_dict())
+    assert not left
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "flux.safetensors")
+    back = FluxTransformer2DModel.from_single_file(str(tmp_path / "flux.safetensors"), config=str(tmp_path),
+                                                   subfolder="transformer", torch_dtype=torch.bfloat16).state_dict()
+    ours = model.state_dict()
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
