@@ -18,6 +18,7 @@ import torch
 
 import cli
 import families
+import loading
 import runs
 import singlefile
 
@@ -159,13 +160,13 @@ def save_weights(args, output_dir, dtype, trained, name, embeddings=None):
     if args.lora_rank:
         save_lora(tmp, families.FAMILIES[args.model_family], dtype, trained)
     else:
-        pipe = families.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype, None,
+        pipe = loading.load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype, None,
                                 args.pretrained_vae_model_name_or_path)
         for module, (_, state) in trained.items():
             getattr(pipe, module).load_state_dict(state)
         pipe.save_pretrained(tmp, safe_serialization=True)
         if args.save_single_file:
-            singlefile.save_single_file(tmp, tmp / f"{name}.safetensors", families.torch_dtype(args.export_precision),
+            singlefile.save_single_file(tmp, tmp / f"{name}.safetensors", loading.torch_dtype(args.export_precision),
                                         vars(args))
     if embeddings:
         save_token_embeddings(tmp / families.EMBEDDINGS.format(name=name), families.FAMILIES[args.model_family], embeddings, dtype)
@@ -184,7 +185,7 @@ def export_pipeline(accelerator, args, model, step):
     if accelerator.is_main_process:
         folder = Path(args.output_dir, f"export-{step}")
         folder.mkdir(exist_ok=True)
-        save_weights(args, folder, families.torch_dtype(args.export_precision), trained,
+        save_weights(args, folder, loading.torch_dtype(args.export_precision), trained,
                      f"{Path(args.output_dir).resolve().name}-step-{step}", accelerator.unwrap_model(model).token_embeddings())
         runs.remove_oldest(args.output_dir, "export", args.exports_total_limit)
     accelerator.wait_for_everyone()
@@ -213,7 +214,7 @@ def model_card(folder, config):
 
     family, lora, base = families.family_of_record(config), bool(config.get("lora_rank")), \
         config["pretrained_model_name_or_path"]
-    hub_base = base if families.HUB_ID.match(base) and not Path(base).exists() else None
+    hub_base = base if loading.HUB_ID.match(base) and not Path(base).exists() else None
     tags = ["text-to-image", "diffusers", "diffusers-training", "dreambooth",
             family.hub_tag] + (["lora"] if lora else [])
     data = ModelCardData(base_model=hub_base, license=base_license(base), library_name="diffusers", tags=tags,
@@ -368,7 +369,7 @@ def main(argv=None):
     if args.single_file:
         name = folder.resolve().name if record.parent == folder else \
             f"{folder.resolve().parent.name}-{folder.name.replace('export-', 'step-')}"
-        path = singlefile.save_single_file(folder, folder / f"{name}.safetensors", families.torch_dtype(args.precision), config)
+        path = singlefile.save_single_file(folder, folder / f"{name}.safetensors", loading.torch_dtype(args.precision), config)
         print(f"wrote {path}")
     if args.push_to_hub:
         if not (folder / "README.md").is_file():

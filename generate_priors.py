@@ -22,6 +22,7 @@ from PIL import Image
 
 import cli
 import families
+import loading
 import imagedata
 import runs
 
@@ -150,9 +151,9 @@ def make_prior_images(state, class_dir, missing, settings):
 
     if state.is_main_process:
         Path(class_dir).mkdir(parents=True, exist_ok=True)
-    pipe = families.load_pipeline(settings["pretrained_model_name_or_path"], settings["revision"], settings["variant"],
-                         families.torch_dtype(settings["precision"]), state.device, settings.get("pretrained_vae_model_name_or_path"))
-    families.set_scheduler(pipe, settings["scheduler"])
+    pipe = loading.load_pipeline(settings["pretrained_model_name_or_path"], settings["revision"], settings["variant"],
+                         loading.torch_dtype(settings["precision"]), state.device, settings.get("pretrained_vae_model_name_or_path"))
+    loading.set_scheduler(pipe, settings["scheduler"])
     blocks = prior_blocks(missing, settings["sample_batch_size"], state.process_index, state.num_processes)
     mine = [i for i in missing if i // settings["sample_batch_size"] in set(blocks)]
     desc = f"class images (process {state.process_index} of {state.num_processes})"
@@ -213,7 +214,7 @@ def build_parser():
                    help="sampling steps per image (default: 50; 28 FLUX.1 dev and SD 3.5, 4 FLUX.1 schnell)")
     g.add_argument("--guidance_scale", type=cli.NONNEGATIVE, default=None,
                    help="guidance scale (default: 7.5; FLUX.1 dev's embedded guidance 3.5, none for schnell, 7.0 SD 3.5)")
-    g.add_argument("--scheduler", default=None, choices=sorted(families.SCHEDULERS), help="sampler (default: the model's own)")
+    g.add_argument("--scheduler", default=None, choices=sorted(loading.SCHEDULERS), help="sampler (default: the model's own)")
     g.add_argument("--resolution", type=cli.SIZE, default=None, help="image size (default: the model's)")
     g.add_argument("--sample_batch_size", type=cli.COUNT, default=PRIOR_DEFAULTS["sample_batch_size"],
                    help="images per forward pass, per process")
@@ -241,13 +242,13 @@ def main(argv=None):
         {"class_prompt": args.class_prompt, "class_data_dir": args.class_dir}]
     for subject in subjects:
         cli.check_writable(Path(subject["class_data_dir"]), "class folder")
-    args.pretrained_model_name_or_path = families.check_model_source(args.pretrained_model_name_or_path, args.revision,
+    args.pretrained_model_name_or_path = loading.check_model_source(args.pretrained_model_name_or_path, args.revision,
                                                                args.single_file_config)
     cli.check_launch()
     for key, value in sampler_defaults(args.pretrained_model_name_or_path, args.revision).items():
         if key in PRIOR_SAMPLER and getattr(args, key) is None:
             setattr(args, key, value)
-    families.check_sampler(args.scheduler, families.read_model(args.pretrained_model_name_or_path, args.revision).family)
+    loading.check_sampler(args.scheduler, families.read_model(args.pretrained_model_name_or_path, args.revision).family)
 
     state = cli.partial_state()
     precision = args.mixed_precision or ("fp16" if state.device.type == "cuda" else "fp32")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 import cli
 import families
+import loading
 import imagedata
 import runs
 
@@ -53,7 +54,7 @@ def build_parser():
                    help="sampling steps (default: 30; 28 FLUX.1 dev and SD 3.5, 4 FLUX.1 schnell)")
     g.add_argument("--guidance_scale", type=cli.NONNEGATIVE, default=None,
                    help="guidance scale (default: 7.5; FLUX.1 dev's embedded guidance 3.5, none for schnell, 7.0 SD 3.5)")
-    g.add_argument("--scheduler", default=None, choices=sorted(families.SCHEDULERS), help="sampler (default: the model's own)")
+    g.add_argument("--scheduler", default=None, choices=sorted(loading.SCHEDULERS), help="sampler (default: the model's own)")
     g.add_argument("--height", type=cli.SIZE, default=None, help="default: the model's")
     g.add_argument("--width", type=cli.SIZE, default=None, help="default: the model's")
     g.add_argument("--batch_size", type=cli.COUNT, default=4, help="images per forward pass")
@@ -92,9 +93,9 @@ def read_prompts(args):
 
 def base_of(path, config):
     base = config["pretrained_model_name_or_path"]
-    if not families.HUB_ID.match(base) and not Path(base).is_dir():
+    if not loading.HUB_ID.match(base) and not Path(base).is_dir():
         cli.fail(f"the base model of {path}, {base} (from its run_config.json), is not found")
-    families.check_model_source(base, config.get("revision"))
+    loading.check_model_source(base, config.get("revision"))
     return config
 
 
@@ -119,7 +120,7 @@ def check_model(args):
         if checkpoints:
             cli.fail(f"{path} holds no pipeline yet (the run has not finished); its newest checkpoint is {checkpoints[-1][1]}")
         cli.fail(f"{path} is neither a diffusers pipeline folder (no model_index.json) nor a training checkpoint")
-    return "pipeline", families.check_model_source(args.pretrained_model_name_or_path, args.revision, args.single_file_config)
+    return "pipeline", loading.check_model_source(args.pretrained_model_name_or_path, args.revision, args.single_file_config)
 
 
 def find_token_embeddings(args):
@@ -139,9 +140,9 @@ def find_token_embeddings(args):
 
 def load_model(args, kind, source, dtype, device):
     if kind == "pipeline":
-        pipe = families.load_pipeline(source, args.revision, args.variant, dtype, device, args.pretrained_vae_model_name_or_path)
+        pipe = loading.load_pipeline(source, args.revision, args.variant, dtype, device, args.pretrained_vae_model_name_or_path)
     else:
-        pipe = families.load_pipeline(source["pretrained_model_name_or_path"], source["revision"], source["variant"], dtype,
+        pipe = loading.load_pipeline(source["pretrained_model_name_or_path"], source["revision"], source["variant"], dtype,
                                 device, args.pretrained_vae_model_name_or_path or source.get("pretrained_vae_model_name_or_path"))
     if kind == "checkpoint":
         from safetensors.torch import load_file
@@ -247,7 +248,7 @@ def main(argv=None):
     kind, source = check_model(args)
     model = families.read_model(source if kind == "pipeline" else source["pretrained_model_name_or_path"],
                                 args.revision if kind == "pipeline" else source.get("revision"))
-    families.check_sampler(args.scheduler, model.family)
+    loading.check_sampler(args.scheduler, model.family)
     own = model.family.sampling_defaults(model.config)  # FLUX.1 and SD 3.5 have their own steps and guidance
     args.num_inference_steps = args.num_inference_steps or own.get("validation_inference_steps", 30)
     args.guidance_scale = own.get("validation_guidance_scale", 7.5) if args.guidance_scale is None else args.guidance_scale
@@ -261,7 +262,7 @@ def main(argv=None):
         cli.note("--lora_scale has no effect without LoRA adapters (--lora, or a LoRA run's folder)")
     cli.check_writable(args.output_dir, "--output_dir")
     if args.enable_xformers_memory_efficient_attention:
-        families.check_xformers()
+        loading.check_xformers()
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -281,12 +282,12 @@ def main(argv=None):
                               max(1, len(os.sched_getaffinity(0)) // 2))
 
     # ---- load
-    pipe = load_model(args, kind, source, families.torch_dtype(precision), "cpu" if args.cpu_offload else device)
+    pipe = load_model(args, kind, source, loading.torch_dtype(precision), "cpu" if args.cpu_offload else device)
     if pivotal:
         families.load_token_embeddings(pipe, pivotal[0], families.FAMILIES[pivotal[1]["model_family"]], tokens)
-    families.set_scheduler(pipe, args.scheduler)
+    loading.set_scheduler(pipe, args.scheduler)
     if args.enable_xformers_memory_efficient_attention:
-        families.enable_xformers(pipe)
+        loading.enable_xformers(pipe)
     if args.attention_slicing:
         pipe.enable_attention_slicing()
     if args.cpu_offload:

@@ -163,13 +163,13 @@ def load(name_or_path, family, revision=None, snr_gamma=None, offset_noise=False
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     import cli
-    import families
+    import loading
 
     if family.objective == "flow":
-        scheduler = families.from_pretrained(FlowMatchEulerDiscreteScheduler, name_or_path, subfolder="scheduler",
+        scheduler = loading.from_pretrained(FlowMatchEulerDiscreteScheduler, name_or_path, subfolder="scheduler",
                                              revision=revision)
         return Flow(scheduler, offset_noise=offset_noise, **flow)
-    scheduler = families.from_pretrained(DDPMScheduler, name_or_path, subfolder="scheduler", revision=revision)
+    scheduler = loading.from_pretrained(DDPMScheduler, name_or_path, subfolder="scheduler", revision=revision)
     if scheduler.config.prediction_type not in PREDICTION_TYPES:
         cli.fail(f"the model's scheduler predicts {scheduler.config.prediction_type!r}; supported: {PREDICTION_TYPES}")
     return DDPM(scheduler, snr_gamma, offset_noise)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 import cli
 import export
 import families
+import loading
 import generate_priors
 import imagedata
 import objectives
@@ -220,7 +221,7 @@ def build_parser():
     g.add_argument("--num_validation_images", type=cli.COUNT, default=4, help="images per validation prompt (fixed seeds)")
     g.add_argument("--validation_steps", type=cli.COUNT, default=100, help="sample every N optimizer steps")
     g.add_argument("--validation_epochs", type=cli.COUNT, default=None, help="instead: every N epochs (diffusers' SDXL flag)")
-    g.add_argument("--validation_scheduler", default=None, choices=sorted(families.SCHEDULERS),
+    g.add_argument("--validation_scheduler", default=None, choices=sorted(loading.SCHEDULERS),
                    help="sampler, built from the model's scheduler config (default: dpm++_2m; flow_euler for FLUX.1 and "
                         "SD 3.5)")
     g.add_argument("--validation_guidance_scale", type=cli.NONNEGATIVE, default=None,
@@ -287,7 +288,8 @@ def check_args(args):
     if args.use_dora:
         cli.note(export.KOHYA_DORA)
     if args.save_single_file and args.lora_rank:
-        cli.fail("--save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file")
+        cli.fail("--save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file "
+                 f"(FLUX.1 and SD 3.5: {families.LORA_WEIGHTS} itself)")
     if args.train_text_encoder_ti and args.train_text_encoder:
         cli.fail("give one of --train_text_encoder (the text encoders' weights) and --train_text_encoder_ti (new tokens)")
     if args.train_text_encoder_frac < 1 and not (args.train_text_encoder or args.train_text_encoder_ti):
@@ -303,7 +305,7 @@ def check_args(args):
                                   for v in args.validation_prompt or []] or None
     if args.pre_compute_text_embeddings and (args.train_text_encoder or args.train_text_encoder_ti):
         cli.fail("--pre_compute_text_embeddings needs a frozen text encoder: leave out --train_text_encoder(_ti)")
-    args.pretrained_model_name_or_path = families.check_model_source(args.pretrained_model_name_or_path, args.revision,
+    args.pretrained_model_name_or_path = loading.check_model_source(args.pretrained_model_name_or_path, args.revision,
                                                                args.single_file_config)
     model = families.read_model(args.pretrained_model_name_or_path, args.revision)
     family = model.family
@@ -317,7 +319,7 @@ def check_args(args):
                  "tokens could not be loaded beside the weights (pivotal tuning is for SD, SDXL and FLUX.1)")
     cli.check_launch()
     if args.enable_xformers_memory_efficient_attention:
-        families.check_xformers()
+        loading.check_xformers()
     if args.use_8bit_adam:  # diffusers' spelling
         args.optimizer = "adamw8bit"
     args.use_8bit_adam = args.optimizer == "adamw8bit"
@@ -372,7 +374,7 @@ def check_family_flags(args, model):
     if args.snr_gamma and family.objective == "flow":
         cli.fail(f"--snr_gamma (min-SNR weighting) is defined for noise prediction; {family.pipeline} is trained with "
                  "flow matching: weigh its loss with --weighting_scheme")
-    families.check_sampler(args.validation_scheduler, family, "--validation_scheduler")
+    loading.check_sampler(args.validation_scheduler, family, "--validation_scheduler")
     args.lora_target_modules = [m for part in args.lora_target_modules or [family.lora_targets]
                                 for m in ([part] if isinstance(part, str) else part)]
     if args.lora_blocks:  # diffusers' SD3 script: the modules of these joint blocks only
@@ -527,8 +529,8 @@ def class_images(args, accelerator, subject):
 def validation_pipeline(args, family, model, vae, tokenizers, text_encoders, noise_scheduler):
     """The family's pipeline around the in-memory models (nothing loads but the pipeline's config)."""
     trained = {name: getattr(model, name) for name in model.text_encoder_names}
-    return families.load_pipeline(args.pretrained_model_name_or_path, args.revision, device=None, vae=vae,
-                                  scheduler=families.make_scheduler(args.validation_scheduler, noise_scheduler.config),
+    return loading.load_pipeline(args.pretrained_model_name_or_path, args.revision, device=None, vae=vae,
+                                  scheduler=loading.make_scheduler(args.validation_scheduler, noise_scheduler.config),
                                   **{family.denoiser: model.denoiser}, **dict(zip(family.tokenizers, tokenizers)),
                                   **{**text_encoders, **trained})
 
@@ -716,9 +718,9 @@ def load_models(args, accelerator, family):
     from transformers import AutoTokenizer
 
     model, kw = args.pretrained_model_name_or_path, dict(revision=args.revision)
-    tokenizers = [families.from_pretrained(AutoTokenizer, model, subfolder=sub, **kw) for sub in family.tokenizers]
+    tokenizers = [loading.from_pretrained(AutoTokenizer, model, subfolder=sub, **kw) for sub in family.tokenizers]
     if args.tokenizer_name:
-        tokenizers[0] = families.from_pretrained(AutoTokenizer, args.tokenizer_name, **kw)
+        tokenizers[0] = loading.from_pretrained(AutoTokenizer, args.tokenizer_name, **kw)
     if family.sequence_tokenizer:  # T5's prompt length (--max_sequence_length)
         tokenizers[family.tokenizers.index(family.sequence_tokenizer)].model_max_length = args.max_sequence_length
     # the objective comes with the model: its row names it, its scheduler config sets it up (DDPM for SD 1.x/2.x and
@@ -729,16 +731,16 @@ def load_models(args, accelerator, family):
     # important! Frozen weights load in the half-precision weight dtype; trained ones stay fp32, or the fp16 grad
     # scaler fails with "Attempting to unscale FP16 gradients". With LoRA the base weights are frozen (half precision)
     # and only the adapters train (fp32).
-    weight_dtype = families.torch_dtype(accelerator.mixed_precision)
+    weight_dtype = loading.torch_dtype(accelerator.mixed_precision)
     lora = args.lora_rank > 0
     trained = family.trained_text_encoders if args.train_text_encoder else ()  # T5 never: as diffusers' scripts
-    text_encoders = {name: families.from_pretrained(getattr(transformers, cls), model, subfolder=name, **kw,
+    text_encoders = {name: loading.from_pretrained(getattr(transformers, cls), model, subfolder=name, **kw,
                                                     dtype=torch.float32 if name in trained and not lora else weight_dtype)
                      for name, cls in family.text_encoders}
     # important! SDXL's own VAE overflows in fp16: fp32 then, as its pipeline does (or give an fp16-safe VAE)
-    vae = families.load_vae(model, args.pretrained_vae_model_name_or_path, args.revision, args.variant, weight_dtype,
+    vae = loading.load_vae(model, args.pretrained_vae_model_name_or_path, args.revision, args.variant, weight_dtype,
                       family.upcast_vae)
-    denoiser = families.from_pretrained(getattr(diffusers, family.denoiser_class), model, subfolder=family.denoiser,
+    denoiser = loading.from_pretrained(getattr(diffusers, family.denoiser_class), model, subfolder=family.denoiser,
                                         dtype=weight_dtype if lora else torch.float32, **kw)
     vae.requires_grad_(False).eval().to(accelerator.device)
     for name, encoder in text_encoders.items():
@@ -756,7 +758,7 @@ def load_models(args, accelerator, family):
     if args.train_text_encoder and family.freeze_unread:
         family.freeze_unread(text_encoders)  # SDXL: layers of the first encoder that never reach the loss
     if args.enable_xformers_memory_efficient_attention:
-        families.enable_xformers(denoiser)
+        loading.enable_xformers(denoiser)
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         for encoder in [text_encoders[name] for name in trained]:

@@ -65,7 +65,8 @@ ROWS = [  # script, extra flags, exit code, the line
     ("train", ["--train_batch_size", "two"], 2, "error: argument --train_batch_size: expected an integer, got 'two'"),
     ("train", ["--rank", -4], 2, "error: argument --lora_rank/--rank: must be at least 0, got -4"),
     ("train", ["--save_single_file", "--rank", 4], 1,
-     "error: --save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file"),
+     "error: --save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file (FLUX.1 and "
+     "SD 3.5: pytorch_lora_weights.safetensors itself)"),
     ("train", ["--use_dora"], 1, "error: --use_dora needs --lora_rank: DoRA is a kind of LoRA adapter"),
     ("train", ["--train_text_encoder_frac", 0.5], 1,
      "error: --train_text_encoder_frac needs --train_text_encoder or --train_text_encoder_ti"),

@@ -7,9 +7,10 @@ import pytest
 
 from conftest import ROOT
 import families
+import loading
 
 SCRIPTS = ["train_dreambooth.py", "generate_priors.py", "infer.py", "export.py", "imagedata.py", "objectives.py",
-           "runs.py", "cli.py", "singlefile.py"]
+           "runs.py", "cli.py", "singlefile.py", "loading.py"]
 # diffusers' own table of UNet keys (DIFFUSERS_TO_LDM_MAPPING["unet"]) in the UNet families' single-file layout
 ALLOWED = {("singlefile.py", "ldm_unet_key")}
 
@@ -68,7 +69,7 @@ def test_every_family_flag_exists_and_the_samplers_match_the_objective():
     for family in families.FAMILIES.values():
         for config in ({"guidance_embeds": True}, {}):
             defaults = family.training_defaults(config)
-            assert (defaults["validation_scheduler"] in families.FLOW_SCHEDULERS) == (family.objective == "flow")
+            assert (defaults["validation_scheduler"] in loading.FLOW_SCHEDULERS) == (family.objective == "flow")
 
 
 def test_each_model_is_recognised_by_exactly_one_row(tiny_model, tiny_sdxl, tiny_flux, tiny_sd3):

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import families
+import loading
 import objectives
 import train_dreambooth
 from test_bad_input_table import outcome
@@ -103,13 +104,13 @@ def tokenized(model, family, length):
 
 @torch.no_grad()
 def test_prompt_encoding_is_the_pipelines_own(tiny_flux, tiny_sd3):
-    flux = families.load_pipeline(tiny_flux)
+    flux = loading.load_pipeline(tiny_flux)
     ids = tokenized(tiny_flux, families.FLUX, 16)
     embeds, pooled = families.FLUX.encode_prompt([flux.text_encoder, flux.text_encoder_2], ids)
     ref_embeds, ref_pooled, _ = flux.encode_prompt("a photo of sks dog", None, max_sequence_length=16)
     assert embeds.shape == (1, 16, 32) and torch.equal(embeds, ref_embeds) and torch.equal(pooled, ref_pooled)
 
-    sd3 = families.load_pipeline(tiny_sd3)
+    sd3 = loading.load_pipeline(tiny_sd3)
     ids = tokenized(tiny_sd3, families.SD3, 20)
     embeds, pooled = families.SD3.encode_prompt([sd3.text_encoder, sd3.text_encoder_2, sd3.text_encoder_3], ids)
     ref_embeds, _, ref_pooled, _ = sd3.encode_prompt("a photo of sks dog", None, None, do_classifier_free_guidance=False,
@@ -123,7 +124,7 @@ def test_the_flux_call_packs_and_unpacks_as_the_pipeline(tiny_flux):
     """The loss sees ordinary latents: our call equals the pipeline's packing, ids, sigma timestep and guidance."""
     from diffusers import FluxPipeline
 
-    pipe = families.load_pipeline(tiny_flux)
+    pipe = loading.load_pipeline(tiny_flux)
     latents, embeds, pooled = torch.randn(2, 4, 8, 12), torch.randn(2, 5, 32), torch.randn(2, 32)
     timesteps = torch.tensor([900.0, 100.0])
     ours = families.FLUX.denoise(pipe.transformer, latents, timesteps, embeds, pooled, None, 1.0)
@@ -184,7 +185,7 @@ def test_flux_lora_with_priors_and_text_encoder_loads_in_diffusers_comfyui_and_i
     # diffusers' file: the transformer's and CLIP's adapters (T5 never trains), with their LoRA config as metadata
     state = load_file(out / families.LORA_WEIGHTS)
     assert not (out / families.KOHYA_WEIGHTS).exists()
-    modules = {f"transformer.{name}" for name, m in families.load_pipeline(tiny_flux).transformer.named_modules()
+    modules = {f"transformer.{name}" for name, m in loading.load_pipeline(tiny_flux).transformer.named_modules()
                if isinstance(m, torch.nn.Linear)}
     # ComfyUI maps "transformer.<diffusers module>" for FLUX, and CLIP-L's layers as "text_encoder.text_model..."
     clip = {f"text_encoder.text_model.encoder.layers.{b}.self_attn.{p}" for b in range(2) for p in

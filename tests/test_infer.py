@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import families
+import loading
 import imagedata
 import infer
 
@@ -42,18 +42,18 @@ A1111_NAMES = {"ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_a": "Eul
                "flow_euler": "Euler"}  # and Forge for FLUX
 
 
-@pytest.mark.parametrize("scheduler", sorted(families.SCHEDULERS))
+@pytest.mark.parametrize("scheduler", sorted(loading.SCHEDULERS))
 def test_every_scheduler_runs_from_the_models_config(tiny_model_v, tiny_flux, tmp_path, scheduler):
     """The noise-prediction samplers on a v-prediction SD model (its prediction type carries over), the flow ones on
     FLUX.1 (its shift carries over)."""
-    model = tiny_flux if scheduler in families.FLOW_SCHEDULERS else tiny_model_v
+    model = tiny_flux if scheduler in loading.FLOW_SCHEDULERS else tiny_model_v
     infer.main(infer_argv(model, tmp_path, "--scheduler", scheduler, "--num_images_per_prompt", 1))
     (png,) = tmp_path.glob("*.png")
     with Image.open(png) as img:
         assert f"Sampler: {A1111_NAMES[scheduler]}, CFG scale" in img.text["parameters"]
         assert json.loads(img.text["dreambooth"])["scheduler"] == scheduler
-    pipe = families.load_pipeline(model)
-    families.set_scheduler(pipe, scheduler)
+    pipe = loading.load_pipeline(model)
+    loading.set_scheduler(pipe, scheduler)
     if model == tiny_flux:
         assert pipe.scheduler.config.use_dynamic_shifting and pipe.scheduler.config.max_shift == 1.15
     else:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import families
+import loading
 import imagedata
 from test_lora_files import assert_kohya_names
 from test_train import train_args
@@ -95,7 +96,7 @@ def test_pivotal_tuning_saves_embeddings_that_diffusers_and_infer_load(run, tiny
     pipe = (StableDiffusionPipeline if family == "sd" else StableDiffusionXLPipeline).from_pretrained(model)
     pipe.load_lora_weights(out)
     families.load_token_embeddings(pipe, out / "run_emb.safetensors", families.FAMILIES[family], ["<s0>", "<s1>"])
-    families.set_scheduler(pipe, "dpm++_2m")
+    loading.set_scheduler(pipe, "dpm++_2m")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

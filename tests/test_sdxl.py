@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import families
+import loading
 import imagedata
 import export
 import infer
@@ -53,7 +54,7 @@ def test_family_and_native_resolution_come_from_the_model(tiny_model, tiny_sdxl)
     shutil.copytree(tiny_sdxl, Path(tiny_sdxl).with_name("broken"))
     shutil.rmtree(Path(tiny_sdxl).with_name("broken") / "text_encoder_2")
     try:
-        families.check_model_source(str(Path(tiny_sdxl).with_name("broken")))
+        loading.check_model_source(str(Path(tiny_sdxl).with_name("broken")))
         raise AssertionError("a folder without text_encoder_2 was accepted")
     except SystemExit as e:
         assert "has no text_encoder_2 subfolder" in str(e)
