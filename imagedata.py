@@ -352,7 +352,7 @@ class DreamBoothDataset(Dataset):
                        return_tensors="pt").input_ids[0] for t in self.tokenizers)
 
     def image(self, key, image, mask, size, generator):
-        if self.latents is not None:  # center crop only: the one random draw is the flip, as in preprocess
+        if self.latents is not None:  # the crop was made when caching: the one random draw is the flip, as in preprocess
             return self.latents[(*key, size, bool(self.random_flip and torch.rand((), generator=generator) < 0.5))]
         image = image if isinstance(image, Image.Image) else load_image(image)
         mask = mask and load_mask(mask, image.size)
@@ -387,7 +387,7 @@ def collate(items):
 @torch.no_grad()
 def cache_latents(dataset, vae, device, progress=True):
     """--cache_latents: the VAE's latent distribution (its parameters: mean and log-variance) of every training image
-    at every size it is used at (a class image takes its photos' buckets), encoded once, one image at a time, both
+    at every size it is used at, centre-cropped or with a random crop drawn once (a class image takes its photos' buckets), encoded once, one image at a time, both
     flips when --random_flip, with its time ids and mask. A step then samples from it with the training random state,
     as vae.encode(...).latent_dist.sample() would."""
     flips = (False, True) if dataset.random_flip else (False,)
@@ -402,8 +402,9 @@ def cache_latents(dataset, vae, device, progress=True):
     for (key, size), (image, mask) in tqdm(sources.items(), desc="caching latents", disable=not progress):
         image = image if isinstance(image, Image.Image) else load_image(image)
         mask = mask and load_mask(mask, image.size)
-        for flip in flips:
-            pixels, time_ids, m = preprocess(image, size, True, False, None, flip, mask)
+        for flip in flips:  # a random crop is drawn once per image and size, the same for both flips
+            crop = torch.Generator().manual_seed(image_seed(dataset.seed, f"crop:{key}:{size}"))
+            pixels, time_ids, m = preprocess(image, size, dataset.center_crop, False, crop, flip, mask)
             latents = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist.parameters[0].cpu()
             cache[(*key, size, flip)] = latents, time_ids, m
     dataset.latents = cache

@@ -187,7 +187,8 @@ def build_parser():
                    help="xformers attention (CUDA only); PyTorch SDPA is used otherwise")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
     g.add_argument("--cache_latents", action="store_true",
-                   help="encode every training image once with the VAE (needs --center_crop; flips are cached both ways)")
+                   help="encode every training image once with the VAE (flips cached both ways; without --center_crop "
+                        "each image's random crop is drawn once, as diffusers' scripts)")
     g.add_argument("--pre_compute_text_embeddings", type=cli.boolean, nargs="?", const=True, default=None,
                    help="encode the prompts once and take the frozen text encoders off the accelerator (default: on for "
                         "FLUX.1 and SD 3.5 when no text encoder trains: T5-XXL alone is 9.5 GB in bf16)")
@@ -279,8 +280,9 @@ def check_args(args):
     if unset := re.search(r"\$\{?\w+\}?", args.output_dir):  # expandvars leaves an unset variable as it is
         cli.fail(f"--output_dir uses {unset.group()}, which is not set")
     cli.check_writable(args.output_dir, "--output_dir")
-    if args.cache_latents and not args.center_crop:
-        cli.fail("--cache_latents needs --center_crop: a random crop differs every epoch (flips are fine, both are cached)")
+    if args.cache_latents and not args.center_crop:  # as diffusers' scripts, whose random crop is drawn once
+        cli.note("--cache_latents without --center_crop: each image's random crop is drawn once and cached (the same "
+                 "every epoch, as diffusers' scripts do); add --center_crop for the centre")
     if args.save_raw_weights and not args.use_ema:
         cli.note("--save_raw_weights has no effect without --use_ema (the result is the raw weights then)")
     if args.use_dora and not args.lora_rank:

@@ -36,7 +36,6 @@ def test_caches_with_prior_preservation_and_validation(run, tiny_model, photos, 
 
 def test_cache_conflicts_are_refused(case):
     args, _, out = case
-    assert refuse(args, "--cache_latents").startswith("error: --cache_latents needs --center_crop")
     assert refuse(args, "--pre_compute_text_embeddings", "--train_text_encoder").startswith(
         "error: --pre_compute_text_embeddings needs a frozen text encoder")
     assert not out.exists()
