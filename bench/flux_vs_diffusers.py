@@ -6,14 +6,16 @@ the same flags, the same mid-size FLUX.1-shaped model, side by side in one run.
 The model is written here with random weights (a step costs the same whatever the weights): FLUX.1's layout at
 a small width and depth (double and single blocks, CLIP for the pooled vector, a T5 encoder for the sequence, a VAE
 with 16 latent channels and 8x downsampling), big enough that a step's compute is well above either script's
-overhead. Each script runs twice, for --short and --long optimizer steps; the time per step is the difference of
-the two wall times over the difference of the steps, so start-up, loading and saving cancel out. Prints a table.
+overhead. Each script runs for --short and --long optimizer steps; the time per step is the difference of the two
+wall times over the difference of the steps, so start-up, loading and saving cancel out; --repeats times, the two
+scripts taking turns, the median reported with the range. Prints a table.
 diffusers' script imports torchvision for its data transforms; give --pythonpath a folder with a stand-in if the
 installed torch has no matching torchvision build.
 """
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,8 +70,9 @@ def main():
     p.add_argument("--diffusers_script", required=True, help="diffusers' examples/dreambooth/train_dreambooth_lora_flux.py")
     p.add_argument("--pythonpath", default=None, help="prepended to PYTHONPATH for diffusers' script")
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--short", type=int, default=2, help="optimizer steps of the short runs")
-    p.add_argument("--long", type=int, default=8, help="optimizer steps of the long runs")
+    p.add_argument("--short", type=int, default=4, help="optimizer steps of the short runs")
+    p.add_argument("--long", type=int, default=24, help="optimizer steps of the long runs")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each length per script (the median is reported)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="flux-bench-"))
     import make_tiny_model
@@ -88,15 +91,19 @@ def main():
                "diffusers' train_dreambooth_lora_flux.py": ([sys.executable, args.diffusers_script], denv)}
     print(f"mid FLUX.1-shaped model ({parameters / 1e6:.1f} M transformer parameters), {args.resolution} px, LoRA rank 16, batch 1, T5 at 512 tokens; "
           f"{os.cpu_count()} CPU threads; torch {torch.__version__}")
-    print("| script | seconds per step | steps/s |\n|---|---|---|")
-    for name, (cmd, script_env) in scripts.items():
-        times = {}
-        for steps in (args.short, args.long):
-            out = work / f"{name.split()[0].strip(chr(39))}-{steps}"
-            times[steps] = wall_time([*cmd, *common, "--output_dir", str(out), "--max_train_steps", str(steps)],
-                                     out.with_suffix(".log"), script_env)
-        per_step = (times[args.long] - times[args.short]) / (args.long - args.short)
-        print(f"| {name} | {per_step:.2f} | {1 / per_step:.2f} |", flush=True)
+    print(f"| script | seconds per step (median of {args.repeats}) | range | steps/s |\n|---|---|---|---|")
+    per_step = {name: [] for name in scripts}
+    for r in range(args.repeats):  # the two scripts take turns, so a slow spell of the machine hits both
+        for name, (cmd, script_env) in scripts.items():
+            times = {}
+            for steps in (args.short, args.long):
+                out = work / f"{name.split()[0].strip(chr(39))}-{steps}-{r}"
+                times[steps] = wall_time([*cmd, *common, "--output_dir", str(out), "--max_train_steps", str(steps)],
+                                         out.with_suffix(".log"), script_env)
+            per_step[name].append((times[args.long] - times[args.short]) / (args.long - args.short))
+    for name, values in per_step.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.3f} | {min(values):.3f}-{max(values):.3f} | {1 / median:.2f} |")
 
 
 if __name__ == "__main__":
