@@ -70,6 +70,7 @@ def main():
     p.add_argument("--diffusers_script", required=True, help="diffusers' examples/dreambooth/train_dreambooth_lora_flux.py")
     p.add_argument("--pythonpath", default=None, help="prepended to PYTHONPATH for diffusers' script")
     p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--captions", action="store_true", help="a caption per photo (a --dataset_name imagefolder)")
     p.add_argument("--short", type=int, default=4, help="optimizer steps of the short runs")
     p.add_argument("--long", type=int, default=24, help="optimizer steps of the long runs")
     p.add_argument("--repeats", type=int, default=3, help="runs of each length per script (the median is reported)")
@@ -79,8 +80,15 @@ def main():
 
     model, parameters = make_mid_flux(str(work / "model"))
     make_tiny_model.make_sample_photos(str(work / "photos"), n=4, size=args.resolution + args.resolution // 8)
+    if args.captions:  # an imagefolder dataset with a caption per photo, read by both scripts with `datasets`
+        photos = sorted((work / "photos").glob("*.png"))
+        (work / "photos" / "metadata.jsonl").write_text("".join(
+            f'{{"file_name": "{p.name}", "text": "a photo of sks dog, view {i}"}}\n' for i, p in enumerate(photos)))
+        data = ["--dataset_name", str(work / "photos"), "--caption_column", "text"]
+    else:
+        data = ["--instance_data_dir", str(work / "photos")]
     # the flags both scripts take, with the same meaning: LoRA rank 16, batch 1, T5 at 512 tokens, guidance 1
-    common = ["--pretrained_model_name_or_path", model, "--instance_data_dir", str(work / "photos"),
+    common = ["--pretrained_model_name_or_path", model, *data,
               "--instance_prompt", "a photo of sks dog", "--resolution", str(args.resolution), "--train_batch_size", "1",
               "--rank", "16", "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
               "--max_sequence_length", "512", "--guidance_scale", "1", "--seed", "0", "--center_crop",
@@ -89,7 +97,8 @@ def main():
     denv = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [args.pythonpath, env.get("PYTHONPATH")]))}
     scripts = {"train_dreambooth.py (this suite)": ([sys.executable, str(ROOT / "train_dreambooth.py")], env),
                "diffusers' train_dreambooth_lora_flux.py": ([sys.executable, args.diffusers_script], denv)}
-    print(f"mid FLUX.1-shaped model ({parameters / 1e6:.1f} M transformer parameters), {args.resolution} px, LoRA rank 16, batch 1, T5 at 512 tokens; "
+    print(f"mid FLUX.1-shaped model ({parameters / 1e6:.1f} M transformer parameters), {args.resolution} px, "
+          f"{'a caption per photo' if args.captions else 'one instance prompt'}, LoRA rank 16, batch 1, T5 at 512 tokens; "
           f"{os.cpu_count()} CPU threads; torch {torch.__version__}")
     print(f"| script | seconds per step (median of {args.repeats}) | range | steps/s |\n|---|---|---|---|")
     per_step = {name: [] for name in scripts}
