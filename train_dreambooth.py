@@ -112,8 +112,9 @@ def build_parser():
     g.add_argument("--lr_warmup_steps", type=cli.NATURAL, default=500, help="warmup steps of the schedule")
     g.add_argument("--lr_num_cycles", type=cli.COUNT, default=1, help="hard restarts of cosine_with_restarts")
     g.add_argument("--lr_power", type=cli.POSITIVE, default=1.0, help="power of the polynomial schedule")
-    g.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "prodigy"],
-                   help="AdamW, bitsandbytes' 8-bit AdamW, or Prodigy (arxiv 2306.06101; the prodigyopt package)")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "prodigy"], type=str.lower,
+                   help="AdamW, bitsandbytes' 8-bit AdamW, or Prodigy (arxiv 2306.06101; the prodigyopt package); any "
+                        "case, as diffusers' scripts take 'AdamW'")
     g.add_argument("--prodigy_beta3", type=cli.FRACTION, default=None, help="Prodigy's beta3 (default: sqrt(beta2))")
     g.add_argument("--prodigy_decouple", type=cli.boolean, default=True, help="Prodigy: decoupled (AdamW-style) weight decay")
     g.add_argument("--prodigy_use_bias_correction", type=cli.boolean, default=True, help="Prodigy: Adam's bias correction")
@@ -212,6 +213,9 @@ def build_parser():
     g.add_argument("--exports_total_limit", type=cli.COUNT, default=None, help="keep only the newest K exports")
     g.add_argument("--export_precision", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="weights of the exports and of the single files")
+    g.add_argument("--upcast_before_saving", action="store_true",
+                   help="accepted for diffusers' FLUX and SD3 commands: the trained weights are always saved as they "
+                        "trained (fp32), so it changes nothing")
     g.add_argument("--save_single_file", action="store_true",
                    help="also write the pipeline (and each export) as one .safetensors file for the web UIs")
 
