@@ -76,6 +76,11 @@ def run(main):
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         fail(f"no space left on the device while writing {e.filename or 'the results'}: free some space and run again")
+    except Exception as e:  # safetensors reports a full disk as its own error type, with the OS error in the text
+        if type(e).__name__ != "SafetensorError" or not any(
+                k in str(e) for k in ("StorageFull", "QuotaExceeded", "No space left", "code: 28", "code: 122")):
+            raise
+        fail("no space left on the device while writing a .safetensors file: free some space and run again")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def check_prior_folder(class_dir, settings, must_match):
               if old.get(k) != settings[k] and not (k == "unet_sha256" and None in (old.get(k), settings[k]))]
     if differ:
         cli.fail(f"class folder {class_dir} was made with other settings ({'; '.join(differ)}); "
-             "use another folder, or pass --overwrite to generate generate_priors.py's images again")
+             "use another folder, or make them again with generate_priors.py --overwrite")
     return {**settings, **{k: old[k] for k in PRIOR_SETTINGS if k in old and k not in ("unet_sha256",)}}
 
 

@@ -60,7 +60,8 @@ def has_transparency(image):
 def list_images(folder, what, check=True):
     """The image files in `folder`, sorted by name so the order is the same on every filesystem.
 
-    Non-image files are skipped with a note (caption sidecars and hidden files silently). With `check`, every image
+    Non-image files (and anything not a regular file: a named pipe) are skipped with a note (caption sidecars and
+    hidden files silently). With `check`, every image
     is decoded once, so a corrupt or truncated file is named now rather than failing a worker mid-run.
     """
     folder = Path(folder)
@@ -72,7 +73,8 @@ def list_images(folder, what, check=True):
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.suffix.lower() in QUIET_EXTENSIONS or path.is_dir() or is_mask(path):
             continue
-        (images if path.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(path)
+        # a named pipe or device named like an image would block the start for ever when opened: only regular files
+        (images if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() else skipped).append(path)
     if skipped:
         cli.note(f"skipping {len(skipped)} non-image file(s) in {folder}: {', '.join(p.name for p in skipped[:5])}")
     if check:

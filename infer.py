@@ -123,6 +123,19 @@ def check_model(args):
     return "pipeline", loading.check_model_source(args.pretrained_model_name_or_path, args.revision, args.single_file_config)
 
 
+def check_run_family(args, family):
+    """Adapters or new tokens of a run go on a model of the family they were trained on (the run's record says which),
+    or one line instead of a size-mismatch traceback."""
+    for folder in dict.fromkeys([Path(args.pretrained_model_name_or_path)] + ([Path(args.lora)] if args.lora else [])):
+        folder = folder if folder.is_dir() else folder.parent
+        record = next((r for r in (folder / "run_config.json", folder.parent / "run_config.json") if r.is_file()), None)
+        config = json.loads(record.read_text())["config"] if record else {}
+        trained = families.family_of_record(config) if config else family
+        if trained is not family and (config.get("lora_rank") or config.get("train_text_encoder_ti")):
+            cli.fail(f"{folder} was trained on a {trained.pipeline} ({config['pretrained_model_name_or_path']}); the model "
+                     f"here is a {family.pipeline}: give a model of that family")
+
+
 def find_token_embeddings(args):
     """Pivotal tuning's embeddings file and its record, from the run folder (or export, or checkpoint) given as the
     model or as --lora: (file, run config), or None when the run had no new tokens."""
@@ -249,6 +262,7 @@ def main(argv=None):
     model = families.read_model(source if kind == "pipeline" else source["pretrained_model_name_or_path"],
                                 args.revision if kind == "pipeline" else source.get("revision"))
     loading.check_sampler(args.scheduler, model.family)
+    check_run_family(args, model.family)
     own = model.family.sampling_defaults(model.config)  # FLUX.1 and SD 3.5 have their own steps and guidance
     args.num_inference_steps = args.num_inference_steps or own.get("validation_inference_steps", 30)
     args.guidance_scale = own.get("validation_guidance_scale", 7.5) if args.guidance_scale is None else args.guidance_scale

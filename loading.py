@@ -5,6 +5,7 @@ the family's pipeline for sampling, xformers, and the samplers by their usual na
 import hashlib
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -110,7 +111,11 @@ def single_file_folder(path, config=None):
         cli.fail(f"cannot convert the single-file model {path}: {cli.first_line(e)} (--single_file_config takes a diffusers "
              "folder or hub id of the same architecture)")
     tmp = folder.with_name(folder.name + ".tmp")
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    except BaseException:  # a full disk, a signal: no half-written conversion stays behind in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.replace(tmp, folder)
     return str(folder)
 

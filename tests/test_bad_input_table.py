@@ -227,6 +227,25 @@ def test_a_full_disk_is_one_line(capsys):
                             "space and run again")
 
 
+def test_a_full_disk_reported_by_safetensors_is_one_line():
+    """safetensors raises its own error type when the disk fills (its text carries the OS error), not an OSError."""
+    from safetensors import SafetensorError
+
+    def main():
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(main)
+    assert e.value.code == "error: no space left on the device while writing a .safetensors file: free some space and run again"
+
+    def other():
+        raise SafetensorError("Error while deserializing header: HeaderTooLarge")
+
+    with pytest.raises(SafetensorError):  # any other safetensors error is not a full disk
+        cli.run(other)
+
+
 @pytest.mark.parametrize("mode, values, expected", [
     ("I;16", np.array([[0, 32768, 65535]], dtype=np.uint16), [0, 128, 255]),  # a 16-bit PNG, scaled (not white)
     ("F", np.array([[0.0, 0.5, 1.0]], dtype=np.float32), [0, 128, 255]),  # a float TIFF in [0, 1] (not black)
@@ -296,3 +315,16 @@ def test_data_options_that_make_no_sense_are_one_line(base, capsys, tmp_path, ph
     assert (code, line) == (2, "error: argument --aspect_ratio_buckets: expected 'height,width;height,width;...' in "
                                "multiples of 8, got '64x64'; see train_dreambooth.py --help")
     assert not out.exists()
+
+
+def test_a_named_pipe_among_the_photos_is_skipped_not_opened(tmp_path, photos, capsys):
+    """Opening a FIFO to read it as an image blocks until a writer comes: never, at start-up."""
+    import os
+
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    os.mkfifo(folder / "stream.png")
+    assert [p.name for p in imagedata.list_images(folder, "instance image")] == sorted(
+        p.name for p in folder.iterdir() if p.name != "stream.png")
+    err = capsys.readouterr().err
+    assert "skipping 1 non-image file(s)" in err and "stream.png" in err

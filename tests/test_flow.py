@@ -401,3 +401,17 @@ def test_the_flux_single_file_reads_back_through_diffusers_at_flux_width(tmp_pat
                                                    subfolder="transformer", torch_dtype=torch.bfloat16).state_dict()
     ours = model.state_dict()
     assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
+
+
+def test_infer_refuses_a_run_of_another_family(tiny_model, tmp_path, capsys):
+    """A FLUX.1 LoRA run (its record) put on an SD model: one line naming both families, not a size mismatch."""
+    run = tmp_path / "flux-lora"
+    run.mkdir()
+    (run / families.LORA_WEIGHTS).write_bytes(b"adapters")
+    (run / "run_config.json").write_text(json.dumps({"config": {"model_family": "flux", "lora_rank": 4,
+                                                                "pretrained_model_name_or_path": "black-forest-labs/FLUX.1-dev"}}))
+    code, line = outcome("infer", ["--model", tiny_model, "--lora", run, "--prompt", "a dog", "--output_dir",
+                                   tmp_path / "out"], capsys)
+    assert (code, line) == (1, f"error: {run} was trained on a FluxPipeline (black-forest-labs/FLUX.1-dev); the model "
+                               "here is a StableDiffusionPipeline: give a model of that family")
+    assert not (tmp_path / "out").exists()

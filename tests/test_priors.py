@@ -131,7 +131,7 @@ def test_the_trainer_tops_up_with_the_same_code_and_settings(run, tiny_model, ph
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: class folder {short} was made with other settings (class_prompt 'a photo of dog' -> 'a photo of cat'); "
-        "use another folder, or pass --overwrite to generate generate_priors.py's images again")
+        "use another folder, or make them again with generate_priors.py --overwrite")
     assert not (tmp_path / "out2").exists()
 
 
