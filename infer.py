@@ -77,7 +77,8 @@ def read_prompts(args):
     prompts = list(args.prompt)
     if args.prompts_file:
         try:
-            prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+            text = Path(args.prompts_file).read_text(encoding="utf-8-sig")  # a byte-order mark is not the prompt's
+            prompts += [line.strip() for line in text.splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             cli.fail(f"cannot read prompts file {args.prompts_file}: {e.strerror if isinstance(e, OSError) else e}")
         if len(prompts) == len(args.prompt):

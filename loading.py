@@ -30,7 +30,7 @@ def check_model_source(name_or_path, revision=None, single_file_config=None):
     file (the web UIs' kind) as the diffusers folder it was converted to.
     """
     path = Path(os.path.expanduser(name_or_path))
-    if path.is_file() and path.suffix == ".safetensors":
+    if path.is_file() and path.suffix.lower() == ".safetensors":
         return single_file_folder(path, single_file_config)
     if path.is_dir():
         if not any((path / name).is_dir() for name in families.DENOISERS):

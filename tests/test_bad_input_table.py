@@ -328,3 +328,19 @@ def test_a_named_pipe_among_the_photos_is_skipped_not_opened(tmp_path, photos, c
         p.name for p in folder.iterdir() if p.name != "stream.png")
     err = capsys.readouterr().err
     assert "skipping 1 non-image file(s)" in err and "stream.png" in err
+
+
+def test_a_prompts_file_with_a_byte_order_mark_reads_the_prompt_as_typed(tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark: it must not become part of the first prompt."""
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffa photo of sks dog\nsks dog on the moon\n".encode("utf-8"))
+    args = infer.parse_args(["--model", "x", "--prompts_file", str(path)])
+    assert infer.read_prompts(args) == ["a photo of sks dog", "sks dog on the moon"]
+
+
+def test_a_model_file_with_an_upper_case_extension_is_a_single_file(tmp_path, capsys):
+    path = tmp_path / "MODEL.SAFETENSORS"
+    path.write_bytes(b"not safetensors at all")
+    code, line = outcome("train", ["--model", path, "--instance_dir", tmp_path, "--instance_prompt", "a sks dog",
+                                   "--output_dir", tmp_path / "out"], capsys)
+    assert code == 1 and line.startswith(f"error: cannot read the single-file model {path}")
