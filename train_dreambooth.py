@@ -355,6 +355,8 @@ def check_args(args):
     elif out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
         hint = "--resume_from_checkpoint latest to continue it, " if runs.list_checkpoints(out) else ""
         cli.fail(f"output folder is not empty: {out} (pass {hint}another --output_dir, or --overwrite_output_dir)")
+    if args.resume_record:
+        check_resume_structure(args, args.resume_record["config"])
     # the run's seed: a resumed run keeps its own, an unseeded one draws one and records it (the same on every process)
     if args.seed is None and args.resume_record:
         args.seed = args.resume_record["config"].get("seed")
@@ -364,6 +366,27 @@ def check_args(args):
         args.seed = int.from_bytes(os.urandom(3), "little")
         if cli.partial_state().num_processes > 1:
             args.seed = broadcast_object_list([args.seed])[0]
+
+
+# What a checkpoint's saved state is shaped by: a resume cannot change these (the model's parameters, the optimizer's
+# state, the moving average, pivotal tuning's tokens). Other settings may change, with a note (resume()).
+RESUME_FIXED = ("model_family", "lora_rank", "use_dora", "lora_target_modules", "train_text_encoder",
+                "train_text_encoder_ti", "num_new_tokens_per_abstraction", "optimizer", "use_ema")
+
+
+def check_resume_structure(args, saved):
+    """Refuse, before anything loads, a resume whose settings change what the checkpoint's state holds, or that
+    starts past the run's last step; one line naming the setting, the checkpoint's value and the value given."""
+    for key in RESUME_FIXED:
+        if key in saved and saved[key] != getattr(args, key, None) and not (key == "lora_target_modules" and not args.lora_rank):
+            cli.fail(f"cannot resume {args.resume_from_checkpoint} with --{key} {getattr(args, key)!r}: the checkpoint "
+                     f"was made with {saved[key]!r}, and its saved state has that shape (resume with the same value, "
+                     "or start a new run)")
+    step = int(Path(args.resume_from_checkpoint).name.rsplit("-", 1)[-1]) if \
+        Path(args.resume_from_checkpoint).name.rsplit("-", 1)[-1].isdigit() else None
+    if step is not None and args.max_train_steps and args.max_train_steps <= step:
+        cli.fail(f"cannot resume {args.resume_from_checkpoint} with --max_train_steps {args.max_train_steps}: the "
+                 f"checkpoint is at step {step} already (give more steps, or use its export)")
 
 
 def check_family_flags(args, model):

@@ -344,3 +344,32 @@ def test_a_model_file_with_an_upper_case_extension_is_a_single_file(tmp_path, ca
     code, line = outcome("train", ["--model", path, "--instance_dir", tmp_path, "--instance_prompt", "a sks dog",
                                    "--output_dir", tmp_path / "out"], capsys)
     assert code == 1 and line.startswith(f"error: cannot read the single-file model {path}")
+
+
+@pytest.mark.parametrize("change, line", [
+    ({"lora_rank": 4}, "--lora_rank 4: the checkpoint was made with 0"),
+    ({"use_ema": True}, "--use_ema True: the checkpoint was made with False"),
+    ({"optimizer": "prodigy"}, "--optimizer 'prodigy': the checkpoint was made with 'adamw'"),
+    ({"train_text_encoder": True}, "--train_text_encoder True: the checkpoint was made with False"),
+    ({"model_family": "sdxl"}, "--model_family 'sdxl': the checkpoint was made with 'sd'"),
+])
+def test_a_resume_that_changes_the_saved_states_shape_is_refused_before_loading(change, line):
+    """Adding EMA, LoRA <-> full, another optimizer, a text encoder: the checkpoint's state cannot load into that run.
+    Refused in one line naming both values, before anything loads (not a library error mid-load)."""
+    import argparse
+
+    saved = {"model_family": "sd", "lora_rank": 0, "use_dora": False, "lora_target_modules": ["to_k"],
+             "train_text_encoder": False, "train_text_encoder_ti": False, "num_new_tokens_per_abstraction": 2,
+             "optimizer": "adamw", "use_ema": False}
+    args = argparse.Namespace(**{**saved, **change}, resume_from_checkpoint="out/checkpoint-4", max_train_steps=8)
+    with pytest.raises(SystemExit) as e:
+        train_dreambooth.check_resume_structure(args, saved)
+    assert e.value.code == (f"error: cannot resume out/checkpoint-4 with {line}, and its saved state has that shape "
+                            "(resume with the same value, or start a new run)")
+    args = argparse.Namespace(**saved, resume_from_checkpoint="out/checkpoint-4", max_train_steps=4)
+    with pytest.raises(SystemExit) as e:  # nothing left to train: not "saved" with the record's fewer steps
+        train_dreambooth.check_resume_structure(args, saved)
+    assert e.value.code == ("error: cannot resume out/checkpoint-4 with --max_train_steps 4: the checkpoint is at step 4 "
+                            "already (give more steps, or use its export)")
+    train_dreambooth.check_resume_structure(argparse.Namespace(**saved, resume_from_checkpoint="out/checkpoint-4",
+                                                               max_train_steps=6), saved)  # the same settings: fine
