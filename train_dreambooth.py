@@ -375,8 +375,9 @@ RESUME_FIXED = ("model_family", "lora_rank", "use_dora", "lora_target_modules", 
 
 
 def check_resume_structure(args, saved):
-    """Refuse, before anything loads, a resume whose settings change what the checkpoint's state holds, or that
-    starts past the run's last step; one line naming the setting, the checkpoint's value and the value given."""
+    """Refuse, before anything loads, a resume whose settings change what the checkpoint's state holds, or whose
+    checkpoint is past the run's last step (the result would be a later step's weights under a record of fewer); one
+    line naming the setting, the checkpoint's value and the value given."""
     for key in RESUME_FIXED:
         if key in saved and saved[key] != getattr(args, key, None) and not (key == "lora_target_modules" and not args.lora_rank):
             cli.fail(f"cannot resume {args.resume_from_checkpoint} with --{key} {getattr(args, key)!r}: the checkpoint "
@@ -384,9 +385,9 @@ def check_resume_structure(args, saved):
                      "or start a new run)")
     step = int(Path(args.resume_from_checkpoint).name.rsplit("-", 1)[-1]) if \
         Path(args.resume_from_checkpoint).name.rsplit("-", 1)[-1].isdigit() else None
-    if step is not None and args.max_train_steps and args.max_train_steps <= step:
+    if step is not None and args.max_train_steps and args.max_train_steps < step:  # equal: a finished run restarted
         cli.fail(f"cannot resume {args.resume_from_checkpoint} with --max_train_steps {args.max_train_steps}: the "
-                 f"checkpoint is at step {step} already (give more steps, or use its export)")
+                 f"checkpoint is at step {step}, past it (give at least {step} steps, or start a new run)")
 
 
 def check_family_flags(args, model):

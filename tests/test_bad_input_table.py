@@ -366,10 +366,11 @@ def test_a_resume_that_changes_the_saved_states_shape_is_refused_before_loading(
         train_dreambooth.check_resume_structure(args, saved)
     assert e.value.code == (f"error: cannot resume out/checkpoint-4 with {line}, and its saved state has that shape "
                             "(resume with the same value, or start a new run)")
-    args = argparse.Namespace(**saved, resume_from_checkpoint="out/checkpoint-4", max_train_steps=4)
-    with pytest.raises(SystemExit) as e:  # nothing left to train: not "saved" with the record's fewer steps
+    args = argparse.Namespace(**saved, resume_from_checkpoint="out/checkpoint-4", max_train_steps=3)
+    with pytest.raises(SystemExit) as e:  # not "saved" with step 4's weights under a record of 3 steps
         train_dreambooth.check_resume_structure(args, saved)
-    assert e.value.code == ("error: cannot resume out/checkpoint-4 with --max_train_steps 4: the checkpoint is at step 4 "
-                            "already (give more steps, or use its export)")
-    train_dreambooth.check_resume_structure(argparse.Namespace(**saved, resume_from_checkpoint="out/checkpoint-4",
-                                                               max_train_steps=6), saved)  # the same settings: fine
+    assert e.value.code == ("error: cannot resume out/checkpoint-4 with --max_train_steps 3: the checkpoint is at step 4, "
+                            "past it (give at least 4 steps, or start a new run)")
+    for steps in (4, 6):  # the same settings: a finished run restarted by the same command, or more steps
+        train_dreambooth.check_resume_structure(argparse.Namespace(**saved, resume_from_checkpoint="out/checkpoint-4",
+                                                                   max_train_steps=steps), saved)
