@@ -370,7 +370,7 @@ def check_args(args):
 
 # What a checkpoint's saved state is shaped by: a resume cannot change these (the model's parameters, the optimizer's
 # state, the moving average, pivotal tuning's tokens). Other settings may change, with a note (resume()).
-RESUME_FIXED = ("model_family", "lora_rank", "use_dora", "lora_target_modules", "train_text_encoder",
+RESUME_FIXED = ("lora_rank", "use_dora", "lora_target_modules", "train_text_encoder",
                 "train_text_encoder_ti", "num_new_tokens_per_abstraction", "optimizer", "use_ema")
 
 
@@ -378,6 +378,11 @@ def check_resume_structure(args, saved):
     """Refuse, before anything loads, a resume whose settings change what the checkpoint's state holds, or whose
     checkpoint is past the run's last step (the result would be a later step's weights under a record of fewer); one
     line naming the setting, the checkpoint's value and the value given."""
+    made_with, family = families.family_of_record(saved), families.FAMILIES[args.model_family]
+    if made_with is not family:
+        cli.fail(f"checkpoint {args.resume_from_checkpoint} was made from the model "
+                 f"{saved.get('pretrained_model_name_or_path')}, not {args.pretrained_model_name_or_path}: resume with "
+                 f"that model (a {made_with.pipeline}'s state does not fit a {family.pipeline})")
     for key in RESUME_FIXED:
         if key in saved and saved[key] != getattr(args, key, None) and not (key == "lora_target_modules" and not args.lora_rank):
             cli.fail(f"cannot resume {args.resume_from_checkpoint} with --{key} {getattr(args, key)!r}: the checkpoint "
