@@ -288,6 +288,7 @@ def test_the_banner_names_the_buckets_and_masks(run, tiny_sdxl, mixed_photos, tm
             "0 class images") in proc.stdout
 
 
+@pytest.mark.slow  # a minute of CI: cached = uncached is in the default run without buckets (SD, SDXL)
 def test_cached_latents_equal_uncached_with_buckets(run, tiny_model, mixed_photos, tmp_path):
     """Batch 1 without class images: the VAE then encodes one image at a time either way, as the cache does (a batch
     of two rounds differently). With class images, each is cached at the buckets of its photos: that run trains too."""
