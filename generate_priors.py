@@ -43,10 +43,9 @@ PRIOR_DEFAULTS = {"negative_prompt": None, "scheduler": None, "num_inference_ste
 PRIOR_SAMPLER = ("negative_prompt", "scheduler", "num_inference_steps", "guidance_scale")
 
 
-def sampler_defaults(name_or_path, revision=None):
-    """PRIOR_DEFAULTS with the family's own sampler settings: FLUX.1 dev 28 steps at its embedded guidance 3.5,
-    schnell 4 steps without guidance, SD 3.5 28 steps at 7.0."""
-    model = families.read_model(name_or_path, revision)
+def sampler_defaults(model):
+    """PRIOR_DEFAULTS with the family's own sampler settings (`model`: families.read_model's): FLUX.1 dev 28 steps at
+    its embedded guidance 3.5, schnell 4 steps without guidance, SD 3.5 28 steps at 7.0."""
     own = model.family.sampling_defaults(model.config)
     return {**PRIOR_DEFAULTS, **({"num_inference_steps": own["validation_inference_steps"],
                                   "guidance_scale": own["validation_guidance_scale"]} if own else {})}
@@ -245,10 +244,11 @@ def main(argv=None):
     args.pretrained_model_name_or_path = loading.check_model_source(args.pretrained_model_name_or_path, args.revision,
                                                                args.single_file_config)
     cli.check_launch()
-    for key, value in sampler_defaults(args.pretrained_model_name_or_path, args.revision).items():
+    model = families.read_model(args.pretrained_model_name_or_path, args.revision)
+    for key, value in sampler_defaults(model).items():
         if key in PRIOR_SAMPLER and getattr(args, key) is None:
             setattr(args, key, value)
-    loading.check_sampler(args.scheduler, families.read_model(args.pretrained_model_name_or_path, args.revision).family)
+    loading.check_sampler(args.scheduler, model.family)
 
     state = cli.partial_state()
     precision = args.mixed_precision or ("fp16" if state.device.type == "cuda" else "fp32")

@@ -124,13 +124,19 @@ def check_model(args):
     return "pipeline", loading.check_model_source(args.pretrained_model_name_or_path, args.revision, args.single_file_config)
 
 
-def check_run_family(args, family):
-    """Adapters or new tokens of a run go on a model of the family they were trained on (the run's record says which),
-    or one line instead of a size-mismatch traceback."""
+def run_records(args):
+    """(folder, run config) of the run folders (or exports, or checkpoints) given as the model or as --lora; the config
+    is {} where no run_config.json is in the folder or beside it."""
     for folder in dict.fromkeys([Path(args.pretrained_model_name_or_path)] + ([Path(args.lora)] if args.lora else [])):
         folder = folder if folder.is_dir() else folder.parent
         record = next((r for r in (folder / "run_config.json", folder.parent / "run_config.json") if r.is_file()), None)
-        config = json.loads(record.read_text())["config"] if record else {}
+        yield folder, json.loads(record.read_text())["config"] if record else {}
+
+
+def check_run_family(args, family):
+    """Adapters or new tokens of a run go on a model of the family they were trained on (the run's record says which),
+    or one line instead of a size-mismatch traceback."""
+    for folder, config in run_records(args):
         trained = families.family_of_record(config) if config else family
         if trained is not family and (config.get("lora_rank") or config.get("train_text_encoder_ti")):
             cli.fail(f"{folder} was trained on a {trained.pipeline} ({config['pretrained_model_name_or_path']}); the model "
@@ -140,10 +146,7 @@ def check_run_family(args, family):
 def find_token_embeddings(args):
     """Pivotal tuning's embeddings file and its record, from the run folder (or export, or checkpoint) given as the
     model or as --lora: (file, run config), or None when the run had no new tokens."""
-    for folder in dict.fromkeys([Path(args.pretrained_model_name_or_path)] + ([Path(args.lora)] if args.lora else [])):
-        folder = folder if folder.is_dir() else folder.parent
-        record = next((r for r in (folder / "run_config.json", folder.parent / "run_config.json") if r.is_file()), None)
-        config = json.loads(record.read_text())["config"] if record else {}
+    for folder, config in run_records(args):
         if config.get("train_text_encoder_ti"):
             files = sorted(folder.glob(families.EMBEDDINGS.format(name="*")))
             if len(files) != 1:
@@ -206,7 +209,7 @@ def warn_if_truncated(tokenizer, prompt, index):
 A1111_SAMPLERS = {"DDIMScheduler": "DDIM", "PNDMScheduler": "PLMS", "EulerDiscreteScheduler": "Euler",
                   "EulerAncestralDiscreteScheduler": "Euler a", "DPMSolverMultistepScheduler": "DPM++ 2M",
                   "UniPCMultistepScheduler": "UniPC", "LMSDiscreteScheduler": "LMS", "HeunDiscreteScheduler": "Heun",
-                  "FlowMatchEulerDiscreteScheduler": "Euler", "FlowMatchHeunDiscreteScheduler": "Heun"}  # Forge's FLUX names
+                  "FlowMatchEulerDiscreteScheduler": "Euler"}  # Forge's name for FLUX's sampler
 
 
 def a1111_sampler(scheduler):

@@ -539,7 +539,8 @@ def class_images(args, accelerator, subject):
         return []
     class_dir = subject["class_data_dir"]
     precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
-    settings = {**generate_priors.sampler_defaults(args.pretrained_model_name_or_path, args.revision),
+    model = families.read_model(args.pretrained_model_name_or_path, args.revision)
+    settings = {**generate_priors.sampler_defaults(model),
                 **{k: getattr(args, k) for k in generate_priors.PRIOR_SETTINGS
                    if hasattr(args, k) and k not in generate_priors.PRIOR_SAMPLER},  # --guidance_scale is training's
                 "class_prompt": subject["class_prompt"], "precision": "fp32" if precision == "no" else precision,
