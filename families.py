@@ -3,8 +3,10 @@ FLUX.1 and SD 3.5: pipeline, text encoders and how a prompt becomes embeddings, 
 objective, flag defaults, key names of the files other tools read), the family read from the model itself, and the
 LoRA and pivotal-tuning helpers. Loading models and pipelines is loading.py."""
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
@@ -130,6 +132,7 @@ class Family:
     upcast_vae: bool  # the pipeline decodes in fp32 when the VAE's config says force_upcast (SDXL's overflows in fp16)
     training_defaults: Callable  # the denoiser's config -> {flag: default} of the training flags this family reads
     sampling_defaults: Callable  # the denoiser's config -> sampler settings that differ from the scripts' defaults
+    guidance_argument: Callable  # the denoiser's config -> the pipeline argument the sampling guidance scale goes to
     embedding_keys: tuple  # a token-embeddings file's key per text encoder, as AUTOMATIC1111 and ComfyUI read it
     kohya_prefixes: tuple  # (model, prefix) of a kohya-format LoRA file's keys (): the diffusers file is the UIs' one
     peft_lora_keys: bool  # the denoiser's LoRA keys as peft names them (lora_A/lora_B), as diffusers' script for the
@@ -171,6 +174,13 @@ def flux_defaults(config):
             **({"guidance_scale": 1.0} if distilled else {}), **flux_sampling(config)}
 
 
+def flux_guidance(config):
+    """A guidance-distilled FLUX.1 (dev) takes the guidance value as an input of its transformer; one without the
+    embedding (schnell, de-distilled and base checkpoints) is guided the classic way, a second pass with the negative
+    prompt: FluxPipeline's true_cfg_scale."""
+    return "guidance_scale" if config.get("guidance_embeds") else "true_cfg_scale"
+
+
 def flux_sampling(config):
     if config.get("guidance_embeds"):
         return {"validation_guidance_scale": 3.5, "validation_inference_steps": 28}
@@ -191,7 +201,7 @@ SD = Family(
     lora_targets=UNET_LORA_TARGETS, size_multiple=8,
     pipeline_kwargs=(("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)),
     pooled_argument="", upcast_vae=False, training_defaults=lambda config: UNET_DEFAULTS,
-    sampling_defaults=lambda config: {}, embedding_keys=("emb_params",),
+    sampling_defaults=lambda config: {}, guidance_argument=lambda config: "guidance_scale", embedding_keys=("emb_params",),
     kohya_prefixes=(("unet", "lora_unet"), ("text_encoder", "lora_te")), peft_lora_keys=False, single_file_layout="ldm",
     hub_tag="stable-diffusion")
 # SDXL: two text encoders (the second with a projection: its pooled output conditions the UNet too). No invisible
@@ -205,7 +215,8 @@ SDXL = Family(
     encode_prompt=encode_sdxl, denoise=call_unet, freeze_unread=freeze_unread_sdxl_layers,
     lora_targets=UNET_LORA_TARGETS, size_multiple=8, pipeline_kwargs=(("add_watermarker", False),),
     pooled_argument="pooled_prompt_embeds", upcast_vae=True, training_defaults=lambda config: UNET_DEFAULTS,
-    sampling_defaults=lambda config: {}, embedding_keys=("clip_l", "clip_g"),
+    sampling_defaults=lambda config: {}, guidance_argument=lambda config: "guidance_scale",
+    embedding_keys=("clip_l", "clip_g"),
     kohya_prefixes=(("unet", "lora_unet"), ("text_encoder", "lora_te1"), ("text_encoder_2", "lora_te2")),
     peft_lora_keys=False, single_file_layout="sgm", hub_tag="stable-diffusion-xl")
 # FLUX.1 (dev, schnell and FLUX.1-shaped checkpoints): CLIP-L's pooled vector and T5-XXL's sequence; a 2x2-patched
@@ -217,7 +228,7 @@ FLUX = Family(
     tokenizers=("tokenizer", "tokenizer_2"), sequence_tokenizer="tokenizer_2", trained_text_encoders=("text_encoder",),
     encode_prompt=encode_flux, denoise=call_flux, freeze_unread=None, lora_targets=FLUX_LORA_TARGETS, size_multiple=16,
     pipeline_kwargs=(), pooled_argument="pooled_prompt_embeds", upcast_vae=False, training_defaults=flux_defaults,
-    sampling_defaults=flux_sampling, embedding_keys=("clip_l", "t5"), kohya_prefixes=(), peft_lora_keys=True,
+    sampling_defaults=flux_sampling, guidance_argument=flux_guidance, embedding_keys=("clip_l", "t5"), kohya_prefixes=(), peft_lora_keys=True,
     single_file_layout="bfl", hub_tag="flux")
 # SD3 and SD 3.5: CLIP-L and CLIG-G (pooled and sequence) and T5-XXL; logit-normal timesteps and preconditioned
 # outputs by default, as diffusers' SD3 scripts; --lora_blocks picks joint blocks.
@@ -233,6 +244,7 @@ SD3 = Family(
     training_defaults=lambda config: {**FLOW_DEFAULTS, "weighting_scheme": "logit_normal", "precondition_outputs": 1,
                                       "max_sequence_length": 77, "lora_blocks": None, "validation_guidance_scale": 7.0},
     sampling_defaults=lambda config: {"validation_guidance_scale": 7.0, "validation_inference_steps": 28},
+    guidance_argument=lambda config: "guidance_scale",
     embedding_keys=("clip_l", "clip_g", "t5"), kohya_prefixes=(), peft_lora_keys=True, single_file_layout="mmdit",
     hub_tag="sd3")
 FAMILIES = {family.name: family for family in (SD, SDXL, FLUX, SD3)}
@@ -258,6 +270,29 @@ class Model(NamedTuple):
     family: Family
     resolution: int  # native: 512 SD 1.5, 768 SD 2.x, 1024 SDXL, FLUX.1 and SD 3.5
     config: dict  # the denoiser's config (its row's defaults read it: a distilled FLUX.1 has a guidance embedding)
+    sequence_length: int = 0  # the sequence tokenizer's own model_max_length (T5's; 0: none, or the family has none)
+
+
+def guidance_arguments(family, config, scale, negative, n):
+    """The pipeline call's guidance for n images: the scale in the argument the family's pipeline reads it from, and
+    the negative prompt. A pipeline that guides with a second pass (true_cfg_scale) does so only when it has a
+    negative prompt: the empty one when none is given, as classifier-free guidance means."""
+    name = family.guidance_argument(config)
+    if name == "true_cfg_scale" and scale > 1 and not negative:
+        negative = ""
+    return {name: scale, "negative_prompt": None if negative is None else [negative] * n}
+
+
+def sampling_sequence_length(family, pipe):
+    """T5's prompt length when sampling: the pipeline's default, or the tokenizer's own length where that is shorter
+    (a model trained on shorter prompts, as the toy FLUX.1; a DreamBooth run saves its tokenizer with the length it
+    trained with). {} for families without a sequence tokenizer."""
+    import inspect
+
+    if not family.sequence_tokenizer:
+        return {}
+    default = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+    return {"max_sequence_length": min(default, getattr(pipe, family.sequence_tokenizer).model_max_length)}
 
 
 def family_of_single_file(keys, path):
@@ -295,7 +330,22 @@ def read_model(name_or_path, revision=None):
                  + ", ".join(f.pipeline for f in FAMILIES.values()))
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
     return Model(family, denoiser["sample_size"] * factor if denoiser.get("sample_size") else vae["sample_size"],
-                 dict(denoiser))
+                 dict(denoiser), tokenizer_length(name_or_path, family.sequence_tokenizer, revision))
+
+
+def tokenizer_length(name_or_path, subfolder, revision=None):
+    """A tokenizer's model_max_length from its config file, before anything loads (0: no such tokenizer or value)."""
+    from transformers.utils import cached_file
+
+    if not subfolder:
+        return 0
+    try:
+        path = cached_file(name_or_path, "tokenizer_config.json", subfolder=subfolder, revision=revision,
+                           _raise_exceptions_for_missing_entries=False)
+        length = json.loads(Path(path).read_text()).get("model_max_length", 0) if path else 0
+    except (OSError, ValueError) as e:
+        loading.load_error("the tokenizer config", name_or_path, e)
+    return int(length) if isinstance(length, (int, float)) and length < 10**9 else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

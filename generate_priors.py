@@ -171,14 +171,17 @@ def generate_prior_images(pipe, class_dir, indices, blocks, settings, progress=N
     info = PngInfo()  # the same for every process and every top-up: the bytes stay a function of the settings
     info.add_text(PRIOR_TEXT, json.dumps({"settings": {k: settings.get(k) for k in PRIOR_SETTINGS},
                                           "versions": runs.library_versions()}))
-    negative = settings["negative_prompt"]
+    family = families.family_of(pipe)  # the scale where the family's pipeline reads it, T5's prompt length
+    guidance = {**families.guidance_arguments(family, getattr(pipe, family.denoiser).config, settings["guidance_scale"],
+                                              settings["negative_prompt"], batch_size),
+                **families.sampling_sequence_length(family, pipe)}
+    size = settings["resolution"] or settings.get("model_resolution")  # FluxPipeline's own default is 1024's
     for block in blocks:
         batch = list(range(block * batch_size, (block + 1) * batch_size))
         # CPU generators: the same initial noise on any device.
         generators = [torch.Generator("cpu").manual_seed(imagedata.image_seed(settings["seed"], i)) for i in batch]
-        images = pipe([settings["class_prompt"]] * batch_size, negative_prompt=[negative] * batch_size if negative else None,
-                      num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
-                      height=settings["resolution"], width=settings["resolution"], generator=generators).images
+        images = pipe([settings["class_prompt"]] * batch_size, **guidance, num_inference_steps=settings["num_inference_steps"],
+                      height=size, width=size, generator=generators).images
         for i, image in zip(batch, images):
             if i in wanted:
                 final = class_dir / prior_image_name(i)
@@ -257,7 +260,8 @@ def main(argv=None):
     for subject in subjects:
         class_dir = Path(subject["class_data_dir"])
         settings = {**{k: v for k, v in vars(args).items() if k in PRIOR_SETTINGS}, "precision": precision,
-                    "class_prompt": subject["class_prompt"], "unet_sha256": unet_sha256}
+                    "class_prompt": subject["class_prompt"], "unet_sha256": unet_sha256,
+                    "model_resolution": model.resolution}  # not recorded: the size when --resolution is not given
         if not args.overwrite:  # the batch size changes rounding, not the images: a top-up keeps the folder's own
             settings = check_prior_folder(class_dir, settings, [k for k in PRIOR_SETTINGS if k != "sample_batch_size"])
         folders.append((class_dir, settings))

@@ -325,6 +325,13 @@ def main(argv=None):
     written, t0 = [], time.perf_counter()
     bar = tqdm(total=len(prompts) * len(blocks) * args.num_inference_steps, desc="sampling", unit="step")
 
+    family = families.family_of(pipe)
+    config = getattr(pipe, family.denoiser).config
+
+    def guidance(n):  # the scale where the family's pipeline reads it, the negative prompt, T5's prompt length
+        return {**families.guidance_arguments(family, config, args.guidance_scale, args.negative_prompt, n),
+                **families.sampling_sequence_length(family, pipe)}
+
     def step_done(pipe, i, t, tensors):  # the pipeline's own per-step callback: the bar is right from the first step
         bar.update(1)
         return tensors
@@ -335,8 +342,7 @@ def main(argv=None):
         for block in blocks:
             js = list(range(block * args.batch_size, min((block + 1) * args.batch_size, n)))
             seeds = [imagedata.image_seed(args.seed, j) for j in js]
-            images = pipe([model_prompt] * len(js), negative_prompt=[args.negative_prompt] * len(js) if args.negative_prompt else None,
-                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+            images = pipe([model_prompt] * len(js), **guidance(len(js)), num_inference_steps=args.num_inference_steps,
                           height=height, width=width, callback_on_step_end=step_done,
                           generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
             if p_idx == 0 and block == blocks[0]:  # some samplers take a step more than asked: count the real ones

@@ -265,3 +265,81 @@ def stop_requests():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+LOCK = ".dreambooth.lock"
+_HELD = {}  # folder -> (its open lock file, made by this run): the lock lasts as long as the file stays open
+
+
+def take_lock(folder):
+    """(the open lock file, None) when this process got output_dir's lock; (None, its holder) when another has it."""
+    import fcntl
+
+    handle = open(Path(folder, LOCK), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        return None, holder
+    return handle, None
+
+
+def check_output_dir_free(output_dir):
+    """Before anything loads: a folder another run holds (its lock taken and let go again here) stops in one line
+    naming the holder."""
+    if os.name == "posix" and Path(output_dir, LOCK).is_file() and str(Path(output_dir).resolve()) not in _HELD:
+        handle, holder = take_lock(output_dir)
+        if handle:
+            handle.close()
+        refuse_held(output_dir, holder)
+
+
+def refuse_held(output_dir, holder):
+    if holder:
+        cli.fail(f"{output_dir} is in use by another training run ({holder}): wait for it to end, or give another "
+                 "--output_dir")
+
+
+def hold_output_dir(accelerator, output_dir):
+    """One run per output folder: the main process holds an exclusive lock on output_dir/.dreambooth.lock for the
+    run's life, the holder's process id and host written in it. The kernel drops the lock on any exit (a crash or
+    kill -9 too), so a stale file never blocks a new run. A second run into the folder stops in one line naming the
+    holder, all its processes alike. The file goes at exit, and the folder too if this run made it and wrote
+    nothing else (a failed start leaves nothing behind)."""
+    import atexit
+    import socket
+
+    if os.name != "posix" or str(Path(output_dir).resolve()) in _HELD:  # no advisory locks; this process has it
+        return
+    holder = [None]
+    if accelerator.is_main_process:
+        folder = Path(output_dir)
+        made = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, holder[0] = take_lock(folder)
+        if handle:
+            handle.truncate(0)
+            handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            _HELD[str(folder.resolve())] = handle, made
+            atexit.register(release_output_dir, folder)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(holder)
+    refuse_held(output_dir, holder[0])
+
+
+def release_output_dir(folder):
+    """At the end of the run and at exit: the lock file removed while still held (a run that opened it meanwhile is
+    refused, one that comes after makes a new one), then the folder too if this run made it and left nothing in it."""
+    handle, made = _HELD.pop(str(Path(folder).resolve()), (None, False))
+    if handle is None:
+        return
+    with contextlib.suppress(OSError):
+        Path(folder, LOCK).unlink()
+        handle.close()
+        if made and not any(Path(folder).iterdir()):
+            Path(folder).rmdir()

@@ -340,6 +340,7 @@ def check_args(args):
     if args.push_to_hub:
         export.check_hub_login(args.hub_token)
     out = Path(args.output_dir)
+    runs.check_output_dir_free(out)  # another run's folder: say whose, before its contents are judged
     args.resume_record = None
     if args.resume_from_checkpoint == "latest":
         checkpoints = runs.list_checkpoints(out)
@@ -352,7 +353,7 @@ def check_args(args):
         args.resume_from_checkpoint = str(out / args.resume_from_checkpoint)  # a bare "checkpoint-N", as diffusers takes it
     if args.resume_from_checkpoint:
         args.resume_record = runs.check_checkpoint(args.resume_from_checkpoint)
-    elif out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
+    elif out.exists() and any(p.name != runs.LOCK for p in out.iterdir()) and not args.overwrite_output_dir:
         hint = "--resume_from_checkpoint latest to continue it, " if runs.list_checkpoints(out) else ""
         cli.fail(f"output folder is not empty: {out} (pass {hint}another --output_dir, or --overwrite_output_dir)")
     if args.resume_record:
@@ -399,6 +400,8 @@ def check_family_flags(args, model):
     """The flags whose default or meaning depends on the model: the family row's defaults fill those left unset, and
     a flag the family does not read is refused in one line, as are the DDPM-only options on a flow-matching model."""
     family, defaults = model.family, model.family.training_defaults(model.config)
+    if model.sequence_length and "max_sequence_length" in defaults:  # never past the model's own tokenizer (toy FLUX.1)
+        defaults = {**defaults, "max_sequence_length": min(defaults["max_sequence_length"], model.sequence_length)}
     for flag in families.FAMILY_FLAGS:
         if flag in defaults and getattr(args, flag) is None:
             setattr(args, flag, defaults[flag])
@@ -579,8 +582,11 @@ def log_validation(accelerator, args, family, pipe, embeddings, step):
     n, rows, negative = args.num_validation_images, [], args.validation_negative_prompt
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
+        guidance = families.guidance_arguments(family, getattr(pipe, family.denoiser).config,
+                                               args.validation_guidance_scale, negative, n)
+        negatives = guidance.pop("negative_prompt")
         for prompt in args.validation_prompt:
-            text = dict(prompt=[prompt] * n, negative_prompt=[negative] * n if negative else None)
+            text = dict(prompt=[prompt] * n, negative_prompt=negatives)
             if embeddings:  # pre-computed: the text encoders are not on the accelerator
                 text = {}
                 for key, p in (("", prompt), ("negative_", negative or "")):
@@ -591,8 +597,8 @@ def log_validation(accelerator, args, family, pipe, embeddings, step):
                                  **({key + family.pooled_argument: pooled} if family.pooled_argument else {})})
             if family.sequence_tokenizer:  # T5's prompt length as in training
                 text["max_sequence_length"] = args.max_sequence_length
-            rows.append(pipe(**text, num_inference_steps=args.validation_inference_steps,
-                             guidance_scale=args.validation_guidance_scale, height=args.resolution, width=args.resolution,
+            rows.append(pipe(**text, **guidance, num_inference_steps=args.validation_inference_steps,
+                             height=args.resolution, width=args.resolution,
                              generator=[torch.Generator().manual_seed(imagedata.image_seed(args.seed, j)) for j in range(n)]).images)
     Path(args.output_dir, "validation").mkdir(parents=True, exist_ok=True)
     imagedata.grid(sum(rows, []), columns=n).save(Path(args.output_dir, "validation", f"step-{step:06d}.png"))
@@ -823,6 +829,7 @@ def make_accelerator(args):
         # the shuffle order of epoch e is a function of (seed, e) alone: a resumed run can replay it
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     cli.check_deepspeed(accelerator, args.use_8bit_adam)
+    runs.hold_output_dir(accelerator, args.output_dir)  # before anything in it is written or removed
     set_seed(args.seed, device_specific=True)
     if args.overwrite_output_dir and not args.resume_from_checkpoint and accelerator.is_main_process:
         for _, stale in runs.list_checkpoints(args.output_dir):  # or `latest` and the rotation would mix two runs
@@ -1088,6 +1095,7 @@ def main(argv=None):
                                       f"after step {state.global_step}; the training state is in {checkpoint}. "
                                       "Continue with the same command plus --resume_from_checkpoint latest")
                     accelerator.end_training()
+                    runs.release_output_dir(args.output_dir)
                     return
                 window.t0 = time.perf_counter()
                 if state.global_step >= args.total_optimizer_steps:
@@ -1100,6 +1108,7 @@ def main(argv=None):
     # ---- save the result
     save_result(accelerator, args, model, averager, record)
     accelerator.end_training()
+    runs.release_output_dir(args.output_dir)
 
 
 if __name__ == "__main__":

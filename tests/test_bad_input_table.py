@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 import cli
@@ -373,3 +372,46 @@ def test_a_resume_that_changes_the_saved_states_shape_is_refused_before_loading(
     for steps in (4, 6):  # the same settings: a finished run restarted by the same command, or more steps
         train_dreambooth.check_resume_structure(argparse.Namespace(**saved, resume_from_checkpoint="out/checkpoint-4",
                                                                    max_train_steps=steps), saved)
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_a_stale_lock_is_not(base, capsys):
+    """One run per output folder: while one holds it (here this test, through the same lock), another stops in one
+    line naming the holder, whatever the folder holds; once the holder is gone (a crashed run's file left behind) a
+    run starts there, and on its way out it takes the file and the folder it made with it."""
+    import fcntl
+
+    import runs
+
+    out, argv = base
+    out.mkdir()
+    with open(out / runs.LOCK, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("process 4242 on elsewhere\n")
+        held.flush()
+        for extra in ([], ["--resume_from_checkpoint", "latest"], ["--overwrite_output_dir"]):
+            (out / "run_config.json").write_text("{}")  # whatever the running run has written so far
+            assert outcome("train", argv["train"] + extra, capsys) == (
+                1, f"error: {out} is in use by another training run (process 4242 on elsewhere): wait for it to end, "
+                   "or give another --output_dir")
+    (out / "run_config.json").unlink()
+    assert [p.name for p in out.iterdir()] == [runs.LOCK]  # stale: nobody holds it
+    runs.check_output_dir_free(out)  # no error
+    (out / runs.LOCK).unlink()
+    out.rmdir()
+
+
+def test_the_run_holds_its_folder_and_lets_it_go(tmp_path):
+    """hold_output_dir in this process: the holder's line in the file, a second taker refused, and at exit (here
+    called by hand) the file removed and the folder it made too, when nothing else was written."""
+    import os
+    from types import SimpleNamespace
+
+    import runs
+
+    folder = tmp_path / "run"
+    runs.hold_output_dir(SimpleNamespace(is_main_process=True, num_processes=1), folder)
+    assert (folder / runs.LOCK).read_text().startswith(f"process {os.getpid()} on ")
+    assert runs.take_lock(folder)[0] is None  # another open of the file: another run
+    runs.check_output_dir_free(folder)  # this process's own run may start again (tests run main() in turn)
+    runs.release_output_dir(folder)
+    assert not folder.exists()

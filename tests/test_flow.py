@@ -415,3 +415,46 @@ def test_infer_refuses_a_run_of_another_family(tiny_model, tmp_path, capsys):
     assert (code, line) == (1, f"error: {run} was trained on a FluxPipeline (black-forest-labs/FLUX.1-dev); the model "
                                "here is a StableDiffusionPipeline: give a model of that family")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_flux_without_guidance_embedding_samples_with_real_guidance_at_its_own_prompt_length(tmp_path):
+    """FLUX.1 without a guidance embedding (schnell, de-distilled and base checkpoints, the toy FLUX.1): --guidance_scale
+    above 1 is classifier-free guidance with the empty negative prompt (FluxPipeline's true_cfg_scale), in infer.py and
+    generate_priors.py alike; T5's prompt length is the tokenizer's own where it is below the pipeline's 512, in
+    sampling and as training's --max_sequence_length default; class images at the model's size (FluxPipeline's own
+    default is 1024's)."""
+    import generate_priors
+    from diffusers import FluxPipeline
+    from transformers import AutoTokenizer
+
+    import imagedata
+    import make_tiny_model
+
+    model = make_tiny_model.make_tiny_pipeline(str(tmp_path / "schnell"), family="flux-schnell")
+    t5 = AutoTokenizer.from_pretrained(model, subfolder="tokenizer_2")
+    t5.model_max_length = 16
+    t5.save_pretrained(Path(model, "tokenizer_2"))
+    read = families.read_model(model)
+    assert (read.sequence_length, read.resolution) == (16, 64)
+    assert families.guidance_arguments(read.family, read.config, 4.0, None, 2) == {"true_cfg_scale": 4.0,
+                                                                                    "negative_prompt": ["", ""]}
+    assert families.guidance_arguments(read.family, read.config, 1.0, None, 2) == {"true_cfg_scale": 1.0,
+                                                                                    "negative_prompt": None}
+    args = train_dreambooth.parse_args(["--model", model, "--instance_dir", str(tmp_path), "--instance_prompt", "sks",
+                                        "--output_dir", str(tmp_path / "out")])
+    train_dreambooth.check_family_flags(args, read)
+    assert args.max_sequence_length == 16
+
+    guided = Image.open(infer_image(model, tmp_path / "guided", "--guidance_scale", 4))
+    plain = Image.open(infer_image(model, tmp_path / "plain", "--guidance_scale", 1))
+    pipe = FluxPipeline.from_pretrained(model)
+    direct = pipe("a photo of sks dog", negative_prompt="", true_cfg_scale=4.0, num_inference_steps=2, height=64,
+                  width=64, max_sequence_length=16, generator=torch.Generator().manual_seed(imagedata.image_seed(0, 0))
+                  ).images[0]
+    assert guided.tobytes() == direct.tobytes() != plain.tobytes()
+
+    generate_priors.main([str(a) for a in (
+        "--model", model, "--class_prompt", "a photo of sks dog", "--class_dir", tmp_path / "priors",
+        "--num_class_images", 1, "--sample_batch_size", 1, "--num_inference_steps", 2, "--guidance_scale", 4)])
+    prior = Image.open(tmp_path / "priors" / "000000.png")
+    assert prior.size == (64, 64) and prior.tobytes() == direct.tobytes()

@@ -126,7 +126,7 @@ def sample(model, out, prompts, n, args, subject=SUBJECT):
     (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
     script("infer.py", "--model", model, "--prompts_file", out / "prompts.txt", "--num_images_per_prompt", n,
            "--seed", args.seed, "--num_inference_steps", args.num_inference_steps, "--guidance_scale",
-           args.guidance_scale, "--scheduler", "ddim", "--output_dir", out / "images")
+           args.guidance_scale, "--scheduler", args.scheduler, "--output_dir", out / "images")
     return read_images(out, len(prompts), subject)
 
 
@@ -178,7 +178,7 @@ def dreambooth(model, out, args, seed):
     photos = out / ("subject-photos-captioned" if args.captions else "subject-photos")
     write_subject_photos(photos, captions=args.captions)
     common = ["--num_inference_steps", args.num_inference_steps, "--guidance_scale", args.prior_guidance_scale,
-              "--scheduler", "ddim", "--seed", args.seed]  # the same class images for every training seed
+              "--scheduler", args.scheduler, "--seed", args.seed]  # the same class images for every training seed
     script("generate_priors.py", "--model", model, "--class_prompt", "a photo of a circle", "--class_dir",
            out / "priors", "--num_class_images", args.num_class_images, "--sample_batch_size", 10, *common)
     results = {"base model": subject_metrics(model, out / "base", args)} if seed == args.seeds[0] else {}
@@ -274,12 +274,14 @@ def prompt_following(model, out, args, images_per_prompt=2):
 
 def autoencoder_ceiling(model, n=100, seed=5000):
     """The VAE alone: the subject rendered on each background (n places and sizes), encoded, decoded and read back.
-    No generated image can do better than its own latent space, so this bounds what any fine-tune can score."""
+    No generated image can do better than its own latent space, so this bounds what any fine-tune can score.
+    `model`: a model folder, or the AutoencoderKL itself (pretraining checks its VAE with this)."""
     import torch
     from diffusers import AutoencoderKL
     from diffusers.image_processor import VaeImageProcessor
 
-    vae, processor = AutoencoderKL.from_pretrained(model, subfolder="vae").float().eval(), VaeImageProcessor()
+    vae = model if isinstance(model, AutoencoderKL) else AutoencoderKL.from_pretrained(model, subfolder="vae")
+    vae, processor = vae.float().eval(), VaeImageProcessor()
     ceiling = {}
     for background in BACKGROUNDS:
         images = [render(sample_attributes(seed + i, subject=True, background=background)) for i in range(n)]
@@ -300,6 +302,8 @@ def main():
     p.add_argument("--num_inference_steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=8.0, help="sampling the base and fine-tuned models")
     p.add_argument("--prior_guidance_scale", type=float, default=4.0, help="the class images")
+    p.add_argument("--scheduler", default=None, help="the sampler (default: ddim for the toy SD, flow_euler for the "
+                   "toy FLUX.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_class_images", type=int, default=100)
     p.add_argument("--train_steps", type=int, default=600)
@@ -319,6 +323,10 @@ def main():
                    help="score the images an earlier run with the same settings left in --output_dir (training and "
                         "sampling are deterministic on one machine, so the numbers are the run's) instead of making them")
     args = p.parse_args()
+    if args.scheduler is None:
+        import families
+
+        args.scheduler = "ddim" if families.read_model(args.model).family.objective == "ddpm" else "flow_euler"
     out = Path(args.output_dir)
     t0 = time.time()
     accuracy, n = prompt_following(args.model, out / "prompt-following", args)

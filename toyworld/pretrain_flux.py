@@ -1,0 +1,185 @@
+"""Pretrain a toy FLUX.1 from scratch on the toy world: a real FluxPipeline folder with an AutoencoderKL of FLUX's
+kind (32 px -> 8x8x16 latents, shifted and scaled, no quant convs), a CLIP text model for the pooled vector and a T5
+encoder for the sequence (word-level tokenizers in CLIP's and T5's formats), a FluxTransformer2DModel (double-stream
+and single-stream blocks, rotary positions, 2x2 patches: 16 image tokens) and FLUX.1-dev's scheduler
+(resolution-dependent shift).
+
+    python toyworld/pretrain_flux.py --output_dir toyworld/toy-flux --vae_steps 1500 --transformer_steps 4000 --seed 0
+
+Stage 1 trains the VAE on reconstruction (FLUX's VAE has a KL term too small to matter; so does this one) on world
+images, half of them with the object cut in two random palette colours along a random line, so that the latent space
+can hold two-colour objects (the subject is one such object among very many; nothing else in pretraining shows one);
+the VAE ceiling (the subject encoded, decoded and read back on every background) is measured and recorded. Stage 2
+freezes the VAE and trains the transformer and both text encoders together with the suite's own FLUX code
+(families.encode_flux, families.call_flux, objectives.Flow: rectified flow, logit-normal timesteps, the scheduler's
+shift for 16 tokens), on captions that leave out the colour or the background 30% of the time each and are dropped
+10% of the time for classifier-free guidance. The transformer has no guidance embedding (as FLUX.1-schnell and the
+de-distilled FLUX.1 checkpoints): it is sampled with real classifier-free guidance, which the suite's scripts apply on
+FLUX models without the embedding when --guidance_scale is above 1.
+
+The model is a function of the command (steps, batch size, seed), not of the machine's speed; the folder records the
+command, seed, losses, the VAE ceiling and wall time in `pretrain.json`.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import families  # noqa: E402
+import objectives  # noqa: E402
+from toyworld.evaluate import autoencoder_ceiling  # noqa: E402
+from toyworld.pretrain import WORDS, batch, two_tone_batch, write_word_tokenizer  # noqa: E402
+
+T5_LENGTH = 32  # tokens of T5's sequence: the world's longest caption is 11, pivotal tuning's tokens fit too
+
+
+def write_word_t5_tokenizer(folder, max_length=T5_LENGTH):
+    """T5's format (a SentencePiece-style Unigram model) with every word of the world as one piece and single
+    characters for anything else."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    chars = list(string.ascii_lowercase + string.digits + ".,!?'-<>")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -4.0) for c in chars] + [
+        ("\u2581" + c, -4.5) for c in chars] + [("\u2581" + w, -1.0) for w in WORDS]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.normalizer, backend.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                extra_ids=0, model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build(out, heads, double_blocks, single_blocks):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = write_word_tokenizer(out / "tokenizer")
+    tokenizer_2 = write_word_t5_tokenizer(out / "tokenizer_2")
+    vae = AutoencoderKL(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=16, layers_per_block=1,
+                        norm_num_groups=32, sample_size=32, use_quant_conv=False, use_post_quant_conv=False)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=64, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0, feed_forward_proj="gated-gelu"))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=double_blocks,
+                                         num_single_layers=single_blocks, attention_head_dim=32,
+                                         num_attention_heads=heads, joint_attention_dim=64, pooled_projection_dim=64,
+                                         guidance_embeds=False, axes_dims_rope=(8, 12, 12))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)  # FLUX.1-dev's
+    return tokenizer, tokenizer_2, vae, clip, t5, transformer, scheduler
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output_dir", default="toyworld/toy-flux")
+    p.add_argument("--vae_steps", type=int, default=1500)
+    p.add_argument("--transformer_steps", type=int, default=4000, help="transformer and text encoder steps")
+    p.add_argument("--heads", type=int, default=6, help="attention heads of 32 channels: the transformer's width")
+    p.add_argument("--double_blocks", type=int, default=2)
+    p.add_argument("--single_blocks", type=int, default=4)
+    p.add_argument("--learning_rate", type=float, default=5e-4)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save_precision", default="fp16", choices=["fp16", "fp32"])
+    args = p.parse_args()
+    from diffusers import FluxPipeline
+
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    out = Path(args.output_dir)
+    tokenizer, tokenizer_2, vae, clip, t5, transformer, scheduler = build(out, args.heads, args.double_blocks,
+                                                                          args.single_blocks)
+    record = {"command": " ".join([sys.executable] + sys.argv), "seed": args.seed, "batch_size": args.batch_size,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "parameters": {name: sum(p.numel() for p in m.parameters())
+                             for name, m in (("vae", vae), ("text_encoder", clip), ("text_encoder_2", t5),
+                                             ("transformer", transformer))}}
+    print(f"parameters: {record['parameters']}", flush=True)
+
+    # ---- stage 1: the VAE learns to reconstruct the world, two-colour objects included
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    t0 = time.time()
+    for step in range(1, args.vae_steps + 1):
+        pixels = two_tone_batch(rng, args.batch_size)
+        posterior = vae.encode(pixels).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample()).sample, pixels) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0:
+            print(f"vae step {step} loss {loss.item():.5f} ({time.time() - t0:.0f} s)", flush=True)
+    record.update(vae_steps=args.vae_steps, vae_final_loss=loss.item(), vae_seconds=round(time.time() - t0))
+    vae.requires_grad_(False).eval()
+    with torch.no_grad():  # FLUX's latent normalisation: zero mean, unit variance
+        latents = vae.encode(batch(rng, 512)[0]).latent_dist.sample()
+        vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1 / latents.std().item())
+    ceiling = autoencoder_ceiling(vae)
+    record["vae_ceiling"] = ceiling
+    print("vae ceiling (subject fidelity, similarity): " + ", ".join(
+        f"{b} {c['subject_fidelity']:.0%} {c['similarity']:.2f}" for b, c in ceiling.items()), flush=True)
+
+    # ---- stage 2: the transformer and both text encoders learn to denoise latents given the caption
+    flow = objectives.Flow(scheduler, weighting_scheme="logit_normal")
+    params = [p for m in (transformer, clip, t5) for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
+    warmup = 200
+    lr_at = lambda step: min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.transformer_steps))  # noqa: E731
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(lr_at(step), 0.05))
+    t0, losses = time.time(), []
+    for step in range(1, args.transformer_steps + 1):
+        pixels, captions = batch(rng, args.batch_size)
+        captions = [c if rng.random() > 0.1 else "" for c in captions]  # unconditional, for classifier-free guidance
+        with torch.no_grad():
+            latents = families.scale_latents(vae.encode(pixels).latent_dist.sample(), vae.config)
+        ids = [tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids,
+               tokenizer_2(captions, padding="max_length", max_length=T5_LENGTH, truncation=True,
+                           return_tensors="pt").input_ids]
+        sequence, pooled = families.encode_flux((clip, t5), ids)
+        draw = flow.draw(latents)
+        prediction = draw.prediction(families.call_flux(transformer, draw.noisy_latents, draw.timesteps, sequence,
+                                                        pooled, None))
+        loss = F.mse_loss(prediction, draw.target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        losses.append(loss.item())
+        if step % 100 == 0:
+            print(f"transformer step {step} loss {np.mean(losses[-100:]):.4f} lr {lr_schedule.get_last_lr()[0]:.2e} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+    record.update(transformer_steps=args.transformer_steps, transformer_final_loss=float(np.mean(losses[-100:])),
+                  transformer_seconds=round(time.time() - t0), learning_rate=args.learning_rate)
+
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.to(torch.float16 if args.save_precision == "fp16" else torch.float32).save_pretrained(
+        out, safe_serialization=True)
+    (out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"saved the toy model to {out}: {record}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
