@@ -275,12 +275,20 @@ class Model(NamedTuple):
 
 def guidance_arguments(family, config, scale, negative, n):
     """The pipeline call's guidance for n images: the scale in the argument the family's pipeline reads it from, and
-    the negative prompt. A pipeline that guides with a second pass (true_cfg_scale) does so only when it has a
-    negative prompt: the empty one when none is given, as classifier-free guidance means."""
+    the negative prompt where a guidance pass reads it. A pipeline that guides with a second pass (true_cfg_scale)
+    does so only when it has a negative prompt: the empty one when none is given, as classifier-free guidance means."""
     name = family.guidance_argument(config)
-    if name == "true_cfg_scale" and scale > 1 and not negative:
+    if not guides_with_negative(family, config, scale):
+        negative = None  # no second pass reads it (the images are the same with and without it)
+    elif name == "true_cfg_scale" and not negative:
         negative = ""
     return {name: scale, "negative_prompt": None if negative is None else [negative] * n}
+
+
+def guides_with_negative(family, config, scale):
+    """Whether sampling at this scale runs classifier-free guidance, the pass that reads the negative prompt: above
+    1, where the scale is not an input of the transformer (a guidance-distilled FLUX.1 runs no second pass)."""
+    return scale > 1 and not (family.guidance_argument(config) == "guidance_scale" and config.get("guidance_embeds"))
 
 
 def sampling_sequence_length(family, pipe):

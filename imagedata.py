@@ -193,6 +193,9 @@ def read_concepts(value, with_class):
         if not isinstance(validation, list) or not all(isinstance(v, str) for v in validation):
             cli.fail(f"{where}: subject {i}'s validation_prompt must be text or a list of texts")
         subjects.append({**{k: concept.get(k) for k in CONCEPT_KEYS}, "validation_prompt": validation})
+    if not with_class and any(s[k] for s in subjects for k in CONCEPT_KEYS[2:]):
+        cli.note(f"{where}: the subjects' class_prompt/class_data_dir have no effect without --with_prior_preservation: "
+                 "ignored")
     prompts = {}  # a class folder holds one class's images
     for s in subjects if with_class else []:
         first = prompts.setdefault(os.path.normpath(s["class_data_dir"]), s["class_prompt"])

@@ -270,6 +270,10 @@ def main(argv=None):
     own = model.family.sampling_defaults(model.config)  # FLUX.1 and SD 3.5 have their own steps and guidance
     args.num_inference_steps = args.num_inference_steps or own.get("validation_inference_steps", 30)
     args.guidance_scale = own.get("validation_guidance_scale", 7.5) if args.guidance_scale is None else args.guidance_scale
+    if args.negative_prompt and not families.guides_with_negative(model.family, model.config, args.guidance_scale):
+        cli.note(f"--negative_prompt has no effect on a {model.family.pipeline} at --guidance_scale "
+                 f"{args.guidance_scale:g} (no classifier-free guidance pass reads it): not used, nor recorded")
+        args.negative_prompt = None
     pivotal = find_token_embeddings(args)
     model_prompts = prompts  # what the text encoder reads; files and their records keep the prompts as written
     if pivotal:  # the identifier is new tokens: write it as trained ("sks"), the model reads its tokens

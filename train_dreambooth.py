@@ -50,6 +50,42 @@ def parse_args(argv=None):
     return cli.parse_args_with_config(build_parser(), argv)
 
 
+# Flags that act only with another flag, declared once: flag -> (what it needs, whether the arguments have it). One
+# given without its need (on the command line or in a --config file, which may carry it unused) gets a note at
+# start-up naming both; flags that contradict each other are refused in check_args.
+PRIOR, EMA, LORA, TI = ("--with_prior_preservation", lambda a: a.with_prior_preservation), (
+    "--use_ema", lambda a: a.use_ema), ("--lora_rank", lambda a: a.lora_rank > 0), (
+    "--train_text_encoder_ti", lambda a: a.train_text_encoder_ti)
+NEEDS = {
+    **dict.fromkeys(("class_dir", "class_prompt", "num_class_images", "prior_loss_weight", "sample_batch_size",
+                     "prior_generation_precision"), PRIOR),
+    **dict.fromkeys(("ema_decay", "ema_warmup", "save_raw_weights"), EMA),
+    **dict.fromkeys(("lora_alpha", "lora_dropout", "lora_target_modules", "lora_blocks"), LORA),
+    **dict.fromkeys(("token_abstraction", "num_new_tokens_per_abstraction", "initializer_concept"), TI),
+    "text_encoder_lr": ("--train_text_encoder or --train_text_encoder_ti",
+                        lambda a: a.train_text_encoder or a.train_text_encoder_ti),
+    **dict.fromkeys(("prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"),
+                    ("--optimizer prodigy", lambda a: a.optimizer == "prodigy")),
+    **dict.fromkeys(("validation_negative_prompt", "num_validation_images", "validation_steps", "validation_epochs",
+                     "validation_scheduler", "validation_guidance_scale", "validation_inference_steps"),
+                    ("--validation_prompt", lambda a: a.validation_prompt)),
+    **dict.fromkeys(("exports_total_limit", "export_precision"), ("--export_steps", lambda a: a.export_steps)),
+    "lr_num_cycles": ("--lr_scheduler cosine_with_restarts", lambda a: a.lr_scheduler == "cosine_with_restarts"),
+    "lr_power": ("--lr_scheduler polynomial", lambda a: a.lr_scheduler == "polynomial"),
+    **dict.fromkeys(("hub_model_id", "hub_token"), ("--push_to_hub", lambda a: a.push_to_hub)),
+}
+
+
+def note_unneeded(args, parser):
+    """The NEEDS notes: one line per missing need, naming the flags given without it."""
+    unused = {}
+    for flag, (need, has) in NEEDS.items():
+        if getattr(args, flag) != parser.get_default(flag) and not has(args):
+            unused.setdefault(need, []).append(f"--{flag}")
+    for need, flags in unused.items():
+        cli.note(f"{', '.join(flags)} {'has' if len(flags) == 1 else 'have'} no effect without {need}: ignored")
+
+
 def build_parser():
     p = cli.ArgumentParser(__doc__, __file__)
     cli.add_model_args(p).add_argument("--tokenizer_name", default=None, help="tokenizer to use instead of the model's own")
@@ -257,6 +293,12 @@ def check_args(args):
     """Everything that can be checked about the user's input before a model loads, and the config resolved from it
     (the model's family and resolution, subjects, the optimizer and learning rate, the checkpoint to resume, the
     seed): the one place that sets flags' values, with plan() for what follows from the data."""
+    if args.use_8bit_adam and args.optimizer not in ("adamw", "adamw8bit"):
+        cli.fail(f"--use_8bit_adam is AdamW in 8 bits: not with --optimizer {args.optimizer} (give one of them)")
+    if args.optimizer == "prodigy" and args.learning_rate is not None and args.learning_rate < 0.1:
+        cli.note(f"--optimizer prodigy with --learning_rate {args.learning_rate:g}: Prodigy estimates the step size "
+                 "itself and the learning rate scales it (1.0 is its default; 0.1-1 the usual range), so this run "
+                 "will barely move")
     if args.concepts_list:  # several subjects: their prompts and folders come from the list
         given = [flag for flag in ("instance_dir", "dataset_name", "instance_prompt", "class_dir", "class_prompt")
                  if getattr(args, flag)]
@@ -276,10 +318,9 @@ def check_args(args):
             cli.fail("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
         if args.with_prior_preservation and not args.class_dir:
             cli.fail("--with_prior_preservation needs --class_dir (a folder; missing class images are generated)")
-        if not args.with_prior_preservation and (args.class_dir or args.class_prompt):
-            cli.note("--class_dir/--class_prompt are ignored without --with_prior_preservation")
         args.subjects = [{"instance_prompt": args.instance_prompt, "instance_data_dir": args.instance_dir,
                           "class_prompt": args.class_prompt, "class_data_dir": args.class_dir, "validation_prompt": []}]
+    note_unneeded(args, build_parser())
     args.output_dir = os.path.expandvars(args.output_dir)
     if unset := re.search(r"\$\{?\w+\}?", args.output_dir):  # expandvars leaves an unset variable as it is
         cli.fail(f"--output_dir uses {unset.group()}, which is not set")
@@ -287,8 +328,6 @@ def check_args(args):
     if args.cache_latents and not args.center_crop:  # as diffusers' scripts, whose random crop is drawn once
         cli.note("--cache_latents without --center_crop: each image's random crop is drawn once and cached (the same "
                  "every epoch, as diffusers' scripts do); add --center_crop for the centre")
-    if args.save_raw_weights and not args.use_ema:
-        cli.note("--save_raw_weights has no effect without --use_ema (the result is the raw weights then)")
     if args.use_dora and not args.lora_rank:
         cli.fail("--use_dora needs --lora_rank: DoRA is a kind of LoRA adapter")
     if args.use_dora:

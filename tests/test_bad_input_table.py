@@ -67,6 +67,8 @@ ROWS = [  # script, extra flags, exit code, the line
      "error: --save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file (FLUX.1 and "
      "SD 3.5: pytorch_lora_weights.safetensors itself)"),
     ("train", ["--use_dora"], 1, "error: --use_dora needs --lora_rank: DoRA is a kind of LoRA adapter"),
+    ("train", ["--use_8bit_adam", "--optimizer", "prodigy"], 1,
+     "error: --use_8bit_adam is AdamW in 8 bits: not with --optimizer prodigy (give one of them)"),
     ("train", ["--train_text_encoder_frac", 0.5], 1,
      "error: --train_text_encoder_frac needs --train_text_encoder or --train_text_encoder_ti"),
     ("train", ["--train_text_encoder_frac", 0], 2,
@@ -415,3 +417,47 @@ def test_the_run_holds_its_folder_and_lets_it_go(tmp_path):
     runs.check_output_dir_free(folder)  # this process's own run may start again (tests run main() in turn)
     runs.release_output_dir(folder)
     assert not folder.exists()
+
+
+@pytest.mark.parametrize("extra, line", [
+    (["--ema_decay", 0.9, "--ema_warmup"], "--ema_decay, --ema_warmup have no effect without --use_ema: ignored"),
+    (["--lora_alpha", 8, "--lora_dropout", 0.1], "--lora_alpha, --lora_dropout have no effect without --lora_rank: "
+                                                 "ignored"),
+    (["--text_encoder_lr", 1e-5], "--text_encoder_lr has no effect without --train_text_encoder or "
+                                  "--train_text_encoder_ti: ignored"),
+    (["--initializer_concept", "dog", "--num_new_tokens_per_abstraction", 3],
+     "--num_new_tokens_per_abstraction, --initializer_concept have no effect without --train_text_encoder_ti: ignored"),
+    (["--prodigy_decouple", "false"], "--prodigy_decouple has no effect without --optimizer prodigy: ignored"),
+    (["--class_prompt", "a photo of dog", "--prior_loss_weight", 0.5],
+     "--class_prompt, --prior_loss_weight have no effect without --with_prior_preservation: ignored"),
+    (["--validation_steps", 10], "--validation_steps has no effect without --validation_prompt: ignored"),
+    (["--optimizer", "prodigy", "--learning_rate", 5e-6], "--optimizer prodigy with --learning_rate 5e-06: Prodigy "
+     "estimates the step size itself and the learning rate scales it (1.0 is its default; 0.1-1 the usual range), so "
+     "this run will barely move"),
+])
+def test_a_flag_without_the_flag_it_needs_is_noted(base, capsys, extra, line):
+    """The dependencies declared beside the parser (train_dreambooth.NEEDS): a note at start-up, before anything
+    loads, naming the flags and what they need."""
+    out, argv = base
+    train_dreambooth.check_args(train_dreambooth.parse_args([str(a) for a in argv["train"] + extra]))
+    assert "note: " + line in capsys.readouterr().err.splitlines()
+
+
+def test_every_needed_flag_exists_and_the_defaults_draw_no_note(base, capsys):
+    out, argv = base
+    flags = {a.dest for a in train_dreambooth.build_parser()._actions}
+    assert set(train_dreambooth.NEEDS) <= flags
+    train_dreambooth.check_args(train_dreambooth.parse_args([str(a) for a in argv["train"]]))
+    assert "no effect" not in capsys.readouterr().err
+
+
+def test_a_negative_prompt_no_guidance_reads_is_noted_and_not_recorded(tiny_model, tmp_path, capsys):
+    infer.main([str(a) for a in ("--model", tiny_model, "--prompt", "a photo of dog", "--negative_prompt", "blurry",
+                                 "--guidance_scale", 1, "--num_inference_steps", 1, "--num_images_per_prompt", 1,
+                                 "--output_dir", tmp_path, "--device", "cpu")])
+    assert ("note: --negative_prompt has no effect on a StableDiffusionPipeline at --guidance_scale 1 (no "
+            "classifier-free guidance pass reads it): not used, nor recorded") in capsys.readouterr().err.splitlines()
+    (image,) = tmp_path.glob("*.png")
+    with Image.open(image) as im:
+        assert json.loads(im.text["dreambooth"])["negative_prompt"] is None
+        assert "Negative prompt" not in im.text["parameters"]
