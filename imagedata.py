@@ -196,13 +196,27 @@ def read_concepts(value, with_class):
     if not with_class and any(s[k] for s in subjects for k in CONCEPT_KEYS[2:]):
         cli.note(f"{where}: the subjects' class_prompt/class_data_dir have no effect without --with_prior_preservation: "
                  "ignored")
-    prompts = {}  # a class folder holds one class's images
-    for s in subjects if with_class else []:
-        first = prompts.setdefault(os.path.normpath(s["class_data_dir"]), s["class_prompt"])
-        if first != s["class_prompt"]:
-            cli.fail(f"{where}: class folder {s['class_data_dir']} is given two class prompts ('{first}' and "
-                 f"'{s['class_prompt']}'): one folder per class")
+    if with_class:
+        check_class_folders(subjects, f"{where}: ")
     return subjects
+
+
+def check_class_folders(subjects, where=""):
+    """Class folders are outputs (missing class images are generated into them): never a subject's photo folder,
+    where the class images would be made among the photos and the photos read as class images; and one folder per
+    class prompt, however the folder is spelled (relative, absolute, through a link)."""
+    photos = {os.path.realpath(s["instance_data_dir"]): s["instance_data_dir"] for s in subjects
+              if s.get("instance_data_dir")}
+    prompts = {}
+    for s in subjects:
+        folder = os.path.realpath(s["class_data_dir"])
+        if folder in photos:
+            cli.fail(f"{where}class folder {s['class_data_dir']} is the photo folder {photos[folder]}: class images "
+                     "are generated into it; give them a folder of their own")
+        first = prompts.setdefault(folder, s["class_prompt"])
+        if first != s["class_prompt"]:
+            cli.fail(f"{where}class folder {s['class_data_dir']} is given two class prompts ('{first}' and "
+                     f"'{s['class_prompt']}'): one folder per class")
 
 
 def read_caption(image_path, default):

@@ -321,6 +321,11 @@ def check_args(args):
         args.subjects = [{"instance_prompt": args.instance_prompt, "instance_data_dir": args.instance_dir,
                           "class_prompt": args.class_prompt, "class_data_dir": args.class_dir, "validation_prompt": []}]
     note_unneeded(args, build_parser())
+    if args.with_prior_preservation:  # class folders are outputs: checked as --output_dir is
+        imagedata.check_class_folders(args.subjects)
+        for subject in args.subjects:
+            if generate_priors.missing_prior_indices(subject["class_data_dir"], args.num_class_images):
+                cli.check_writable(subject["class_data_dir"], "class folder")
     args.output_dir = os.path.expandvars(args.output_dir)
     if unset := re.search(r"\$\{?\w+\}?", args.output_dir):  # expandvars leaves an unset variable as it is
         cli.fail(f"--output_dir uses {unset.group()}, which is not set")

@@ -6,6 +6,7 @@ milliseconds. Numeric flags declare their range with the flag (cli.number): the 
 import errno
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -461,3 +462,35 @@ def test_a_negative_prompt_no_guidance_reads_is_noted_and_not_recorded(tiny_mode
     with Image.open(image) as im:
         assert json.loads(im.text["dreambooth"])["negative_prompt"] is None
         assert "Negative prompt" not in im.text["parameters"]
+
+
+def test_class_folders_are_outputs_never_photo_folders(base, capsys, tmp_path, photos):
+    """A class folder that is a subject's photo folder (directly, through a concepts list, through generate_priors.py's
+    list, spelled another way) is refused before anything is generated into it; one class folder spelled two ways is
+    still one folder, for one class prompt."""
+    out, argv = base
+    prior = ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", 2]
+    line = (1, f"error: class folder {{}} is the photo folder {photos}: class images are generated into it; give them "
+               "a folder of their own")
+    for spelling in (photos, f"{photos}/", f"{photos}/../{Path(photos).name}"):
+        assert outcome("train", argv["train"] + prior + ["--class_dir", spelling], capsys) == (
+            line[0], line[1].format(spelling))
+    other = tmp_path / "other-photos"
+    shutil.copytree(photos, other)
+    concepts = [{"instance_prompt": "a photo of sks dog", "instance_data_dir": str(photos),
+                 "class_prompt": "a photo of dog", "class_data_dir": str(tmp_path / "priors")},
+                {"instance_prompt": "a photo of zwx dog", "instance_data_dir": str(other),
+                 "class_prompt": "a photo of dog", "class_data_dir": str(photos)}]
+    path = tmp_path / "concepts.json"
+    path.write_text(json.dumps(concepts))
+    train = [a for a in argv["train"] if a not in ("--instance_dir", photos, "--instance_prompt", "a photo of sks dog")]
+    expected = (1, f"error: --concepts_list {path}: " + line[1].format(photos)[len("error: "):])
+    assert outcome("train", train + ["--concepts_list", path, "--with_prior_preservation"], capsys) == expected
+    assert outcome("priors", ["--model", argv["priors"][1], "--concepts_list", path], capsys) == expected
+    assert sorted(p.name for p in Path(photos).iterdir()) == sorted(p.name for p in other.iterdir())  # nothing added
+    concepts[1]["class_data_dir"] = str(tmp_path / "priors" / ".." / "priors")  # the first's, for another class
+    concepts[1]["class_prompt"] = "a photo of cat"
+    path.write_text(json.dumps(concepts))
+    assert outcome("priors", ["--model", argv["priors"][1], "--concepts_list", path], capsys) == (
+        1, f"error: --concepts_list {path}: class folder {concepts[1]['class_data_dir']} is given two class prompts "
+           "('a photo of dog' and 'a photo of cat'): one folder per class")
