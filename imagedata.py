@@ -3,6 +3,7 @@ datasets, several subjects; and for training the crops, flips and aspect-ratio b
 pairs each photo with a class image, and the latent and prompt caches."""
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -102,19 +103,49 @@ def is_mask(path):
     return Path(path).stem.lower().endswith(MASK_SUFFIX) and Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def mask_of(path):
+    """The photo stem a mask file belongs to ("dog" for dog.mask.png, dog.MASK.PNG), or None for other files."""
+    return Path(path).stem[:-len(MASK_SUFFIX)] if is_mask(path) else None
+
+
 def find_mask(photo):
-    """photo.mask.png (or .jpg, ...) beside photo.jpg, or None; checked now, so a bad one is named before a model loads."""
-    masks = [photo.with_name(photo.stem + MASK_SUFFIX + ext) for ext in sorted(IMAGE_EXTENSIONS)]
-    mask = next((m for m in masks if m.is_file()), None)
-    if mask:
-        load_mask(mask, load_image(photo).size)
-    return mask
+    """photo.mask.png (or .jpg, ..., in any case: photo.MASK.PNG) beside photo.jpg, or None; checked now, so a bad
+    one is named before a model loads."""
+    masks = sorted(m for m in photo.parent.iterdir() if mask_of(m) == photo.stem and m.is_file())
+    if masks:
+        load_mask(masks[0], load_image(photo).size, photo)
+    return masks[0] if masks else None
 
 
-def load_mask(path, size):
+def note_unused_masks(folder, images, photos=True):
+    """Masks that weigh nothing, named at start-up: in a photo folder those without a photo of their name (a typo, a
+    renamed photo); in a class folder all of them (masks weigh the subject photos' loss only)."""
+    stems = {p.stem for p in images}
+    unused = [m.name for m in sorted(Path(folder).iterdir()) if mask_of(m) is not None
+              and (not photos or mask_of(m) not in stems)]
+    if unused:
+        cli.note(f"{len(unused)} mask(s) in {folder} " + ("have no photo of their name (photo.mask.png goes beside "
+                 "photo.jpg)" if photos else "are in a class folder (masks weigh the subject photos only)")
+                 + f", not used: {', '.join(unused[:5])}")
+
+
+def note_cropped_out_masks(photos, size, center_crop):
+    """A photo whose centre crop (at --resolution, without buckets) leaves none of its mask's white in view: with the
+    background weighted 0 that photo teaches nothing, whatever it shows."""
+    if not center_crop:
+        return
+    lost = [p.name for p, _, mask in photos if isinstance(p, Path) and mask is not None
+            and preprocess(load_image(p), size, True, False, None, mask=load_mask(mask, load_image(p).size))[2].max() < 0.5]
+    if lost:
+        cli.note(f"the centre crop leaves none of the subject (the mask's white) in view in {len(lost)} photo(s): "
+                 f"{', '.join(lost[:5])}; their loss is only the background's (--mask_background_weight)")
+
+
+def load_mask(path, size, photo=None):
     """A mask as an 8-bit grey image of `size` (its photo's: the mask may have another size, not another shape)."""
     try:
         with Image.open(path) as image:
+            turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
             mask = ImageOps.exif_transpose(image)
             mask.load()
     except Exception as e:  # PIL raises several types for bad files
@@ -129,7 +160,11 @@ def load_mask(path, size):
              "and white (white = the subject), grey at soft edges")
     (w, h), (pw, ph) = mask.size, size
     if abs(w * ph - h * pw) > 0.02 * max(w * ph, h * pw):
-        cli.fail(f"mask {path} is {w}x{h} and its photo {pw}x{ph}: a mask has its photo's shape (at any size)")
+        with Image.open(photo) if photo else contextlib.nullcontext() as shown:
+            photo_turned = shown is not None and shown.getexif().get(0x0112, 1) in (5, 6, 7, 8) and not turned
+        cli.fail(f"mask {path} is {w}x{h} and its photo {pw}x{ph}: a mask has its photo's shape (at any size)"
+                 + (f"; {photo} is shown turned by its EXIF orientation: make the mask from the photo as shown, "
+                    "upright" if photo_turned else ""))
     if rgba[..., 0].max() < 128:
         cli.fail(f"mask {path} has no white pixels: white marks the subject")
     return mask.convert("L").resize(size, Image.BILINEAR)

@@ -480,9 +480,14 @@ def load_subjects(args):
             args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column, args.instance_prompt)
         if not photos:
             cli.fail(f"no images in instance folder {folder}")
+        if folder:  # masks that would weigh nothing: without a photo, or whose subject the centre crop cuts away
+            imagedata.note_unused_masks(folder, [path for path, _, _ in photos])
+            if not args.aspect_ratio_buckets:
+                imagedata.note_cropped_out_masks(photos, (args.resolution, args.resolution), args.center_crop)
         subjects.append(pivot_prompts(args, photos))
         if args.with_prior_preservation and Path(subject["class_data_dir"]).exists():
-            imagedata.list_images(subject["class_data_dir"], "class image")  # names a corrupt class image now, not mid-run
+            class_images = imagedata.list_images(subject["class_data_dir"], "class image")  # a corrupt one named now
+            imagedata.note_unused_masks(subject["class_data_dir"], class_images, photos=False)
     return subjects
 
 

@@ -494,3 +494,50 @@ def test_class_folders_are_outputs_never_photo_folders(base, capsys, tmp_path, p
     assert outcome("priors", ["--model", argv["priors"][1], "--concepts_list", path], capsys) == (
         1, f"error: --concepts_list {path}: class folder {concepts[1]['class_data_dir']} is given two class prompts "
            "('a photo of dog' and 'a photo of cat'): one folder per class")
+
+
+def test_masks_are_found_in_any_case_and_unused_ones_named(base, capsys, tmp_path):
+    """photo.MASK.PNG is photo.png's mask; a mask without its photo, masks in a class folder and a mask whose subject
+    the centre crop cuts away are named at start-up; a mask made from an EXIF-turned photo's stored pixels is refused
+    with the reason."""
+    out, argv = base
+    photos, priors = tmp_path / "photos", tmp_path / "priors"
+    photos.mkdir()
+    priors.mkdir()
+    Image.new("RGB", (32, 32), "red").save(photos / "a.png")
+    Image.new("L", (32, 32), 255).save(photos / "a.MASK.PNG")
+    Image.new("RGB", (64, 32), "red").save(photos / "wide.png")
+    edge = Image.new("L", (64, 32), 0)
+    edge.paste(255, (0, 0, 8, 32))  # the subject at the left edge: a centre crop of 32x32 cuts it away
+    edge.save(photos / "wide.mask.png")
+    Image.new("L", (32, 32), 255).save(photos / "typo.mask.png")
+    Image.new("RGB", (32, 32), "blue").save(priors / "0.png")
+    Image.new("L", (32, 32), 255).save(priors / "0.mask.png")
+    assert imagedata.find_mask(photos / "a.png") == photos / "a.MASK.PNG"
+    args = train_dreambooth.parse_args([str(a) for a in (
+        "--model", argv["train"][1], "--instance_dir", photos, "--instance_prompt", "a photo of sks dog",
+        "--output_dir", out, "--resolution", 32, "--center_crop", "--with_prior_preservation", "--class_dir", priors,
+        "--class_prompt", "a photo of dog", "--num_class_images", 1)])
+    train_dreambooth.check_args(args)
+    capsys.readouterr()
+    (subject,) = train_dreambooth.load_subjects(args)
+    assert [mask.name if mask else None for _, _, mask in subject] == ["a.MASK.PNG", "wide.mask.png"]
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == [
+        f"note: 1 mask(s) in {photos} have no photo of their name (photo.mask.png goes beside photo.jpg), not used: "
+        "typo.mask.png",
+        "note: the centre crop leaves none of the subject (the mask's white) in view in 1 photo(s): wide.png; their "
+        "loss is only the background's (--mask_background_weight)",
+        f"note: 1 mask(s) in {priors} are in a class folder (masks weigh the subject photos only), not used: 0.mask.png"]
+
+    turned = tmp_path / "turned"
+    turned.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 48x32, shown 32x48
+    Image.new("RGB", (48, 32), "red").save(turned / "p.jpg", exif=exif)
+    Image.new("L", (48, 32), 255).save(turned / "p.mask.png")
+    with pytest.raises(SystemExit) as e:
+        imagedata.find_mask(turned / "p.jpg")
+    assert str(e.value) == (f"error: mask {turned / 'p.mask.png'} is 48x32 and its photo 32x48: a mask has its photo's "
+                            f"shape (at any size); {turned / 'p.jpg'} is shown turned by its EXIF orientation: make the "
+                            "mask from the photo as shown, upright")
