@@ -392,8 +392,9 @@ def module_keys(state, module):
 
 def pivot_prompt(prompt, word, tokens):
     """Pivotal tuning: the identifier in a prompt replaced by the run's new tokens ("a photo of sks dog" -> "a photo
-    of <s0><s1> dog")."""
-    return re.sub(rf"\b{re.escape(word)}\b", "".join(tokens), prompt)
+    of <s0><s1> dog"): as a whole word in any case (CLIP lower-cases what it reads: "SKS" is "sks" to it), any
+    characters in it ("<sks>")."""
+    return re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", "".join(tokens), prompt, flags=re.IGNORECASE)
 
 
 def load_token_embeddings(pipe, path, family, tokens):

@@ -348,6 +348,9 @@ def check_args(args):
         cli.fail("--optimizer prodigy takes one learning rate for all parameters: leave out --text_encoder_lr")
     args.new_tokens = [f"<s{i}>" for i in range(args.num_new_tokens_per_abstraction)] if args.train_text_encoder_ti else []
     if args.train_text_encoder_ti:  # the validation prompts as the model reads them; instance prompts: load_instance_examples
+        if not args.token_abstraction.strip() or args.token_abstraction != args.token_abstraction.strip():
+            cli.fail(f"--token_abstraction {args.token_abstraction!r}: give the identifier word of the instance "
+                     "prompt, without spaces (e.g. sks)")
         if families.pivot_prompt(args.instance_prompt, args.token_abstraction, args.new_tokens) == args.instance_prompt:
             cli.fail(f"--token_abstraction '{args.token_abstraction}' is not a word of --instance_prompt "
                     f"'{args.instance_prompt}': give the identifier, e.g. --token_abstraction sks")
@@ -492,12 +495,28 @@ def load_subjects(args):
 
 
 def pivot_prompts(args, examples):
+    """Pivotal tuning: each photo's prompt with the identifier as the new tokens; a prompt without the identifier, or
+    one the new tokens push past a text encoder's length (the words after them would be cut off), is refused."""
     if not args.train_text_encoder_ti:
         return examples
+    from transformers import AutoTokenizer
+
+    family = families.FAMILIES[args.model_family]
+    tokenizers = [loading.from_pretrained(AutoTokenizer, args.pretrained_model_name_or_path, subfolder=sub,
+                                          revision=args.revision) for sub in family.tokenizers]
     for i, (image, prompt, _) in enumerate(examples):
         if families.pivot_prompt(prompt, args.token_abstraction, args.new_tokens) == prompt:  # no identifier in it
             cli.fail(f"the caption of {image if isinstance(image, Path) else f'example {i}'} has no "
                     f"'{args.token_abstraction}' (--token_abstraction) for pivotal tuning's tokens: '{prompt}'")
+        for sub, encoder, tokenizer in zip(family.tokenizers, family.text_encoder_names, tokenizers):
+            limit = args.max_sequence_length if sub == family.sequence_tokenizer else tokenizer.model_max_length
+            without = families.pivot_prompt(prompt, args.token_abstraction, [])
+            length = len(tokenizer(without, verbose=False).input_ids) + len(args.new_tokens) * (
+                len(families.pivot_prompt(prompt, args.token_abstraction, ["<>"]).split("<>")) - 1)
+            if length > limit:
+                cli.fail(f"with {len(args.new_tokens)} new tokens (--num_new_tokens_per_abstraction) the prompt "
+                         f"'{prompt}' is {length} tokens, past {encoder}'s {limit}: the words after them would be "
+                         "cut off; use fewer tokens or a shorter prompt")
     return [(image, families.pivot_prompt(prompt, args.token_abstraction, args.new_tokens), mask)
             for image, prompt, mask in examples]
 

@@ -541,3 +541,22 @@ def test_masks_are_found_in_any_case_and_unused_ones_named(base, capsys, tmp_pat
     assert str(e.value) == (f"error: mask {turned / 'p.mask.png'} is 48x32 and its photo 32x48: a mask has its photo's "
                             f"shape (at any size); {turned / 'p.jpg'} is shown turned by its EXIF orientation: make the "
                             "mask from the photo as shown, upright")
+
+
+def test_the_pivotal_identifier_is_a_whole_word_in_any_case_and_its_tokens_fit(base, capsys, tiny_model):
+    """The identifier is replaced as a whole word, whatever its characters and case (CLIP lower-cases); an empty one
+    is refused (it would match between every two words); new tokens that push the prompt past the text encoder's
+    length are refused before anything loads."""
+    from transformers import AutoTokenizer
+
+    assert families.pivot_prompt("a photo of <sks> dog", "<sks>", ["<s0>", "<s1>"]) == "a photo of <s0><s1> dog"
+    assert families.pivot_prompt("SKS, a photo of Sks dog; sksy", "sks", ["<s0>"]) == "<s0>, a photo of <s0> dog; sksy"
+    out, argv = base
+    ti = argv["train"] + ["--train_text_encoder_ti"]
+    assert outcome("train", ti + ["--token_abstraction", ""], capsys) == (
+        1, "error: --token_abstraction '': give the identifier word of the instance prompt, without spaces (e.g. sks)")
+    tokens = len(AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")("a photo of  dog").input_ids) + 80
+    assert outcome("train", ti + ["--num_new_tokens_per_abstraction", 80], capsys) == (
+        1, f"error: with 80 new tokens (--num_new_tokens_per_abstraction) the prompt 'a photo of sks dog' is {tokens} "
+           "tokens, past text_encoder's 77: the words after them would be cut off; use fewer tokens or a shorter prompt")
+    assert not out.exists()
