@@ -32,8 +32,16 @@ warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument
 
 
 def fail(message):
-    """Stop with one line that names the problem. SystemExit prints it to stderr and exits 1, without a traceback."""
+    """Stop with one line that names the problem. SystemExit prints it to stderr and exits 1, without a traceback.
+    An open progress bar is closed first, so the line stands alone and the bar is not drawn again after it."""
+    for bar in list(getattr(sys.modules.get("tqdm.std"), "tqdm", object).__dict__.get("_instances", ())):
+        bar.close()
     raise SystemExit(f"error: {message}")
+
+
+class InputError(Exception):
+    """Bad input met during the run (a photo changed or deleted since the start): an ordinary exception, so that it
+    crosses a DataLoader worker, which cannot exit the run itself; run() turns it into fail()'s one line."""
 
 
 def note(message):
@@ -72,6 +80,8 @@ def run(main):
 
     try:
         main()
+    except InputError as e:  # from a DataLoader worker it comes back with the worker's traceback in its text
+        fail(str(e).strip().splitlines()[-1].removeprefix(f"{InputError.__module__}.InputError: "))
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -408,8 +408,14 @@ class DreamBoothDataset(Dataset):
     def image(self, key, image, mask, size, generator):
         if self.latents is not None:  # the crop was made when caching: the one random draw is the flip, as in preprocess
             return self.latents[(*key, size, bool(self.random_flip and torch.rand((), generator=generator) < 0.5))]
-        image = image if isinstance(image, Image.Image) else load_image(image)
-        mask = mask and load_mask(mask, image.size)
+        try:  # read again every epoch: the files may have changed since the start-up checks
+            image = image if isinstance(image, Image.Image) else load_image(image)
+            mask = mask and load_mask(mask, image.size)
+        except (OSError, ValueError, SystemExit) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).removeprefix("error: ")
+            raise cli.InputError(f"cannot read {key[0]} image {mask if isinstance(e, SystemExit) else image} during "
+                                 f"training ({reason}): it changed or went away since the start; put it back and run "
+                                 "again (--resume_from_checkpoint latest continues from the last checkpoint)") from None
         return preprocess(image, size, self.center_crop, self.random_flip, generator, mask=mask)
 
     def text(self, prompt):

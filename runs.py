@@ -267,6 +267,22 @@ def stop_requests():
             signal.signal(sig, handler)
 
 
+def clear_unstarted_run(output_dir, logging_dir):
+    """A run that failed after writing its record and before saving anything (no checkpoint, no weights: a photo
+    that went away, memory) leaves only records: they go, with a note, so that the corrected command starts there
+    instead of being told the folder is not empty."""
+    records = {"run_config.json", "code", "validation", "wandb", Path(logging_dir).parts[0] if logging_dir else "", LOCK}
+    folder = Path(output_dir)
+    if not (folder / "run_config.json").is_file() or any(p.name not in records for p in folder.iterdir()) or any(
+            p.name != "step-000000.png" for p in (folder / "validation").glob("*")):  # the base model's images only
+        return
+    cli.note(f"{folder} holds only the record of a run that saved nothing (no checkpoint, no weights): starting "
+             "over there")
+    for path in folder.iterdir():
+        if path.name != LOCK:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 LOCK = ".dreambooth.lock"
 _HELD = {}  # folder -> (its open lock file, made by this run): the lock lasts as long as the file stays open
 

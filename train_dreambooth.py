@@ -366,6 +366,13 @@ def check_args(args):
     args.resolution = model.resolution if args.resolution is None else args.resolution
     if args.resolution % family.size_multiple:
         cli.fail(f"--resolution {args.resolution}: {family.pipeline} takes sides in multiples of {family.size_multiple}")
+    for h, w in imagedata.bucket_sizes(args.aspect_ratio_buckets, args.resolution) if args.aspect_ratio_buckets else []:
+        if h % family.size_multiple or w % family.size_multiple:
+            cli.fail(f"--aspect_ratio_buckets {h},{w}: {family.pipeline} takes sides in multiples of "
+                     f"{family.size_multiple}")
+        if h * w > 4 * args.resolution ** 2:  # a typo's 100000,100000 would fail for memory at the first batch
+            cli.fail(f"--aspect_ratio_buckets {h},{w} is {h * w / args.resolution ** 2:,.0f} times --resolution "
+                     f"{args.resolution}'s area: buckets are shapes of about that area (at most 4 times)")
     check_family_flags(args, model)
     if args.train_text_encoder_ti and not hasattr(family.pipeline_class(), "load_textual_inversion"):
         cli.fail(f"--train_text_encoder_ti: diffusers' {family.pipeline} has no textual-inversion loader, so the new "
@@ -388,6 +395,7 @@ def check_args(args):
         export.check_hub_login(args.hub_token)
     out = Path(args.output_dir)
     runs.check_output_dir_free(out)  # another run's folder: say whose, before its contents are judged
+    runs.clear_unstarted_run(out, args.logging_dir)
     args.resume_record = None
     if args.resume_from_checkpoint == "latest":
         checkpoints = runs.list_checkpoints(out)

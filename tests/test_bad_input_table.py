@@ -68,6 +68,8 @@ ROWS = [  # script, extra flags, exit code, the line
      "error: --save_single_file writes a whole model: a LoRA run's file for the web UIs is its kohya file (FLUX.1 and "
      "SD 3.5: pytorch_lora_weights.safetensors itself)"),
     ("train", ["--use_dora"], 1, "error: --use_dora needs --lora_rank: DoRA is a kind of LoRA adapter"),
+    ("train", ["--aspect_ratio_buckets", "100000,100000"], 1, "error: --aspect_ratio_buckets 100000,100000 is "
+     "2,441,406 times --resolution 64's area: buckets are shapes of about that area (at most 4 times)"),
     ("train", ["--use_8bit_adam", "--optimizer", "prodigy"], 1,
      "error: --use_8bit_adam is AdamW in 8 bits: not with --optimizer prodigy (give one of them)"),
     ("train", ["--train_text_encoder_frac", 0.5], 1,
@@ -560,3 +562,33 @@ def test_the_pivotal_identifier_is_a_whole_word_in_any_case_and_its_tokens_fit(b
         1, f"error: with 80 new tokens (--num_new_tokens_per_abstraction) the prompt 'a photo of sks dog' is {tokens} "
            "tokens, past text_encoder's 77: the words after them would be cut off; use fewer tokens or a shorter prompt")
     assert not out.exists()
+
+
+def test_a_photo_gone_during_training_is_one_line_and_the_rerun_starts_over(run, tiny_model, photos, tmp_path, capsys):
+    """A photo deleted after the start-up checks: the step that reads it stops in one line naming it (through a
+    DataLoader worker too), after the progress bar is closed; the folder then holds only the run's record, so the same
+    command, once the photo is back, starts over there (with a note) instead of being refused."""
+    folder, out = tmp_path / "photos", tmp_path / "out"
+    shutil.copytree(photos, folder)
+    args = ["--model", tiny_model, "--instance_dir", folder, "--instance_prompt", "a photo of sks dog", "--output_dir",
+            out, "--resolution", 64, "--max_train_steps", 4, "--train_batch_size", 1, "--dataloader_num_workers", 1,
+            "--report_to", "none"]
+    gone = sorted(folder.iterdir())[0]
+    kept = gone.read_bytes()
+    # the photo goes after the checks: the first example read (in the DataLoader's worker) removes it
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\nsys.path.insert(0, os.getcwd())\nimport imagedata\nread = imagedata.DreamBoothDataset.__getitem__\n"
+        f"def first_read_removes(self, i):\n    os.path.exists({str(gone)!r}) and os.remove({str(gone)!r})\n"
+        "    return read(self, i)\nimagedata.DreamBoothDataset.__getitem__ = first_read_removes\n")
+    proc = run("train_dreambooth.py", *args, launch=False, check=False, env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: cannot read instance image {gone} during training (No such file or directory): it changed or went "
+        "away since the start; put it back and run again (--resume_from_checkpoint latest continues from the last "
+        "checkpoint)")
+    assert sorted(p.name for p in out.iterdir()) == ["code", "run_config.json"]
+    gone.write_bytes(kept)
+    train_dreambooth.check_args(train_dreambooth.parse_args([str(a) for a in args]))  # the same command again
+    assert f"note: {out} holds only the record of a run that saved nothing (no checkpoint, no weights): starting over " \
+           "there" in capsys.readouterr().err.splitlines()
+    assert list(out.iterdir()) == []

@@ -327,6 +327,8 @@ def flow_base(tiny_model, tiny_flux, tiny_sd3, photos, tmp_path):
                                                       "StableDiffusionPipeline: use one of ddim, dpm++_2m, "
                                                       "dpm++_2m_karras, euler, euler_a, pndm, unipc"),
     ("flux", ["--resolution", 72], "--resolution 72: FluxPipeline takes sides in multiples of 16"),
+    ("flux", ["--aspect_ratio_buckets", "64,64;48,72"], "--aspect_ratio_buckets 48,72: FluxPipeline takes sides in "
+                                                       "multiples of 16"),
     ("sd3", ["--train_text_encoder_ti"], "--train_text_encoder_ti: diffusers' StableDiffusion3Pipeline has no "
                                          "textual-inversion loader, so the new tokens could not be loaded beside the "
                                          "weights (pivotal tuning is for SD, SDXL and FLUX.1)"),
