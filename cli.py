@@ -191,6 +191,8 @@ def parse_args_with_config(parser, argv=None):
             if action.nargs == 0:  # a switch such as --train_text_encoder
                 if not isinstance(value, bool):
                     raise ValueError("expected true or false")
+            elif action.nargs == "?" and action.const is not None and isinstance(value, bool):
+                value = action.const if value else action.default  # true: the bare flag (--aspect_ratio_buckets)
             elif getattr(action, "structured", False) and isinstance(value, list):
                 pass  # --concepts_list: here the data itself (a path on the command line), checked by its reader
             elif value is not None:  # each value goes through the flag's own type, as its text would on the command line

@@ -352,6 +352,10 @@ def main(argv=None):
     if record is None:
         cli.fail(f"{folder} is not a training output folder or an export of one (no run_config.json in it or beside it)")
     if not ((folder / "model_index.json").is_file() or (folder / families.LORA_WEIGHTS).is_file()):
+        if (folder / "random_states_0.pkl").is_file():  # a full run's checkpoint: training state, no pipeline
+            cli.fail(f"{folder} is a training checkpoint (the state to resume from, not a pipeline): export the run's "
+                     "folder once it has finished, or an export-N folder (--export_steps saves pipelines of "
+                     "intermediate steps)")
         cli.fail(f"{folder} holds no finished result yet (no model_index.json or {families.LORA_WEIGHTS})")
     if not (args.single_file or args.kohya or args.push_to_hub):
         cli.fail("nothing to do: give --single_file, --kohya or --push_to_hub")

@@ -309,6 +309,14 @@ def family_of_single_file(keys, path):
     if any({"double_blocks", "joint_blocks"} & set(k.split(".")) for k in keys):
         cli.fail(f"{path} is a FLUX.1 or SD3 single file: give the model as a diffusers folder or hub id (single files "
                  "of these families are not read by this version)")
+    if not any(k.startswith(("model.diffusion_model.", "conditioner.", "cond_stage_model.", "first_stage_model."))
+               for k in keys):  # no model: say what it is, rather than what the converter could not find online
+        embeddings = {k.split(".")[0] for k in keys} <= {"emb_params", "clip_l", "clip_g", "t5", "string_to_param"}
+        lora = any("lora" in k.lower() for k in keys)
+        what = ("a LoRA file, not a model" if lora else "a token-embeddings file (textual inversion), not a model"
+                if keys and embeddings else "no model checkpoint (none of its keys is a model's)")
+        cli.fail(f"{path} is {what}: give the base model (a diffusers folder, hub id or checkpoint file) as the model"
+                 + ("; infer.py takes the adapters with --lora" if lora else ""))
     return SDXL if any(k.startswith("conditioner.embedders.1.") for k in keys) else SD
 
 

@@ -9,6 +9,7 @@ so `--image_index j` with the same command makes that one image again, byte for 
 in a `parameters` text chunk (the format AUTOMATIC1111 and Civitai read) and as JSON in a `dreambooth` chunk.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -186,7 +187,8 @@ def load_model(args, kind, source, dtype, device):
     if args.lora:
         folder, name = (args.lora, families.LORA_WEIGHTS) if Path(args.lora).is_dir() else (str(Path(args.lora).parent), Path(args.lora).name)
         try:
-            pipe.load_lora_weights(folder, weight_name=name, adapter_name="dreambooth")
+            with quiet_missing_text_encoder_adapters():
+                pipe.load_lora_weights(folder, weight_name=name, adapter_name="dreambooth")
         except (ValueError, KeyError, OSError) as e:
             cli.fail(f"cannot load LoRA weights {args.lora}: {cli.first_line(e)}")
         if args.fuse_lora:
@@ -196,13 +198,34 @@ def load_model(args, kind, source, dtype, device):
     return pipe
 
 
-def warn_if_truncated(tokenizer, prompt, index):
-    """CLIP reads 77 tokens; say which words of a longer prompt it never sees."""
+@contextlib.contextmanager
+def quiet_missing_text_encoder_adapters():
+    """diffusers warns "No LoRA keys associated to CLIPTextModel found ... open an issue" for every LoRA without
+    text-encoder adapters (most of them, the demo's included): expected, so not shown."""
+    import logging
+
+    def expected(record):
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+    loggers = [logging.getLogger(f"diffusers.loaders.{name}") for name in ("lora_base", "peft", "lora_pipeline")]
+    for logger in loggers:
+        logger.addFilter(expected)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(expected)
+
+
+def warn_if_truncated(tokenizer, prompt, which):
+    """CLIP reads 77 tokens; say which words of a longer prompt it never sees (in place of transformers' warning of
+    "indexing errors", which the pipeline's own untruncated tokenization would print: there are none, it truncates)."""
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     ids = tokenizer(prompt, verbose=False).input_ids
     limit = tokenizer.model_max_length
     if len(ids) > limit:
         cut = tokenizer.decode(ids[limit - 1:-1])  # keep the start token and the end token out of the cut part
-        cli.note(f"prompt {index} is longer than the text encoder's {limit} tokens; this part is cut: '{cut}'")
+        cli.note(f"{which} is longer than the text encoder's {limit} tokens; this part is cut: '{cut}'")
 
 
 # diffusers' schedulers under the names AUTOMATIC1111 writes (and Civitai and the other UIs read)
@@ -340,8 +363,10 @@ def main(argv=None):
         bar.update(1)
         return tensors
 
+    if args.negative_prompt:
+        warn_if_truncated(pipe.tokenizer, args.negative_prompt, "the negative prompt")
     for p_idx, (prompt, model_prompt) in enumerate(zip(prompts, model_prompts)):
-        warn_if_truncated(pipe.tokenizer, model_prompt, p_idx)
+        warn_if_truncated(pipe.tokenizer, model_prompt, f"prompt {p_idx}")
         made = []
         for block in blocks:
             js = list(range(block * args.batch_size, min((block + 1) * args.batch_size, n)))

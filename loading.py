@@ -104,6 +104,9 @@ def single_file_folder(path, config=None):
     except Exception as e:
         cli.fail(f"cannot read the single-file model {path}: {cli.first_line(e)}")
     family = families.family_of_single_file(keys, path)
+    if config and families.read_model(config).family is not family:
+        cli.fail(f"{path.name} is a {family.pipeline} checkpoint and --single_file_config {config} a "
+                 f"{families.read_model(config).family.pipeline}: give the config of a model of the same family")
     cli.note(f"converting {path.name} ({family.pipeline}) to diffusers' layout once, into {folder}")
     try:
         pipe = family.pipeline_class().from_single_file(str(path), config=config, **dict(family.pipeline_kwargs))

@@ -592,3 +592,52 @@ def test_a_photo_gone_during_training_is_one_line_and_the_rerun_starts_over(run,
     assert f"note: {out} holds only the record of a run that saved nothing (no checkpoint, no weights): starting over " \
            "there" in capsys.readouterr().err.splitlines()
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("keys, what", [
+    (["unet.down_blocks.0.attentions.0.proj_in.lora.down.weight"], "a LoRA file, not a model"),
+    (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "a LoRA file, not a model"),
+    (["clip_l", "clip_g"], "a token-embeddings file (textual inversion), not a model"),
+    (["emb_params"], "a token-embeddings file (textual inversion), not a model"),
+    (["something.else"], "no model checkpoint (none of its keys is a model's)"),
+])
+def test_a_lora_or_embeddings_file_given_as_the_model_is_named(base, capsys, tmp_path, keys, what):
+    from safetensors.torch import save_file
+
+    out, argv = base
+    path = tmp_path / "file.safetensors"
+    save_file({k: torch.zeros(2, 2) for k in keys}, path)
+    hint = "; infer.py takes the adapters with --lora" if "LoRA" in what else ""
+    for script in ("train", "infer"):
+        assert outcome(script, argv[script] + ["--model", path], capsys) == (
+            1, f"error: {path} is {what}: give the base model (a diffusers folder, hub id or checkpoint file) as the "
+               f"model{hint}")
+    assert not out.exists()
+
+
+def test_a_single_file_with_another_familys_config_and_a_checkpoint_to_export_are_named(base, capsys, tmp_path,
+                                                                                        tiny_model, tiny_sdxl):
+    import singlefile
+
+    out, argv = base
+    single = singlefile.save_single_file(tiny_model, tmp_path / "sd.safetensors", torch.float32)
+    assert outcome("infer", argv["infer"] + ["--model", single, "--single_file_config", tiny_sdxl], capsys) == (
+        1, f"error: sd.safetensors is a StableDiffusionPipeline checkpoint and --single_file_config {tiny_sdxl} a "
+           "StableDiffusionXLPipeline: give the config of a model of the same family")
+    checkpoint = tmp_path / "run" / "checkpoint-500"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "run_config.json").write_text('{"config": {}}')
+    (checkpoint / "random_states_0.pkl").write_bytes(b"state")
+    assert outcome("export", [checkpoint], capsys) == (
+        1, f"error: {checkpoint} is a training checkpoint (the state to resume from, not a pipeline): export the "
+           "run's folder once it has finished, or an export-N folder (--export_steps saves pipelines of intermediate "
+           "steps)")
+
+
+@pytest.mark.parametrize("text, value", [("aspect_ratio_buckets: true", "auto"), ("aspect_ratio_buckets: false", None),
+                                         ("aspect_ratio_buckets: '64,64;48,80'", "64,64;48,80")])
+def test_a_flag_with_an_optional_value_is_true_in_a_config_file_as_the_bare_flag(base, tmp_path, text, value):
+    out, argv = base
+    config = tmp_path / "run.yaml"
+    config.write_text(text + "\n")
+    assert train_dreambooth.parse_args([str(a) for a in argv["train"] + ["--config", config]]).aspect_ratio_buckets == value
