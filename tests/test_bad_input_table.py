@@ -641,3 +641,31 @@ def test_a_flag_with_an_optional_value_is_true_in_a_config_file_as_the_bare_flag
     config = tmp_path / "run.yaml"
     config.write_text(text + "\n")
     assert train_dreambooth.parse_args([str(a) for a in argv["train"] + ["--config", config]]).aspect_ratio_buckets == value
+
+
+def test_the_data_plan_is_checked_as_a_whole(base, capsys, tmp_path, photos):
+    """Notes at start-up: photos blown up past twice their size, one photo folder under two identifiers, subjects
+    the run's steps never reach."""
+    out, argv = base
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.new("RGB", (24, 20), "red").save(small / "tiny.png")
+    concepts = [{"instance_prompt": f"a photo of {t} dog", "instance_data_dir": str(photos)} for t in ("sks", "zwx")]
+    concepts.append({"instance_prompt": "a photo of qrt dog", "instance_data_dir": str(small)})
+    path = tmp_path / "concepts.json"
+    path.write_text(json.dumps(concepts))
+    train = [a for a in argv["train"] if a not in ("--instance_dir", photos, "--instance_prompt", "a photo of sks dog")]
+    args = train_dreambooth.parse_args([str(a) for a in train + ["--concepts_list", path, "--max_train_steps", 1,
+                                                                "--train_batch_size", 1]])
+    train_dreambooth.check_args(args)
+    subjects = train_dreambooth.load_subjects(args)
+    vars(args).update(train_dreambooth.plan(args, 9, 1))
+    capsys.readouterr()
+    train_dreambooth.note_data_plan(args, subjects)
+    assert capsys.readouterr().err.splitlines() == [
+        "note: 1 photo(s) are upscaled more than twice to the training size 64 (the smallest: tiny.png, 20 px on its "
+        "short side): they train blurry; larger photos or a lower --resolution keep them sharp",
+        f"note: the photos of {photos} are taught under 2 prompts (a photo of sks dog; a photo of zwx dog): one subject "
+        "under two identifiers",
+        "note: 1 step(s) of 1 photo(s) reach at most 1 of the 3 subjects: the others are never trained; give more "
+        "--max_train_steps"]
