@@ -247,19 +247,27 @@ def save_single_file(pipeline_folder, path, dtype=torch.float16, config=None):
     layout, in `dtype`, with the run's `config` in its header. Read from the folder's files: no model is built."""
     from safetensors.torch import load_file
 
+    def read(name):  # a component's weights; a damaged file is named, not a traceback
+        state = {}
+        for f in sorted(Path(folder, name).glob("*.safetensors")):
+            try:
+                state.update(load_file(f))
+            except Exception as e:  # safetensors' own error type for a truncated or corrupt file
+                cli.fail(f"cannot read {f}: {cli.first_line(e)} (truncated or damaged: copy it again, or export "
+                         "another step)")
+        return state
+
     folder = Path(pipeline_folder)
     family = families.read_model(str(folder))[0]
     if family.single_file_layout in TRANSFORMER_LAYOUTS:  # FLUX.1, SD 3.5: the transformer alone
         write, architecture = TRANSFORMER_LAYOUTS[family.single_file_layout]
-        state, left = write({k: v for f in sorted(Path(folder, family.denoiser).glob("*.safetensors"))
-                             for k, v in load_file(f).items()})
+        state, left = write(read(family.denoiser))
         if left:
             cli.fail(f"cannot write {family.pipeline}'s transformer in its original layout: {len(left)} tensors have "
                      f"no place in it, e.g. {next(iter(left))}")
         return write_file(path, state, dtype, single_file_metadata(config or {}, Path(path).stem, architecture, None))
     names = [family.denoiser, "vae", *family.text_encoder_names]
-    parts = {name: {k: v for f in sorted(Path(folder, name).glob("*.safetensors")) for k, v in load_file(f).items()}
-             for name in names}
+    parts = {name: read(name) for name in names}
     configs = {name: json.loads(Path(folder, name, "config.json").read_text()) for name in names}
     scheduler = json.loads(Path(folder, "scheduler", "scheduler_config.json").read_text())
     v_prediction = scheduler.get("prediction_type") == "v_prediction"

@@ -669,3 +669,15 @@ def test_the_data_plan_is_checked_as_a_whole(base, capsys, tmp_path, photos):
         "under two identifiers",
         "note: 1 step(s) of 1 photo(s) reach at most 1 of the 3 subjects: the others are never trained; give more "
         "--max_train_steps"]
+
+
+def test_export_names_a_truncated_weight_file(capsys, tmp_path, tiny_model):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model, run)
+    (run / "run_config.json").write_text('{"config": {"model_family": "sd"}}')
+    weights = run / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, line = outcome("export", [run, "--single_file"], capsys)
+    assert code == 1 and line.startswith(f"error: cannot read {weights}: ") and line.endswith(
+        "(truncated or damaged: copy it again, or export another step)")
+    assert not list(run.glob("*.safetensors"))
