@@ -189,6 +189,13 @@ def load_model(args, kind, source, dtype, device):
         try:
             with quiet_missing_text_encoder_adapters():
                 pipe.load_lora_weights(folder, weight_name=name, adapter_name="dreambooth")
+        except RuntimeError as e:  # adapters of another model's layer sizes (another family, or SD 1.x on SD 2.x)
+            if not (mismatch := re.search(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[[^]]*\])\)"
+                                          r".*?current model is torch.Size\((\[[^]]*\])\)", str(e))):
+                raise
+            cli.fail(f"the LoRA {args.lora} does not fit {args.pretrained_model_name_or_path}: its adapters are "
+                     f"shaped for another model's layers ({mismatch[1]}: {mismatch[2]}, the model's {mismatch[3]}); a "
+                     "LoRA goes on a model of the family and size it was trained on")
         except (ValueError, KeyError, OSError) as e:
             cli.fail(f"cannot load LoRA weights {args.lora}: {cli.first_line(e)}")
         if args.fuse_lora:
@@ -201,11 +208,12 @@ def load_model(args, kind, source, dtype, device):
 @contextlib.contextmanager
 def quiet_missing_text_encoder_adapters():
     """diffusers warns "No LoRA keys associated to CLIPTextModel found ... open an issue" for every LoRA without
-    text-encoder adapters (most of them, the demo's included): expected, so not shown."""
+    text-encoder adapters (most of them, the demo's included): expected, so not shown; nor its log of a load error
+    that infer.py then names in one line."""
     import logging
 
-    def expected(record):
-        return not record.getMessage().startswith("No LoRA keys associated to")
+    def expected(record):  # and the error diffusers logs before raising it: the caller names it in one line
+        return not record.getMessage().startswith(("No LoRA keys associated to", "Loading dreambooth was unsuccessful"))
 
     loggers = [logging.getLogger(f"diffusers.loaders.{name}") for name in ("lora_base", "peft", "lora_pipeline")]
     for logger in loggers:

@@ -160,21 +160,36 @@ def test_compile_gives_the_same_images_up_to_rounding(tiny_model, tmp_path):
     assert diff.max() <= 2
 
 
-def test_a_lora_without_text_encoder_adapters_loads_without_diffusers_warning(run, tiny_model, tmp_path):
-    """Most LoRAs (the demo's) adapt the UNet alone: diffusers' "No LoRA keys associated to CLIPTextModel ... open an
-    issue" is expected there, so infer.py keeps it from the user; the adapters still change the image."""
+def unet_lora(model, folder):
+    """A LoRA file of random adapters on the UNet's attention (to_q, to_k, to_v) alone, in diffusers' format."""
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_v"], init_lora_weights="gaussian"))
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights="gaussian"))
     torch.manual_seed(0)
     for name, p in unet.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
-    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+
+
+def test_a_lora_of_other_layer_sizes_is_one_line(tiny_model, tiny_sdxl, tmp_path, capsys):
+    unet_lora(tiny_model, tmp_path / "lora")
+    with pytest.raises(SystemExit) as e:
+        infer.main(infer_argv(tiny_sdxl, tmp_path / "out", "--lora", tmp_path / "lora"))
+    assert str(e.value).startswith(f"error: the LoRA {tmp_path / 'lora'} does not fit {tiny_sdxl}: its adapters are "
+                                   "shaped for another model's layers (") and str(e.value).endswith(
+        "); a LoRA goes on a model of the family and size it was trained on")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_lora_without_text_encoder_adapters_loads_without_diffusers_warning(run, tiny_model, tmp_path):
+    """Most LoRAs (the demo's) adapt the UNet alone: diffusers' "No LoRA keys associated to CLIPTextModel ... open an
+    issue" is expected there, so infer.py keeps it from the user; the adapters still change the image."""
+    unet_lora(tiny_model, tmp_path / "lora")
     proc = run("infer.py", *infer_argv(tiny_model, tmp_path / "with", "--lora", tmp_path / "lora",
                                        "--num_images_per_prompt", 1), launch=False)  # diffusers' logging as a user has it
     assert "No LoRA keys" not in proc.stderr
