@@ -40,3 +40,32 @@ def test_pretrain_writes_a_pipeline_the_scripts_load(run, hf_home, tmp_path):
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     unets = [UNet2DConditionModel.from_pretrained(p, subfolder="unet").state_dict() for p in (out, tmp_path / "stage3")]
     assert all(torch.equal(unets[0][k], unets[1][k]) for k in unets[0])
+
+
+def test_flux_pretrain_writes_a_flux_pipeline_the_scripts_load(run, hf_home, tmp_path):
+    """toyworld/pretrain_flux.py for a few steps: a FluxPipeline folder (16-channel VAE with FLUX's shift and scale,
+    word-level CLIP and T5 tokenizers, a transformer without guidance embedding), its VAE ceiling recorded, and
+    the suite's scripts sample it with real classifier-free guidance at its own T5 length."""
+    from diffusers import FluxPipeline
+    from transformers import T5TokenizerFast
+
+    out = tmp_path / "toy-flux"
+    subprocess.run([sys.executable, str(ROOT / "toyworld" / "pretrain_flux.py"), "--output_dir", str(out),
+                    "--vae_steps", "2", "--transformer_steps", "2", "--batch_size", "4", "--heads", "2",
+                    "--double_blocks", "1", "--single_blocks", "1", "--ceiling_renders", "2"],
+                   check=True, capture_output=True, env=script_env(hf_home), cwd=ROOT, timeout=600)
+    record = json.loads((out / "pretrain.json").read_text())
+    assert record["transformer_steps"] == 2 and set(record["vae_ceiling"]) == {"green", "blue", "purple", "white"}
+    pipe = FluxPipeline.from_pretrained(out)
+    assert pipe.vae.config.latent_channels == 16 and pipe.vae.config.shift_factor is not None
+    assert not pipe.transformer.config.guidance_embeds and pipe.tokenizer_2.model_max_length == 32
+    caption = "a photo of a red circle on a blue background"
+    assert T5TokenizerFast.from_pretrained(out / "tokenizer_2").tokenize(caption) == [
+        "\u2581" + w for w in caption.split()]
+    run("infer.py", "--model", out, "--prompt", caption, "--num_images_per_prompt", 1, "--num_inference_steps", 2,
+        "--guidance_scale", 4, "--output_dir", tmp_path / "samples", launch=False)
+    (image,) = (tmp_path / "samples").glob("*.png")
+    from PIL import Image
+
+    with Image.open(image) as im:
+        assert im.size == (32, 32)

@@ -101,6 +101,7 @@ def main():
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_precision", default="fp16", choices=["fp16", "fp32"])
+    p.add_argument("--ceiling_renders", type=int, default=100, help="subject renders per background for the VAE ceiling")
     args = p.parse_args()
     from diffusers import FluxPipeline
 
@@ -131,9 +132,9 @@ def main():
     record.update(vae_steps=args.vae_steps, vae_final_loss=loss.item(), vae_seconds=round(time.time() - t0))
     vae.requires_grad_(False).eval()
     with torch.no_grad():  # FLUX's latent normalisation: zero mean, unit variance
-        latents = vae.encode(batch(rng, 512)[0]).latent_dist.sample()
+        latents = vae.encode(batch(rng, 8 * args.batch_size)[0]).latent_dist.sample()  # 512 images at batch 64
         vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1 / latents.std().item())
-    ceiling = autoencoder_ceiling(vae)
+    ceiling = autoencoder_ceiling(vae, n=args.ceiling_renders)
     record["vae_ceiling"] = ceiling
     print("vae ceiling (subject fidelity, similarity): " + ", ".join(
         f"{b} {c['subject_fidelity']:.0%} {c['similarity']:.2f}" for b, c in ceiling.items()), flush=True)
