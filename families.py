@@ -405,6 +405,19 @@ def pivot_prompt(prompt, word, tokens):
     return re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", "".join(tokens), prompt, flags=re.IGNORECASE)
 
 
+def check_token_budget(family, tokenizers, prompt, word, num_tokens, max_sequence_length):
+    """Pivotal tuning: refuse a prompt that its identifier's new tokens push past a text encoder's length (the words
+    after them would be cut off without a word)."""
+    for sub, encoder, tokenizer in zip(family.tokenizers, family.text_encoder_names, tokenizers):
+        limit = max_sequence_length if sub == family.sequence_tokenizer else tokenizer.model_max_length
+        uses = len(pivot_prompt(prompt, word, ["<>"]).split("<>")) - 1
+        length = len(tokenizer(pivot_prompt(prompt, word, []), verbose=False).input_ids) + num_tokens * uses
+        if length > limit:
+            cli.fail(f"with {num_tokens} new tokens (--num_new_tokens_per_abstraction) the prompt '{prompt}' is "
+                     f"{length} tokens, past {encoder}'s {limit}: the words after them would be cut off; use fewer "
+                     "tokens or a shorter prompt")
+
+
 def load_token_embeddings(pipe, path, family, tokens):
     """A pivotal-tuning embeddings file into a pipeline: each text encoder's rows under the run's tokens, through
     diffusers' load_textual_inversion (the file is in the web UIs' format: one key per text encoder)."""

@@ -254,6 +254,28 @@ def check_class_folders(subjects, where=""):
                      f"'{s['class_prompt']}'): one folder per class")
 
 
+def note_data_plan(subjects, photos, resolution, steps, batch_size):
+    """The data plan as a whole, in a note each where it will not do what it looks like: photos blown up far past
+    their size, one photo folder under two identifiers, subjects the run's steps never reach."""
+    sizes = [(p.name, *load_image(p).size) for subject in photos for p, _, _ in subject if isinstance(p, Path)]
+    small = [s for s in sizes if resolution / min(s[1:]) > 2]
+    if small:
+        cli.note(f"{len(small)} photo(s) are upscaled more than twice to the training size {resolution} (the "
+                 f"smallest: {min(small, key=lambda s: min(s[1:]))[0]}, {min(min(s[1:]) for s in small)} px on its "
+                 "short side): they train blurry; larger photos or a lower --resolution keep them sharp")
+    folders = {}
+    for subject in subjects:
+        if subject["instance_data_dir"]:
+            folders.setdefault(os.path.realpath(subject["instance_data_dir"]), []).append(subject["instance_prompt"])
+    for folder, prompts in folders.items():
+        if len(set(prompts)) > 1:
+            cli.note(f"the photos of {folder} are taught under {len(set(prompts))} prompts ({'; '.join(prompts)}): "
+                     "one subject under two identifiers")
+    if len(photos) > 1 and steps * batch_size < len(photos):
+        cli.note(f"{steps} step(s) of {batch_size} photo(s) reach at most {steps * batch_size} of the {len(photos)} "
+                 "subjects: the others are never trained; give more --max_train_steps")
+
+
 def read_caption(image_path, default):
     """The caption in `photo.txt` beside `photo.jpg`, if there is one, replaces the default prompt."""
     sidecar = Path(image_path).with_suffix(CAPTION_EXTENSION)

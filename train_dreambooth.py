@@ -516,15 +516,8 @@ def pivot_prompts(args, examples):
         if families.pivot_prompt(prompt, args.token_abstraction, args.new_tokens) == prompt:  # no identifier in it
             cli.fail(f"the caption of {image if isinstance(image, Path) else f'example {i}'} has no "
                     f"'{args.token_abstraction}' (--token_abstraction) for pivotal tuning's tokens: '{prompt}'")
-        for sub, encoder, tokenizer in zip(family.tokenizers, family.text_encoder_names, tokenizers):
-            limit = args.max_sequence_length if sub == family.sequence_tokenizer else tokenizer.model_max_length
-            without = families.pivot_prompt(prompt, args.token_abstraction, [])
-            length = len(tokenizer(without, verbose=False).input_ids) + len(args.new_tokens) * (
-                len(families.pivot_prompt(prompt, args.token_abstraction, ["<>"]).split("<>")) - 1)
-            if length > limit:
-                cli.fail(f"with {len(args.new_tokens)} new tokens (--num_new_tokens_per_abstraction) the prompt "
-                         f"'{prompt}' is {length} tokens, past {encoder}'s {limit}: the words after them would be "
-                         "cut off; use fewer tokens or a shorter prompt")
+        families.check_token_budget(family, tokenizers, prompt, args.token_abstraction, len(args.new_tokens),
+                                    args.max_sequence_length)
     return [(image, families.pivot_prompt(prompt, args.token_abstraction, args.new_tokens), mask)
             for image, prompt, mask in examples]
 
@@ -992,29 +985,6 @@ def run_config(args, accelerator, model, objective, instances, class_paths, data
     return config
 
 
-def note_data_plan(args, photos):
-    """The data plan as a whole, in a note each where it will not do what it looks like: photos blown up far past
-    their size, one photo folder under two identifiers, subjects the run's steps never reach."""
-    sizes = [(p.name, *imagedata.load_image(p).size) for subject in photos for p, _, _ in subject if isinstance(p, Path)]
-    small = [s for s in sizes if args.resolution / min(s[1:]) > 2]
-    if small:
-        cli.note(f"{len(small)} photo(s) are upscaled more than twice to the training size {args.resolution} (the "
-                 f"smallest: {min(small, key=lambda s: min(s[1:]))[0]}, {min(min(s[1:]) for s in small)} px on its "
-                 "short side): they train blurry; larger photos or a lower --resolution keep them sharp")
-    folders = {}
-    for subject in args.subjects:
-        if subject["instance_data_dir"]:
-            folders.setdefault(os.path.realpath(subject["instance_data_dir"]), []).append(subject["instance_prompt"])
-    for folder, prompts in folders.items():
-        if len(set(prompts)) > 1:
-            cli.note(f"the photos of {folder} are taught under {len(set(prompts))} prompts ({'; '.join(prompts)}): "
-                     "one subject under two identifiers")
-    examples = args.total_optimizer_steps * args.global_batch_size
-    if len(photos) > 1 and examples < len(photos):
-        cli.note(f"{args.total_optimizer_steps} step(s) of {args.global_batch_size} photo(s) reach at most {examples} of "
-                 f"the {len(photos)} subjects: the others are never trained; give more --max_train_steps")
-
-
 def banner(args, accelerator, family, photos, config):
     accelerator.print(
         f"DreamBooth: {family.pipeline.removesuffix('Pipeline')}, {data_summary(args, photos, config)}, "
@@ -1117,8 +1087,9 @@ def main(argv=None):
     encode = families.latent_sampler(vae, args.cache_latents)
     # ---- training loop. Signals are caught from before the banner: one may come as soon as the run says it started
     with runs.stop_requests() as stop_signals:
-        if accelerator.is_main_process:
-            note_data_plan(args, photos)
+        if accelerator.is_main_process:  # notes on the data plan as a whole, before the banner
+            imagedata.note_data_plan(args.subjects, photos, args.resolution, args.total_optimizer_steps,
+                                     args.global_batch_size)
         banner(args, accelerator, family, photos, config)
         if state.global_step == 0:
             validate(0)  # the base model's images: the baseline the later ones are compared with

@@ -661,7 +661,8 @@ def test_the_data_plan_is_checked_as_a_whole(base, capsys, tmp_path, photos):
     subjects = train_dreambooth.load_subjects(args)
     vars(args).update(train_dreambooth.plan(args, 9, 1))
     capsys.readouterr()
-    train_dreambooth.note_data_plan(args, subjects)
+    imagedata.note_data_plan(args.subjects, subjects, args.resolution, args.total_optimizer_steps,
+                             args.global_batch_size)
     assert capsys.readouterr().err.splitlines() == [
         "note: 1 photo(s) are upscaled more than twice to the training size 64 (the smallest: tiny.png, 20 px on its "
         "short side): they train blurry; larger photos or a lower --resolution keep them sharp",
