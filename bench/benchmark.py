@@ -139,7 +139,8 @@ def run_row(model, photos, out, flags, args):
         [str(ROOT / "train_dreambooth.py")]
     cmd = [sys.executable, *script, "--pretrained_model_name_or_path", model,
            "--instance_dir", photos, "--instance_prompt", "a photo of sks dog", "--with_prior_preservation",
-           "--class_dir", photos, "--class_prompt", "a photo of dog", "--num_class_images", "4",
+           "--class_dir", str(Path(photos).parent / "class-images"), "--class_prompt", "a photo of dog",
+           "--num_class_images", "4",
            "--output_dir", out, "--resolution", str(args.resolution), "--train_batch_size", "1",
            "--max_train_steps", str(args.warmup + args.steps), "--checkpointing_steps", "1000000", "--center_crop",
            "--learning_rate", "1e-6", "--lr_warmup_steps", "0", "--seed", "0", "--report_to", "tensorboard", *flags]
@@ -181,7 +182,8 @@ def main():
 
     model = make_model(args.model, str(work / "model"))
     torch.cuda.empty_cache()  # the random weights were made on the GPU: give their memory back to the runs
-    make_tiny_model.make_sample_photos(str(work / "photos"), n=4, size=args.resolution + args.resolution // 8)
+    for folder in ("photos", "class-images"):  # the class images ready-made (the same pictures): no sampling timed
+        make_tiny_model.make_sample_photos(str(work / folder), n=4, size=args.resolution + args.resolution // 8)
     print(f"model {args.model} at {args.resolution} px, batch 1 + 1 class image, {args.steps} timed steps after "
           f"{args.warmup}; {machine}; torch {torch.__version__}")
     peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if gpu and k in machine), None)
