@@ -41,7 +41,8 @@ def test_cache_conflicts_are_refused(case):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("model, row", [("tiny", "baseline"), ("tiny-sdxl", "SDXL full UNet")])
+@pytest.mark.parametrize("model, row", [("tiny", "baseline"),
+                                        pytest.param("tiny-sdxl", "SDXL full UNet", marks=pytest.mark.slow)])
 def test_benchmark_prints_a_table(hf_home, model, row):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "benchmark.py"), "--model", model, "--steps", "1",
                            "--warmup", "1", "--only", row], cwd=ROOT, env=script_env(hf_home),

@@ -41,8 +41,19 @@ def test_every_flag_in_the_readme_exists(capsys):
 def test_demo_teaches_the_toy_model_the_subject(tmp_path, hf_home):
     """The demo end to end on the toy model: the subject it never saw appears in the images after DreamBooth (the
     quick version of toyworld/evaluate.py: a regression in the loss or the data shows up here)."""
+    check_demo(tmp_path, hf_home, [], MIN_SUBJECT_IMAGES)
+
+
+@pytest.mark.slow
+def test_the_flux_demo_teaches_the_toy_flux_the_subject(tmp_path, hf_home):
+    """bash demo.sh flux: the same data through the toy FLUX.1 (flow matching, real classifier-free guidance)."""
+    check_demo(tmp_path, hf_home, ["flux"], MIN_FLUX_SUBJECT_IMAGES)
+
+
+def check_demo(tmp_path, hf_home, demo_args, min_subject):
     env = {**script_env(hf_home), "PYTHON": sys.executable, "DEMO_DIR": str(tmp_path / "demo")}
-    proc = subprocess.run(["bash", str(ROOT / "demo.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(["bash", str(ROOT / "demo.sh"), *demo_args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     samples = sorted((tmp_path / "demo" / "samples").glob("*-i*.png"))
     assert len(samples) == 8
@@ -58,7 +69,7 @@ def test_demo_teaches_the_toy_model_the_subject(tmp_path, hf_home):
     assert found == (f"the subject's pattern is in {shown} of 8 images, mean similarity to the subject "
                      f"{similarity:.2f}, the asked blue background in {on_blue} of 8")
     # the subject, and the asked background which no photo had, in most images
-    assert shown >= MIN_SUBJECT_IMAGES and on_blue >= 6, seen
+    assert shown >= min_subject and on_blue >= 6, seen
     assert "skipping 1 image(s) not of the world's 32x32 size (grids?)" in proc.stderr  # the grid in samples/
     # the base model, same prompt and seeds: no subject, so the training made the difference
     base = sorted((tmp_path / "demo" / "base-samples").glob("*.png"))
