@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -189,6 +190,7 @@ def test_lora_on_the_unet_and_both_encoders_loads_in_diffusers_kohya_and_infer(r
     assert record["resolution"] == 64
 
 
+@pytest.mark.slow  # CI time: SD's resume and two-process tests cover the same code in the default run
 def test_resume_mid_epoch_and_two_processes_are_exact(run, tiny_sdxl, photos, tmp_path):
     """Prior preservation, both encoders trained, accumulation, random flips: 4 instance + 3 class images at batch 1
     with accumulation 2 make 2 optimizer steps an epoch, so checkpoint 3 is mid-epoch."""
