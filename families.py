@@ -293,7 +293,7 @@ def guides_with_negative(family, config, scale):
 
 def sampling_sequence_length(family, pipe):
     """T5's prompt length when sampling: the pipeline's default, or the tokenizer's own length where that is shorter
-    (a model trained on shorter prompts, as the toy FLUX.1; a DreamBooth run saves its tokenizer with the length it
+    (a model trained on shorter prompts, as the toy FLUX.1; a full fine-tune saves its tokenizer with the length it
     trained with). {} for families without a sequence tokenizer."""
     import inspect
 
