@@ -135,7 +135,8 @@ def note_cropped_out_masks(photos, size, center_crop):
     if not center_crop:
         return
     lost = [p.name for p, _, mask in photos if isinstance(p, Path) and mask is not None
-            and preprocess(load_image(p), size, True, False, None, mask=load_mask(mask, load_image(p).size))[2].max() < 0.5]
+            for image in [load_image(p)]
+            if preprocess(image, size, True, False, None, mask=load_mask(mask, image.size))[2].max() < 0.5]
     if lost:
         cli.note(f"the centre crop leaves none of the subject (the mask's white) in view in {len(lost)} photo(s): "
                  f"{', '.join(lost[:5])}; their loss is only the background's (--mask_background_weight)")

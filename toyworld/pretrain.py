@@ -82,6 +82,23 @@ def two_tone_batch(rng, n):
     return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
 
 
+def train_vae(vae, steps, next_pixels, digits=4):
+    """Stage 1 of both toy models: the VAE learns to reconstruct the world's images (with SD's small KL term), AdamW
+    at 1e-3; `next_pixels()` gives each step's batch. Returns what the record keeps."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        pixels = next_pixels()
+        posterior = vae.encode(pixels).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample()).sample, pixels) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0:
+            print(f"vae step {step} loss {loss.item():.{digits}f} ({time.time() - t0:.0f} s)", flush=True)
+    return {"vae_steps": steps, "vae_final_loss": loss.item(), "vae_seconds": round(time.time() - t0)}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", default="toyworld/toy-sd")
@@ -125,18 +142,7 @@ def main():
         record = {**earlier, **record, "stages_1_2_command": earlier["command"]}
     else:
         # ---- stage 1: the VAE learns to reconstruct the world
-        optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-        t0 = time.time()
-        for step in range(1, args.vae_steps + 1):
-            pixels, _ = batch(rng, args.batch_size)
-            posterior = vae.encode(pixels).latent_dist
-            loss = F.mse_loss(vae.decode(posterior.sample()).sample, pixels) + 1e-6 * posterior.kl().mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step % 100 == 0:
-                print(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
-        record.update(vae_steps=args.vae_steps, vae_final_loss=loss.item(), vae_seconds=round(time.time() - t0))
+        record.update(train_vae(vae, args.vae_steps, lambda: batch(rng, args.batch_size)[0]))
         vae.requires_grad_(False).eval()
         with torch.no_grad():  # SD's scaling factor: unit variance latents
             vae.register_to_config(scaling_factor=1 / vae.encode(batch(rng, 512)[0]).latent_dist.sample().std().item())

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import families  # noqa: E402
 import objectives  # noqa: E402
 from toyworld.evaluate import autoencoder_ceiling  # noqa: E402
-from toyworld.pretrain import WORDS, batch, two_tone_batch, write_word_tokenizer  # noqa: E402
+from toyworld.pretrain import WORDS, batch, train_vae, two_tone_batch, write_word_tokenizer  # noqa: E402
 
 T5_LENGTH = 32  # tokens of T5's sequence: the world's longest caption is 11, pivotal tuning's tokens fit too
 
@@ -118,18 +118,7 @@ def main():
     print(f"parameters: {record['parameters']}", flush=True)
 
     # ---- stage 1: the VAE learns to reconstruct the world, two-colour objects included
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    t0 = time.time()
-    for step in range(1, args.vae_steps + 1):
-        pixels = two_tone_batch(rng, args.batch_size)
-        posterior = vae.encode(pixels).latent_dist
-        loss = F.mse_loss(vae.decode(posterior.sample()).sample, pixels) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 100 == 0:
-            print(f"vae step {step} loss {loss.item():.5f} ({time.time() - t0:.0f} s)", flush=True)
-    record.update(vae_steps=args.vae_steps, vae_final_loss=loss.item(), vae_seconds=round(time.time() - t0))
+    record.update(train_vae(vae, args.vae_steps, lambda: two_tone_batch(rng, args.batch_size), digits=5))
     vae.requires_grad_(False).eval()
     with torch.no_grad():  # FLUX's latent normalisation: zero mean, unit variance
         latents = vae.encode(batch(rng, 8 * args.batch_size)[0]).latent_dist.sample()  # 512 images at batch 64
