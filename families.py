@@ -1,5 +1,5 @@
 """Model families, shared by the scripts: one row per family (what differs between Stable Diffusion 1.x/2.x, SDXL,
-FLUX.1 and SD 3.5: pipeline, text encoders and how a prompt becomes embeddings, how the denoiser is called, the
+FLUX.1, SD 3.5 and Z-Image: pipeline, text encoders and how a prompt becomes embeddings, how the denoiser is called, the
 objective, flag defaults, key names of the files other tools read), the family read from the model itself, and the
 LoRA and pivotal-tuning helpers. Loading models and pipelines is loading.py."""
 
@@ -13,95 +13,7 @@ import torch
 
 import cli
 import loading
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# What the family rows name: how a prompt becomes embeddings, how the denoiser is called, what never trains
-
-
-def encode_sd(text_encoders, ids):
-    """SD 1.x/2.x: the text encoder's last hidden state (StableDiffusionPipeline.encode_prompt). Its pooled output
-    rides along unused: this UNet has no added embedding and ignores it."""
-    out = text_encoders[0](ids[0])
-    return out.last_hidden_state, out.pooler_output
-
-
-def encode_sdxl(text_encoders, ids):
-    """SDXL: the penultimate hidden states of both encoders side by side, and the second's projected pooled output
-    (StableDiffusionXLPipeline.encode_prompt)."""
-    outs = [encoder(i, output_hidden_states=True) for encoder, i in zip(text_encoders, ids)]
-    return torch.cat([out.hidden_states[-2] for out in outs], dim=-1), outs[-1].text_embeds
-
-
-def encode_flux(text_encoders, ids):
-    """FLUX.1: CLIP's pooled output, T5's last hidden state as the sequence (FluxPipeline.encode_prompt)."""
-    clip, t5 = text_encoders
-    return t5(ids[1]).last_hidden_state, clip(ids[0]).pooler_output
-
-
-def encode_sd3(text_encoders, ids):
-    """SD3 and 3.5: both CLIP encoders' penultimate hidden states side by side, zero-padded to T5's width, then T5's
-    sequence after them; the pooled vector is both CLIPs' projected outputs side by side
-    (StableDiffusion3Pipeline.encode_prompt)."""
-    outs = [encoder(i, output_hidden_states=True) for encoder, i in zip(text_encoders[:2], ids[:2])]
-    t5 = text_encoders[2](ids[2]).last_hidden_state
-    clip = torch.cat([out.hidden_states[-2] for out in outs], dim=-1)
-    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-    return torch.cat([clip, t5], dim=-2), torch.cat([out.text_embeds for out in outs], dim=-1)
-
-
-def call_unet(unet, noisy_latents, timesteps, prompt_embeds, pooled, time_ids, guidance=None):
-    """The UNet's prediction. SDXL's UNet adds the pooled embedding and the size/crop time ids to its timestep
-    embedding; SD 1.x/2.x's ignores added_cond_kwargs."""
-    return unet(noisy_latents, timesteps, prompt_embeds,
-                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-
-
-def call_flux(transformer, noisy_latents, timesteps, prompt_embeds, pooled, time_ids, guidance=None):
-    """FLUX.1's prediction in the latents' own layout: the latents packed into 2x2 patches with their position ids,
-    the timestep as a fraction (sigma), the guidance value when the checkpoint is guidance-distilled (FLUX.1-dev has
-    the embedding, schnell not), the output unpacked again, so the loss, masks and buckets see ordinary latents."""
-    from diffusers import FluxPipeline
-
-    b, c, h, w = noisy_latents.shape
-    packed = FluxPipeline._pack_latents(noisy_latents, b, c, h, w)
-    image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy_latents.device, noisy_latents.dtype)
-    text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=noisy_latents.device, dtype=noisy_latents.dtype)
-    guidance = (torch.full((b,), float(guidance), device=noisy_latents.device)
-                if transformer.config.guidance_embeds else None)
-    out = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, pooled_projections=pooled,
-                      encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids).sample
-    return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-
-
-def call_sd3(transformer, noisy_latents, timesteps, prompt_embeds, pooled, time_ids, guidance=None):
-    """SD3's MMDiT: patches itself; the timestep on the 0-1000 scale."""
-    return transformer(hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=prompt_embeds,
-                       pooled_projections=pooled).sample
-
-
-def freeze_unread_sdxl_layers(text_encoders):
-    """important! SDXL reads the first encoder's penultimate layer: its last layer and final norm never reach the
-    loss. Frozen (with any adapters in them), so that DDP does not wait for gradients that never come."""
-    first = getattr(text_encoders["text_encoder"], "text_model", text_encoders["text_encoder"])  # transformers 4/5
-    first.encoder.layers[-1].requires_grad_(False)
-    first.final_layer_norm.requires_grad_(False)
-
-
-def scale_latents(latents, vae_config):
-    """The VAE's latents as the denoiser sees them: shifted (where the VAE's config has a shift) and scaled."""
-    shift = vae_config.get("shift_factor")
-    return (latents - shift if shift is not None else latents) * vae_config["scaling_factor"]
-
-
-def latent_sampler(vae, cached=False):
-    """Images -> a sample of the frozen VAE's latent distribution; `cached` (--cache_latents): the batch holds the cached
-    distribution's parameters, sampled with the training random state as the VAE would."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    if cached:
-        return lambda images: DiagonalGaussianDistribution(images).sample()
-    return lambda images: vae.encode(images.to(vae.dtype)).latent_dist.sample()
+import model_calls as calls
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,19 +32,21 @@ class Family:
     objective: str  # what it is trained on (objectives.py): "ddpm" (noise prediction) or "flow" (flow matching)
     text_encoders: tuple  # (subfolder, transformers class) of each text encoder, in the order prompts go through them
     tokenizers: tuple  # the subfolders of their tokenizers
+    tokenize: Callable  # (tokenizers, prompt) -> a tuple of 1-D tensors of fixed lengths: what encode_prompt reads
     sequence_tokenizer: str  # the tokenizer whose length --max_sequence_length sets ("": none)
     trained_text_encoders: tuple  # those --train_text_encoder trains (T5 never: as diffusers' scripts)
-    encode_prompt: Callable  # (text encoders, token ids per encoder (batch, length)) -> (prompt embeddings, pooled)
+    encode_prompt: Callable  # (text encoders, tokenize's tensors batched) -> (prompt embeddings, pooled or mask)
     denoise: Callable  # (denoiser, noisy latents, timesteps, prompt embeddings, pooled, time ids, guidance) -> prediction
     freeze_unread: Callable  # {name: text encoder} -> None: freeze what never reaches the loss (None: nothing)
     lora_targets: tuple  # the denoiser's modules that get LoRA adapters by default (--lora_target_modules)
     size_multiple: int  # image sides in pixels: a multiple of this (the VAE's downsampling, and any patching)
     pipeline_kwargs: tuple  # (name, value) pairs from_pretrained needs so that nothing else loads
-    pooled_argument: str  # the pipeline's argument for a pre-computed pooled embedding ("": it takes none)
+    embedding_arguments: Callable  # (embeddings, pooled, prefix) -> the pipeline's arguments for pre-computed ones
     upcast_vae: bool  # the pipeline decodes in fp32 when the VAE's config says force_upcast (SDXL's overflows in fp16)
     training_defaults: Callable  # the denoiser's config -> {flag: default} of the training flags this family reads
     sampling_defaults: Callable  # the denoiser's config -> sampler settings that differ from the scripts' defaults
     guidance_argument: Callable  # the denoiser's config -> the pipeline argument the sampling guidance scale goes to
+    unguided_scale: float  # the scale at or under which the pipeline runs no guidance pass (1; Z-Image's: 0)
     embedding_keys: tuple  # a token-embeddings file's key per text encoder, as AUTOMATIC1111 and ComfyUI read it
     kohya_prefixes: tuple  # (model, prefix) of a kohya-format LoRA file's keys (): the diffusers file is the UIs' one
     peft_lora_keys: bool  # the denoiser's LoRA keys as peft names them (lora_A/lora_B), as diffusers' script for the
@@ -156,7 +70,9 @@ class Family:
 
 
 # Training flags whose default depends on the model. A family reads those its training_defaults name (with None:
-# read, no default) and refuses the others in one line.
+# read, no default; IGNORED: accepted and not read, with a note, as the family's diffusers script accepts and ignores
+# it: a command from its README runs unchanged) and refuses the others in one line.
+IGNORED = "not read"
 UNET_DEFAULTS = {"validation_scheduler": "dpm++_2m", "validation_guidance_scale": 7.5, "validation_inference_steps": 25,
                  "pre_compute_text_embeddings": False}
 # Flow matching, as diffusers' FLUX and SD3 scripts: timesteps drawn by --weighting_scheme's density
@@ -181,6 +97,11 @@ def flux_guidance(config):
     return "guidance_scale" if config.get("guidance_embeds") else "true_cfg_scale"
 
 
+def z_image_sampling(config):
+    """ZImagePipeline's own defaults (the base model's; Z-Image-Turbo samples in 8-9 steps at 0)."""
+    return {"validation_guidance_scale": 5.0, "validation_inference_steps": 50}
+
+
 def flux_sampling(config):
     if config.get("guidance_embeds"):
         return {"validation_guidance_scale": 3.5, "validation_inference_steps": 28}
@@ -196,27 +117,27 @@ FLUX_LORA_TARGETS = MMDIT_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_conte
 SD = Family(
     name="sd", pipeline="StableDiffusionPipeline", denoiser="unet", denoiser_class="UNet2DConditionModel",
     detect=lambda config: config.get("addition_embed_type") != "text_time", objective="ddpm",
-    text_encoders=(("text_encoder", "CLIPTextModel"),), tokenizers=("tokenizer",), sequence_tokenizer="",
-    trained_text_encoders=("text_encoder",), encode_prompt=encode_sd, denoise=call_unet, freeze_unread=None,
-    lora_targets=UNET_LORA_TARGETS, size_multiple=8,
+    text_encoders=(("text_encoder", "CLIPTextModel"),), tokenizers=("tokenizer",), tokenize=calls.tokenize_padded,
+    sequence_tokenizer="", trained_text_encoders=("text_encoder",), encode_prompt=calls.encode_sd,
+    denoise=calls.call_unet, freeze_unread=None, lora_targets=UNET_LORA_TARGETS, size_multiple=8,
     pipeline_kwargs=(("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)),
-    pooled_argument="", upcast_vae=False, training_defaults=lambda config: UNET_DEFAULTS,
-    sampling_defaults=lambda config: {}, guidance_argument=lambda config: "guidance_scale", embedding_keys=("emb_params",),
-    kohya_prefixes=(("unet", "lora_unet"), ("text_encoder", "lora_te")), peft_lora_keys=False, single_file_layout="ldm",
-    hub_tag="stable-diffusion")
+    embedding_arguments=calls.pipeline_embeddings(""), upcast_vae=False, training_defaults=lambda config: UNET_DEFAULTS,
+    sampling_defaults=lambda config: {}, guidance_argument=lambda config: "guidance_scale", unguided_scale=1.0,
+    embedding_keys=("emb_params",), kohya_prefixes=(("unet", "lora_unet"), ("text_encoder", "lora_te")),
+    peft_lora_keys=False, single_file_layout="ldm", hub_tag="stable-diffusion")
 # SDXL: two text encoders (the second with a projection: its pooled output conditions the UNet too). No invisible
 # watermark: the same seed gives the same bytes whether or not the invisible-watermark package is installed.
 SDXL = Family(
     name="sdxl", pipeline="StableDiffusionXLPipeline", denoiser="unet", denoiser_class="UNet2DConditionModel",
     detect=lambda config: config.get("addition_embed_type") == "text_time", objective="ddpm",
     text_encoders=(("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
-    tokenizers=("tokenizer", "tokenizer_2"), sequence_tokenizer="",
-    trained_text_encoders=("text_encoder", "text_encoder_2"),
-    encode_prompt=encode_sdxl, denoise=call_unet, freeze_unread=freeze_unread_sdxl_layers,
-    lora_targets=UNET_LORA_TARGETS, size_multiple=8, pipeline_kwargs=(("add_watermarker", False),),
-    pooled_argument="pooled_prompt_embeds", upcast_vae=True, training_defaults=lambda config: UNET_DEFAULTS,
-    sampling_defaults=lambda config: {}, guidance_argument=lambda config: "guidance_scale",
-    embedding_keys=("clip_l", "clip_g"),
+    tokenizers=("tokenizer", "tokenizer_2"), tokenize=calls.tokenize_padded, sequence_tokenizer="",
+    trained_text_encoders=("text_encoder", "text_encoder_2"), encode_prompt=calls.encode_sdxl,
+    denoise=calls.call_unet, freeze_unread=calls.freeze_unread_sdxl_layers, lora_targets=UNET_LORA_TARGETS,
+    size_multiple=8, pipeline_kwargs=(("add_watermarker", False),),
+    embedding_arguments=calls.pipeline_embeddings("pooled_prompt_embeds"), upcast_vae=True,
+    training_defaults=lambda config: UNET_DEFAULTS, sampling_defaults=lambda config: {},
+    guidance_argument=lambda config: "guidance_scale", unguided_scale=1.0, embedding_keys=("clip_l", "clip_g"),
     kohya_prefixes=(("unet", "lora_unet"), ("text_encoder", "lora_te1"), ("text_encoder_2", "lora_te2")),
     peft_lora_keys=False, single_file_layout="sgm", hub_tag="stable-diffusion-xl")
 # FLUX.1 (dev, schnell and FLUX.1-shaped checkpoints): CLIP-L's pooled vector and T5-XXL's sequence; a 2x2-patched
@@ -225,10 +146,12 @@ FLUX = Family(
     name="flux", pipeline="FluxPipeline", denoiser="transformer", denoiser_class="FluxTransformer2DModel",
     detect=lambda config: True, objective="flow",
     text_encoders=(("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel")),
-    tokenizers=("tokenizer", "tokenizer_2"), sequence_tokenizer="tokenizer_2", trained_text_encoders=("text_encoder",),
-    encode_prompt=encode_flux, denoise=call_flux, freeze_unread=None, lora_targets=FLUX_LORA_TARGETS, size_multiple=16,
-    pipeline_kwargs=(), pooled_argument="pooled_prompt_embeds", upcast_vae=False, training_defaults=flux_defaults,
-    sampling_defaults=flux_sampling, guidance_argument=flux_guidance, embedding_keys=("clip_l", "t5"), kohya_prefixes=(), peft_lora_keys=True,
+    tokenizers=("tokenizer", "tokenizer_2"), tokenize=calls.tokenize_padded, sequence_tokenizer="tokenizer_2",
+    trained_text_encoders=("text_encoder",), encode_prompt=calls.encode_flux, denoise=calls.call_flux,
+    freeze_unread=None, lora_targets=FLUX_LORA_TARGETS, size_multiple=16, pipeline_kwargs=(),
+    embedding_arguments=calls.pipeline_embeddings("pooled_prompt_embeds"), upcast_vae=False,
+    training_defaults=flux_defaults, sampling_defaults=flux_sampling, guidance_argument=flux_guidance,
+    unguided_scale=1.0, embedding_keys=("clip_l", "t5"), kohya_prefixes=(), peft_lora_keys=True,
     single_file_layout="bfl", hub_tag="flux")
 # SD3 and SD 3.5: CLIP-L and CLIG-G (pooled and sequence) and T5-XXL; logit-normal timesteps and preconditioned
 # outputs by default, as diffusers' SD3 scripts; --lora_blocks picks joint blocks.
@@ -237,21 +160,37 @@ SD3 = Family(
     detect=lambda config: True, objective="flow",
     text_encoders=(("text_encoder", "CLIPTextModelWithProjection"), ("text_encoder_2", "CLIPTextModelWithProjection"),
                    ("text_encoder_3", "T5EncoderModel")),
-    tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"), sequence_tokenizer="tokenizer_3",
-    trained_text_encoders=("text_encoder", "text_encoder_2"), encode_prompt=encode_sd3, denoise=call_sd3,
-    freeze_unread=None, lora_targets=MMDIT_LORA_TARGETS, size_multiple=16, pipeline_kwargs=(),
-    pooled_argument="pooled_prompt_embeds", upcast_vae=False,
+    tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"), tokenize=calls.tokenize_padded,
+    sequence_tokenizer="tokenizer_3", trained_text_encoders=("text_encoder", "text_encoder_2"),
+    encode_prompt=calls.encode_sd3, denoise=calls.call_sd3, freeze_unread=None, lora_targets=MMDIT_LORA_TARGETS,
+    size_multiple=16, pipeline_kwargs=(), embedding_arguments=calls.pipeline_embeddings("pooled_prompt_embeds"),
+    upcast_vae=False,
     training_defaults=lambda config: {**FLOW_DEFAULTS, "weighting_scheme": "logit_normal", "precondition_outputs": 1,
                                       "max_sequence_length": 77, "lora_blocks": None, "validation_guidance_scale": 7.0},
     sampling_defaults=lambda config: {"validation_guidance_scale": 7.0, "validation_inference_steps": 28},
-    guidance_argument=lambda config: "guidance_scale",
+    guidance_argument=lambda config: "guidance_scale", unguided_scale=1.0,
     embedding_keys=("clip_l", "clip_g", "t5"), kohya_prefixes=(), peft_lora_keys=True, single_file_layout="mmdit",
     hub_tag="sd3")
-FAMILIES = {family.name: family for family in (SD, SDXL, FLUX, SD3)}
+# Z-Image (Turbo and base): one Qwen3 language model as text encoder (its chat template, second-to-last layer, each
+# prompt's unpadded tokens), a single-stream transformer over FLUX.1's kind of latents; the attention projections get
+# LoRA, as diffusers' Z-Image script. Its pipeline guides above a scale of 0 (g is classic guidance's g + 1).
+Z_IMAGE = Family(
+    name="z-image", pipeline="ZImagePipeline", denoiser="transformer", denoiser_class="ZImageTransformer2DModel",
+    detect=lambda config: True, objective="flow", text_encoders=(("text_encoder", "Qwen3Model"),),
+    tokenizers=("tokenizer",), tokenize=calls.tokenize_chat, sequence_tokenizer="tokenizer", trained_text_encoders=(),
+    encode_prompt=calls.encode_z_image, denoise=calls.call_z_image, freeze_unread=None,
+    lora_targets=UNET_LORA_TARGETS, size_multiple=16, pipeline_kwargs=(),
+    embedding_arguments=calls.unpadded_embeddings, upcast_vae=False,
+    training_defaults=lambda config: {**FLOW_DEFAULTS, "weighting_scheme": "none", "max_sequence_length": 512,
+                                      "guidance_scale": IGNORED, **z_image_sampling(config)},
+    sampling_defaults=z_image_sampling, guidance_argument=lambda config: "guidance_scale", unguided_scale=0.0,
+    embedding_keys=(), kohya_prefixes=(), peft_lora_keys=True, single_file_layout="", hub_tag="z-image")
+FAMILIES = {family.name: family for family in (SD, SDXL, FLUX, SD3, Z_IMAGE)}
 # every flag some family reads; read_model's caller refuses those the model's family does not, saying what it is for
 FAMILY_FLAGS = tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.training_defaults({"guidance_embeds": True})))
-FLAG_SCOPES = {"flow": "flow-matching models (FLUX.1, SD 3.5)", "precondition_outputs": "SD3 and SD 3.5",
-               "lora_blocks": "SD3 and SD 3.5 (their joint blocks)", "max_sequence_length": "models with a T5 encoder",
+FLAG_SCOPES = {"flow": "flow-matching models (FLUX.1, SD 3.5, Z-Image)", "precondition_outputs": "SD3 and SD 3.5",
+               "lora_blocks": "SD3 and SD 3.5 (their joint blocks)",
+               "max_sequence_length": "models with a T5 or language-model encoder",
                "guidance_scale": "guidance-distilled FLUX.1 (dev: a transformer with a guidance embedding)"}
 
 
@@ -287,8 +226,10 @@ def guidance_arguments(family, config, scale, negative, n):
 
 def guides_with_negative(family, config, scale):
     """Whether sampling at this scale runs classifier-free guidance, the pass that reads the negative prompt: above
-    1, where the scale is not an input of the transformer (a guidance-distilled FLUX.1 runs no second pass)."""
-    return scale > 1 and not (family.guidance_argument(config) == "guidance_scale" and config.get("guidance_embeds"))
+    1 (Z-Image: 0), where the scale is not an input of the transformer (a guidance-distilled FLUX.1 runs no second
+    pass)."""
+    distilled = family.guidance_argument(config) == "guidance_scale" and config.get("guidance_embeds")
+    return scale > family.unguided_scale and not distilled
 
 
 def sampling_sequence_length(family, pipe):

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 import cli
+import model_calls
 
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -399,9 +400,10 @@ class DreamBoothDataset(Dataset):
     workers. An image comes with its time ids (SDXL's size and crop) and its mask or None, a prompt as token ids. With
     caches (--cache_latents, --pre_compute_text_embeddings) an item holds cached latents and embeddings instead."""
 
-    def __init__(self, subjects, tokenizers, size, center_crop, random_flip, seed, buckets=None):
+    def __init__(self, subjects, tokenizers, size, center_crop, random_flip, seed, buckets=None, tokenize=None):
         """subjects: [(photos: [(image, prompt, mask)], class images: [path], class prompt)]."""
         self.subjects, self.tokenizers, self.center_crop, self.random_flip = subjects, tokenizers, center_crop, random_flip
+        self.tokenize_with = tokenize or model_calls.tokenize_padded
         self.seed, self.epoch = seed, 0
         self.sizes = [[nearest_bucket(buckets, *(im if isinstance(im, Image.Image) else load_image(im)).size)
                        if buckets else (size, size) for im, _, _ in photos] for photos, _, _ in subjects]
@@ -424,9 +426,9 @@ class DreamBoothDataset(Dataset):
         return self.sizes[s][p]
 
     def tokenize(self, prompt):
-        """Token ids per tokenizer, each padded to its own length (CLIP's 77, T5's --max_sequence_length)."""
-        return tuple(t(prompt, padding="max_length", truncation=True, max_length=t.model_max_length,
-                       return_tensors="pt").input_ids[0] for t in self.tokenizers)
+        """The family's tokenization (families.py: token ids per tokenizer padded to its length; ids and attention
+        mask for a language-model encoder)."""
+        return self.tokenize_with(self.tokenizers, prompt)
 
     def image(self, key, image, mask, size, generator):
         if self.latents is not None:  # the crop was made when caching: the one random draw is the flip, as in preprocess

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 import cli
 import export
 import families
-import loading
 import generate_priors
 import imagedata
+import loading
+import model_calls
 import objectives
 import runs
 
@@ -374,6 +375,12 @@ def check_args(args):
             cli.fail(f"--aspect_ratio_buckets {h},{w} is {h * w / args.resolution ** 2:,.0f} times --resolution "
                      f"{args.resolution}'s area: buckets are shapes of about that area (at most 4 times)")
     check_family_flags(args, model)
+    if args.train_text_encoder and not family.trained_text_encoders:
+        cli.fail(f"--train_text_encoder: {family.pipeline}'s text encoder is a language model this suite does not "
+                 "train (nor do diffusers' scripts): leave the flag out")
+    if args.save_single_file and not family.single_file_layout:
+        cli.fail(f"--save_single_file: this version writes no single file for {family.pipeline}; the pipeline folder "
+                 "is saved (diffusers reads it)")
     if args.train_text_encoder_ti and not hasattr(family.pipeline_class(), "load_textual_inversion"):
         cli.fail(f"--train_text_encoder_ti: diffusers' {family.pipeline} has no textual-inversion loader, so the new "
                  "tokens could not be loaded beside the weights (pivotal tuning is for SD, SDXL and FLUX.1)")
@@ -458,7 +465,12 @@ def check_family_flags(args, model):
     if model.sequence_length and "max_sequence_length" in defaults:  # never past the model's own tokenizer (toy FLUX.1)
         defaults = {**defaults, "max_sequence_length": min(defaults["max_sequence_length"], model.sequence_length)}
     for flag in families.FAMILY_FLAGS:
-        if flag in defaults and getattr(args, flag) is None:
+        if defaults.get(flag) is families.IGNORED:  # diffusers' script for the family takes it and never reads it
+            if getattr(args, flag) is not None:
+                cli.note(f"--{flag} is not read when training a {family.pipeline} (accepted, as diffusers' script for "
+                         "it accepts it)")
+            setattr(args, flag, None)
+        elif flag in defaults and getattr(args, flag) is None:
             setattr(args, flag, defaults[flag])
         elif flag not in defaults and getattr(args, flag) is not None:
             cli.fail(f"--{flag} is for {families.FLAG_SCOPES.get(flag, families.FLAG_SCOPES['flow'])}, and "
@@ -662,8 +674,7 @@ def log_validation(accelerator, args, family, pipe, embeddings, step):
                     embeds, pooled = (e.expand(n, *e.shape).to(accelerator.device) for e in embeddings[p])
                     if key and not negative and pipe.config.get("force_zeros_for_empty_prompt"):
                         embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)  # as the pipeline does
-                    text.update({f"{key}prompt_embeds": embeds,
-                                 **({key + family.pooled_argument: pooled} if family.pooled_argument else {})})
+                    text.update(family.embedding_arguments(embeds, pooled, key))
             if family.sequence_tokenizer:  # T5's prompt length as in training
                 text["max_sequence_length"] = args.max_sequence_length
             rows.append(pipe(**text, **guidance, num_inference_steps=args.validation_inference_steps,
@@ -934,7 +945,7 @@ def make_data(args, accelerator, subjects, tokenizers, family, vae, text_encoder
     With buckets, a batch sampler keeps each batch to one size (with its own (seed, epoch) order)."""
     buckets = imagedata.bucket_sizes(args.aspect_ratio_buckets, args.resolution) if args.aspect_ratio_buckets else None
     dataset = imagedata.DreamBoothDataset(subjects, tokenizers, args.resolution, args.center_crop, args.random_flip,
-                                          args.seed, buckets)
+                                          args.seed, buckets, family.tokenize)
     if args.cache_latents:
         imagedata.cache_latents(dataset, vae, accelerator.device, accelerator.is_local_main_process)
         if not args.validation_prompt:  # validation still decodes with it
@@ -1084,7 +1095,7 @@ def main(argv=None):
                 log_validation(accelerator, args, family, pipe, dataset.embeddings, step)
             model.train()
 
-    encode = families.latent_sampler(vae, args.cache_latents)
+    encode = model_calls.latent_sampler(vae, args.cache_latents)
     # ---- training loop. Signals are caught from before the banner: one may come as soon as the run says it started
     with runs.stop_requests() as stop_signals:
         if accelerator.is_main_process:  # notes on the data plan as a whole, before the banner
@@ -1113,7 +1124,7 @@ def main(argv=None):
                 with accelerator.accumulate(model):
                     # encode: images -> latents with the frozen VAE (or from the cache)
                     with torch.no_grad():
-                        latents = families.scale_latents(encode(batch["images"]).float(), vae.config)  # fp32 from here
+                        latents = model_calls.scale_latents(encode(batch["images"]).float(), vae.config)  # fp32 from here
                     # the objective's draw: noisy latents at random timesteps, the target, per-example weights
                     draw = objective.draw(latents)
                     # predict and compare: instance loss + lambda * prior loss (masked photos: the background weighs less)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny pipelines of each family (SD, SDXL, FLUX.1, SD 3.5) written to disk with save_pretrained (loaded back by the scripts
+"""Shared fixtures: tiny pipelines of each family (SD, SDXL, FLUX.1, SD 3.5, Z-Image) written to disk with save_pretrained (loaded back by the scripts
 through the real from_pretrained path), a few subject photos, and a helper that runs a script as a user would."""
 
 import os
@@ -58,6 +58,13 @@ def tiny_flux(tmp_path_factory):
 def tiny_sd3(tmp_path_factory):
     """SD 3.5-shaped: two CLIPs with projections and T5, MMDiT with qk norm and a dual-attention layer."""
     return str(make_tiny_model.make_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd3"), family="sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_z_image(tmp_path_factory):
+    """Z-Image-shaped: a Qwen3 text encoder with its chat template, the single-stream transformer with refiners."""
+    return str(make_tiny_model.make_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-z-image"),
+                                                  family="z-image"))
 
 
 @pytest.fixture(scope="session")

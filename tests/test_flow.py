@@ -306,15 +306,15 @@ def test_flux_full_fine_tune_of_two_subjects_with_buckets_masks_ema_and_prodigy(
 
 
 @pytest.fixture
-def flow_base(tiny_model, tiny_flux, tiny_sd3, photos, tmp_path):
+def flow_base(tiny_model, tiny_flux, tiny_sd3, tiny_z_image, photos, tmp_path):
     def args(model, *extra):
-        return ["--model", {"sd": tiny_model, "flux": tiny_flux, "sd3": tiny_sd3}[model], "--instance_dir", photos,
+        return ["--model", {"sd": tiny_model, "flux": tiny_flux, "sd3": tiny_sd3, "z-image": tiny_z_image}[model], "--instance_dir", photos,
                 "--instance_prompt", "a photo of sks dog", "--output_dir", tmp_path / "out", "--resolution", 64, *extra]
     return args
 
 
 @pytest.mark.parametrize("model, extra, line", [
-    ("sd", ["--weighting_scheme", "logit_normal"], "--weighting_scheme is for flow-matching models (FLUX.1, SD 3.5), "
+    ("sd", ["--weighting_scheme", "logit_normal"], "--weighting_scheme is for flow-matching models (FLUX.1, SD 3.5, Z-Image), "
                                                    "and {model} is a StableDiffusionPipeline"),
     ("sd3", ["--guidance_scale", 3.5], "--guidance_scale is for guidance-distilled FLUX.1 (dev: a transformer with a "
                                        "guidance embedding), and {model} is a StableDiffusion3Pipeline without one"),
@@ -332,6 +332,12 @@ def flow_base(tiny_model, tiny_flux, tiny_sd3, photos, tmp_path):
     ("sd3", ["--train_text_encoder_ti"], "--train_text_encoder_ti: diffusers' StableDiffusion3Pipeline has no "
                                          "textual-inversion loader, so the new tokens could not be loaded beside the "
                                          "weights (pivotal tuning is for SD, SDXL and FLUX.1)"),
+    ("z-image", ["--train_text_encoder"], "--train_text_encoder: ZImagePipeline's text encoder is a language model "
+                                          "this suite does not train (nor do diffusers' scripts): leave the flag out"),
+    ("z-image", ["--save_single_file"], "--save_single_file: this version writes no single file for ZImagePipeline; "
+                                        "the pipeline folder is saved (diffusers reads it)"),
+    ("z-image", ["--precondition_outputs", 1], "--precondition_outputs is for SD3 and SD 3.5, and {model} is a "
+                                               "ZImagePipeline"),
 ])
 def test_flags_a_family_does_not_read_are_refused(flow_base, capsys, model, extra, line):
     argv = flow_base(model, *extra)

@@ -70,8 +70,8 @@ def test_prior_preservation_with_text_encoder_8bit_adam_and_accumulation(run, ti
     assert {"torch", "diffusers", "transformers", "accelerate", "bitsandbytes"} <= record["versions"].keys()
     assert "train_dreambooth.py" in record["command"] and "--with_prior_preservation" in record["command"]
     code = sorted(p.name for p in (out / "code").iterdir())  # the code as it ran: the script and the suite's modules
-    assert code == ["cli.py", "export.py", "families.py", "generate_priors.py", "imagedata.py", "loading.py", "objectives.py",
-                    "runs.py", "singlefile.py", "train_dreambooth.py"]
+    assert code == ["cli.py", "export.py", "families.py", "generate_priors.py", "imagedata.py", "loading.py",
+                    "model_calls.py", "objectives.py", "runs.py", "singlefile.py", "train_dreambooth.py"]
     for name in code:
         assert (out / "code" / name).read_text() == (Path(__file__).parent.parent / name).read_text()
 

@@ -1,4 +1,4 @@
-"""Write a tiny, randomly initialised pipeline folder (SD, SDXL, FLUX.1, SD 3.5) and a few sample photos.
+"""Write a tiny, randomly initialised pipeline folder (SD, SDXL, FLUX.1, SD 3.5, Z-Image) and a few sample photos.
 
 Nothing is downloaded: every component is built from a config dict and saved with `save_pretrained`, so the
 scripts load it through the same `from_pretrained` code they use for a hub model. The weights are random: the
@@ -7,7 +7,7 @@ second on a CPU).
 
     python tools/make_tiny_model.py --output_dir tiny-sd [--prediction_type v_prediction] [--images_dir photos]
     python tools/make_tiny_model.py --output_dir tiny-sdxl --family sdxl
-    python tools/make_tiny_model.py --output_dir tiny-flux --family flux    # also flux-schnell, sd3
+    python tools/make_tiny_model.py --output_dir tiny-flux --family flux    # also flux-schnell, sd3, z-image
 
 The SDXL one is built as diffusers' own SDXL tests build theirs: a `text_time` UNet (small `addition_time_embed_dim`
 and `projection_class_embeddings_input_dim`), a `CLIPTextModel` and a `CLIPTextModelWithProjection` whose hidden
@@ -66,11 +66,10 @@ def tiny_vae(**kwargs):
         block_out_channels=(32, 64),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
         layers_per_block=1,
         norm_num_groups=32,
         sample_size=64,
-        **kwargs,
+        **{"latent_channels": 4, **kwargs},
     )
 
 
@@ -116,6 +115,43 @@ def write_t5_tokenizer(folder, max_length=512):
                                 extra_ids=0, model_max_length=max_length)
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+# Qwen3's chat template, cut to what the image pipelines use: user turns and the assistant's opening, with Qwen3's
+# empty thinking block when enable_thinking is False
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}")
+
+
+def write_qwen_tokenizer(folder):
+    """A Qwen2/Qwen3-format tokenizer (byte-level BPE, Qwen's special tokens and a chat template), with every byte in
+    its vocabulary and a few merges, built with the tokenizers library (nothing downloaded)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    chars = bytes_to_unicode()
+    merges = [("p", "h"), ("ph", "o"), ("pho", "t"), ("phot", "o"), ("s", "k"), ("sk", "s"), ("d", "o"), ("do", "g"),
+              ("Ġ", "a"), ("Ġ", "photo"), ("Ġ", "sks"), ("Ġ", "dog")]
+    vocab = {c: i for i, c in enumerate(chars + ["".join(m) for m in merges])}
+    backend = Tokenizer(models.BPE(vocab, merges))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=backend, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", model_max_length=131072)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_qwen3(tokenizer, hidden_size=16):
+    from transformers import Qwen3Config, Qwen3Model
+
+    return Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=16,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id))
 
 
 def tiny_t5(tokenizer, d_model):
@@ -173,7 +209,32 @@ def make_tiny_sd3_pipeline(output_dir, seed=0):
     return output_dir
 
 
+def make_tiny_z_image_pipeline(output_dir, seed=0):
+    """Z-Image-shaped (as diffusers' ZImagePipeline tests build theirs): the single-stream transformer with its
+    refiner layers, a Qwen3 text encoder and tokenizer with the chat template, FLUX.1's kind of VAE (16 channels,
+    shifted), Z-Image's scheduler (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = write_qwen_tokenizer(os.path.join(output_dir, "tokenizer"))
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5,
+                                           qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+                                           axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+    with torch.no_grad():  # made with torch.empty: fixed, as diffusers' tests do
+        transformer.x_pad_token.fill_(1.0)
+        transformer.cap_pad_token.fill_(1.0)
+    pipe = ZImagePipeline(transformer=transformer, text_encoder=tiny_qwen3(tokenizer), tokenizer=tokenizer,
+                          vae=tiny_vae(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611,
+                                       use_quant_conv=False, use_post_quant_conv=False),
+                          scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    return output_dir
+
+
 def make_tiny_pipeline(output_dir, prediction_type="epsilon", seed=0, family="sd"):
+    if family == "z-image":
+        return make_tiny_z_image_pipeline(output_dir, seed)
     if family == "sdxl":
         return make_tiny_sdxl_pipeline(output_dir, prediction_type, seed)
     if family in ("flux", "flux-schnell"):
@@ -273,8 +334,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="where the pipeline folder is written")
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
-    parser.add_argument("--family", default="sd", choices=["sd", "sdxl", "flux", "flux-schnell", "sd3"],
-                        help="Stable Diffusion 1.x/2.x, SDXL, FLUX.1 (dev or schnell) or SD 3.5")
+    parser.add_argument("--family", default="sd", choices=["sd", "sdxl", "flux", "flux-schnell", "sd3", "z-image"],
+                        help="Stable Diffusion 1.x/2.x, SDXL, FLUX.1 (dev or schnell), SD 3.5 or Z-Image")
     parser.add_argument("--images_dir", default=None, help="also write a few sample subject photos here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -11,7 +11,7 @@ images, half of them with the object cut in two random palette colours along a r
 can hold two-colour objects (the subject is one such object among very many; nothing else in pretraining shows one);
 the VAE ceiling (the subject encoded, decoded and read back on every background) is measured and recorded. Stage 2
 freezes the VAE and trains the transformer and both text encoders together with the suite's own FLUX code
-(families.encode_flux, families.call_flux, objectives.Flow: rectified flow, logit-normal timesteps, the scheduler's
+(model_calls.encode_flux, model_calls.call_flux, objectives.Flow: rectified flow, logit-normal timesteps, the scheduler's
 shift for 16 tokens), on captions that leave out the colour or the background 30% of the time each and are dropped
 10% of the time for classifier-free guidance. The transformer has no guidance embedding (as FLUX.1-schnell and the
 de-distilled FLUX.1 checkpoints): it is sampled with real classifier-free guidance, which the suite's scripts apply on
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import families  # noqa: E402
+import model_calls  # noqa: E402
 import objectives  # noqa: E402
 from toyworld.evaluate import autoencoder_ceiling  # noqa: E402
 from toyworld.pretrain import WORDS, batch, train_vae, two_tone_batch, write_word_tokenizer  # noqa: E402
@@ -64,15 +64,17 @@ def write_word_t5_tokenizer(folder, max_length=T5_LENGTH):
     return tokenizer
 
 
-def build(out, heads, double_blocks, single_blocks):
+def build(out, heads, double_blocks, single_blocks, vae_factor, latent_channels, t5_length):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     tokenizer = write_word_tokenizer(out / "tokenizer")
-    tokenizer_2 = write_word_t5_tokenizer(out / "tokenizer_2")
-    vae = AutoencoderKL(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=16, layers_per_block=1,
-                        norm_num_groups=32, sample_size=32, use_quant_conv=False, use_post_quant_conv=False)
+    tokenizer_2 = write_word_t5_tokenizer(out / "tokenizer_2", t5_length)
+    blocks = {2: (32, 64), 4: (32, 64, 64)}[vae_factor]  # each block after the first halves the side
+    vae = AutoencoderKL(block_out_channels=blocks, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                        up_block_types=("UpDecoderBlock2D",) * len(blocks), latent_channels=latent_channels,
+                        layers_per_block=1, norm_num_groups=32, sample_size=32, use_quant_conv=False,
+                        use_post_quant_conv=False)
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, projection_dim=64, bos_token_id=tokenizer.bos_token_id,
@@ -80,7 +82,7 @@ def build(out, heads, double_blocks, single_blocks):
     t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                  num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
                                  decoder_start_token_id=0, feed_forward_proj="gated-gelu"))
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=double_blocks,
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=double_blocks,
                                          num_single_layers=single_blocks, attention_head_dim=32,
                                          num_attention_heads=heads, joint_attention_dim=64, pooled_projection_dim=64,
                                          guidance_embeds=False, axes_dims_rope=(8, 12, 12))
@@ -97,6 +99,10 @@ def main():
     p.add_argument("--heads", type=int, default=6, help="attention heads of 32 channels: the transformer's width")
     p.add_argument("--double_blocks", type=int, default=2)
     p.add_argument("--single_blocks", type=int, default=4)
+    p.add_argument("--vae_factor", type=int, default=4, choices=[2, 4],
+                   help="the VAE's downsampling: 4 gives 8x8 latents (16 image tokens), 2 gives 16x16 (64 tokens)")
+    p.add_argument("--latent_channels", type=int, default=16, help="FLUX.1's VAE has 16")
+    p.add_argument("--t5_length", type=int, default=T5_LENGTH, help="T5's padded sequence (the tokenizer's length)")
     p.add_argument("--learning_rate", type=float, default=5e-4)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -108,8 +114,8 @@ def main():
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     out = Path(args.output_dir)
-    tokenizer, tokenizer_2, vae, clip, t5, transformer, scheduler = build(out, args.heads, args.double_blocks,
-                                                                          args.single_blocks)
+    tokenizer, tokenizer_2, vae, clip, t5, transformer, scheduler = build(
+        out, args.heads, args.double_blocks, args.single_blocks, args.vae_factor, args.latent_channels, args.t5_length)
     record = {"command": " ".join([sys.executable] + sys.argv), "seed": args.seed, "batch_size": args.batch_size,
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "parameters": {name: sum(p.numel() for p in m.parameters())
@@ -140,14 +146,14 @@ def main():
         pixels, captions = batch(rng, args.batch_size)
         captions = [c if rng.random() > 0.1 else "" for c in captions]  # unconditional, for classifier-free guidance
         with torch.no_grad():
-            latents = families.scale_latents(vae.encode(pixels).latent_dist.sample(), vae.config)
+            latents = model_calls.scale_latents(vae.encode(pixels).latent_dist.sample(), vae.config)
         ids = [tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                          return_tensors="pt").input_ids,
-               tokenizer_2(captions, padding="max_length", max_length=T5_LENGTH, truncation=True,
+               tokenizer_2(captions, padding="max_length", max_length=args.t5_length, truncation=True,
                            return_tensors="pt").input_ids]
-        sequence, pooled = families.encode_flux((clip, t5), ids)
+        sequence, pooled = model_calls.encode_flux((clip, t5), ids)
         draw = flow.draw(latents)
-        prediction = draw.prediction(families.call_flux(transformer, draw.noisy_latents, draw.timesteps, sequence,
+        prediction = draw.prediction(model_calls.call_flux(transformer, draw.noisy_latents, draw.timesteps, sequence,
                                                         pooled, None))
         loss = F.mse_loss(prediction, draw.target)
         optimizer.zero_grad(set_to_none=True)

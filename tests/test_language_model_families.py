@@ -1,0 +1,149 @@
+"""The families whose text encoder is a language model (Z-Image: Qwen3), in the same scripts: their rows checked
+against diffusers' pipelines (chat template, hidden layer, masks, the transformer's call), and real runs of the
+scripts on tiny pipelines built offline."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import families
+import loading
+from test_flow import infer_image
+
+PROMPT = "a photo of sks dog"
+
+
+def tokenized(model, family, length, prompt=PROMPT):
+    """The prompt as the training data tokenizes it, batched: (ids, attention mask)."""
+    import imagedata
+    from transformers import AutoTokenizer
+
+    tokenizers = [AutoTokenizer.from_pretrained(model, subfolder=sub) for sub in family.tokenizers]
+    tokenizers[family.tokenizers.index(family.sequence_tokenizer)].model_max_length = length
+    dataset = imagedata.DreamBoothDataset([([], [], None)], tokenizers, 64, True, False, 0, tokenize=family.tokenize)
+    return [t[None] for t in dataset.tokenize(prompt)]
+
+
+@torch.no_grad()
+def test_z_image_prompt_encoding_is_the_pipelines_own_and_the_prompt_reaches_the_transformer(tiny_z_image):
+    pipe = loading.load_pipeline(tiny_z_image)
+    ids, mask = tokenized(tiny_z_image, families.Z_IMAGE, 40)
+    embeds, second = families.Z_IMAGE.encode_prompt([pipe.text_encoder], (ids, mask))
+    (reference,), _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, max_sequence_length=40)
+    assert embeds.shape == (1, 40, 16) and torch.equal(second, mask)
+    assert torch.equal(embeds[0][mask[0].bool()], reference)  # the unpadded tokens the transformer reads
+    # the chat template wraps the prompt; the prompt's own tokens are inside what is read, and change it
+    template = tokenized(tiny_z_image, families.Z_IMAGE, 40, prompt="")[1].sum()
+    prompt_tokens = len(pipe.tokenizer(PROMPT).input_ids)
+    assert mask.sum() == template + prompt_tokens
+    other, _ = families.Z_IMAGE.encode_prompt([pipe.text_encoder], tokenized(tiny_z_image, families.Z_IMAGE, 40,
+                                                                             prompt="a photo of sks cat"))
+    assert not torch.equal(other[0][mask[0].bool()], reference)
+    # a prompt past --max_sequence_length is cut, as the pipeline cuts it
+    ids, mask = tokenized(tiny_z_image, families.Z_IMAGE, 12)
+    assert mask.sum() == 12
+
+
+@torch.no_grad()
+def test_the_z_image_call_is_the_pipelines_step(tiny_z_image):
+    """One Euler step of ZImagePipeline (its frame axis, 1 - sigma timestep and negated output) against the step our
+    call gives: the loss's velocity is the one the sampler follows."""
+    pipe = loading.load_pipeline(tiny_z_image)
+    ids, mask = tokenized(tiny_z_image, families.Z_IMAGE, 40)
+    embeds, mask = families.Z_IMAGE.encode_prompt([pipe.text_encoder], (ids, mask))
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    stepped = pipe(prompt_embeds=[embeds[0][mask[0].bool()]], latents=latents, height=16, width=16,
+                   num_inference_steps=1, guidance_scale=0.0, output_type="latent").images
+    sigma = pipe.scheduler.sigmas[0]
+    velocity = families.Z_IMAGE.denoise(pipe.transformer, latents, sigma[None] * 1000, embeds, mask, None)
+    assert torch.allclose(stepped, latents - sigma * velocity, atol=1e-6)
+    assert not torch.allclose(stepped, latents + sigma * velocity, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scripts
+
+
+def test_z_image_readme_lora_command_with_priors_loads_in_diffusers_and_infer(run, tiny_z_image, photos, tmp_path):
+    """diffusers' Z-Image README command (its flags as written there, at a tiny size, plus --rank 4 and prior
+    preservation): trains, samples its validation and class images with Z-Image's own defaults, and writes a LoRA
+    file ZImagePipeline.load_lora_weights reads."""
+    from diffusers import ZImagePipeline
+
+    out, priors = tmp_path / "out", tmp_path / "priors"
+    proc = run("train_dreambooth.py", "--pretrained_model_name_or_path", tiny_z_image, "--instance_data_dir", photos,
+               "--output_dir", out, "--mixed_precision", "no", "--gradient_checkpointing", "--cache_latents",
+               "--instance_prompt", PROMPT, "--resolution", 32, "--train_batch_size", 1, "--guidance_scale", "5.0",
+               "--use_8bit_adam", "--gradient_accumulation_steps", 1, "--optimizer", "adamW", "--learning_rate",
+               "1e-3", "--report_to", "tensorboard", "--lr_scheduler", "constant", "--lr_warmup_steps", 0,
+               "--max_train_steps", 2, "--validation_prompt", "A photo of sks dog in a bucket", "--validation_epochs",
+               25, "--seed", 0, "--rank", 4, "--max_sequence_length", 48, "--with_prior_preservation",
+               "--class_data_dir", priors, "--class_prompt", "a photo of dog", "--num_class_images", 2,
+               "--num_validation_images", 1, "--validation_inference_steps", 2, launch=False, check=False)
+    if "bitsandbytes" in proc.stdout + proc.stderr and proc.returncode:
+        pytest.skip("bitsandbytes is not installed here")  # the README's --use_8bit_adam
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--guidance_scale is not read when training a ZImagePipeline" in proc.stdout + proc.stderr
+    config = json.loads((out / "run_config.json").read_text())["config"]
+    assert (config["model_family"], config["weighting_scheme"], config["pre_compute_text_embeddings"],
+            config["guidance_scale"]) == ("z-image", "none", True, None)
+    made = json.loads(Image.open(priors / "000000.png").text["dreambooth_prior"])["settings"]
+    assert (made["num_inference_steps"], made["guidance_scale"]) == (50, 5.0)  # ZImagePipeline's defaults
+    assert (out / "validation" / "step-000002.png").exists()
+
+    state = load_file(out / families.LORA_WEIGHTS)
+    pipe = ZImagePipeline.from_pretrained(tiny_z_image)
+    attention = {f"transformer.{name}" for name, m in pipe.transformer.named_modules()
+                 if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0")
+                 and ".attention." in name}
+    assert {k.rsplit(".lora", 1)[0] for k in state} == attention  # layers, refiners included
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in state.items() if "lora_B" in k)
+
+    def sample(p):
+        return p("a photo of sks dog", height=32, width=32, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    before = sample(pipe)
+    pipe.load_lora_weights(out)
+    assert not (before == sample(pipe)).all()
+    base, tuned = infer_image(tiny_z_image, tmp_path / "base"), infer_image(out, tmp_path / "tuned")
+    zero = infer_image(out, tmp_path / "zero", "--lora_scale", 0)
+    assert Image.open(base).tobytes() == Image.open(zero).tobytes() != Image.open(tuned).tobytes()
+
+
+def test_z_image_full_fine_tune_resumes_exactly_and_pre_computed_prompts_train_as_encoded(
+        run, tiny_z_image, photos, tmp_path):
+    """A full fine-tune with prior preservation (class images made on the fly): resumed after step 2 it ends with the
+    same transformer, bit for bit; encoding the prompts every step (--pre_compute_text_embeddings false) trains the
+    same one; the text encoder and the VAE are saved unchanged."""
+    reference, resumed, encoded = tmp_path / "reference", tmp_path / "resumed", tmp_path / "encoded"
+    args = ["--model", tiny_z_image, "--instance_dir", photos, "--instance_prompt", PROMPT, "--resolution", 32,
+            "--learning_rate", "1e-4", "--max_train_steps", 4, "--checkpointing_steps", 2, "--train_batch_size", 1,
+            "--with_prior_preservation", "--class_dir", tmp_path / "priors", "--class_prompt", "a photo of dog",
+            "--num_class_images", 2, "--max_sequence_length", 32, "--weighting_scheme", "logit_normal",
+            "--random_flip", "--seed", 3, "--report_to", "none"]
+    run("train_dreambooth.py", *args, "--output_dir", reference, launch=False)
+    shutil.copytree(reference / "checkpoint-2", resumed / "checkpoint-2")  # as if the run had died after step 2
+    shutil.copy(reference / "run_config.json", resumed)
+    run("train_dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest", launch=False)
+    run("train_dreambooth.py", *args, "--output_dir", encoded, "--pre_compute_text_embeddings", "false",
+        "--checkpointing_steps", 100, launch=False)
+
+    def weights(folder, part):
+        return {k: v for f in sorted((folder / part).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    ref = weights(reference, "transformer")
+    base = weights(Path(tiny_z_image), "transformer")
+    assert any(not torch.equal(ref[k], base[k]) for k in ref)
+    for other in (resumed, encoded):
+        new = weights(other, "transformer")
+        assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref), other.name
+    for part in ("text_encoder", "vae"):
+        saved, original = weights(reference, part), weights(Path(tiny_z_image), part)
+        assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved), part
+    assert type(loading.load_pipeline(str(reference))).__name__ == "ZImagePipeline"
