@@ -397,13 +397,15 @@ class DreamBoothDataset(Dataset):
     its photo k and class image k (k = i // S, modulo their counts; one subject: photo i and class image i, as
     diffusers pairs them), at the photo's size (its bucket, or --resolution square; the class image fitted to it). An
     epoch is S times the largest set. Crops and flips come from a generator seeded by (seed, epoch, i), whatever the
-    workers. An image comes with its time ids (SDXL's size and crop) and its mask or None, a prompt as token ids. With
+    workers. An image comes with its time ids (SDXL's size and crop) and its mask or None, a prompt as token ids (an
+    instance prompt empty with probability caption_dropout, drawn from (seed, epoch, i) as well). With
     caches (--cache_latents, --pre_compute_text_embeddings) an item holds cached latents and embeddings instead."""
 
-    def __init__(self, subjects, tokenizers, size, center_crop, random_flip, seed, buckets=None, tokenize=None):
+    def __init__(self, subjects, tokenizers, size, center_crop, random_flip, seed, buckets=None, tokenize=None,
+                 caption_dropout=0.0):
         """subjects: [(photos: [(image, prompt, mask)], class images: [path], class prompt)]."""
         self.subjects, self.tokenizers, self.center_crop, self.random_flip = subjects, tokenizers, center_crop, random_flip
-        self.tokenize_with = tokenize or model_calls.tokenize_padded
+        self.tokenize_with, self.caption_dropout = tokenize or model_calls.tokenize_padded, caption_dropout
         self.seed, self.epoch = seed, 0
         self.sizes = [[nearest_bucket(buckets, *(im if isinstance(im, Image.Image) else load_image(im)).size)
                        if buckets else (size, size) for im, _, _ in photos] for photos, _, _ in subjects]
@@ -451,6 +453,9 @@ class DreamBoothDataset(Dataset):
         s, p, c = self.locate(i)
         (photos, classes, class_prompt), size = self.subjects[s], self.sizes[s][p]
         image, prompt, mask = photos[p]
+        if self.caption_dropout:  # its own generator: the crops and flips stay those of a run without dropout
+            drop = torch.Generator().manual_seed(image_seed(self.seed, f"caption:{self.epoch}:{i}"))
+            prompt = "" if torch.rand((), generator=drop) < self.caption_dropout else prompt
         examples = [(self.image(("instance", s, p), image, mask, size, generator), self.text(prompt))]
         if classes:
             examples.append((self.image(("class", s, c), classes[c], None, size, generator), self.text(class_prompt)))

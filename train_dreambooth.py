@@ -104,6 +104,9 @@ def build_parser():
                    help="square training size (default: the model's own: 512 SD 1.5, 768 SD 2.x, 1024 SDXL)")
     g.add_argument("--center_crop", action="store_true", help="crop the centre instead of a random square")
     g.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
+    g.add_argument("--caption_dropout", type=cli.FRACTION, default=0.0,
+                   help="share of instance examples trained with the empty prompt (unconditionally), for classifier-"
+                        "free guidance; class prompts are never dropped (0.1 is common)")
     g.add_argument("--aspect_ratio_buckets", nargs="?", const="auto", default=None,  # checked, kept as text
                    type=lambda text: imagedata.bucket_sizes(text, 64) and text,
                    help="keep each photo's aspect ratio: resize it to the nearest of these sizes 'h,w;h,w;...' "
@@ -945,14 +948,14 @@ def make_data(args, accelerator, subjects, tokenizers, family, vae, text_encoder
     With buckets, a batch sampler keeps each batch to one size (with its own (seed, epoch) order)."""
     buckets = imagedata.bucket_sizes(args.aspect_ratio_buckets, args.resolution) if args.aspect_ratio_buckets else None
     dataset = imagedata.DreamBoothDataset(subjects, tokenizers, args.resolution, args.center_crop, args.random_flip,
-                                          args.seed, buckets, family.tokenize)
+                                          args.seed, buckets, family.tokenize, args.caption_dropout)
     if args.cache_latents:
         imagedata.cache_latents(dataset, vae, accelerator.device, accelerator.is_local_main_process)
         if not args.validation_prompt:  # validation still decodes with it
             vae.to("cpu")
     if args.pre_compute_text_embeddings:
         prompts = [p for images, _, _ in subjects for _, p, _ in images] + [prompt for _, paths, prompt in subjects if paths]
-        prompts += (args.validation_prompt or []) + [args.validation_negative_prompt or ""]
+        prompts += (args.validation_prompt or []) + [args.validation_negative_prompt or ""] + [""]  # "": dropout
         imagedata.cache_embeddings(dataset, prompts, family.encode_prompt, list(text_encoders.values()), accelerator.device)
         for encoder in text_encoders.values():
             encoder.to("cpu")

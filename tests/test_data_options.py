@@ -362,3 +362,28 @@ def test_a_batch_with_a_masked_photo_carries_white_masks_for_the_rest(tmp_path):
     assert batch["masks"][0, 0, :, :15].min() == 1 and batch["masks"][0, 0, :, 17:].max() == 0  # the photo's mask
     assert torch.equal(batch["masks"][1:], torch.ones(3, 1, 32, 32))  # the photo without one, the class images
     assert "masks" not in imagedata.collate([ds[1]])  # no masked photo in the batch: the plain loss
+
+
+def test_caption_dropout_empties_instance_prompts_only_and_keeps_the_images_draws(tmp_path):
+    """--caption_dropout: each instance example's prompt is empty with that probability, drawn from (seed, epoch,
+    item) alone (the same in a resumed run); class prompts never; the crops and flips stay those of a run without."""
+    photos = [(p, "sks dog", None) for p in photo_set(tmp_path / "i", [(96, 64)] * 4)]
+    classes = photo_set(tmp_path / "c", [(64, 64)] * 40, color=(0, 0, 200))
+
+    def dataset(p):
+        return imagedata.DreamBoothDataset([(photos, classes, "a dog")], [WordTokenizer()], 32, False, True, seed=5,
+                                           caption_dropout=p)
+
+    plain, dropped, again = dataset(0.0), dataset(0.5), dataset(0.5)
+    empty, prompt, class_prompt = (WordTokenizer()(t).input_ids[0] for t in ("", "sks dog", "a dog"))
+    kept = []
+    for i in range(len(plain)):
+        (image, text), (class_image, class_text) = dropped[i]
+        assert torch.equal(image[0], plain[i][0][0][0]) and torch.equal(class_image[0], plain[i][1][0][0])
+        assert torch.equal(class_text[0], class_prompt) and torch.equal(plain[i][0][1][0], prompt)
+        assert torch.equal(text[0], prompt) or torch.equal(text[0], empty)
+        assert torch.equal(text[0], again[i][0][1][0])  # a function of (seed, epoch, item)
+        kept.append(torch.equal(text[0], prompt))
+    assert 10 < sum(kept) < 30  # about half of 40
+    dropped.set_epoch(1)
+    assert [torch.equal(dropped[i][0][1][0], prompt) for i in range(len(plain))] != kept  # redrawn each epoch
