@@ -210,6 +210,24 @@ class Model(NamedTuple):
     resolution: int  # native: 512 SD 1.5, 768 SD 2.x, 1024 SDXL, FLUX.1 and SD 3.5
     config: dict  # the denoiser's config (its row's defaults read it: a distilled FLUX.1 has a guidance embedding)
     sequence_length: int = 0  # the sequence tokenizer's own model_max_length (T5's; 0: none, or the family has none)
+    name: str = ""  # the hub id or folder it was read from (a distilled checkpoint is known by its name)
+
+
+# Distilled checkpoints, known by their names (their configs are the base's): a LoRA trained on one comes out blurry
+# or without effect (a recurring report in every trainer's tracker). Train on the base, preview on the distilled model
+# (--validation_model_path). name part -> (the base to train, the distilled model's own sampler settings)
+DISTILLED = {"z-image-turbo": ("Tongyi-MAI/Z-Image", {"validation_guidance_scale": 0.0, "validation_inference_steps": 9})}
+
+
+def distilled(name_or_path):
+    """(base, sampler settings) when the name marks a distilled checkpoint, else None."""
+    name = Path(str(name_or_path).rstrip("/")).name.lower()
+    return next((value for part, value in DISTILLED.items() if part in name), None)
+
+
+def sampling_defaults(model):
+    """The sampler settings that differ from the scripts' defaults: the family's, a distilled checkpoint's own."""
+    return {**model.family.sampling_defaults(model.config), **(distilled(model.name) or ("", {}))[1]}
 
 
 def guidance_arguments(family, config, scale, negative, n):
@@ -287,7 +305,7 @@ def read_model(name_or_path, revision=None):
                  + ", ".join(f.pipeline for f in FAMILIES.values()))
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
     return Model(family, denoiser["sample_size"] * factor if denoiser.get("sample_size") else vae["sample_size"],
-                 dict(denoiser), tokenizer_length(name_or_path, family.sequence_tokenizer, revision))
+                 dict(denoiser), tokenizer_length(name_or_path, family.sequence_tokenizer, revision), str(name_or_path))
 
 
 def tokenizer_length(name_or_path, subfolder, revision=None):

@@ -46,7 +46,7 @@ PRIOR_SAMPLER = ("negative_prompt", "scheduler", "num_inference_steps", "guidanc
 def sampler_defaults(model):
     """PRIOR_DEFAULTS with the family's own sampler settings (`model`: families.read_model's): FLUX.1 dev 28 steps at
     its embedded guidance 3.5, schnell 4 steps without guidance, SD 3.5 28 steps at 7.0."""
-    own = model.family.sampling_defaults(model.config)
+    own = families.sampling_defaults(model)
     return {**PRIOR_DEFAULTS, **({"num_inference_steps": own["validation_inference_steps"],
                                   "guidance_scale": own["validation_guidance_scale"]} if own else {})}
 

@@ -298,7 +298,7 @@ def main(argv=None):
                                 args.revision if kind == "pipeline" else source.get("revision"))
     loading.check_sampler(args.scheduler, model.family)
     check_run_family(args, model.family)
-    own = model.family.sampling_defaults(model.config)  # FLUX.1 and SD 3.5 have their own steps and guidance
+    own = families.sampling_defaults(model)  # FLUX.1 and SD 3.5 have their own steps and guidance
     args.num_inference_steps = args.num_inference_steps or own.get("validation_inference_steps", 30)
     args.guidance_scale = own.get("validation_guidance_scale", 7.5) if args.guidance_scale is None else args.guidance_scale
     if args.negative_prompt and not families.guides_with_negative(model.family, model.config, args.guidance_scale):

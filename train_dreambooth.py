@@ -68,7 +68,8 @@ NEEDS = {
     **dict.fromkeys(("prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"),
                     ("--optimizer prodigy", lambda a: a.optimizer == "prodigy")),
     **dict.fromkeys(("validation_negative_prompt", "num_validation_images", "validation_steps", "validation_epochs",
-                     "validation_scheduler", "validation_guidance_scale", "validation_inference_steps"),
+                     "validation_scheduler", "validation_guidance_scale", "validation_inference_steps",
+                     "validation_model_path"),
                     ("--validation_prompt", lambda a: a.validation_prompt)),
     **dict.fromkeys(("exports_total_limit", "export_precision"), ("--export_steps", lambda a: a.export_steps)),
     "lr_num_cycles": ("--lr_scheduler cosine_with_restarts", lambda a: a.lr_scheduler == "cosine_with_restarts"),
@@ -263,6 +264,9 @@ def build_parser():
     g.add_argument("--validation_prompt", action="append", default=None,
                    help="prompt to sample at step 0, every --validation_steps and at the end (repeatable)")
     g.add_argument("--validation_negative_prompt", default=None, help="negative prompt of the validation images")
+    g.add_argument("--validation_model_path", default=None,
+                   help="sample them with this checkpoint of the same family plus the LoRA being trained: train on a "
+                        "base model, preview on its distilled one (Z-Image-Turbo)")
     g.add_argument("--num_validation_images", type=cli.COUNT, default=4, help="images per validation prompt (fixed seeds)")
     g.add_argument("--validation_steps", type=cli.COUNT, default=100, help="sample every N optimizer steps")
     g.add_argument("--validation_epochs", type=cli.COUNT, default=None, help="instead: every N epochs (diffusers' SDXL flag)")
@@ -378,6 +382,12 @@ def check_args(args):
             cli.fail(f"--aspect_ratio_buckets {h},{w} is {h * w / args.resolution ** 2:,.0f} times --resolution "
                      f"{args.resolution}'s area: buckets are shapes of about that area (at most 4 times)")
     check_family_flags(args, model)
+    if base := (families.distilled(args.pretrained_model_name_or_path) or ("",))[0]:
+        cli.note(f"{args.pretrained_model_name_or_path} is a distilled checkpoint: what is trained on it tends to come "
+                 f"out blurry or without effect; train on its base ({base}) and preview on this one with "
+                 f"--validation_model_path {args.pretrained_model_name_or_path}")
+    if args.validation_model_path:
+        check_preview_model(args, family)
     if args.train_text_encoder and not family.trained_text_encoders:
         cli.fail(f"--train_text_encoder: {family.pipeline}'s text encoder is a language model this suite does not "
                  "train (nor do diffusers' scripts): leave the flag out")
@@ -461,10 +471,26 @@ def check_resume_structure(args, saved):
                  f"checkpoint is at step {step}, past it (give at least {step} steps, or start a new run)")
 
 
+def check_preview_model(args, family):
+    """--validation_model_path: a checkpoint of the training model's family, for a LoRA run (a full fine-tune trains
+    the model itself: there are no adapters to carry over)."""
+    if not args.lora_rank:
+        cli.fail("--validation_model_path samples another checkpoint with the LoRA being trained: give --lora_rank "
+                 "(a full fine-tune's validation images come from the model it trains)")
+    args.validation_model_path = loading.check_model_source(args.validation_model_path)
+    preview = families.read_model(args.validation_model_path)
+    if preview.family != family:
+        cli.fail(f"--validation_model_path {args.validation_model_path} is a {preview.family.pipeline}, and "
+                 f"{args.pretrained_model_name_or_path} a {family.pipeline}: the LoRA fits a checkpoint of its own "
+                 "family only")
+
+
 def check_family_flags(args, model):
     """The flags whose default or meaning depends on the model: the family row's defaults fill those left unset, and
     a flag the family does not read is refused in one line, as are the DDPM-only options on a flow-matching model."""
     family, defaults = model.family, model.family.training_defaults(model.config)
+    preview = args.validation_model_path or args.pretrained_model_name_or_path  # a distilled one samples its own way
+    defaults = {**defaults, **(families.distilled(preview) or ("", {}))[1]}
     if model.sequence_length and "max_sequence_length" in defaults:  # never past the model's own tokenizer (toy FLUX.1)
         defaults = {**defaults, "max_sequence_length": min(defaults["max_sequence_length"], model.sequence_length)}
     for flag in families.FAMILY_FLAGS:
@@ -649,13 +675,33 @@ def class_images(args, accelerator, subject):
 # Validation images
 
 
-def validation_pipeline(args, family, model, vae, tokenizers, text_encoders, noise_scheduler):
-    """The family's pipeline around the in-memory models (nothing loads but the pipeline's config)."""
+def validation_pipeline(args, family, model, vae, tokenizers, text_encoders, noise_scheduler, denoiser=None):
+    """The family's pipeline around the in-memory models (nothing loads but the pipeline's config); `denoiser`: the
+    preview model's instead of the trained one."""
     trained = {name: getattr(model, name) for name in model.text_encoder_names}
     return loading.load_pipeline(args.pretrained_model_name_or_path, args.revision, device=None, vae=vae,
                                   scheduler=loading.make_scheduler(args.validation_scheduler, noise_scheduler.config),
-                                  **{family.denoiser: model.denoiser}, **dict(zip(family.tokenizers, tokenizers)),
+                                  **{family.denoiser: denoiser or model.denoiser}, **dict(zip(family.tokenizers, tokenizers)),
                                   **{**text_encoders, **trained})
+
+
+def preview_denoiser(args, family, trained, held):
+    """--validation_model_path: that checkpoint's denoiser with the trained adapters' present weights (the text
+    encoders, the VAE and the sampler stay the training model's: a distilled checkpoint shares them with its base).
+    Loaded at the first validation into `held`; the caller moves it off the accelerator between validations."""
+    import diffusers
+    from diffusers.training_utils import cast_training_params
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    if "denoiser" not in held:
+        with torch.random.fork_rng(devices=[]):  # important! the adapters' random start must not move the training's
+            held["denoiser"] = loading.from_pretrained(getattr(diffusers, family.denoiser_class),
+                                                       args.validation_model_path, subfolder=family.denoiser,
+                                                       dtype=trained.dtype).requires_grad_(False)
+            families.add_lora(held["denoiser"], vars(args), args.lora_target_modules)
+        cast_training_params(held["denoiser"], dtype=torch.float32)  # the adapters as they train
+    set_peft_model_state_dict(held["denoiser"], get_peft_model_state_dict(trained))
+    return held["denoiser"].to(trained.device).eval()
 
 
 def log_validation(accelerator, args, family, pipe, embeddings, step):
@@ -1089,13 +1135,19 @@ def main(argv=None):
         runs.save_code(args.output_dir, __file__)
         start_trackers(accelerator, args, record)
 
+    previews = {}  # --validation_model_path's denoiser, loaded at the first validation
+
     def validate(step):  # on the main process only; the others wait at the next collective
         if args.validation_prompt and accelerator.is_main_process:
             model.eval()
-            pipe = validation_pipeline(args, family, accelerator.unwrap_model(model), vae, tokenizers, text_encoders,
-                                       objective.scheduler)
             with averager.applied():
+                trained = accelerator.unwrap_model(model)
+                preview = preview_denoiser(args, family, trained.denoiser, previews) if args.validation_model_path else None
+                pipe = validation_pipeline(args, family, trained, vae, tokenizers, text_encoders, objective.scheduler,
+                                           preview)
                 log_validation(accelerator, args, family, pipe, dataset.embeddings, step)
+            if preview is not None:
+                preview.to("cpu")
             model.train()
 
     encode = model_calls.latent_sampler(vae, args.cache_latents)

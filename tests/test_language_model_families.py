@@ -147,3 +147,61 @@ def test_z_image_full_fine_tune_resumes_exactly_and_pre_computed_prompts_train_a
         saved, original = weights(reference, part), weights(Path(tiny_z_image), part)
         assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved), part
     assert type(loading.load_pipeline(str(reference))).__name__ == "ZImagePipeline"
+
+
+def test_a_lora_trained_on_the_base_is_previewed_on_the_distilled_checkpoint(run, tiny_z_image, photos, tmp_path):
+    """--validation_model_path: the validation images are the distilled checkpoint's (its own few steps and no
+    guidance, known by its name) with the adapters being trained, exactly what ZImagePipeline gives with that
+    checkpoint and the saved LoRA; the training is the same with and without the preview. Training on the distilled
+    checkpoint itself draws a note naming the base."""
+    import imagedata
+    from diffusers import ZImagePipeline
+    from make_tiny_model import make_tiny_z_image_pipeline
+
+    turbo = tmp_path / "Z-Image-Turbo"  # the base's encoders and VAE, another transformer: as a distilled model
+    shutil.copytree(tiny_z_image, turbo)
+    shutil.rmtree(turbo / "transformer")
+    make_tiny_z_image_pipeline(str(tmp_path / "other"), seed=1)
+    shutil.copytree(tmp_path / "other" / "transformer", turbo / "transformer")
+    args = ["--model", tiny_z_image, "--instance_dir", photos, "--instance_prompt", PROMPT, "--resolution", 32,
+            "--rank", 4, "--learning_rate", "1e-2", "--max_train_steps", 2, "--max_sequence_length", 32,
+            "--validation_prompt", PROMPT, "--num_validation_images", 1, "--validation_steps", 2, "--seed", 0,
+            "--report_to", "none"]
+    run("train_dreambooth.py", *args, "--output_dir", tmp_path / "plain", launch=False)
+    proc = run("train_dreambooth.py", *args, "--output_dir", tmp_path / "preview", "--validation_model_path", turbo,
+               launch=False)
+    assert "distilled" not in proc.stdout + proc.stderr  # the base is trained: no note
+    config = json.loads((tmp_path / "preview" / "run_config.json").read_text())["config"]
+    assert (config["validation_inference_steps"], config["validation_guidance_scale"]) == (9, 0.0)
+    lora = load_file(tmp_path / "preview" / families.LORA_WEIGHTS)
+    plain = load_file(tmp_path / "plain" / families.LORA_WEIGHTS)
+    assert lora.keys() == plain.keys() and all(torch.equal(lora[k], plain[k]) for k in lora)
+
+    pipe = ZImagePipeline.from_pretrained(turbo)
+    pipe.load_lora_weights(tmp_path / "preview")
+    expected = pipe(PROMPT, height=32, width=32, num_inference_steps=9, guidance_scale=0.0, max_sequence_length=32,
+                    generator=torch.Generator().manual_seed(imagedata.image_seed(0, 0))).images[0]
+    shown = Image.open(tmp_path / "preview" / "validation" / "step-000002.png")
+    assert shown.tobytes() == expected.tobytes()
+    assert shown.tobytes() != Image.open(tmp_path / "plain" / "validation" / "step-000002.png").tobytes()
+
+    proc = run("train_dreambooth.py", *args[:-6], "--model", turbo, "--max_train_steps", 1, "--output_dir",
+               tmp_path / "on-turbo", "--report_to", "none", launch=False)
+    assert (f"{turbo} is a distilled checkpoint: what is trained on it tends to come out blurry or without effect; "
+            f"train on its base (Tongyi-MAI/Z-Image) and preview on this one with --validation_model_path {turbo}"
+            ) in proc.stdout + proc.stderr
+
+
+def test_a_preview_checkpoint_of_another_family_or_without_lora_is_refused(tiny_z_image, tiny_flux, photos, tmp_path,
+                                                                           capsys):
+    from test_bad_input_table import outcome
+
+    base = ["--model", tiny_z_image, "--instance_dir", photos, "--instance_prompt", PROMPT, "--output_dir",
+            tmp_path / "out", "--resolution", 32, "--validation_prompt", PROMPT]
+    assert outcome("train", base + ["--rank", 4, "--validation_model_path", tiny_flux], capsys) == (
+        1, f"error: --validation_model_path {tiny_flux} is a FluxPipeline, and {tiny_z_image} a ZImagePipeline: the "
+           "LoRA fits a checkpoint of its own family only")
+    assert outcome("train", base + ["--validation_model_path", tiny_z_image], capsys) == (
+        1, "error: --validation_model_path samples another checkpoint with the LoRA being trained: give --lora_rank "
+           "(a full fine-tune's validation images come from the model it trains)")
+    assert not (tmp_path / "out").exists()
