@@ -361,12 +361,16 @@ def main(argv=None):
         cli.fail("nothing to do: give --single_file, --kohya or --push_to_hub")
     if args.kohya and not (folder / families.LORA_WEIGHTS).is_file():
         cli.fail(f"--kohya rewrites a LoRA run's kohya-format file, and {folder} holds a whole model (no {families.LORA_WEIGHTS})")
+    config = json.loads(record.read_text())["config"]
+    family = families.family_of_record(config)
     if args.single_file and not (folder / "model_index.json").is_file():
         cli.fail(f"--single_file writes a whole model, and {folder} holds LoRA adapters: their file for the web UIs is "
-                f"{families.KOHYA_WEIGHTS}")
+                 f"{families.KOHYA_WEIGHTS if family.kohya_prefixes else families.LORA_WEIGHTS}")
+    if args.single_file and not family.single_file_layout:
+        cli.fail(f"--single_file: this version writes no single file for {family.pipeline}; {folder} is its "
+                 "diffusers folder")
     if args.push_to_hub:
         check_hub_login(args.hub_token)
-    config = json.loads(record.read_text())["config"]
     # ---- the single file (named after the run, and the step for an export), the kohya file, the card, the upload
     if args.kohya:
         print(f"wrote {write_kohya(folder, config)}")
