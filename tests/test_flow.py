@@ -348,14 +348,15 @@ def test_flags_a_family_does_not_read_are_refused(flow_base, capsys, model, extr
 
 def test_the_benchmark_architectures_build_the_published_sizes():
     """bench/architectures: FLUX.1-dev's transformer is 11,901,408,320 parameters, SD 3.5 Large's 8.06 B, Medium's
-    2.24 B (built on the meta device: no memory)."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    2.24 B, Z-Image's 6.15 B (built on the meta device: no memory)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, ZImageTransformer2DModel
 
     from conftest import ROOT
 
     for folder, cls, count in (("flux1-dev", FluxTransformer2DModel, 11_901_408_320),
                                ("sd35-large", SD3Transformer2DModel, 8_056_627_520),
-                               ("sd35-medium", SD3Transformer2DModel, 2_243_171_520)):
+                               ("sd35-medium", SD3Transformer2DModel, 2_243_171_520),
+                               ("z-image", ZImageTransformer2DModel, 6_154_908_736)):
         config = json.loads((ROOT / "bench" / "architectures" / folder / "transformer_config.json").read_text())
         with torch.device("meta"):
             model = cls.from_config(config)
