@@ -48,6 +48,17 @@ def note(message):
     print(f"note: {message}", file=sys.stderr)
 
 
+
+def note_unneeded(args, parser, needs):
+    """One note per missing need, naming the flags given without it; `needs`: {flag: (the need, whether args have
+    it)} (train_dreambooth.NEEDS)."""
+    unused = {}
+    for flag, (need, has) in needs.items():
+        if getattr(args, flag) != parser.get_default(flag) and not has(args):
+            unused.setdefault(need, []).append(f"--{flag}")
+    for need, flags in unused.items():
+        note(f"{', '.join(flags)} {'has' if len(flags) == 1 else 'have'} no effect without {need}: ignored")
+
 def first_line(error, limit=300):
     """The first telling line of an exception's message (library errors run to several, and some open with a bare
     "Error(s) in ...:"), cut to `limit` characters, or the exception's type when it has no message."""

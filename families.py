@@ -1,8 +1,9 @@
 """Model families, shared by the scripts: one row per family (what differs between Stable Diffusion 1.x/2.x, SDXL,
-FLUX.1, SD 3.5 and Z-Image: pipeline, text encoders and how a prompt becomes embeddings, how the denoiser is called, the
+FLUX.1, SD 3.5, Z-Image and FLUX.2 klein: pipeline, text encoders and how a prompt becomes embeddings, how the denoiser is called, the
 objective, flag defaults, key names of the files other tools read), the family read from the model itself, and the
 LoRA and pivotal-tuning helpers. Loading models and pipelines is loading.py."""
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ class Family:
     sequence_tokenizer: str  # the tokenizer whose length --max_sequence_length sets ("": none)
     trained_text_encoders: tuple  # those --train_text_encoder trains (T5 never: as diffusers' scripts)
     encode_prompt: Callable  # (text encoders, tokenize's tensors batched) -> (prompt embeddings, pooled or mask)
+    encoding_flags: tuple  # the flags encode_prompt and the pipeline's call take as keywords (same name in both)
+    vae_class: str  # the VAE's diffusers class
+    prepare_latents: Callable  # (the VAE's latents, the VAE) -> the latents the denoiser is trained on
+    patch_size: int  # latent pixels per image token along a side (flow matching's resolution-dependent shift)
     denoise: Callable  # (denoiser, noisy latents, timesteps, prompt embeddings, pooled, time ids, guidance) -> prediction
     freeze_unread: Callable  # {name: text encoder} -> None: freeze what never reaches the loss (None: nothing)
     lora_targets: tuple  # the denoiser's modules that get LoRA adapters by default (--lora_target_modules)
@@ -118,7 +123,8 @@ SD = Family(
     name="sd", pipeline="StableDiffusionPipeline", denoiser="unet", denoiser_class="UNet2DConditionModel",
     detect=lambda config: config.get("addition_embed_type") != "text_time", objective="ddpm",
     text_encoders=(("text_encoder", "CLIPTextModel"),), tokenizers=("tokenizer",), tokenize=calls.tokenize_padded,
-    sequence_tokenizer="", trained_text_encoders=("text_encoder",), encode_prompt=calls.encode_sd,
+    sequence_tokenizer="", trained_text_encoders=("text_encoder",), encode_prompt=calls.encode_sd, encoding_flags=(), vae_class="AutoencoderKL",
+    prepare_latents=calls.vae_latents, patch_size=2,
     denoise=calls.call_unet, freeze_unread=None, lora_targets=UNET_LORA_TARGETS, size_multiple=8,
     pipeline_kwargs=(("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)),
     embedding_arguments=calls.pipeline_embeddings(""), upcast_vae=False, training_defaults=lambda config: UNET_DEFAULTS,
@@ -132,7 +138,8 @@ SDXL = Family(
     detect=lambda config: config.get("addition_embed_type") == "text_time", objective="ddpm",
     text_encoders=(("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
     tokenizers=("tokenizer", "tokenizer_2"), tokenize=calls.tokenize_padded, sequence_tokenizer="",
-    trained_text_encoders=("text_encoder", "text_encoder_2"), encode_prompt=calls.encode_sdxl,
+    trained_text_encoders=("text_encoder", "text_encoder_2"), encode_prompt=calls.encode_sdxl, encoding_flags=(), vae_class="AutoencoderKL",
+    prepare_latents=calls.vae_latents, patch_size=2,
     denoise=calls.call_unet, freeze_unread=calls.freeze_unread_sdxl_layers, lora_targets=UNET_LORA_TARGETS,
     size_multiple=8, pipeline_kwargs=(("add_watermarker", False),),
     embedding_arguments=calls.pipeline_embeddings("pooled_prompt_embeds"), upcast_vae=True,
@@ -147,7 +154,8 @@ FLUX = Family(
     detect=lambda config: True, objective="flow",
     text_encoders=(("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel")),
     tokenizers=("tokenizer", "tokenizer_2"), tokenize=calls.tokenize_padded, sequence_tokenizer="tokenizer_2",
-    trained_text_encoders=("text_encoder",), encode_prompt=calls.encode_flux, denoise=calls.call_flux,
+    trained_text_encoders=("text_encoder",), encode_prompt=calls.encode_flux, encoding_flags=(), vae_class="AutoencoderKL",
+    prepare_latents=calls.vae_latents, patch_size=2, denoise=calls.call_flux,
     freeze_unread=None, lora_targets=FLUX_LORA_TARGETS, size_multiple=16, pipeline_kwargs=(),
     embedding_arguments=calls.pipeline_embeddings("pooled_prompt_embeds"), upcast_vae=False,
     training_defaults=flux_defaults, sampling_defaults=flux_sampling, guidance_argument=flux_guidance,
@@ -162,7 +170,8 @@ SD3 = Family(
                    ("text_encoder_3", "T5EncoderModel")),
     tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"), tokenize=calls.tokenize_padded,
     sequence_tokenizer="tokenizer_3", trained_text_encoders=("text_encoder", "text_encoder_2"),
-    encode_prompt=calls.encode_sd3, denoise=calls.call_sd3, freeze_unread=None, lora_targets=MMDIT_LORA_TARGETS,
+    encode_prompt=calls.encode_sd3, encoding_flags=(), vae_class="AutoencoderKL",
+    prepare_latents=calls.vae_latents, patch_size=2, denoise=calls.call_sd3, freeze_unread=None, lora_targets=MMDIT_LORA_TARGETS,
     size_multiple=16, pipeline_kwargs=(), embedding_arguments=calls.pipeline_embeddings("pooled_prompt_embeds"),
     upcast_vae=False,
     training_defaults=lambda config: {**FLOW_DEFAULTS, "weighting_scheme": "logit_normal", "precondition_outputs": 1,
@@ -178,19 +187,42 @@ Z_IMAGE = Family(
     name="z-image", pipeline="ZImagePipeline", denoiser="transformer", denoiser_class="ZImageTransformer2DModel",
     detect=lambda config: True, objective="flow", text_encoders=(("text_encoder", "Qwen3Model"),),
     tokenizers=("tokenizer",), tokenize=calls.tokenize_chat, sequence_tokenizer="tokenizer", trained_text_encoders=(),
-    encode_prompt=calls.encode_z_image, denoise=calls.call_z_image, freeze_unread=None,
+    encode_prompt=calls.encode_z_image, encoding_flags=(), vae_class="AutoencoderKL",
+    prepare_latents=calls.vae_latents, patch_size=2, denoise=calls.call_z_image, freeze_unread=None,
     lora_targets=UNET_LORA_TARGETS, size_multiple=16, pipeline_kwargs=(),
     embedding_arguments=calls.unpadded_embeddings, upcast_vae=False,
     training_defaults=lambda config: {**FLOW_DEFAULTS, "weighting_scheme": "none", "max_sequence_length": 512,
                                       "guidance_scale": IGNORED, **z_image_sampling(config)},
     sampling_defaults=z_image_sampling, guidance_argument=lambda config: "guidance_scale", unguided_scale=0.0,
     embedding_keys=(), kohya_prefixes=(), peft_lora_keys=True, single_file_layout="", hub_tag="z-image")
-FAMILIES = {family.name: family for family in (SD, SDXL, FLUX, SD3, Z_IMAGE)}
+# FLUX.2 klein (4 B and 9 B, base and distilled): a Qwen3 causal LM whose hidden states of several layers side by side
+# are the prompt (--text_encoder_out_layers: the pipeline's 9, 18, 27; diffusers' script defaults to 10, 20, 30, which
+# its pipeline never reads), FLUX.2's VAE (32 channels; the transformer sees its latents in 2x2 patches, normalised by
+# its batch-norm statistics), double- and single-stream blocks; LoRA on the attention, the single blocks' fused
+# projections and their outputs, as diffusers' klein script.
+FLUX2_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",
+                      *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(48)))
+FLUX2_KLEIN = Family(
+    name="flux2-klein", pipeline="Flux2KleinPipeline", denoiser="transformer", denoiser_class="Flux2Transformer2DModel",
+    detect=lambda config: True, objective="flow", text_encoders=(("text_encoder", "Qwen3ForCausalLM"),),
+    tokenizers=("tokenizer",), tokenize=functools.partial(calls.tokenize_chat, thinking=False),
+    sequence_tokenizer="tokenizer", trained_text_encoders=(), encode_prompt=calls.encode_flux2,
+    encoding_flags=("text_encoder_out_layers",), vae_class="AutoencoderKLFlux2", prepare_latents=calls.flux2_latents,
+    patch_size=1, denoise=calls.call_flux2, freeze_unread=None, lora_targets=FLUX2_LORA_TARGETS, size_multiple=16,
+    pipeline_kwargs=(), embedding_arguments=calls.pipeline_embeddings(""), upcast_vae=False,
+    training_defaults=lambda config: {**FLOW_DEFAULTS, "weighting_scheme": "none", "max_sequence_length": 512,
+                                      "text_encoder_out_layers": (9, 18, 27), "validation_guidance_scale": 4.0,
+                                      "validation_inference_steps": 50},
+    sampling_defaults=lambda config: {"validation_guidance_scale": 4.0, "validation_inference_steps": 50},
+    guidance_argument=lambda config: "guidance_scale", unguided_scale=1.0, embedding_keys=(), kohya_prefixes=(),
+    peft_lora_keys=True, single_file_layout="", hub_tag="flux2-klein")
+FAMILIES = {family.name: family for family in (SD, SDXL, FLUX, SD3, Z_IMAGE, FLUX2_KLEIN)}
 # every flag some family reads; read_model's caller refuses those the model's family does not, saying what it is for
 FAMILY_FLAGS = tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.training_defaults({"guidance_embeds": True})))
-FLAG_SCOPES = {"flow": "flow-matching models (FLUX.1, SD 3.5, Z-Image)", "precondition_outputs": "SD3 and SD 3.5",
+FLAG_SCOPES = {"flow": "flow-matching models (FLUX.1, SD 3.5, Z-Image, FLUX.2 klein)", "precondition_outputs": "SD3 and SD 3.5",
                "lora_blocks": "SD3 and SD 3.5 (their joint blocks)",
                "max_sequence_length": "models with a T5 or language-model encoder",
+               "text_encoder_out_layers": "FLUX.2 klein (the Qwen3 layers its prompt is read from)",
                "guidance_scale": "guidance-distilled FLUX.1 (dev: a transformer with a guidance embedding)"}
 
 
@@ -216,7 +248,10 @@ class Model(NamedTuple):
 # Distilled checkpoints, known by their names (their configs are the base's): a LoRA trained on one comes out blurry
 # or without effect (a recurring report in every trainer's tracker). Train on the base, preview on the distilled model
 # (--validation_model_path). name part -> (the base to train, the distilled model's own sampler settings)
-DISTILLED = {"z-image-turbo": ("Tongyi-MAI/Z-Image", {"validation_guidance_scale": 0.0, "validation_inference_steps": 9})}
+KLEIN_DISTILLED = {"validation_guidance_scale": 1.0, "validation_inference_steps": 4}
+DISTILLED = {"z-image-turbo": ("Tongyi-MAI/Z-Image", {"validation_guidance_scale": 0.0, "validation_inference_steps": 9}),
+             "flux.2-klein-4b": ("black-forest-labs/FLUX.2-klein-base-4B", KLEIN_DISTILLED),
+             "flux.2-klein-9b": ("black-forest-labs/FLUX.2-klein-base-9B", KLEIN_DISTILLED)}
 
 
 def distilled(name_or_path):
@@ -230,6 +265,16 @@ def sampling_defaults(model):
     return {**model.family.sampling_defaults(model.config), **(distilled(model.name) or ("", {}))[1]}
 
 
+def prompt_encoder(family, config):
+    """The family's encode_prompt with the run's encoding flags (FLUX.2 klein: --text_encoder_out_layers)."""
+    return functools.partial(family.encode_prompt, **{flag: tuple(config[flag]) for flag in family.encoding_flags})
+
+
+def encoding_arguments(family, config):
+    """The pipeline call's keywords for the run's encoding flags, as it trained ({} where the record has none)."""
+    return {flag: tuple(config[flag]) for flag in family.encoding_flags if config.get(flag)}
+
+
 def guidance_arguments(family, config, scale, negative, n):
     """The pipeline call's guidance for n images: the scale in the argument the family's pipeline reads it from, and
     the negative prompt where a guidance pass reads it. A pipeline that guides with a second pass (true_cfg_scale)
@@ -239,15 +284,22 @@ def guidance_arguments(family, config, scale, negative, n):
         negative = None  # no second pass reads it (the images are the same with and without it)
     elif name == "true_cfg_scale" and not negative:
         negative = ""
-    return {name: scale, "negative_prompt": None if negative is None else [negative] * n}
+    return {name: scale, **({} if negative is None else {"negative_prompt": [negative] * n})}
+
+
+def takes_negative_prompt(family):
+    """Whether the family's pipeline has a negative prompt (Flux2KleinPipeline guides against the empty prompt only)."""
+    import inspect
+
+    return "negative_prompt" in inspect.signature(family.pipeline_class().__call__).parameters
 
 
 def guides_with_negative(family, config, scale):
     """Whether sampling at this scale runs classifier-free guidance, the pass that reads the negative prompt: above
     1 (Z-Image: 0), where the scale is not an input of the transformer (a guidance-distilled FLUX.1 runs no second
-    pass)."""
+    pass) and the pipeline takes a negative prompt."""
     distilled = family.guidance_argument(config) == "guidance_scale" and config.get("guidance_embeds")
-    return scale > family.unguided_scale and not distilled
+    return scale > family.unguided_scale and not distilled and takes_negative_prompt(family)
 
 
 def sampling_sequence_length(family, pipe):

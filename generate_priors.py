@@ -12,6 +12,7 @@ read it too); a rerun with other settings is refused unless --overwrite. train_d
 same code when its class folder is short.
 """
 
+import gc
 import hashlib
 import json
 import os
@@ -180,7 +181,7 @@ def generate_prior_images(pipe, class_dir, indices, blocks, settings, progress=N
         batch = list(range(block * batch_size, (block + 1) * batch_size))
         # CPU generators: the same initial noise on any device.
         generators = [torch.Generator("cpu").manual_seed(imagedata.image_seed(settings["seed"], i)) for i in batch]
-        images = pipe([settings["class_prompt"]] * batch_size, **guidance, num_inference_steps=settings["num_inference_steps"],
+        images = pipe(prompt=[settings["class_prompt"]] * batch_size, **guidance, num_inference_steps=settings["num_inference_steps"],
                       height=size, width=size, generator=generators).images
         for i, image in zip(batch, images):
             if i in wanted:
@@ -229,6 +230,34 @@ def build_parser():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The class images of a training run: train_dreambooth.py makes the missing ones with this script's code
+
+
+def training_class_images(args, accelerator, subject):
+    """train_dreambooth.py: a subject's class images (none without prior preservation), its folder topped up to
+    --num_class_images by this script's code, sharded across processes by batch. A folder made by another model or prompt is refused;
+    one that py made is topped up with its own sampler settings, so the new images join the set."""
+    if not args.with_prior_preservation:
+        return []
+    class_dir = subject["class_data_dir"]
+    precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
+    model = families.read_model(args.pretrained_model_name_or_path, args.revision)
+    settings = {**sampler_defaults(model),
+                **{k: getattr(args, k) for k in PRIOR_SETTINGS
+                   if hasattr(args, k) and k not in PRIOR_SAMPLER},  # --guidance_scale is training's
+                "class_prompt": subject["class_prompt"], "precision": "fp32" if precision == "no" else precision,
+                "unet_sha256": denoiser_fingerprint(args.pretrained_model_name_or_path, args.revision)}
+    settings = check_prior_folder(class_dir, settings, PRIOR_SETTINGS[:5])
+    missing = missing_prior_indices(class_dir, args.num_class_images)
+    if missing:
+        accelerator.print(f"generating {len(missing)} class images in {class_dir} ({settings['precision']})")
+        make_prior_images(accelerator, class_dir, missing, settings)
+        gc.collect()  # the sampling pipeline is gone: give its memory back before the models load
+        torch.cuda.empty_cache()  # a no-op without CUDA
+    paths = imagedata.list_images(class_dir, "class image", check=False)[: args.num_class_images]
+    if not paths:
+        cli.fail(f"no images in class folder {class_dir}")
+    return paths
 
 
 def main(argv=None):

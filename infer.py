@@ -301,7 +301,11 @@ def main(argv=None):
     own = families.sampling_defaults(model)  # FLUX.1 and SD 3.5 have their own steps and guidance
     args.num_inference_steps = args.num_inference_steps or own.get("validation_inference_steps", 30)
     args.guidance_scale = own.get("validation_guidance_scale", 7.5) if args.guidance_scale is None else args.guidance_scale
-    if args.negative_prompt and not families.guides_with_negative(model.family, model.config, args.guidance_scale):
+    if args.negative_prompt and not families.takes_negative_prompt(model.family):
+        cli.note(f"--negative_prompt: {model.family.pipeline} takes none (it guides against the empty prompt): not "
+                 "used, nor recorded")
+        args.negative_prompt = None
+    elif args.negative_prompt and not families.guides_with_negative(model.family, model.config, args.guidance_scale):
         cli.note(f"--negative_prompt has no effect on a {model.family.pipeline} at --guidance_scale "
                  f"{args.guidance_scale:g} (no classifier-free guidance pass reads it): not used, nor recorded")
         args.negative_prompt = None
@@ -363,9 +367,12 @@ def main(argv=None):
     family = families.family_of(pipe)
     config = getattr(pipe, family.denoiser).config
 
-    def guidance(n):  # the scale where the family's pipeline reads it, the negative prompt, T5's prompt length
+    trained = {k: v for _, record in run_records(args) for k, v in families.encoding_arguments(family, record).items()}
+
+    def guidance(n):  # the scale where the family's pipeline reads it, the negative prompt, T5's prompt length, and
+        # the run's encoding flags (FLUX.2 klein's layers) as it trained
         return {**families.guidance_arguments(family, config, args.guidance_scale, args.negative_prompt, n),
-                **families.sampling_sequence_length(family, pipe)}
+                **families.sampling_sequence_length(family, pipe), **trained}
 
     def step_done(pipe, i, t, tensors):  # the pipeline's own per-step callback: the bar is right from the first step
         bar.update(1)
@@ -379,7 +386,7 @@ def main(argv=None):
         for block in blocks:
             js = list(range(block * args.batch_size, min((block + 1) * args.batch_size, n)))
             seeds = [imagedata.image_seed(args.seed, j) for j in js]
-            images = pipe([model_prompt] * len(js), **guidance(len(js)), num_inference_steps=args.num_inference_steps,
+            images = pipe(prompt=[model_prompt] * len(js), **guidance(len(js)), num_inference_steps=args.num_inference_steps,
                           height=height, width=width, callback_on_step_end=step_done,
                           generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
             if p_idx == 0 and block == blocks[0]:  # some samplers take a step more than asked: count the real ones
@@ -393,7 +400,7 @@ def main(argv=None):
                             "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
                             "sampler": sampler, "scheduler": args.scheduler or pipe.scheduler.__class__.__name__,
                             "width": width, "height": height,
-                            "model": args.pretrained_model_name_or_path, "dtype": precision}
+                            "model": args.pretrained_model_name_or_path, "dtype": precision, **trained}
                 if args.lora:
                     settings.update(lora=args.lora, lora_scale=args.lora_scale)
                 info = PngInfo()

@@ -1,6 +1,7 @@
 """Loading models, pipelines and samplers, shared by the scripts: a model checked before anything loads (a local
-folder, a hub id, a web UI's single file converted once), from_pretrained with its failures as one line, the VAE,
-the family's pipeline for sampling, xformers, and the samplers by their usual names."""
+folder, a hub id, a web UI's single file converted once; a preview checkpoint, a text encoder's layers),
+from_pretrained with its failures as one line, the VAE, the family's pipeline for sampling, a preview checkpoint's
+denoiser with the adapters being trained, xformers, and the samplers by their usual names."""
 
 import hashlib
 import os
@@ -56,6 +57,36 @@ def check_model_source(name_or_path, revision=None, single_file_config=None):
     if not hub_reachable():  # at once, instead of the library's retries (about 30 s) and a long message
         cli.fail(f"cannot reach the Hugging Face Hub to download {name_or_path}: check the network, or give a local folder")
     return name_or_path
+
+
+
+def check_out_layers(args, family):
+    """--text_encoder_out_layers: hidden states the text encoder has (its embeddings are state 0)."""
+    from transformers import AutoConfig
+
+    name = family.text_encoder_names[0]
+    try:
+        layers = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder=name,
+                                            revision=args.revision).num_hidden_layers
+    except (OSError, ValueError) as e:
+        load_error(f"the {name} config", args.pretrained_model_name_or_path, e)
+    if max(args.text_encoder_out_layers) > layers:
+        cli.fail(f"--text_encoder_out_layers {' '.join(map(str, args.text_encoder_out_layers))}: the {name} of "
+                 f"{args.pretrained_model_name_or_path} has hidden states 0 to {layers}")
+
+
+def check_preview_model(args, family):
+    """--validation_model_path: a checkpoint of the training model's family, for a LoRA run (a full fine-tune trains
+    the model itself: there are no adapters to carry over)."""
+    if not args.lora_rank:
+        cli.fail("--validation_model_path samples another checkpoint with the LoRA being trained: give --lora_rank "
+                 "(a full fine-tune's validation images come from the model it trains)")
+    args.validation_model_path = check_model_source(args.validation_model_path)
+    preview = families.read_model(args.validation_model_path)
+    if preview.family != family:
+        cli.fail(f"--validation_model_path {args.validation_model_path} is a {preview.family.pipeline}, and "
+                 f"{args.pretrained_model_name_or_path} a {family.pipeline}: the LoRA fits a checkpoint of its own "
+                 "family only")
 
 
 def hub_reachable(timeout=5):
@@ -131,10 +162,13 @@ def from_pretrained(cls, name_or_path, **kwargs):
         load_error(cls.__name__, name_or_path, e)
 
 
-def load_vae(name_or_path, vae_path=None, revision=None, variant=None, dtype=torch.float32, upcast=False):
+def load_vae(name_or_path, vae_path=None, revision=None, variant=None, dtype=torch.float32, upcast=False,
+             vae_class="AutoencoderKL"):
     """The model's own VAE, or a separate one (--pretrained_vae_model_name_or_path: a folder or hub id of an
     AutoencoderKL, e.g. an fp16-safe SDXL VAE), in `dtype`; in fp32 when `upcast` and the VAE's config says
-    force_upcast, as StableDiffusionXLPipeline decodes (SDXL's own VAE overflows in fp16)."""
+    force_upcast, as StableDiffusionXLPipeline decodes (SDXL's own VAE overflows in fp16). `vae_class`: the family's
+    (FLUX.2's AutoencoderKLFlux2)."""
+    import diffusers
     from diffusers import AutoencoderKL
 
     source, kw = (vae_path, {}) if vae_path else (name_or_path, dict(subfolder="vae", revision=revision))
@@ -143,7 +177,8 @@ def load_vae(name_or_path, vae_path=None, revision=None, variant=None, dtype=tor
             dtype = torch.float32
     except (OSError, ValueError) as e:
         cli.fail(f"cannot read the VAE config of {source}: {cli.first_line(e)}")
-    return from_pretrained(AutoencoderKL, source, dtype=dtype, **kw, **({} if vae_path else dict(variant=variant)))
+    return from_pretrained(getattr(diffusers, vae_class), source, dtype=dtype, **kw,
+                           **({} if vae_path else dict(variant=variant)))
 
 
 def torch_dtype(precision):
@@ -168,13 +203,31 @@ def enable_xformers(model):
         cli.fail(f"--enable_xformers_memory_efficient_attention: xformers cannot run on this setup ({e})")
 
 
+def preview_denoiser(args, family, trained, held):
+    """--validation_model_path: that checkpoint's denoiser with the trained adapters' present weights (the text
+    encoders, the VAE and the sampler stay the training model's: a distilled checkpoint shares them with its base).
+    Loaded at the first validation into `held`; the caller moves it off the accelerator between validations."""
+    import diffusers
+    from diffusers.training_utils import cast_training_params
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    if "denoiser" not in held:
+        with torch.random.fork_rng(devices=[]):  # important! the adapters' random start must not move the training's
+            held["denoiser"] = from_pretrained(getattr(diffusers, family.denoiser_class), args.validation_model_path,
+                                               subfolder=family.denoiser, dtype=trained.dtype).requires_grad_(False)
+            families.add_lora(held["denoiser"], vars(args), args.lora_target_modules)
+        cast_training_params(held["denoiser"], dtype=torch.float32)  # the adapters as they train
+    set_peft_model_state_dict(held["denoiser"], get_peft_model_state_dict(trained))
+    return held["denoiser"].to(trained.device).eval()
+
+
 def load_pipeline(name_or_path, revision=None, variant=None, dtype=torch.float32, device="cpu", vae_path=None, **components):
     """The model's pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) for sampling: safety checker and
     watermark off, no progress bar. Components given as keywords (in-memory models) are used as they are, not loaded,
     and device None leaves every component where it is."""
     family = families.read_model(name_or_path, revision)[0]
     if vae_path and "vae" not in components:
-        components["vae"] = load_vae(name_or_path, vae_path, revision, dtype=dtype)
+        components["vae"] = load_vae(name_or_path, vae_path, revision, dtype=dtype, vae_class=family.vae_class)
     pipe = from_pretrained(family.pipeline_class(), name_or_path, revision=revision, variant=variant, dtype=dtype,
                            **dict(family.pipeline_kwargs), **components)
     pipe.set_progress_bar_config(disable=True)

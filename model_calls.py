@@ -11,13 +11,13 @@ def tokenize_padded(tokenizers, prompt):
                    return_tensors="pt").input_ids[0] for t in tokenizers)
 
 
-def tokenize_chat(tokenizers, prompt):
-    """A language-model encoder (Z-Image's Qwen3): the prompt as the user's turn of the tokenizer's chat template with
-    the assistant's turn opened (thinking on, as ZImagePipeline), padded to --max_sequence_length: (token ids,
-    attention mask)."""
+def tokenize_chat(tokenizers, prompt, thinking=True):
+    """A language-model encoder (Qwen3): the prompt as the user's turn of the tokenizer's chat template with the
+    assistant's turn opened (thinking on for ZImagePipeline, off for Flux2KleinPipeline), padded to
+    --max_sequence_length: (token ids, attention mask)."""
     tokenizer = tokenizers[0]
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=True)
+                                         add_generation_prompt=True, enable_thinking=thinking)
     out = tokenizer(text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                     return_tensors="pt")
     return out.input_ids[0], out.attention_mask[0]
@@ -62,6 +62,14 @@ def encode_z_image(text_encoders, texts):
     return hidden, mask
 
 
+def encode_flux2(text_encoders, texts, text_encoder_out_layers=(9, 18, 27)):
+    """FLUX.2 klein: hidden states of several layers of the Qwen3 model side by side (--text_encoder_out_layers), over
+    the whole padded sequence, which the transformer reads (Flux2KleinPipeline.encode_prompt); the mask rides along."""
+    ids, mask = texts
+    out = text_encoders[0](input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    return torch.cat([out.hidden_states[k] for k in text_encoder_out_layers], dim=-1), mask
+
+
 def call_unet(unet, noisy_latents, timesteps, prompt_embeds, pooled, time_ids, guidance=None):
     """The UNet's prediction. SDXL's UNet adds the pooled embedding and the size/crop time ids to its timestep
     embedding; SD 1.x/2.x's ignores added_cond_kwargs."""
@@ -101,6 +109,23 @@ def call_z_image(transformer, noisy_latents, timesteps, prompt_embeds, mask, tim
     return -torch.stack(out).squeeze(2)
 
 
+def call_flux2(transformer, noisy_latents, timesteps, prompt_embeds, mask, time_ids, guidance=None):
+    """FLUX.2's prediction: the latents (already in 2x2 patches) as a sequence with (t, h, w, l) position ids, the
+    prompt's positions along l, the timestep as a fraction (sigma), the guidance value where the transformer embeds
+    one, the output back in the latents' layout."""
+    from diffusers import Flux2KleinPipeline
+
+    b, c, h, w = noisy_latents.shape
+    packed = Flux2KleinPipeline._pack_latents(noisy_latents)
+    image_ids = Flux2KleinPipeline._prepare_latent_ids(noisy_latents).to(noisy_latents.device)
+    text_ids = Flux2KleinPipeline._prepare_text_ids(prompt_embeds).to(noisy_latents.device)
+    guidance = (torch.full((b,), float(guidance), device=noisy_latents.device)
+                if transformer.config.guidance_embeds else None)
+    out = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, txt_ids=text_ids,
+                      img_ids=image_ids, encoder_hidden_states=prompt_embeds).sample
+    return out[:, :h * w].permute(0, 2, 1).reshape(b, c, h, w)
+
+
 def pipeline_embeddings(pooled_argument):
     """A pipeline call's pre-computed embeddings (SD's UNet has no pooled input: pooled_argument "")."""
     return lambda embeds, pooled, prefix="": {prefix + "prompt_embeds": embeds,
@@ -124,6 +149,22 @@ def scale_latents(latents, vae_config):
     """The VAE's latents as the denoiser sees them: shifted (where the VAE's config has a shift) and scaled."""
     shift = vae_config.get("shift_factor")
     return (latents - shift if shift is not None else latents) * vae_config["scaling_factor"]
+
+
+def vae_latents(latents, vae):
+    """The latents the denoiser sees, from the VAE's: shifted and scaled by its config."""
+    return scale_latents(latents, vae.config)
+
+
+def flux2_latents(latents, vae):
+    """FLUX.2: the VAE's latents in 2x2 patches (4x the channels, half the side), normalised by the VAE's batch-norm
+    statistics (Flux2KleinPipeline._encode_vae_image)."""
+    from diffusers import Flux2KleinPipeline
+
+    patched = Flux2KleinPipeline._patchify_latents(latents)
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(patched)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(patched)
+    return (patched - mean) / std
 
 
 def latent_sampler(vae, cached=False):

@@ -14,7 +14,6 @@ Flags shared with diffusers' examples/dreambooth/train_dreambooth.py keep diffus
 """
 
 import contextlib
-import gc
 import math
 import os
 import re
@@ -76,16 +75,6 @@ NEEDS = {
     "lr_power": ("--lr_scheduler polynomial", lambda a: a.lr_scheduler == "polynomial"),
     **dict.fromkeys(("hub_model_id", "hub_token"), ("--push_to_hub", lambda a: a.push_to_hub)),
 }
-
-
-def note_unneeded(args, parser):
-    """The NEEDS notes: one line per missing need, naming the flags given without it."""
-    unused = {}
-    for flag, (need, has) in NEEDS.items():
-        if getattr(args, flag) != parser.get_default(flag) and not has(args):
-            unused.setdefault(need, []).append(f"--{flag}")
-    for need, flags in unused.items():
-        cli.note(f"{', '.join(flags)} {'has' if len(flags) == 1 else 'have'} no effect without {need}: ignored")
 
 
 def build_parser():
@@ -193,7 +182,11 @@ def build_parser():
                         "(default 1.0, the value the trainers settled on: diffusers' 3.5 gives weak LoRAs, as sampling "
                         "adds its guidance again); the sampling guidance is --validation_guidance_scale")
     g.add_argument("--max_sequence_length", type=cli.COUNT, default=None,
-                   help="T5's prompt length in tokens (default: 512 FLUX.1, 77 SD 3.5, as diffusers' scripts)")
+                   help="T5's (a language model's) prompt length in tokens (default: 512 FLUX.1, Z-Image and FLUX.2 "
+                        "klein, 77 SD 3.5, as diffusers' scripts)")
+    g.add_argument("--text_encoder_out_layers", type=cli.NATURAL, nargs="+", default=None,
+                   help="FLUX.2 klein: the Qwen3 hidden states its prompt is read from, side by side (default: 9 18 27, "
+                        "its pipeline's)")
 
     g = p.add_argument_group("Pivotal tuning (the identifier as new tokens, trained beside the UNet or its LoRA)")
     g.add_argument("--train_text_encoder_ti", "--train_token_embeddings", dest="train_text_encoder_ti",
@@ -328,7 +321,7 @@ def check_args(args):
             cli.fail("--with_prior_preservation needs --class_dir (a folder; missing class images are generated)")
         args.subjects = [{"instance_prompt": args.instance_prompt, "instance_data_dir": args.instance_dir,
                           "class_prompt": args.class_prompt, "class_data_dir": args.class_dir, "validation_prompt": []}]
-    note_unneeded(args, build_parser())
+    cli.note_unneeded(args, build_parser(), NEEDS)
     if args.with_prior_preservation:  # class folders are outputs: checked as --output_dir is
         imagedata.check_class_folders(args.subjects)
         for subject in args.subjects:
@@ -387,7 +380,13 @@ def check_args(args):
                  f"out blurry or without effect; train on its base ({base}) and preview on this one with "
                  f"--validation_model_path {args.pretrained_model_name_or_path}")
     if args.validation_model_path:
-        check_preview_model(args, family)
+        loading.check_preview_model(args, family)
+    if args.text_encoder_out_layers:
+        loading.check_out_layers(args, family)
+    if args.validation_negative_prompt and not families.takes_negative_prompt(family):
+        cli.note(f"--validation_negative_prompt: {family.pipeline} takes none (it guides against the empty prompt): "
+                 "not used")
+        args.validation_negative_prompt = None
     if args.train_text_encoder and not family.trained_text_encoders:
         cli.fail(f"--train_text_encoder: {family.pipeline}'s text encoder is a language model this suite does not "
                  "train (nor do diffusers' scripts): leave the flag out")
@@ -469,20 +468,6 @@ def check_resume_structure(args, saved):
     if step is not None and args.max_train_steps and args.max_train_steps < step:  # equal: a finished run restarted
         cli.fail(f"cannot resume {args.resume_from_checkpoint} with --max_train_steps {args.max_train_steps}: the "
                  f"checkpoint is at step {step}, past it (give at least {step} steps, or start a new run)")
-
-
-def check_preview_model(args, family):
-    """--validation_model_path: a checkpoint of the training model's family, for a LoRA run (a full fine-tune trains
-    the model itself: there are no adapters to carry over)."""
-    if not args.lora_rank:
-        cli.fail("--validation_model_path samples another checkpoint with the LoRA being trained: give --lora_rank "
-                 "(a full fine-tune's validation images come from the model it trains)")
-    args.validation_model_path = loading.check_model_source(args.validation_model_path)
-    preview = families.read_model(args.validation_model_path)
-    if preview.family != family:
-        cli.fail(f"--validation_model_path {args.validation_model_path} is a {preview.family.pipeline}, and "
-                 f"{args.pretrained_model_name_or_path} a {family.pipeline}: the LoRA fits a checkpoint of its own "
-                 "family only")
 
 
 def check_family_flags(args, model):
@@ -571,11 +556,14 @@ class DreamBoothModel(torch.nn.Module):
     """The denoiser and the text encoders as one module, so that one `accelerator.prepare` and one `accumulate` cover
     them all: gradient accumulation then works on any number of processes. The text encoders keep their pipeline
     names (unet, text_encoder, text_encoder_2) as attributes, so the checkpoint's keys are the pipeline's. The family
-    row says how a prompt becomes embeddings and how the denoiser is called."""
+    row says how a prompt becomes embeddings (`encode_prompt`: its function with the run's encoding flags) and how the
+    denoiser is called."""
 
-    def __init__(self, family, denoiser, text_encoders, trained_text_encoders, new_token_ids=(), guidance=None):
+    def __init__(self, family, denoiser, text_encoders, trained_text_encoders, new_token_ids=(), guidance=None,
+                 encode_prompt=None):
         super().__init__()
         self.family, self.trained_text_encoders = family, list(trained_text_encoders)
+        self.encode_prompt = encode_prompt or family.encode_prompt
         self.train_text_encoder, self.guidance = bool(self.trained_text_encoders), guidance
         self.text_encoder_names, self.new_token_ids = list(text_encoders), list(new_token_ids)
         setattr(self, family.denoiser, denoiser)
@@ -626,7 +614,7 @@ class DreamBoothModel(torch.nn.Module):
         to a guidance-distilled transformer (FLUX.1 dev), if any."""
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             encoders = [getattr(self, name) for name in self.text_encoder_names]
-            prompt_embeds, pooled = self.family.encode_prompt(encoders, texts) if encoders else texts
+            prompt_embeds, pooled = self.encode_prompt(encoders, texts) if encoders else texts
         dtype = noisy_latents.dtype  # frozen text encoders run in the half-precision weight dtype: one dtype here
         return self.family.denoise(self.denoiser, noisy_latents, timesteps, prompt_embeds.to(dtype), pooled.to(dtype),
                                    time_ids.to(dtype), self.guidance)
@@ -644,33 +632,6 @@ def data_summary(args, photos, config):
     return ", ".join(parts + [f"{config['num_class_images_used']} class images"])
 
 
-def class_images(args, accelerator, subject):
-    """A subject's class images (none without prior preservation): its folder topped up to --num_class_images by
-    generate_priors.py's code, sharded across processes by batch. A folder made by another model or prompt is refused;
-    one that generate_priors.py made is topped up with its own sampler settings, so the new images join the set."""
-    if not args.with_prior_preservation:
-        return []
-    class_dir = subject["class_data_dir"]
-    precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
-    model = families.read_model(args.pretrained_model_name_or_path, args.revision)
-    settings = {**generate_priors.sampler_defaults(model),
-                **{k: getattr(args, k) for k in generate_priors.PRIOR_SETTINGS
-                   if hasattr(args, k) and k not in generate_priors.PRIOR_SAMPLER},  # --guidance_scale is training's
-                "class_prompt": subject["class_prompt"], "precision": "fp32" if precision == "no" else precision,
-                "unet_sha256": generate_priors.denoiser_fingerprint(args.pretrained_model_name_or_path, args.revision)}
-    settings = generate_priors.check_prior_folder(class_dir, settings, generate_priors.PRIOR_SETTINGS[:5])
-    missing = generate_priors.missing_prior_indices(class_dir, args.num_class_images)
-    if missing:
-        accelerator.print(f"generating {len(missing)} class images in {class_dir} ({settings['precision']})")
-        generate_priors.make_prior_images(accelerator, class_dir, missing, settings)
-        gc.collect()  # the sampling pipeline is gone: give its memory back before the models load
-        torch.cuda.empty_cache()  # a no-op without CUDA
-    paths = imagedata.list_images(class_dir, "class image", check=False)[: args.num_class_images]
-    if not paths:
-        cli.fail(f"no images in class folder {class_dir}")
-    return paths
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Validation images
 
@@ -685,25 +646,6 @@ def validation_pipeline(args, family, model, vae, tokenizers, text_encoders, noi
                                   **{**text_encoders, **trained})
 
 
-def preview_denoiser(args, family, trained, held):
-    """--validation_model_path: that checkpoint's denoiser with the trained adapters' present weights (the text
-    encoders, the VAE and the sampler stay the training model's: a distilled checkpoint shares them with its base).
-    Loaded at the first validation into `held`; the caller moves it off the accelerator between validations."""
-    import diffusers
-    from diffusers.training_utils import cast_training_params
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
-    if "denoiser" not in held:
-        with torch.random.fork_rng(devices=[]):  # important! the adapters' random start must not move the training's
-            held["denoiser"] = loading.from_pretrained(getattr(diffusers, family.denoiser_class),
-                                                       args.validation_model_path, subfolder=family.denoiser,
-                                                       dtype=trained.dtype).requires_grad_(False)
-            families.add_lora(held["denoiser"], vars(args), args.lora_target_modules)
-        cast_training_params(held["denoiser"], dtype=torch.float32)  # the adapters as they train
-    set_peft_model_state_dict(held["denoiser"], get_peft_model_state_dict(trained))
-    return held["denoiser"].to(trained.device).eval()
-
-
 def log_validation(accelerator, args, family, pipe, embeddings, step):
     """Sample the validation prompts at fixed seeds (image j of every prompt has the same seed at every step, so the
     images are comparable across steps); a PNG grid in output_dir/validation and images in the trackers. Its random
@@ -714,9 +656,9 @@ def log_validation(accelerator, args, family, pipe, embeddings, step):
     with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
         guidance = families.guidance_arguments(family, getattr(pipe, family.denoiser).config,
                                                args.validation_guidance_scale, negative, n)
-        negatives = guidance.pop("negative_prompt")
+        negatives = guidance.pop("negative_prompt", None)
         for prompt in args.validation_prompt:
-            text = dict(prompt=[prompt] * n, negative_prompt=negatives)
+            text = dict(prompt=[prompt] * n, **({"negative_prompt": negatives} if negatives else {}))
             if embeddings:  # pre-computed: the text encoders are not on the accelerator
                 text = {}
                 for key, p in (("", prompt), ("negative_", negative or "")):
@@ -726,6 +668,7 @@ def log_validation(accelerator, args, family, pipe, embeddings, step):
                     text.update(family.embedding_arguments(embeds, pooled, key))
             if family.sequence_tokenizer:  # T5's prompt length as in training
                 text["max_sequence_length"] = args.max_sequence_length
+            text.update(families.encoding_arguments(family, vars(args)))  # FLUX.2 klein's layers, as in training
             rows.append(pipe(**text, **guidance, num_inference_steps=args.validation_inference_steps,
                              height=args.resolution, width=args.resolution,
                              generator=[torch.Generator().manual_seed(imagedata.image_seed(args.seed, j)) for j in range(n)]).images)
@@ -897,7 +840,8 @@ def load_models(args, accelerator, family):
     # the objective comes with the model: its row names it, its scheduler config sets it up (DDPM for SD 1.x/2.x and
     # SDXL, flow matching with the scheduler's shift for FLUX.1 and SD 3.5)
     objective = objectives.load(model, family, args.revision, args.snr_gamma, args.offset_noise, flow={
-        k: getattr(args, k) for k in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")})
+        **{k: getattr(args, k) for k in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+                                         "precondition_outputs")}, "patch_size": family.patch_size})
     kw["variant"] = args.variant
     # important! Frozen weights load in the half-precision weight dtype; trained ones stay fp32, or the fp16 grad
     # scaler fails with "Attempting to unscale FP16 gradients". With LoRA the base weights are frozen (half precision)
@@ -910,7 +854,7 @@ def load_models(args, accelerator, family):
                      for name, cls in family.text_encoders}
     # important! SDXL's own VAE overflows in fp16: fp32 then, as its pipeline does (or give an fp16-safe VAE)
     vae = loading.load_vae(model, args.pretrained_vae_model_name_or_path, args.revision, args.variant, weight_dtype,
-                      family.upcast_vae)
+                           family.upcast_vae, family.vae_class)
     denoiser = loading.from_pretrained(getattr(diffusers, family.denoiser_class), model, subfolder=family.denoiser,
                                         dtype=weight_dtype if lora else torch.float32, **kw)
     vae.requires_grad_(False).eval().to(accelerator.device)
@@ -1002,7 +946,8 @@ def make_data(args, accelerator, subjects, tokenizers, family, vae, text_encoder
     if args.pre_compute_text_embeddings:
         prompts = [p for images, _, _ in subjects for _, p, _ in images] + [prompt for _, paths, prompt in subjects if paths]
         prompts += (args.validation_prompt or []) + [args.validation_negative_prompt or ""] + [""]  # "": dropout
-        imagedata.cache_embeddings(dataset, prompts, family.encode_prompt, list(text_encoders.values()), accelerator.device)
+        imagedata.cache_embeddings(dataset, prompts, families.prompt_encoder(family, vars(args)),
+                                   list(text_encoders.values()), accelerator.device)
         for encoder in text_encoders.values():
             encoder.to("cpu")
     batching = (dict(batch_sampler=imagedata.BucketBatchSampler(dataset, args.train_batch_size, args.seed)) if buckets
@@ -1089,7 +1034,7 @@ def main(argv=None):
     accelerator = make_accelerator(args)
 
     # ---- class images for prior preservation, each subject its own
-    subjects = [(images, class_images(args, accelerator, subject), subject["class_prompt"])
+    subjects = [(images, generate_priors.training_class_images(args, accelerator, subject), subject["class_prompt"])
                 for subject, images in zip(args.subjects, photos)]
     instances = [photo for images in photos for photo in images]
     class_paths = [path for _, paths, _ in subjects for path in paths]
@@ -1105,7 +1050,7 @@ def main(argv=None):
                             family.trained_text_encoders if args.train_text_encoder else
                             family.text_encoder_names if args.train_text_encoder_ti else [],
                             [t.convert_tokens_to_ids(args.new_tokens) for t in tokenizers] if args.new_tokens else [],
-                            args.guidance_scale)
+                            args.guidance_scale, families.prompt_encoder(family, vars(args)))
     params = [p for p in model.parameters() if p.requires_grad]
 
     # ---- optimizer, schedule, accelerate; the checkpoints' contents
@@ -1142,7 +1087,7 @@ def main(argv=None):
             model.eval()
             with averager.applied():
                 trained = accelerator.unwrap_model(model)
-                preview = preview_denoiser(args, family, trained.denoiser, previews) if args.validation_model_path else None
+                preview = loading.preview_denoiser(args, family, trained.denoiser, previews) if args.validation_model_path else None
                 pipe = validation_pipeline(args, family, trained, vae, tokenizers, text_encoders, objective.scheduler,
                                            preview)
                 log_validation(accelerator, args, family, pipe, dataset.embeddings, step)
@@ -1179,7 +1124,7 @@ def main(argv=None):
                 with accelerator.accumulate(model):
                     # encode: images -> latents with the frozen VAE (or from the cache)
                     with torch.no_grad():
-                        latents = model_calls.scale_latents(encode(batch["images"]).float(), vae.config)  # fp32 from here
+                        latents = family.prepare_latents(encode(batch["images"]).float(), vae)  # fp32 from here
                     # the objective's draw: noisy latents at random timesteps, the target, per-example weights
                     draw = objective.draw(latents)
                     # predict and compare: instance loss + lambda * prior loss (masked photos: the background weighs less)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny pipelines of each family (SD, SDXL, FLUX.1, SD 3.5, Z-Image) written to disk with save_pretrained (loaded back by the scripts
+"""Shared fixtures: tiny pipelines of each family (SD, SDXL, FLUX.1, SD 3.5, Z-Image, FLUX.2 klein) written to disk with save_pretrained (loaded back by the scripts
 through the real from_pretrained path), a few subject photos, and a helper that runs a script as a user would."""
 
 import os
@@ -65,6 +65,13 @@ def tiny_z_image(tmp_path_factory):
     """Z-Image-shaped: a Qwen3 text encoder with its chat template, the single-stream transformer with refiners."""
     return str(make_tiny_model.make_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-z-image"),
                                                   family="z-image"))
+
+
+@pytest.fixture(scope="session")
+def tiny_klein(tmp_path_factory):
+    """FLUX.2 klein-shaped: a 28-layer Qwen3 causal LM (hidden states 9, 18, 27 read), FLUX.2's VAE, the base model."""
+    return str(make_tiny_model.make_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-klein"),
+                                                  family="flux2-klein"))
 
 
 @pytest.fixture(scope="session")

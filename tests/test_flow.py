@@ -306,15 +306,16 @@ def test_flux_full_fine_tune_of_two_subjects_with_buckets_masks_ema_and_prodigy(
 
 
 @pytest.fixture
-def flow_base(tiny_model, tiny_flux, tiny_sd3, tiny_z_image, photos, tmp_path):
+def flow_base(tiny_model, tiny_flux, tiny_sd3, tiny_z_image, tiny_klein, photos, tmp_path):
     def args(model, *extra):
-        return ["--model", {"sd": tiny_model, "flux": tiny_flux, "sd3": tiny_sd3, "z-image": tiny_z_image}[model], "--instance_dir", photos,
+        return ["--model", {"sd": tiny_model, "flux": tiny_flux, "sd3": tiny_sd3, "z-image": tiny_z_image,
+                            "flux2-klein": tiny_klein}[model], "--instance_dir", photos,
                 "--instance_prompt", "a photo of sks dog", "--output_dir", tmp_path / "out", "--resolution", 64, *extra]
     return args
 
 
 @pytest.mark.parametrize("model, extra, line", [
-    ("sd", ["--weighting_scheme", "logit_normal"], "--weighting_scheme is for flow-matching models (FLUX.1, SD 3.5, Z-Image), "
+    ("sd", ["--weighting_scheme", "logit_normal"], "--weighting_scheme is for flow-matching models (FLUX.1, SD 3.5, Z-Image, FLUX.2 klein), "
                                                    "and {model} is a StableDiffusionPipeline"),
     ("sd3", ["--guidance_scale", 3.5], "--guidance_scale is for guidance-distilled FLUX.1 (dev: a transformer with a "
                                        "guidance embedding), and {model} is a StableDiffusion3Pipeline without one"),
@@ -336,6 +337,10 @@ def flow_base(tiny_model, tiny_flux, tiny_sd3, tiny_z_image, photos, tmp_path):
                                           "this suite does not train (nor do diffusers' scripts): leave the flag out"),
     ("z-image", ["--save_single_file"], "--save_single_file: this version writes no single file for ZImagePipeline; "
                                         "the pipeline folder is saved (diffusers reads it)"),
+    ("flux2-klein", ["--text_encoder_out_layers", 9, 40], "--text_encoder_out_layers 9 40: the text_encoder of "
+                                                           "{model} has hidden states 0 to 28"),
+    ("flux", ["--text_encoder_out_layers", 1], "--text_encoder_out_layers is for FLUX.2 klein (the Qwen3 layers its "
+                                               "prompt is read from), and {model} is a FluxPipeline"),
     ("z-image", ["--precondition_outputs", 1], "--precondition_outputs is for SD3 and SD 3.5, and {model} is a "
                                                "ZImagePipeline"),
 ])

@@ -65,6 +65,34 @@ def test_the_z_image_call_is_the_pipelines_step(tiny_z_image):
     assert not torch.allclose(stepped, latents + sigma * velocity, atol=1e-3)
 
 
+@torch.no_grad()
+def test_flux2_klein_prompts_latents_and_call_are_the_pipelines_own(tiny_klein):
+    """FLUX.2 klein: the prompt (chat template without thinking, hidden states 9, 18, 27 side by side), the latents
+    (2x2 patches normalised by the VAE's batch-norm statistics) and one Euler step of Flux2KleinPipeline against
+    ours."""
+    pipe = loading.load_pipeline(tiny_klein)
+    family = families.FLUX2_KLEIN
+    ids, mask = tokenized(tiny_klein, family, 40)
+    embeds, _ = families.prompt_encoder(family, {"text_encoder_out_layers": [9, 18, 27]})([pipe.text_encoder],
+                                                                                         (ids, mask))
+    reference, _ = pipe.encode_prompt(PROMPT, max_sequence_length=40)
+    assert embeds.shape == (1, 40, 48) and torch.equal(embeds, reference)
+    assert "<think>" in pipe.tokenizer.decode(ids[0])  # Qwen3's empty thinking block: enable_thinking=False
+    other, _ = families.prompt_encoder(family, {"text_encoder_out_layers": [1, 2, 3]})([pipe.text_encoder], (ids, mask))
+    assert torch.equal(other, pipe.encode_prompt(PROMPT, max_sequence_length=40, text_encoder_out_layers=(1, 2, 3))[0])
+
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    ours = family.prepare_latents(pipe.vae.encode(image).latent_dist.mode(), pipe.vae)
+    assert ours.shape == (1, 128, 8, 8) and torch.equal(ours, pipe._encode_vae_image(image, None))
+
+    latents = torch.randn(1, 128, 4, 4, generator=torch.Generator().manual_seed(0))
+    stepped = pipe(prompt_embeds=embeds, latents=latents, height=16, width=16, num_inference_steps=1, guidance_scale=1.0,
+                   output_type="latent").images  # returned as the VAE's latents: ours again is the transformer's
+    sigma = pipe.scheduler.sigmas[0]
+    velocity = family.denoise(pipe.transformer, latents, sigma[None] * 1000, embeds, mask, None)
+    assert torch.allclose(family.prepare_latents(stepped, pipe.vae), latents - sigma * velocity, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The scripts
 
@@ -226,3 +254,67 @@ def test_a_preview_checkpoint_of_another_family_or_without_lora_is_refused(tiny_
         1, "error: --validation_model_path samples another checkpoint with the LoRA being trained: give --lora_rank "
            "(a full fine-tune's validation images come from the model it trains)")
     assert not (tmp_path / "out").exists()
+
+
+def test_flux2_klein_lora_with_priors_loads_in_diffusers_and_infer(run, tiny_klein, photos, tmp_path):
+    """FLUX.2 klein LoRA with prior preservation and validation: class images at the base model's own settings (50
+    steps, guidance 4), the LoRA file that Flux2KleinPipeline.load_lora_weights reads (the attention, the single
+    blocks' fused projections and outputs), images that change with it in diffusers and in infer.py."""
+    from diffusers import Flux2KleinPipeline
+
+    out, priors = tmp_path / "out", tmp_path / "priors"
+    run("train_dreambooth.py", "--pretrained_model_name_or_path", tiny_klein, "--instance_data_dir", photos,
+        "--instance_prompt", PROMPT, "--resolution", 32, "--train_batch_size", 1, "--rank", 4, "--learning_rate",
+        "1e-3", "--max_train_steps", 2, "--output_dir", out, "--with_prior_preservation", "--class_data_dir", priors,
+        "--class_prompt", "a photo of dog", "--num_class_images", 2, "--max_sequence_length", 32, "--caption_dropout",
+        0.2, "--validation_prompt", PROMPT, "--num_validation_images", 1, "--validation_inference_steps", 2,
+        "--seed", 0, "--report_to", "none", launch=False)
+    config = json.loads((out / "run_config.json").read_text())["config"]
+    assert (config["model_family"], config["text_encoder_out_layers"]) == ("flux2-klein", [9, 18, 27])
+    made = json.loads(Image.open(priors / "000000.png").text["dreambooth_prior"])["settings"]
+    assert (made["num_inference_steps"], made["guidance_scale"]) == (50, 4.0)
+    state = load_file(out / families.LORA_WEIGHTS)
+    stems = {k.rsplit(".lora", 1)[0] for k in state}
+    assert {"transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.to_out.0",
+            "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj",
+            "transformer.single_transformer_blocks.0.attn.to_out"} <= stems
+
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_klein)
+
+    def sample(p):
+        return p(prompt=PROMPT, height=32, width=32, num_inference_steps=2, max_sequence_length=32,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    before = sample(pipe)
+    pipe.load_lora_weights(out)
+    assert not (before == sample(pipe)).all()
+    base, tuned = infer_image(tiny_klein, tmp_path / "base"), infer_image(out, tmp_path / "tuned")
+    zero = infer_image(out, tmp_path / "zero", "--lora_scale", 0)
+    assert Image.open(base).tobytes() == Image.open(zero).tobytes() != Image.open(tuned).tobytes()
+
+
+def test_flux2_klein_full_fine_tune_resumes_exactly(run, tiny_klein, photos, tmp_path):
+    """A full fine-tune on other hidden states (--text_encoder_out_layers 3 6 9) resumed after step 2 ends with the same
+    transformer, bit for bit; the text encoder and the VAE are saved unchanged; infer.py samples the result with the
+    layers it trained on."""
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    args = ["--model", tiny_klein, "--instance_dir", photos, "--instance_prompt", PROMPT, "--resolution", 32,
+            "--learning_rate", "1e-4", "--max_train_steps", 4, "--checkpointing_steps", 2, "--train_batch_size", 1,
+            "--max_sequence_length", 32, "--text_encoder_out_layers", 3, 6, 9, "--cache_latents", "--seed", 3,
+            "--report_to", "none"]
+    run("train_dreambooth.py", *args, "--output_dir", reference, launch=False)
+    shutil.copytree(reference / "checkpoint-2", resumed / "checkpoint-2")  # as if the run had died after step 2
+    shutil.copy(reference / "run_config.json", resumed)
+    run("train_dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest", launch=False)
+
+    def weights(folder, part):
+        return {k: v for f in sorted((folder / part).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    ref, new, base = (weights(f, "transformer") for f in (reference, resumed, Path(tiny_klein)))
+    assert any(not torch.equal(ref[k], base[k]) for k in ref)
+    assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref)
+    for part in ("text_encoder", "vae"):
+        saved, original = weights(reference, part), weights(Path(tiny_klein), part)
+        assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved), part
+    image = infer_image(reference, tmp_path / "infer")  # sampled with the layers it trained on, recorded in the PNG
+    assert json.loads(Image.open(image).text["dreambooth"])["text_encoder_out_layers"] == [3, 6, 9]

@@ -1,4 +1,4 @@
-"""Write a tiny, randomly initialised pipeline folder (SD, SDXL, FLUX.1, SD 3.5, Z-Image) and a few sample photos.
+"""Write a tiny, randomly initialised pipeline folder (SD, SDXL, FLUX.1, SD 3.5, Z-Image, FLUX.2 klein) and a few sample photos.
 
 Nothing is downloaded: every component is built from a config dict and saved with `save_pretrained`, so the
 scripts load it through the same `from_pretrained` code they use for a hub model. The weights are random: the
@@ -7,7 +7,7 @@ second on a CPU).
 
     python tools/make_tiny_model.py --output_dir tiny-sd [--prediction_type v_prediction] [--images_dir photos]
     python tools/make_tiny_model.py --output_dir tiny-sdxl --family sdxl
-    python tools/make_tiny_model.py --output_dir tiny-flux --family flux    # also flux-schnell, sd3, z-image
+    python tools/make_tiny_model.py --output_dir tiny-flux --family flux    # also flux-schnell, sd3, z-image, flux2-klein
 
 The SDXL one is built as diffusers' own SDXL tests build theirs: a `text_time` UNet (small `addition_time_embed_dim`
 and `projection_class_embeddings_input_dim`), a `CLIPTextModel` and a `CLIPTextModelWithProjection` whose hidden
@@ -146,12 +146,13 @@ def write_qwen_tokenizer(folder):
     return tokenizer
 
 
-def tiny_qwen3(tokenizer, hidden_size=16):
-    from transformers import Qwen3Config, Qwen3Model
+def tiny_qwen3(tokenizer, hidden_size=16, layers=2, causal_lm=False):
+    import transformers
 
-    return Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=16,
-                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
-                                  max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id))
+    config = transformers.Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=16,
+                                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                                      head_dim=8, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+    return (transformers.Qwen3ForCausalLM if causal_lm else transformers.Qwen3Model)(config)
 
 
 def tiny_t5(tokenizer, d_model):
@@ -232,7 +233,37 @@ def make_tiny_z_image_pipeline(output_dir, seed=0):
     return output_dir
 
 
+def make_tiny_flux2_klein_pipeline(output_dir, seed=0, distilled=False):
+    """FLUX.2 klein-shaped (as diffusers' Flux2KleinPipeline tests build theirs): double and single blocks over
+    128-channel patchified latents, a Qwen3 causal LM whose hidden states 9, 18 and 27 (the pipeline's default) side by
+    side are the prompt (28 layers of width 16), FLUX.2's VAE (32 channels, batch-norm statistics), klein's scheduler
+    (resolution-dependent shift); `distilled`: marked as the few-step checkpoint."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = write_qwen_tokenizer(os.path.join(output_dir, "tokenizer"))
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
+                                          guidance_embeds=False)
+    vae = AutoencoderKLFlux2(sample_size=64, block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=32,
+                             norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():  # batch-norm statistics of a trained VAE, not the identity
+        vae.bn.running_mean.normal_(0, 0.1)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    pipe = Flux2KleinPipeline(transformer=transformer, vae=vae, tokenizer=tokenizer, is_distilled=distilled,
+                              text_encoder=tiny_qwen3(tokenizer, layers=28, causal_lm=True),
+                              scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True,
+                                                                        base_shift=0.5, max_shift=1.15,
+                                                                        base_image_seq_len=256, max_image_seq_len=4096))
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    return output_dir
+
+
 def make_tiny_pipeline(output_dir, prediction_type="epsilon", seed=0, family="sd"):
+    if family in ("flux2-klein", "flux2-klein-distilled"):
+        return make_tiny_flux2_klein_pipeline(output_dir, seed, distilled=family.endswith("distilled"))
     if family == "z-image":
         return make_tiny_z_image_pipeline(output_dir, seed)
     if family == "sdxl":
@@ -334,8 +365,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="where the pipeline folder is written")
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
-    parser.add_argument("--family", default="sd", choices=["sd", "sdxl", "flux", "flux-schnell", "sd3", "z-image"],
-                        help="Stable Diffusion 1.x/2.x, SDXL, FLUX.1 (dev or schnell), SD 3.5 or Z-Image")
+    parser.add_argument("--family", default="sd", choices=["sd", "sdxl", "flux", "flux-schnell", "sd3", "z-image", "flux2-klein",
+                                                       "flux2-klein-distilled"],
+                        help="Stable Diffusion 1.x/2.x, SDXL, FLUX.1 (dev or schnell), SD 3.5, Z-Image or FLUX.2 klein")
     parser.add_argument("--images_dir", default=None, help="also write a few sample subject photos here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
