@@ -59,7 +59,6 @@ def check_model_source(name_or_path, revision=None, single_file_config=None):
     return name_or_path
 
 
-
 def check_out_layers(args, family):
     """--text_encoder_out_layers: hidden states the text encoder has (its embeddings are state 0)."""
     from transformers import AutoConfig
