@@ -94,7 +94,7 @@ def build_parser():
                    help="square training size (default: the model's own: 512 SD 1.5, 768 SD 2.x, 1024 SDXL)")
     g.add_argument("--center_crop", action="store_true", help="crop the centre instead of a random square")
     g.add_argument("--random_flip", action="store_true", help="flip images horizontally at random")
-    g.add_argument("--caption_dropout", type=cli.FRACTION, default=0.0,
+    g.add_argument("--caption_dropout", type=cli.number(float, low=0, high=1), default=0.0,
                    help="share of instance examples trained with the empty prompt (unconditionally), for classifier-"
                         "free guidance; class prompts are never dropped (0.1 is common)")
     g.add_argument("--aspect_ratio_buckets", nargs="?", const="auto", default=None,  # checked, kept as text

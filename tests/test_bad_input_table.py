@@ -60,7 +60,7 @@ ROWS = [  # script, extra flags, exit code, the line
     ("train", ["--learning_rate", "nan"], 2, "error: argument --learning_rate: must be a finite number, got nan"),
     ("train", ["--dataloader_num_workers", -1], 2, "error: argument --dataloader_num_workers: must be at least 0, got -1"),
     ("train", ["--resolution", 63], 2, "error: argument --resolution: must be a multiple of 8, got 63"),
-    ("train", ["--caption_dropout", 1], 2, "error: argument --caption_dropout: must be less than 1, got 1"),
+    ("train", ["--caption_dropout", 1.5], 2, "error: argument --caption_dropout: must be at most 1, got 1.5"),
     ("train", ["--adam_beta1", 1], 2, "error: argument --adam_beta1: must be less than 1, got 1"),
     ("train", ["--seed", -1], 2, "error: argument --seed: must be at least 0, got -1"),
     ("train", ["--train_batch_size", "two"], 2, "error: argument --train_batch_size: expected an integer, got 'two'"),
