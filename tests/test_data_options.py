@@ -257,6 +257,8 @@ def resumed_equals_uninterrupted(run, out, args, trained=("unet",), launch=False
     assert new_logs["loss"] == {s: v for s, v in ref_logs["loss"].items() if s > 2}
 
 
+@pytest.mark.slow  # CI time: Z-Image's full fine-tune covers buckets, masks, priors and exact resume by default, and
+# SDXL's time ids per bucket are checked on the dataset (test_bucket_batches_are_one_size_...)
 def test_buckets_and_masks_with_prior_preservation_train_and_resume_exactly_sdxl(run, tiny_sdxl, mixed_photos, tmp_path):
     """SDXL: mixed-aspect photos in buckets, two with masks, class images fitted to each photo's bucket; the run says
     what it did, records it, and a resume from a checkpoint is bit-identical."""

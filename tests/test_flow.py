@@ -452,8 +452,7 @@ def test_a_flux_without_guidance_embedding_samples_with_real_guidance_at_its_own
     assert (read.sequence_length, read.resolution) == (16, 64)
     assert families.guidance_arguments(read.family, read.config, 4.0, None, 2) == {"true_cfg_scale": 4.0,
                                                                                     "negative_prompt": ["", ""]}
-    assert families.guidance_arguments(read.family, read.config, 1.0, None, 2) == {"true_cfg_scale": 1.0,
-                                                                                    "negative_prompt": None}
+    assert families.guidance_arguments(read.family, read.config, 1.0, None, 2) == {"true_cfg_scale": 1.0}
     args = train_dreambooth.parse_args(["--model", model, "--instance_dir", str(tmp_path), "--instance_prompt", "sks",
                                         "--output_dir", str(tmp_path / "out")])
     train_dreambooth.check_family_flags(args, read)

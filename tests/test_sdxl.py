@@ -217,6 +217,8 @@ def test_resume_mid_epoch_and_two_processes_are_exact(run, tiny_sdxl, photos, tm
     assert changed_fraction(weights(tiny_sdxl, "text_encoder_2"), weights(two, "text_encoder_2")) > 0.5
 
 
+@pytest.mark.slow  # CI time: the same caches on SD are in the default run (test_performance.py), and Z-Image's
+# pre-computed = encoded with two subjects and caption dropout
 def test_cached_latents_and_embeddings_train_the_same_weights(run, tiny_sdxl, photos, tmp_path):
     common = ["--train_batch_size", 1, "--center_crop", "--random_flip", "--max_train_steps", 3, "--report_to", "none",
               "--validation_prompt", "a dog", "--num_validation_images", 1, "--validation_inference_steps", 2,

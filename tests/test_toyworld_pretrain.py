@@ -7,6 +7,7 @@ import sys
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from conftest import ROOT, script_env
@@ -49,13 +50,20 @@ def test_flux_pretrain_writes_a_flux_pipeline_the_scripts_load(run, hf_home, tmp
     from diffusers import FluxPipeline
     from transformers import T5TokenizerFast
 
-    out = tmp_path / "toy-flux"
-    subprocess.run([sys.executable, str(ROOT / "toyworld" / "pretrain_flux.py"), "--output_dir", str(out),
-                    "--vae_steps", "2", "--transformer_steps", "2", "--batch_size", "4", "--heads", "2",
-                    "--double_blocks", "1", "--single_blocks", "1", "--ceiling_renders", "2"],
-                   check=True, capture_output=True, env=script_env(hf_home), cwd=ROOT, timeout=600)
+    out, again = tmp_path / "toy-flux", tmp_path / "again"
+    args = [sys.executable, str(ROOT / "toyworld" / "pretrain_flux.py"), "--vae_steps", "2", "--transformer_steps", "2",
+            "--batch_size", "4", "--heads", "2", "--double_blocks", "1", "--single_blocks", "1", "--ceiling_renders", "2"]
+    proc = subprocess.run(args + ["--output_dir", str(out), "--save_every", "1"], check=True, capture_output=True,
+                          text=True, env=script_env(hf_home), cwd=ROOT, timeout=600)
+    assert f"saved the toy model to {out} at step 1 of 2" in proc.stdout  # a run cut off after it leaves a model
     record = json.loads((out / "pretrain.json").read_text())
     assert record["transformer_steps"] == 2 and set(record["vae_ceiling"]) == {"green", "blue", "purple", "white"}
+    # stage 2 again on the saved VAE (a long run cut off in stage 2 starts there)
+    subprocess.run(args + ["--output_dir", str(again), "--vae_from", str(out)], check=True, capture_output=True,
+                   env=script_env(hf_home), cwd=ROOT, timeout=600)
+    vaes = [load_file(folder / "vae" / "diffusion_pytorch_model.safetensors") for folder in (out, again)]
+    assert vaes[0].keys() == vaes[1].keys() and all(torch.equal(vaes[0][k], vaes[1][k]) for k in vaes[0])
+    assert json.loads((again / "pretrain.json").read_text())["vae_from"] == str(out)
     pipe = FluxPipeline.from_pretrained(out)
     assert pipe.vae.config.latent_channels == 16 and pipe.vae.config.shift_factor is not None
     assert not pipe.transformer.config.guidance_embeds and pipe.tokenizer_2.model_max_length == 32

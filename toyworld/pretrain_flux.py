@@ -18,10 +18,13 @@ de-distilled FLUX.1 checkpoints): it is sampled with real classifier-free guidan
 FLUX models without the embedding when --guidance_scale is above 1.
 
 The model is a function of the command (steps, batch size, seed), not of the machine's speed; the folder records the
-command, seed, losses, the VAE ceiling and wall time in `pretrain.json`.
+command, seed, losses, the VAE ceiling and wall time in `pretrain.json`. The VAE is saved as soon as stage 1 ends
+(`--vae_from` that folder skips it), and `--save_every` saves the pipeline during stage 2: a long run that is cut off
+leaves what it had made.
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -108,6 +111,10 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_precision", default="fp16", choices=["fp16", "fp32"])
     p.add_argument("--ceiling_renders", type=int, default=100, help="subject renders per background for the VAE ceiling")
+    p.add_argument("--vae_from", default=None,
+                   help="a folder this script wrote (its vae/ is saved as soon as stage 1 ends): its VAE replaces stage 1")
+    p.add_argument("--save_every", type=int, default=0,
+                   help="also save the whole pipeline every N transformer steps, so that a run cut off leaves a model")
     args = p.parse_args()
     from diffusers import FluxPipeline
 
@@ -123,12 +130,24 @@ def main():
                                              ("transformer", transformer))}}
     print(f"parameters: {record['parameters']}", flush=True)
 
+    dtype = torch.float16 if args.save_precision == "fp16" else torch.float32
+
+    def save(pipe_or_model, folder):  # a copy at the saving precision: training goes on in fp32
+        copy.deepcopy(pipe_or_model).to(dtype).save_pretrained(folder, safe_serialization=True)
+
     # ---- stage 1: the VAE learns to reconstruct the world, two-colour objects included
-    record.update(train_vae(vae, args.vae_steps, lambda: two_tone_batch(rng, args.batch_size), digits=5))
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", torch_dtype=torch.float32)
+        record["vae_from"] = str(args.vae_from)
+    else:
+        record.update(train_vae(vae, args.vae_steps, lambda: two_tone_batch(rng, args.batch_size), digits=5))
+        with torch.no_grad():  # FLUX's latent normalisation: zero mean, unit variance
+            latents = vae.encode(batch(rng, 8 * args.batch_size)[0]).latent_dist.sample()  # 512 images at batch 64
+            vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1 / latents.std().item())
+        save(vae, out / "vae")
     vae.requires_grad_(False).eval()
-    with torch.no_grad():  # FLUX's latent normalisation: zero mean, unit variance
-        latents = vae.encode(batch(rng, 8 * args.batch_size)[0]).latent_dist.sample()  # 512 images at batch 64
-        vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1 / latents.std().item())
     ceiling = autoencoder_ceiling(vae, n=args.ceiling_renders)
     record["vae_ceiling"] = ceiling
     print("vae ceiling (subject fidelity, similarity): " + ", ".join(
@@ -165,15 +184,13 @@ def main():
         if step % 100 == 0:
             print(f"transformer step {step} loss {np.mean(losses[-100:]):.4f} lr {lr_schedule.get_last_lr()[0]:.2e} "
                   f"({time.time() - t0:.0f} s)", flush=True)
-    record.update(transformer_steps=args.transformer_steps, transformer_final_loss=float(np.mean(losses[-100:])),
-                  transformer_seconds=round(time.time() - t0), learning_rate=args.learning_rate)
-
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
-                        tokenizer_2=tokenizer_2, transformer=transformer)
-    pipe.to(torch.float16 if args.save_precision == "fp16" else torch.float32).save_pretrained(
-        out, safe_serialization=True)
-    (out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"saved the toy model to {out}: {record}")
+        if step == args.transformer_steps or (args.save_every and step % args.save_every == 0):
+            record.update(transformer_steps=step, transformer_final_loss=float(np.mean(losses[-100:])),
+                          transformer_seconds=round(time.time() - t0), learning_rate=args.learning_rate)
+            save(FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer,
+                              text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer), out)
+            (out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+            print(f"saved the toy model to {out} at step {step} of {args.transformer_steps}", flush=True)
 
 
 if __name__ == "__main__":
