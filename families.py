@@ -1,7 +1,8 @@
 """Model families, shared by the scripts: one row per family (what differs between Stable Diffusion 1.x/2.x, SDXL,
-FLUX.1, SD 3.5, Z-Image and FLUX.2 klein: pipeline, text encoders and how a prompt becomes embeddings, how the denoiser is called, the
-objective, flag defaults, key names of the files other tools read), the family read from the model itself, and the
-LoRA and pivotal-tuning helpers. Loading models and pipelines is loading.py."""
+FLUX.1, SD 3.5, Z-Image and FLUX.2 klein: pipeline, text encoders and how a prompt becomes embeddings, how the
+denoiser is called, the objective, flag defaults, key names of the files other tools read), the family read from the
+model itself, distilled checkpoints by name, and the LoRA and pivotal-tuning helpers. The functions the rows name are
+model_calls.py; loading models and pipelines is loading.py."""
 
 import functools
 import json
@@ -123,8 +124,8 @@ SD = Family(
     name="sd", pipeline="StableDiffusionPipeline", denoiser="unet", denoiser_class="UNet2DConditionModel",
     detect=lambda config: config.get("addition_embed_type") != "text_time", objective="ddpm",
     text_encoders=(("text_encoder", "CLIPTextModel"),), tokenizers=("tokenizer",), tokenize=calls.tokenize_padded,
-    sequence_tokenizer="", trained_text_encoders=("text_encoder",), encode_prompt=calls.encode_sd, encoding_flags=(), vae_class="AutoencoderKL",
-    prepare_latents=calls.vae_latents, patch_size=2,
+    sequence_tokenizer="", trained_text_encoders=("text_encoder",), encode_prompt=calls.encode_sd,
+    encoding_flags=(), vae_class="AutoencoderKL", prepare_latents=calls.vae_latents, patch_size=2,
     denoise=calls.call_unet, freeze_unread=None, lora_targets=UNET_LORA_TARGETS, size_multiple=8,
     pipeline_kwargs=(("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)),
     embedding_arguments=calls.pipeline_embeddings(""), upcast_vae=False, training_defaults=lambda config: UNET_DEFAULTS,
@@ -138,8 +139,8 @@ SDXL = Family(
     detect=lambda config: config.get("addition_embed_type") == "text_time", objective="ddpm",
     text_encoders=(("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
     tokenizers=("tokenizer", "tokenizer_2"), tokenize=calls.tokenize_padded, sequence_tokenizer="",
-    trained_text_encoders=("text_encoder", "text_encoder_2"), encode_prompt=calls.encode_sdxl, encoding_flags=(), vae_class="AutoencoderKL",
-    prepare_latents=calls.vae_latents, patch_size=2,
+    trained_text_encoders=("text_encoder", "text_encoder_2"), encode_prompt=calls.encode_sdxl,
+    encoding_flags=(), vae_class="AutoencoderKL", prepare_latents=calls.vae_latents, patch_size=2,
     denoise=calls.call_unet, freeze_unread=calls.freeze_unread_sdxl_layers, lora_targets=UNET_LORA_TARGETS,
     size_multiple=8, pipeline_kwargs=(("add_watermarker", False),),
     embedding_arguments=calls.pipeline_embeddings("pooled_prompt_embeds"), upcast_vae=True,
@@ -154,9 +155,9 @@ FLUX = Family(
     detect=lambda config: True, objective="flow",
     text_encoders=(("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel")),
     tokenizers=("tokenizer", "tokenizer_2"), tokenize=calls.tokenize_padded, sequence_tokenizer="tokenizer_2",
-    trained_text_encoders=("text_encoder",), encode_prompt=calls.encode_flux, encoding_flags=(), vae_class="AutoencoderKL",
-    prepare_latents=calls.vae_latents, patch_size=2, denoise=calls.call_flux,
-    freeze_unread=None, lora_targets=FLUX_LORA_TARGETS, size_multiple=16, pipeline_kwargs=(),
+    trained_text_encoders=("text_encoder",), encode_prompt=calls.encode_flux,
+    encoding_flags=(), vae_class="AutoencoderKL", prepare_latents=calls.vae_latents, patch_size=2,
+    denoise=calls.call_flux, freeze_unread=None, lora_targets=FLUX_LORA_TARGETS, size_multiple=16, pipeline_kwargs=(),
     embedding_arguments=calls.pipeline_embeddings("pooled_prompt_embeds"), upcast_vae=False,
     training_defaults=flux_defaults, sampling_defaults=flux_sampling, guidance_argument=flux_guidance,
     unguided_scale=1.0, embedding_keys=("clip_l", "t5"), kohya_prefixes=(), peft_lora_keys=True,
@@ -171,9 +172,9 @@ SD3 = Family(
     tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"), tokenize=calls.tokenize_padded,
     sequence_tokenizer="tokenizer_3", trained_text_encoders=("text_encoder", "text_encoder_2"),
     encode_prompt=calls.encode_sd3, encoding_flags=(), vae_class="AutoencoderKL",
-    prepare_latents=calls.vae_latents, patch_size=2, denoise=calls.call_sd3, freeze_unread=None, lora_targets=MMDIT_LORA_TARGETS,
-    size_multiple=16, pipeline_kwargs=(), embedding_arguments=calls.pipeline_embeddings("pooled_prompt_embeds"),
-    upcast_vae=False,
+    prepare_latents=calls.vae_latents, patch_size=2, denoise=calls.call_sd3, freeze_unread=None,
+    lora_targets=MMDIT_LORA_TARGETS, size_multiple=16, pipeline_kwargs=(),
+    embedding_arguments=calls.pipeline_embeddings("pooled_prompt_embeds"), upcast_vae=False,
     training_defaults=lambda config: {**FLOW_DEFAULTS, "weighting_scheme": "logit_normal", "precondition_outputs": 1,
                                       "max_sequence_length": 77, "lora_blocks": None, "validation_guidance_scale": 7.0},
     sampling_defaults=lambda config: {"validation_guidance_scale": 7.0, "validation_inference_steps": 28},
@@ -219,7 +220,8 @@ FLUX2_KLEIN = Family(
 FAMILIES = {family.name: family for family in (SD, SDXL, FLUX, SD3, Z_IMAGE, FLUX2_KLEIN)}
 # every flag some family reads; read_model's caller refuses those the model's family does not, saying what it is for
 FAMILY_FLAGS = tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.training_defaults({"guidance_embeds": True})))
-FLAG_SCOPES = {"flow": "flow-matching models (FLUX.1, SD 3.5, Z-Image, FLUX.2 klein)", "precondition_outputs": "SD3 and SD 3.5",
+FLAG_SCOPES = {"flow": "flow-matching models (FLUX.1, SD 3.5, Z-Image, FLUX.2 klein)",
+               "precondition_outputs": "SD3 and SD 3.5",
                "lora_blocks": "SD3 and SD 3.5 (their joint blocks)",
                "max_sequence_length": "models with a T5 or language-model encoder",
                "text_encoder_out_layers": "FLUX.2 klein (the Qwen3 layers its prompt is read from)",
@@ -249,7 +251,8 @@ class Model(NamedTuple):
 # or without effect (a recurring report in every trainer's tracker). Train on the base, preview on the distilled model
 # (--validation_model_path). name part -> (the base to train, the distilled model's own sampler settings)
 KLEIN_DISTILLED = {"validation_guidance_scale": 1.0, "validation_inference_steps": 4}
-DISTILLED = {"z-image-turbo": ("Tongyi-MAI/Z-Image", {"validation_guidance_scale": 0.0, "validation_inference_steps": 9}),
+DISTILLED = {"z-image-turbo": ("Tongyi-MAI/Z-Image",
+                               {"validation_guidance_scale": 0.0, "validation_inference_steps": 9}),
              "flux.2-klein-4b": ("black-forest-labs/FLUX.2-klein-base-4B", KLEIN_DISTILLED),
              "flux.2-klein-9b": ("black-forest-labs/FLUX.2-klein-base-9B", KLEIN_DISTILLED)}
 

@@ -181,7 +181,8 @@ def generate_prior_images(pipe, class_dir, indices, blocks, settings, progress=N
         batch = list(range(block * batch_size, (block + 1) * batch_size))
         # CPU generators: the same initial noise on any device.
         generators = [torch.Generator("cpu").manual_seed(imagedata.image_seed(settings["seed"], i)) for i in batch]
-        images = pipe(prompt=[settings["class_prompt"]] * batch_size, **guidance, num_inference_steps=settings["num_inference_steps"],
+        images = pipe(prompt=[settings["class_prompt"]] * batch_size, **guidance,
+                      num_inference_steps=settings["num_inference_steps"],
                       height=size, width=size, generator=generators).images
         for i, image in zip(batch, images):
             if i in wanted:
@@ -235,8 +236,9 @@ def build_parser():
 
 def training_class_images(args, accelerator, subject):
     """train_dreambooth.py: a subject's class images (none without prior preservation), its folder topped up to
-    --num_class_images by this script's code, sharded across processes by batch. A folder made by another model or prompt is refused;
-    one that py made is topped up with its own sampler settings, so the new images join the set."""
+    --num_class_images by this script's code, sharded across processes by batch. A folder made by another model or
+    prompt is refused; one that this script made is topped up with its own sampler settings, so the new images join
+    the set."""
     if not args.with_prior_preservation:
         return []
     class_dir = subject["class_data_dir"]

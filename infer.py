@@ -386,8 +386,8 @@ def main(argv=None):
         for block in blocks:
             js = list(range(block * args.batch_size, min((block + 1) * args.batch_size, n)))
             seeds = [imagedata.image_seed(args.seed, j) for j in js]
-            images = pipe(prompt=[model_prompt] * len(js), **guidance(len(js)), num_inference_steps=args.num_inference_steps,
-                          height=height, width=width, callback_on_step_end=step_done,
+            images = pipe(prompt=[model_prompt] * len(js), **guidance(len(js)), height=height, width=width,
+                          num_inference_steps=args.num_inference_steps, callback_on_step_end=step_done,
                           generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
             if p_idx == 0 and block == blocks[0]:  # some samplers take a step more than asked: count the real ones
                 bar.total = bar.n * len(prompts) * len(blocks)

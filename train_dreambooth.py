@@ -185,8 +185,8 @@ def build_parser():
                    help="T5's (a language model's) prompt length in tokens (default: 512 FLUX.1, Z-Image and FLUX.2 "
                         "klein, 77 SD 3.5, as diffusers' scripts)")
     g.add_argument("--text_encoder_out_layers", type=cli.NATURAL, nargs="+", default=None,
-                   help="FLUX.2 klein: the Qwen3 hidden states its prompt is read from, side by side (default: 9 18 27, "
-                        "its pipeline's)")
+                   help="FLUX.2 klein: the Qwen3 hidden states its prompt is read from, side by side (default: "
+                        "9 18 27, its pipeline's)")
 
     g = p.add_argument_group("Pivotal tuning (the identifier as new tokens, trained beside the UNet or its LoRA)")
     g.add_argument("--train_text_encoder_ti", "--train_token_embeddings", dest="train_text_encoder_ti",
@@ -642,7 +642,8 @@ def validation_pipeline(args, family, model, vae, tokenizers, text_encoders, noi
     trained = {name: getattr(model, name) for name in model.text_encoder_names}
     return loading.load_pipeline(args.pretrained_model_name_or_path, args.revision, device=None, vae=vae,
                                   scheduler=loading.make_scheduler(args.validation_scheduler, noise_scheduler.config),
-                                  **{family.denoiser: denoiser or model.denoiser}, **dict(zip(family.tokenizers, tokenizers)),
+                                  **{family.denoiser: denoiser or model.denoiser},
+                                  **dict(zip(family.tokenizers, tokenizers)),
                                   **{**text_encoders, **trained})
 
 
@@ -1087,7 +1088,8 @@ def main(argv=None):
             model.eval()
             with averager.applied():
                 trained = accelerator.unwrap_model(model)
-                preview = loading.preview_denoiser(args, family, trained.denoiser, previews) if args.validation_model_path else None
+                preview = (loading.preview_denoiser(args, family, trained.denoiser, previews)
+                           if args.validation_model_path else None)
                 pipe = validation_pipeline(args, family, trained, vae, tokenizers, text_encoders, objective.scheduler,
                                            preview)
                 log_validation(accelerator, args, family, pipe, dataset.embeddings, step)
