@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import families
 import loading
 from test_flow import infer_image
+from test_train import weights
 
 PROMPT = "a photo of sks dog"
 
@@ -178,9 +179,6 @@ def test_z_image_full_fine_tune_with_the_data_options_resumes_exactly_and_pre_co
     config = json.loads((reference / "run_config.json").read_text())["config"]
     assert config["masks"] == [str(cats / "c0.mask.png")] and len(config["buckets"]) > 1
 
-    def weights(folder, part):
-        return {k: v for f in sorted((folder / part).glob("*.safetensors")) for k, v in load_file(f).items()}
-
     ref = weights(reference, "transformer")
     base = weights(Path(tiny_z_image), "transformer")
     assert any(not torch.equal(ref[k], base[k]) for k in ref)
@@ -306,9 +304,6 @@ def test_flux2_klein_full_fine_tune_resumes_exactly(run, tiny_klein, photos, tmp
     shutil.copytree(reference / "checkpoint-2", resumed / "checkpoint-2")  # as if the run had died after step 2
     shutil.copy(reference / "run_config.json", resumed)
     run("train_dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest", launch=False)
-
-    def weights(folder, part):
-        return {k: v for f in sorted((folder / part).glob("*.safetensors")) for k, v in load_file(f).items()}
 
     ref, new, base = (weights(f, "transformer") for f in (reference, resumed, Path(tiny_klein)))
     assert any(not torch.equal(ref[k], base[k]) for k in ref)
