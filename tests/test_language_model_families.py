@@ -74,21 +74,24 @@ def test_flux2_klein_prompts_latents_and_call_are_the_pipelines_own(tiny_klein):
     pipe = loading.load_pipeline(tiny_klein)
     family = families.FLUX2_KLEIN
     ids, mask = tokenized(tiny_klein, family, 40)
-    embeds, _ = families.prompt_encoder(family, {"text_encoder_out_layers": [9, 18, 27]})([pipe.text_encoder],
-                                                                                         (ids, mask))
+
+    def encode(layers):
+        return families.prompt_encoder(family, {"text_encoder_out_layers": layers})([pipe.text_encoder], (ids, mask))[0]
+
+    embeds = encode([9, 18, 27])
     reference, _ = pipe.encode_prompt(PROMPT, max_sequence_length=40)
     assert embeds.shape == (1, 40, 48) and torch.equal(embeds, reference)
     assert "<think>" in pipe.tokenizer.decode(ids[0])  # Qwen3's empty thinking block: enable_thinking=False
-    other, _ = families.prompt_encoder(family, {"text_encoder_out_layers": [1, 2, 3]})([pipe.text_encoder], (ids, mask))
-    assert torch.equal(other, pipe.encode_prompt(PROMPT, max_sequence_length=40, text_encoder_out_layers=(1, 2, 3))[0])
+    assert torch.equal(encode([1, 2, 3]),
+                       pipe.encode_prompt(PROMPT, max_sequence_length=40, text_encoder_out_layers=(1, 2, 3))[0])
 
     image = torch.rand(1, 3, 32, 32) * 2 - 1
     ours = family.prepare_latents(pipe.vae.encode(image).latent_dist.mode(), pipe.vae)
     assert ours.shape == (1, 128, 8, 8) and torch.equal(ours, pipe._encode_vae_image(image, None))
 
     latents = torch.randn(1, 128, 4, 4, generator=torch.Generator().manual_seed(0))
-    stepped = pipe(prompt_embeds=embeds, latents=latents, height=16, width=16, num_inference_steps=1, guidance_scale=1.0,
-                   output_type="latent").images  # returned as the VAE's latents: ours again is the transformer's
+    stepped = pipe(prompt_embeds=embeds, latents=latents, height=16, width=16, num_inference_steps=1,
+                   guidance_scale=1.0, output_type="latent").images  # the VAE's latents; ours again: the transformer's
     sigma = pipe.scheduler.sigmas[0]
     velocity = family.denoise(pipe.transformer, latents, sigma[None] * 1000, embeds, mask, None)
     assert torch.allclose(family.prepare_latents(stepped, pipe.vae), latents - sigma * velocity, atol=1e-5)
@@ -96,6 +99,21 @@ def test_flux2_klein_prompts_latents_and_call_are_the_pipelines_own(tiny_klein):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The scripts
+
+
+def assert_the_lora_changes_the_images(pipe, base_model, run, tmp_path):
+    """The run's LoRA file loads with the pipeline's own load_lora_weights and changes its images; infer.py on the run
+    folder gives the base model's image at --lora_scale 0 and another one at 1."""
+    def sample():
+        return pipe(prompt=PROMPT, height=32, width=32, num_inference_steps=2, max_sequence_length=32,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    before = sample()
+    pipe.load_lora_weights(run)
+    assert not (before == sample()).all()
+    base, tuned = infer_image(base_model, tmp_path / "base"), infer_image(run, tmp_path / "tuned")
+    zero = infer_image(run, tmp_path / "zero", "--lora_scale", 0)
+    assert Image.open(base).tobytes() == Image.open(zero).tobytes() != Image.open(tuned).tobytes()
 
 
 def test_z_image_readme_lora_command_with_priors_loads_in_diffusers_and_infer(run, tiny_z_image, photos, tmp_path):
@@ -133,16 +151,7 @@ def test_z_image_readme_lora_command_with_priors_loads_in_diffusers_and_infer(ru
     assert {k.rsplit(".lora", 1)[0] for k in state} == attention  # layers, refiners included
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in state.items() if "lora_B" in k)
 
-    def sample(p):
-        return p("a photo of sks dog", height=32, width=32, num_inference_steps=2,
-                 generator=torch.Generator().manual_seed(0), output_type="np").images
-
-    before = sample(pipe)
-    pipe.load_lora_weights(out)
-    assert not (before == sample(pipe)).all()
-    base, tuned = infer_image(tiny_z_image, tmp_path / "base"), infer_image(out, tmp_path / "tuned")
-    zero = infer_image(out, tmp_path / "zero", "--lora_scale", 0)
-    assert Image.open(base).tobytes() == Image.open(zero).tobytes() != Image.open(tuned).tobytes()
+    assert_the_lora_changes_the_images(pipe, tiny_z_image, out, tmp_path)
 
 
 def test_z_image_full_fine_tune_with_the_data_options_resumes_exactly_and_pre_computed_prompts_train_as_encoded(
@@ -279,16 +288,7 @@ def test_flux2_klein_lora_with_priors_loads_in_diffusers_and_infer(run, tiny_kle
 
     pipe = Flux2KleinPipeline.from_pretrained(tiny_klein)
 
-    def sample(p):
-        return p(prompt=PROMPT, height=32, width=32, num_inference_steps=2, max_sequence_length=32,
-                 generator=torch.Generator().manual_seed(0), output_type="np").images
-
-    before = sample(pipe)
-    pipe.load_lora_weights(out)
-    assert not (before == sample(pipe)).all()
-    base, tuned = infer_image(tiny_klein, tmp_path / "base"), infer_image(out, tmp_path / "tuned")
-    zero = infer_image(out, tmp_path / "zero", "--lora_scale", 0)
-    assert Image.open(base).tobytes() == Image.open(zero).tobytes() != Image.open(tuned).tobytes()
+    assert_the_lora_changes_the_images(pipe, tiny_klein, out, tmp_path)
 
 
 def test_flux2_klein_full_fine_tune_resumes_exactly(run, tiny_klein, photos, tmp_path):
