@@ -428,7 +428,7 @@ class DreamBoothDataset(Dataset):
         return self.sizes[s][p]
 
     def tokenize(self, prompt):
-        """The family's tokenization (families.py: token ids per tokenizer padded to its length; ids and attention
+        """The family's tokenization (model_calls.py: token ids per tokenizer padded to its length; ids and attention
         mask for a language-model encoder)."""
         return self.tokenize_with(self.tokenizers, prompt)
 
