@@ -1,5 +1,5 @@
 """Model families, shared by the scripts: one row per family (what differs between Stable Diffusion 1.x/2.x, SDXL,
-FLUX.1, SD 3.5, Z-Image and FLUX.2 klein: pipeline, text encoders and how a prompt becomes embeddings, how the
+FLUX.1, SD 3.5, Z-Image, FLUX.2 klein and Qwen-Image: pipeline, text encoders and how a prompt becomes embeddings, how the
 denoiser is called, the objective, flag defaults, key names of the files other tools read), the family read from the
 model itself, distilled checkpoints by name, and the LoRA and pivotal-tuning helpers. The functions the rows name are
 model_calls.py; loading models and pipelines is loading.py."""
@@ -40,6 +40,7 @@ class Family:
     encode_prompt: Callable  # (text encoders, tokenize's tensors batched) -> (prompt embeddings, pooled or mask)
     encoding_flags: tuple  # the flags encode_prompt and the pipeline's call take as keywords (same name in both)
     vae_class: str  # the VAE's diffusers class
+    encode_images: Callable  # (the VAE, images) -> its latent distribution (a video VAE's: without the frame axis)
     prepare_latents: Callable  # (the VAE's latents, the VAE) -> the latents the denoiser is trained on
     patch_size: int  # latent pixels per image token along a side (flow matching's resolution-dependent shift)
     denoise: Callable  # (denoiser, noisy latents, timesteps, prompt embeddings, pooled, time ids, guidance) -> prediction
@@ -125,8 +126,9 @@ SD = Family(
     detect=lambda config: config.get("addition_embed_type") != "text_time", objective="ddpm",
     text_encoders=(("text_encoder", "CLIPTextModel"),), tokenizers=("tokenizer",), tokenize=calls.tokenize_padded,
     sequence_tokenizer="", trained_text_encoders=("text_encoder",), encode_prompt=calls.encode_sd,
-    encoding_flags=(), vae_class="AutoencoderKL", prepare_latents=calls.vae_latents, patch_size=2,
-    denoise=calls.call_unet, freeze_unread=None, lora_targets=UNET_LORA_TARGETS, size_multiple=8,
+    encoding_flags=(), vae_class="AutoencoderKL", encode_images=calls.image_latents,
+    prepare_latents=calls.vae_latents, patch_size=2, denoise=calls.call_unet, freeze_unread=None,
+    lora_targets=UNET_LORA_TARGETS, size_multiple=8,
     pipeline_kwargs=(("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)),
     embedding_arguments=calls.pipeline_embeddings(""), upcast_vae=False, training_defaults=lambda config: UNET_DEFAULTS,
     sampling_defaults=lambda config: {}, guidance_argument=lambda config: "guidance_scale", unguided_scale=1.0,
@@ -140,8 +142,9 @@ SDXL = Family(
     text_encoders=(("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")),
     tokenizers=("tokenizer", "tokenizer_2"), tokenize=calls.tokenize_padded, sequence_tokenizer="",
     trained_text_encoders=("text_encoder", "text_encoder_2"), encode_prompt=calls.encode_sdxl,
-    encoding_flags=(), vae_class="AutoencoderKL", prepare_latents=calls.vae_latents, patch_size=2,
-    denoise=calls.call_unet, freeze_unread=calls.freeze_unread_sdxl_layers, lora_targets=UNET_LORA_TARGETS,
+    encoding_flags=(), vae_class="AutoencoderKL", encode_images=calls.image_latents,
+    prepare_latents=calls.vae_latents, patch_size=2, denoise=calls.call_unet,
+    freeze_unread=calls.freeze_unread_sdxl_layers, lora_targets=UNET_LORA_TARGETS,
     size_multiple=8, pipeline_kwargs=(("add_watermarker", False),),
     embedding_arguments=calls.pipeline_embeddings("pooled_prompt_embeds"), upcast_vae=True,
     training_defaults=lambda config: UNET_DEFAULTS, sampling_defaults=lambda config: {},
@@ -156,8 +159,9 @@ FLUX = Family(
     text_encoders=(("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel")),
     tokenizers=("tokenizer", "tokenizer_2"), tokenize=calls.tokenize_padded, sequence_tokenizer="tokenizer_2",
     trained_text_encoders=("text_encoder",), encode_prompt=calls.encode_flux,
-    encoding_flags=(), vae_class="AutoencoderKL", prepare_latents=calls.vae_latents, patch_size=2,
-    denoise=calls.call_flux, freeze_unread=None, lora_targets=FLUX_LORA_TARGETS, size_multiple=16, pipeline_kwargs=(),
+    encoding_flags=(), vae_class="AutoencoderKL", encode_images=calls.image_latents,
+    prepare_latents=calls.vae_latents, patch_size=2, denoise=calls.call_flux, freeze_unread=None,
+    lora_targets=FLUX_LORA_TARGETS, size_multiple=16, pipeline_kwargs=(),
     embedding_arguments=calls.pipeline_embeddings("pooled_prompt_embeds"), upcast_vae=False,
     training_defaults=flux_defaults, sampling_defaults=flux_sampling, guidance_argument=flux_guidance,
     unguided_scale=1.0, embedding_keys=("clip_l", "t5"), kohya_prefixes=(), peft_lora_keys=True,
@@ -171,7 +175,7 @@ SD3 = Family(
                    ("text_encoder_3", "T5EncoderModel")),
     tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"), tokenize=calls.tokenize_padded,
     sequence_tokenizer="tokenizer_3", trained_text_encoders=("text_encoder", "text_encoder_2"),
-    encode_prompt=calls.encode_sd3, encoding_flags=(), vae_class="AutoencoderKL",
+    encode_prompt=calls.encode_sd3, encoding_flags=(), vae_class="AutoencoderKL", encode_images=calls.image_latents,
     prepare_latents=calls.vae_latents, patch_size=2, denoise=calls.call_sd3, freeze_unread=None,
     lora_targets=MMDIT_LORA_TARGETS, size_multiple=16, pipeline_kwargs=(),
     embedding_arguments=calls.pipeline_embeddings("pooled_prompt_embeds"), upcast_vae=False,
@@ -188,7 +192,7 @@ Z_IMAGE = Family(
     name="z-image", pipeline="ZImagePipeline", denoiser="transformer", denoiser_class="ZImageTransformer2DModel",
     detect=lambda config: True, objective="flow", text_encoders=(("text_encoder", "Qwen3Model"),),
     tokenizers=("tokenizer",), tokenize=calls.tokenize_chat, sequence_tokenizer="tokenizer", trained_text_encoders=(),
-    encode_prompt=calls.encode_z_image, encoding_flags=(), vae_class="AutoencoderKL",
+    encode_prompt=calls.encode_z_image, encoding_flags=(), vae_class="AutoencoderKL", encode_images=calls.image_latents,
     prepare_latents=calls.vae_latents, patch_size=2, denoise=calls.call_z_image, freeze_unread=None,
     lora_targets=UNET_LORA_TARGETS, size_multiple=16, pipeline_kwargs=(),
     embedding_arguments=calls.unpadded_embeddings, upcast_vae=False,
@@ -208,19 +212,39 @@ FLUX2_KLEIN = Family(
     detect=lambda config: True, objective="flow", text_encoders=(("text_encoder", "Qwen3ForCausalLM"),),
     tokenizers=("tokenizer",), tokenize=functools.partial(calls.tokenize_chat, thinking=False),
     sequence_tokenizer="tokenizer", trained_text_encoders=(), encode_prompt=calls.encode_flux2,
-    encoding_flags=("text_encoder_out_layers",), vae_class="AutoencoderKLFlux2", prepare_latents=calls.flux2_latents,
-    patch_size=1, denoise=calls.call_flux2, freeze_unread=None, lora_targets=FLUX2_LORA_TARGETS, size_multiple=16,
-    pipeline_kwargs=(), embedding_arguments=calls.pipeline_embeddings(""), upcast_vae=False,
+    encoding_flags=("text_encoder_out_layers",), vae_class="AutoencoderKLFlux2", encode_images=calls.image_latents,
+    prepare_latents=calls.flux2_latents, patch_size=1, denoise=calls.call_flux2, freeze_unread=None,
+    lora_targets=FLUX2_LORA_TARGETS, size_multiple=16, pipeline_kwargs=(),
+    embedding_arguments=calls.pipeline_embeddings(""), upcast_vae=False,
     training_defaults=lambda config: {**FLOW_DEFAULTS, "weighting_scheme": "none", "max_sequence_length": 512,
                                       "text_encoder_out_layers": (9, 18, 27), "validation_guidance_scale": 4.0,
                                       "validation_inference_steps": 50},
     sampling_defaults=lambda config: {"validation_guidance_scale": 4.0, "validation_inference_steps": 50},
     guidance_argument=lambda config: "guidance_scale", unguided_scale=1.0, embedding_keys=(), kohya_prefixes=(),
     peft_lora_keys=True, single_file_layout="", hub_tag="flux2-klein")
-FAMILIES = {family.name: family for family in (SD, SDXL, FLUX, SD3, Z_IMAGE, FLUX2_KLEIN)}
+# Qwen-Image: the Qwen2.5-VL model's last hidden states of the prompt in the pipeline's template (its first 34 tokens
+# dropped), a dual-stream transformer over 2x2-patched latents of a video VAE (a frame axis; per-channel mean and std);
+# classic guidance with a second pass (true_cfg_scale), as FLUX.1 without a guidance embedding. LoRA on the image
+# stream's attention projections, as diffusers' Qwen-Image script.
+QWEN_IMAGE = Family(
+    name="qwen-image", pipeline="QwenImagePipeline", denoiser="transformer",
+    denoiser_class="QwenImageTransformer2DModel", detect=lambda config: True, objective="flow",
+    text_encoders=(("text_encoder", "Qwen2_5_VLForConditionalGeneration"),), tokenizers=("tokenizer",),
+    tokenize=calls.tokenize_qwen_image, sequence_tokenizer="tokenizer", trained_text_encoders=(),
+    encode_prompt=calls.encode_qwen_image, encoding_flags=(), vae_class="AutoencoderKLQwenImage",
+    encode_images=calls.frame_latents, prepare_latents=calls.qwen_image_latents, patch_size=2,
+    denoise=calls.call_qwen_image, freeze_unread=None, lora_targets=UNET_LORA_TARGETS, size_multiple=16,
+    pipeline_kwargs=(), embedding_arguments=calls.pipeline_embeddings("prompt_embeds_mask"), upcast_vae=False,
+    training_defaults=lambda config: {**FLOW_DEFAULTS, "weighting_scheme": "none", "max_sequence_length": 512,
+                                      **({"guidance_scale": 1.0} if config.get("guidance_embeds") else {}),
+                                      "validation_guidance_scale": 4.0, "validation_inference_steps": 50},
+    sampling_defaults=lambda config: {"validation_guidance_scale": 4.0, "validation_inference_steps": 50},
+    guidance_argument=flux_guidance, unguided_scale=1.0, embedding_keys=(), kohya_prefixes=(), peft_lora_keys=True,
+    single_file_layout="", hub_tag="qwen-image")
+FAMILIES = {family.name: family for family in (SD, SDXL, FLUX, SD3, Z_IMAGE, FLUX2_KLEIN, QWEN_IMAGE)}
 # every flag some family reads; read_model's caller refuses those the model's family does not, saying what it is for
 FAMILY_FLAGS = tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.training_defaults({"guidance_embeds": True})))
-FLAG_SCOPES = {"flow": "flow-matching models (FLUX.1, SD 3.5, Z-Image, FLUX.2 klein)",
+FLAG_SCOPES = {"flow": "flow-matching models (FLUX.1, SD 3.5, Z-Image, FLUX.2 klein, Qwen-Image)",
                "precondition_outputs": "SD3 and SD 3.5",
                "lora_blocks": "SD3 and SD 3.5 (their joint blocks)",
                "max_sequence_length": "models with a T5 or language-model encoder",
@@ -358,9 +382,16 @@ def read_model(name_or_path, revision=None):
     if family is None:
         cli.fail(f"{name_or_path} is a {index.get('_class_name', 'model of unknown kind')}: this suite trains "
                  + ", ".join(f.pipeline for f in FAMILIES.values()))
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    return Model(family, denoiser["sample_size"] * factor if denoiser.get("sample_size") else vae["sample_size"],
-                 dict(denoiser), tokenizer_length(name_or_path, family.sequence_tokenizer, revision), str(name_or_path))
+    return Model(family, native_resolution(denoiser, vae), dict(denoiser),
+                 tokenizer_length(name_or_path, family.sequence_tokenizer, revision), str(name_or_path))
+
+
+def native_resolution(denoiser, vae):
+    """The denoiser's sample size times the VAE's downsampling (a video VAE's: its temporal_downsample levels), or the
+    VAE's own sample size where the denoiser has none (FLUX.1), or 1024 where neither config says (Qwen-Image: its
+    pipeline's default)."""
+    factor = 2 ** (len(vae["block_out_channels"]) - 1 if "block_out_channels" in vae else len(vae["temperal_downsample"]))
+    return denoiser["sample_size"] * factor if denoiser.get("sample_size") else vae.get("sample_size", 1024)
 
 
 def tokenizer_length(name_or_path, subfolder, revision=None):

@@ -475,11 +475,12 @@ def collate(items):
 
 
 @torch.no_grad()
-def cache_latents(dataset, vae, device, progress=True):
-    """--cache_latents: the VAE's latent distribution (its parameters: mean and log-variance) of every training image
-    at every size it is used at, centre-cropped or with a random crop drawn once (a class image takes its photos' buckets), encoded once, one image at a time, both
-    flips when --random_flip, with its time ids and mask. A step then samples from it with the training random state,
-    as vae.encode(...).latent_dist.sample() would."""
+def cache_latents(dataset, encode_images, vae, device, progress=True):
+    """--cache_latents: the VAE's latent distribution (its parameters: mean and log-variance; `encode_images`: the
+    family's encoder) of every training image at every size it is used at, centre-cropped or with a random crop drawn
+    once (a class image takes its photos' buckets), encoded once, one image at a time, both flips when --random_flip,
+    with its time ids and mask. A step then samples from it with the training random state, as
+    vae.encode(...).latent_dist.sample() would."""
     flips = (False, True) if dataset.random_flip else (False,)
     sources = {}
     for i in range(len(dataset)):
@@ -495,7 +496,7 @@ def cache_latents(dataset, vae, device, progress=True):
         for flip in flips:  # a random crop is drawn once per image and size, the same for both flips
             crop = torch.Generator().manual_seed(image_seed(dataset.seed, f"crop:{key}:{size}"))
             pixels, time_ids, m = preprocess(image, size, dataset.center_crop, False, crop, flip, mask)
-            latents = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist.parameters[0].cpu()
+            latents = encode_images(vae, pixels[None].to(device)).parameters[0].cpu()
             cache[(*key, size, flip)] = latents, time_ids, m
     dataset.latents = cache
 

@@ -4,6 +4,13 @@ trains, how latents are scaled, how pre-computed embeddings go into a pipeline c
 
 import torch
 
+# QwenImagePipeline's prompt template and the number of its tokens dropped from the encoding (the system turn and the
+# user turn's opening: the prompt's own tokens and the template's end are what the transformer reads)
+QWEN_IMAGE_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                       "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+                       "<|im_end|>\n<|im_start|>assistant\n")
+QWEN_IMAGE_TEMPLATE_TOKENS = 34
+
 
 def tokenize_padded(tokenizers, prompt):
     """Token ids per tokenizer, each padded to its own length (CLIP's 77, T5's --max_sequence_length)."""
@@ -20,6 +27,15 @@ def tokenize_chat(tokenizers, prompt, thinking=True):
                                          add_generation_prompt=True, enable_thinking=thinking)
     out = tokenizer(text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                     return_tensors="pt")
+    return out.input_ids[0], out.attention_mask[0]
+
+
+def tokenize_qwen_image(tokenizers, prompt):
+    """Qwen-Image: the prompt in the pipeline's template, padded to the template's 34 tokens + --max_sequence_length:
+    (token ids, attention mask)."""
+    tokenizer = tokenizers[0]
+    out = tokenizer(QWEN_IMAGE_TEMPLATE.format(prompt), padding="max_length", truncation=True,
+                    max_length=tokenizer.model_max_length + QWEN_IMAGE_TEMPLATE_TOKENS, return_tensors="pt")
     return out.input_ids[0], out.attention_mask[0]
 
 
@@ -70,6 +86,19 @@ def encode_flux2(text_encoders, texts, text_encoder_out_layers=(9, 18, 27)):
     return torch.cat([out.hidden_states[k] for k in text_encoder_out_layers], dim=-1), mask
 
 
+def encode_qwen_image(text_encoders, texts):
+    """Qwen-Image: the Qwen2.5-VL model's last hidden states of each prompt's tokens after the template's first 34,
+    zero-padded to --max_sequence_length, and their mask (QwenImagePipeline.encode_prompt, which pads to the longest
+    prompt instead: the transformer masks the padding either way)."""
+    ids, mask = texts
+    hidden = text_encoders[0](input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    rows = [h[m.bool()][QWEN_IMAGE_TEMPLATE_TOKENS:] for h, m in zip(hidden, mask)]
+    length = ids.shape[1] - QWEN_IMAGE_TEMPLATE_TOKENS
+    lengths = torch.tensor([len(row) for row in rows], device=ids.device)
+    return (torch.stack([torch.nn.functional.pad(row, (0, 0, 0, length - len(row))) for row in rows]),
+            (torch.arange(length, device=ids.device) < lengths[:, None]).long())
+
+
 def call_unet(unet, noisy_latents, timesteps, prompt_embeds, pooled, time_ids, guidance=None):
     """The UNet's prediction. SDXL's UNet adds the pooled embedding and the size/crop time ids to its timestep
     embedding; SD 1.x/2.x's ignores added_cond_kwargs."""
@@ -91,6 +120,11 @@ def call_flux(transformer, noisy_latents, timesteps, prompt_embeds, pooled, time
                 if transformer.config.guidance_embeds else None)
     out = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, pooled_projections=pooled,
                       encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids).sample
+    return unpack_patches(out, b, c, h, w)
+
+
+def unpack_patches(out, b, c, h, w):
+    """A sequence of 2x2 latent patches (FLUX.1's and Qwen-Image's packing) back into latents of shape (b, c, h, w)."""
     return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
@@ -124,6 +158,23 @@ def call_flux2(transformer, noisy_latents, timesteps, prompt_embeds, mask, time_
     out = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, txt_ids=text_ids,
                       img_ids=image_ids, encoder_hidden_states=prompt_embeds).sample
     return out[:, :h * w].permute(0, 2, 1).reshape(b, c, h, w)
+
+
+def call_qwen_image(transformer, noisy_latents, timesteps, prompt_embeds, mask, time_ids, guidance=None):
+    """Qwen-Image's prediction: the latents packed into 2x2 patches (FLUX.1's packing) with their (frame, height,
+    width) shape for the rotary positions, the timestep as a fraction (sigma), the prompt's mask (none where every
+    token is the prompt's, as the pipeline passes it), the output unpacked."""
+    from diffusers import QwenImagePipeline
+
+    b, c, h, w = noisy_latents.shape
+    packed = QwenImagePipeline._pack_latents(noisy_latents, b, c, h, w)
+    guidance = (torch.full((b,), float(guidance), device=noisy_latents.device)
+                if transformer.config.guidance_embeds else None)
+    out = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                      encoder_hidden_states=prompt_embeds,
+                      encoder_hidden_states_mask=None if mask.all() else mask.bool(),
+                      img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+    return unpack_patches(out, b, c, h, w)
 
 
 def pipeline_embeddings(pooled_argument):
@@ -167,11 +218,32 @@ def flux2_latents(latents, vae):
     return (patched - mean) / std
 
 
-def latent_sampler(vae, cached=False):
-    """Images -> a sample of the frozen VAE's latent distribution; `cached` (--cache_latents): the batch holds the
-    cached distribution's parameters, sampled with the training random state as the VAE would."""
+def qwen_image_latents(latents, vae):
+    """Qwen-Image: the VAE's latents normalised per channel by its config's latents_mean and latents_std (as
+    QwenImagePipeline decodes them)."""
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(latents)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(latents)
+    return (latents - mean) * (1.0 / std)
+
+
+def image_latents(vae, images):
+    """The VAE's latent distribution of a batch of images."""
+    return vae.encode(images.to(vae.dtype)).latent_dist
+
+
+def frame_latents(vae, images):
+    """A video VAE (Qwen-Image's): the images as one-frame clips, the distribution without the frame axis."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    return DiagonalGaussianDistribution(vae.encode(images.to(vae.dtype).unsqueeze(2)).latent_dist.parameters.squeeze(2))
+
+
+def latent_sampler(encode_images, vae, cached=False):
+    """Images -> a sample of the frozen VAE's latent distribution (`encode_images`: the family's); `cached`
+    (--cache_latents): the batch holds the cached distribution's parameters, sampled with the training random state
+    as the VAE would."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     if cached:
         return lambda images: DiagonalGaussianDistribution(images).sample()
-    return lambda images: vae.encode(images.to(vae.dtype)).latent_dist.sample()
+    return lambda images: encode_images(vae, images).sample()

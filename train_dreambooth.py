@@ -941,7 +941,7 @@ def make_data(args, accelerator, subjects, tokenizers, family, vae, text_encoder
     dataset = imagedata.DreamBoothDataset(subjects, tokenizers, args.resolution, args.center_crop, args.random_flip,
                                           args.seed, buckets, family.tokenize, args.caption_dropout)
     if args.cache_latents:
-        imagedata.cache_latents(dataset, vae, accelerator.device, accelerator.is_local_main_process)
+        imagedata.cache_latents(dataset, family.encode_images, vae, accelerator.device, accelerator.is_local_main_process)
         if not args.validation_prompt:  # validation still decodes with it
             vae.to("cpu")
     if args.pre_compute_text_embeddings:
@@ -1097,7 +1097,7 @@ def main(argv=None):
                 preview.to("cpu")
             model.train()
 
-    encode = model_calls.latent_sampler(vae, args.cache_latents)
+    encode = model_calls.latent_sampler(family.encode_images, vae, args.cache_latents)
     # ---- training loop. Signals are caught from before the banner: one may come as soon as the run says it started
     with runs.stop_requests() as stop_signals:
         if accelerator.is_main_process:  # notes on the data plan as a whole, before the banner

@@ -75,6 +75,14 @@ def tiny_klein(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_image(tmp_path_factory):
+    """Qwen-Image-shaped: a Qwen2.5-VL text encoder whose tokenizer splits the pipeline's template into its 34 tokens,
+    the dual-stream transformer, the video VAE with per-channel mean and std."""
+    return str(make_tiny_model.make_tiny_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-qwen-image"),
+                                                  family="qwen-image"))
+
+
+@pytest.fixture(scope="session")
 def photos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos")
     make_tiny_model.make_sample_photos(str(folder), n=4, size=72)

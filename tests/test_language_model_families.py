@@ -1,6 +1,6 @@
-"""The families whose text encoder is a language model (Z-Image: Qwen3), in the same scripts: their rows checked
-against diffusers' pipelines (chat template, hidden layer, masks, the transformer's call), and real runs of the
-scripts on tiny pipelines built offline."""
+"""The families whose text encoder is a language model (Z-Image and FLUX.2 klein: Qwen3; Qwen-Image: Qwen2.5-VL), in
+the same scripts: their rows checked against diffusers' pipelines (chat template, hidden layers, masks, latents, the
+transformer's call), and real runs of the scripts on tiny pipelines built offline."""
 
 import json
 import shutil
@@ -97,6 +97,50 @@ def test_flux2_klein_prompts_latents_and_call_are_the_pipelines_own(tiny_klein):
     assert torch.allclose(family.prepare_latents(stepped, pipe.vae), latents - sigma * velocity, atol=1e-5)
 
 
+@torch.no_grad()
+def test_qwen_image_prompts_latents_and_call_are_the_pipelines_own(tiny_qwen_image):
+    """Qwen-Image: the prompt (the pipeline's template, its 34 tokens dropped: what remains is the prompt and the
+    template's end), the latents (one-frame clips of the video VAE, normalised per channel) and one Euler step of
+    QwenImagePipeline against ours."""
+    import model_calls
+
+    pipe = loading.load_pipeline(tiny_qwen_image)
+    family = families.QWEN_IMAGE
+    prompts = [PROMPT, "a dog"]
+    template = model_calls.QWEN_IMAGE_TEMPLATE
+    assert len(pipe.tokenizer(template.split("{}")[0]).input_ids) == model_calls.QWEN_IMAGE_TEMPLATE_TOKENS == 34
+    reference, reference_mask = pipe.encode_prompt(prompts, max_sequence_length=64)
+    read = len(pipe.tokenizer(template.format(PROMPT)).input_ids) - 34  # the prompt's tokens and the template's end
+    assert reference_mask.sum(1).tolist()[0] == read
+
+    def encode(length):
+        texts = [tokenized(tiny_qwen_image, family, length, prompt=p) for p in prompts]
+        return family.encode_prompt([pipe.text_encoder], [torch.cat(t) for t in zip(*texts)])
+
+    embeds, mask = encode(read)  # padded as far as the pipeline pads (the longest prompt): the same numbers
+    assert torch.equal(embeds, reference) and torch.equal(mask, reference_mask)
+    padded, padded_mask = encode(24)  # padded further: zeros, masked out
+    assert torch.allclose(padded[:, :read], reference, atol=1e-6) and padded[:, read:].abs().max() == 0
+    assert torch.equal(padded_mask[:, :read], reference_mask) and padded_mask[:, read:].sum() == 0
+
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    torch.manual_seed(0)
+    ours = family.prepare_latents(family.encode_images(pipe.vae, image).sample(), pipe.vae)
+    torch.manual_seed(0)
+    theirs = pipe.vae.encode(image[:, :, None]).latent_dist.sample()  # diffusers' Qwen-Image script's normalisation
+    config = pipe.vae.config
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (config.latents_mean, config.latents_std))
+    assert ours.shape == (1, 4, 8, 8) and torch.equal(ours, ((theirs - mean) * (1.0 / std))[:, :, 0])
+
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    packed = pipe._pack_latents(latents, 2, 4, 4, 4)
+    stepped = pipe(prompt_embeds=padded, prompt_embeds_mask=padded_mask, latents=packed, height=16, width=16,
+                   num_inference_steps=1, output_type="latent").images
+    sigma = pipe.scheduler.sigmas[0]
+    velocity = family.denoise(pipe.transformer, latents, sigma[None] * 1000, padded, padded_mask, None)
+    assert torch.allclose(stepped, pipe._pack_latents(latents - sigma * velocity, 2, 4, 4, 4), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The scripts
 
@@ -111,8 +155,9 @@ def assert_the_lora_changes_the_images(pipe, base_model, run, tmp_path):
     before = sample()
     pipe.load_lora_weights(run)
     assert not (before == sample()).all()
-    base, tuned = infer_image(base_model, tmp_path / "base"), infer_image(run, tmp_path / "tuned")
-    zero = infer_image(run, tmp_path / "zero", "--lora_scale", 0)
+    size = ("--height", 32, "--width", 32)  # (Qwen-Image's configs name no size: its pipeline's 1024 otherwise)
+    base, tuned = infer_image(base_model, tmp_path / "base", *size), infer_image(run, tmp_path / "tuned", *size)
+    zero = infer_image(run, tmp_path / "zero", "--lora_scale", 0, *size)
     assert Image.open(base).tobytes() == Image.open(zero).tobytes() != Image.open(tuned).tobytes()
 
 
@@ -313,3 +358,53 @@ def test_flux2_klein_full_fine_tune_resumes_exactly(run, tiny_klein, photos, tmp
         assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved), part
     image = infer_image(reference, tmp_path / "infer")  # sampled with the layers it trained on, recorded in the PNG
     assert json.loads(Image.open(image).text["dreambooth"])["text_encoder_out_layers"] == [3, 6, 9]
+
+
+def test_qwen_image_readme_lora_command_with_priors_loads_in_diffusers_and_infer(run, tiny_qwen_image, photos,
+                                                                                  tmp_path):
+    """diffusers' Qwen-Image README command (its flags as written there, at a tiny size, plus --rank 4, prior
+    preservation and cached latents): class and validation images at QwenImagePipeline's defaults (50 steps,
+    true_cfg_scale 4 against the empty prompt); encoding the prompts every step (padded to --max_sequence_length, in
+    batches of instance and class prompts) trains the same LoRA, bit for bit, as the pre-computed prompts, and so does
+    a run resumed after step 1; the file QwenImagePipeline.load_lora_weights reads, the image stream's attention
+    adapted."""
+    from diffusers import QwenImagePipeline
+
+    out, encoded, resumed, priors = (tmp_path / name for name in ("out", "encoded", "resumed", "priors"))
+    args = ["--pretrained_model_name_or_path", tiny_qwen_image, "--instance_data_dir", photos, "--mixed_precision",
+            "no", "--instance_prompt", PROMPT, "--resolution", 32, "--train_batch_size", 1,
+            "--gradient_accumulation_steps", 4, "--use_8bit_adam", "--learning_rate", "2e-3", "--report_to",
+            "tensorboard", "--lr_scheduler", "constant", "--lr_warmup_steps", 0, "--max_train_steps", 2, "--seed",
+            0, "--rank", 4, "--max_sequence_length", 32, "--with_prior_preservation", "--class_data_dir", priors,
+            "--class_prompt", "a photo of dog", "--num_class_images", 2, "--cache_latents", "--checkpointing_steps", 1]
+    validation = ["--validation_prompt", "A photo of sks dog in a bucket", "--validation_epochs", 25,
+                  "--num_validation_images", 1, "--validation_inference_steps", 2]
+    proc = run("train_dreambooth.py", *args, *validation, "--output_dir", out, launch=False, check=False)
+    if "bitsandbytes" in proc.stdout + proc.stderr and proc.returncode:
+        pytest.skip("bitsandbytes is not installed here")  # the README's --use_8bit_adam
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "run_config.json").read_text())["config"]
+    assert (config["model_family"], config["weighting_scheme"], config["pre_compute_text_embeddings"],
+            config["validation_guidance_scale"]) == ("qwen-image", "none", True, 4.0)
+    made = json.loads(Image.open(priors / "000000.png").text["dreambooth_prior"])["settings"]
+    assert (made["num_inference_steps"], made["guidance_scale"]) == (50, 4.0)
+    assert families.guidance_arguments(families.QWEN_IMAGE, config, 4.0, None, 1) == {  # guided against the empty
+        "true_cfg_scale": 4.0, "negative_prompt": [""]}  # prompt, as classifier-free guidance means
+    assert (out / "validation" / "step-000002.png").exists()
+
+    run("train_dreambooth.py", *args, "--output_dir", encoded, "--pre_compute_text_embeddings", "false", launch=False)
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")  # as if the run had died after step 1
+    shutil.copy(out / "run_config.json", resumed)
+    run("train_dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest", launch=False)
+    state = load_file(out / families.LORA_WEIGHTS)
+    for other in (encoded, resumed):
+        new = load_file(other / families.LORA_WEIGHTS)
+        assert state.keys() == new.keys() and all(torch.equal(state[k], new[k]) for k in state), other.name
+
+    pipe = QwenImagePipeline.from_pretrained(tiny_qwen_image)
+    image_attention = {f"transformer.{name}" for name, m in pipe.transformer.named_modules()
+                       if isinstance(m, torch.nn.Linear) and name.endswith(("to_q", "to_k", "to_v", "to_out.0"))}
+    assert {k.rsplit(".lora", 1)[0] for k in state} == image_attention
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in state.items() if "lora_B" in k)
+
+    assert_the_lora_changes_the_images(pipe, tiny_qwen_image, out, tmp_path)

@@ -1,4 +1,5 @@
-"""Write a tiny, randomly initialised pipeline folder (SD, SDXL, FLUX.1, SD 3.5, Z-Image, FLUX.2 klein) and a few sample photos.
+"""Write a tiny, randomly initialised pipeline folder (SD, SDXL, FLUX.1, SD 3.5, Z-Image, FLUX.2 klein,
+Qwen-Image) and a few sample photos.
 
 Nothing is downloaded: every component is built from a config dict and saved with `save_pretrained`, so the
 scripts load it through the same `from_pretrained` code they use for a hub model. The weights are random: the
@@ -7,7 +8,7 @@ second on a CPU).
 
     python tools/make_tiny_model.py --output_dir tiny-sd [--prediction_type v_prediction] [--images_dir photos]
     python tools/make_tiny_model.py --output_dir tiny-sdxl --family sdxl
-    python tools/make_tiny_model.py --output_dir tiny-flux --family flux    # also flux-schnell, sd3, z-image, flux2-klein
+    python tools/make_tiny_model.py --output_dir tiny-flux --family flux    # also flux-schnell, sd3, z-image, flux2-klein, qwen-image
 
 The SDXL one is built as diffusers' own SDXL tests build theirs: a `text_time` UNet (small `addition_time_embed_dim`
 and `projection_class_embeddings_input_dim`), a `CLIPTextModel` and a `CLIPTextModelWithProjection` whose hidden
@@ -126,15 +127,18 @@ QWEN_CHAT_TEMPLATE = (
     "{% endif %}")
 
 
-def write_qwen_tokenizer(folder):
+def write_qwen_tokenizer(folder, words=()):
     """A Qwen2/Qwen3-format tokenizer (byte-level BPE, Qwen's special tokens and a chat template), with every byte in
-    its vocabulary and a few merges, built with the tokenizers library (nothing downloaded)."""
+    its vocabulary and a few merges, built with the tokenizers library (nothing downloaded); `words` become one token
+    each, as in Qwen's own vocabulary (Qwen-Image's template: its 34 tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import Qwen2TokenizerFast
 
     chars = bytes_to_unicode()
     merges = [("p", "h"), ("ph", "o"), ("pho", "t"), ("phot", "o"), ("s", "k"), ("sk", "s"), ("d", "o"), ("do", "g"),
               ("Ġ", "a"), ("Ġ", "photo"), ("Ġ", "sks"), ("Ġ", "dog")]
+    for word in (w.replace(" ", "Ġ") for w in words):  # each word merged from its first character on
+        merges += [m for m in ((word[:i], word[i]) for i in range(1, len(word))) if m not in merges]
     vocab = {c: i for i, c in enumerate(chars + ["".join(m) for m in merges])}
     backend = Tokenizer(models.BPE(vocab, merges))
     backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
@@ -233,6 +237,47 @@ def make_tiny_z_image_pipeline(output_dir, seed=0):
     return output_dir
 
 
+# The words of QwenImagePipeline's prompt template, as Qwen's tokenizer splits it
+QWEN_IMAGE_WORDS = ("system", "Describe", " the", " image", " by", " detailing", " color", " shape", " size", " texture",
+                    " quantity", " text", " spatial", " relationships", " of", " objects", " and", " background", "user",
+                    "assistant")
+
+
+def make_tiny_qwen_image_pipeline(output_dir, seed=0):
+    """Qwen-Image-shaped (as diffusers' QwenImagePipeline tests build theirs): the dual-stream transformer over
+    2x2-patched latents, a Qwen2.5-VL model (its language model reads the prompt; a vision tower of two layers) and a
+    tokenizer that splits the pipeline's template into its 34 tokens as Qwen's does, Qwen-Image's video VAE (a frame
+    axis, per-channel mean and std: not the identity here)."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = write_qwen_tokenizer(os.path.join(output_dir, "tokenizer"), words=QWEN_IMAGE_WORDS)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                 latents_std=[1.5, 0.8, 1.2, 2.0])
+    n = len(tokenizer)
+    config = Qwen2_5_VLConfig(text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2,
+                                           "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": n,
+                                           "bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                                           "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default",
+                                                            "type": "default"}, "rope_theta": 1000000.0},
+                              vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                                             "out_hidden_size": 16},
+                              hidden_size=16, vocab_size=n, eos_token_id=tokenizer.eos_token_id,
+                              bos_token_id=tokenizer.eos_token_id, vision_start_token_id=n, vision_end_token_id=n + 1,
+                              vision_token_id=n + 2)  # no image ever goes in: ids past the vocabulary
+    pipe = QwenImagePipeline(transformer=transformer, vae=vae, tokenizer=tokenizer,
+                             text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(),
+                             scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    return output_dir
+
+
 def make_tiny_flux2_klein_pipeline(output_dir, seed=0, distilled=False):
     """FLUX.2 klein-shaped (as diffusers' Flux2KleinPipeline tests build theirs): double and single blocks over
     128-channel patchified latents, a Qwen3 causal LM whose hidden states 9, 18 and 27 (the pipeline's default) side by
@@ -264,6 +309,8 @@ def make_tiny_flux2_klein_pipeline(output_dir, seed=0, distilled=False):
 def make_tiny_pipeline(output_dir, prediction_type="epsilon", seed=0, family="sd"):
     if family in ("flux2-klein", "flux2-klein-distilled"):
         return make_tiny_flux2_klein_pipeline(output_dir, seed, distilled=family.endswith("distilled"))
+    if family == "qwen-image":
+        return make_tiny_qwen_image_pipeline(output_dir, seed)
     if family == "z-image":
         return make_tiny_z_image_pipeline(output_dir, seed)
     if family == "sdxl":
@@ -366,8 +413,9 @@ if __name__ == "__main__":
     parser.add_argument("--output_dir", required=True, help="where the pipeline folder is written")
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
     parser.add_argument("--family", default="sd", choices=["sd", "sdxl", "flux", "flux-schnell", "sd3", "z-image", "flux2-klein",
-                                                       "flux2-klein-distilled"],
-                        help="Stable Diffusion 1.x/2.x, SDXL, FLUX.1 (dev or schnell), SD 3.5, Z-Image or FLUX.2 klein")
+                                                       "flux2-klein-distilled", "qwen-image"],
+                        help="Stable Diffusion 1.x/2.x, SDXL, FLUX.1 (dev or schnell), SD 3.5, Z-Image, FLUX.2 klein "
+                        "or Qwen-Image")
     parser.add_argument("--images_dir", default=None, help="also write a few sample subject photos here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
