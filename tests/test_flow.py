@@ -306,16 +306,17 @@ def test_flux_full_fine_tune_of_two_subjects_with_buckets_masks_ema_and_prodigy(
 
 
 @pytest.fixture
-def flow_base(tiny_model, tiny_flux, tiny_sd3, tiny_z_image, tiny_klein, photos, tmp_path):
+def flow_base(tiny_model, tiny_flux, tiny_sd3, tiny_z_image, tiny_klein, tiny_qwen_image, photos, tmp_path):
     def args(model, *extra):
         return ["--model", {"sd": tiny_model, "flux": tiny_flux, "sd3": tiny_sd3, "z-image": tiny_z_image,
-                            "flux2-klein": tiny_klein}[model], "--instance_dir", photos,
+                            "flux2-klein": tiny_klein, "qwen-image": tiny_qwen_image}[model], "--instance_dir", photos,
                 "--instance_prompt", "a photo of sks dog", "--output_dir", tmp_path / "out", "--resolution", 64, *extra]
     return args
 
 
 @pytest.mark.parametrize("model, extra, line", [
-    ("sd", ["--weighting_scheme", "logit_normal"], "--weighting_scheme is for flow-matching models (FLUX.1, SD 3.5, Z-Image, FLUX.2 klein), "
+    ("sd", ["--weighting_scheme", "logit_normal"], "--weighting_scheme is for flow-matching models (FLUX.1, SD 3.5, Z-Image, FLUX.2 klein, "
+                                                   "Qwen-Image), "
                                                    "and {model} is a StableDiffusionPipeline"),
     ("sd3", ["--guidance_scale", 3.5], "--guidance_scale is for guidance-distilled FLUX.1 (dev: a transformer with a "
                                        "guidance embedding), and {model} is a StableDiffusion3Pipeline without one"),
@@ -343,6 +344,12 @@ def flow_base(tiny_model, tiny_flux, tiny_sd3, tiny_z_image, tiny_klein, photos,
                                                "prompt is read from), and {model} is a FluxPipeline"),
     ("z-image", ["--precondition_outputs", 1], "--precondition_outputs is for SD3 and SD 3.5, and {model} is a "
                                                "ZImagePipeline"),
+    ("qwen-image", ["--train_text_encoder_ti"], "--train_text_encoder_ti: diffusers' QwenImagePipeline has no "
+                                                "textual-inversion loader, so the new tokens could not be loaded "
+                                                "beside the weights (pivotal tuning is for SD, SDXL and FLUX.1)"),
+    ("qwen-image", ["--guidance_scale", 3.5], "--guidance_scale is for guidance-distilled FLUX.1 (dev: a transformer "
+                                              "with a guidance embedding), and {model} is a QwenImagePipeline without "
+                                              "one"),
 ])
 def test_flags_a_family_does_not_read_are_refused(flow_base, capsys, model, extra, line):
     argv = flow_base(model, *extra)
@@ -353,15 +360,17 @@ def test_flags_a_family_does_not_read_are_refused(flow_base, capsys, model, extr
 
 def test_the_benchmark_architectures_build_the_published_sizes():
     """bench/architectures: FLUX.1-dev's transformer is 11,901,408,320 parameters, SD 3.5 Large's 8.06 B, Medium's
-    2.24 B, Z-Image's 6.15 B (built on the meta device: no memory)."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, ZImageTransformer2DModel
+    2.24 B, Z-Image's 6.15 B, Qwen-Image's 20.4 B (built on the meta device: no memory)."""
+    from diffusers import (FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel,
+                           ZImageTransformer2DModel)
 
     from conftest import ROOT
 
     for folder, cls, count in (("flux1-dev", FluxTransformer2DModel, 11_901_408_320),
                                ("sd35-large", SD3Transformer2DModel, 8_056_627_520),
                                ("sd35-medium", SD3Transformer2DModel, 2_243_171_520),
-                               ("z-image", ZImageTransformer2DModel, 6_154_908_736)):
+                               ("z-image", ZImageTransformer2DModel, 6_154_908_736),
+                               ("qwen-image", QwenImageTransformer2DModel, 20_430_401_088)):
         config = json.loads((ROOT / "bench" / "architectures" / folder / "transformer_config.json").read_text())
         with torch.device("meta"):
             model = cls.from_config(config)
