@@ -408,3 +408,21 @@ def test_qwen_image_readme_lora_command_with_priors_loads_in_diffusers_and_infer
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in state.items() if "lora_B" in k)
 
     assert_the_lora_changes_the_images(pipe, tiny_qwen_image, out, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["z-image", "flux2-klein", "qwen-image"])
+def test_two_processes_train_every_adapter_of_a_language_model_family(run, family, tiny_z_image, tiny_klein,
+                                                                      tiny_qwen_image, photos, tmp_path):
+    """DDP over two CPU processes (gloo) with prior preservation: the run sees both processes and every adapter gets
+    its gradient (none is left at its zero start)."""
+    model = {"z-image": tiny_z_image, "flux2-klein": tiny_klein, "qwen-image": tiny_qwen_image}[family]
+    out = tmp_path / "out"
+    proc = run("train_dreambooth.py", "--model", model, "--instance_dir", photos, "--instance_prompt", PROMPT,
+               "--output_dir", out, "--resolution", 32, "--rank", 4, "--learning_rate", "1e-3", "--max_train_steps", 2,
+               "--max_sequence_length", 32, "--with_prior_preservation", "--class_data_dir", tmp_path / "priors",
+               "--class_prompt", "a photo of dog", "--num_class_images", 2, "--report_to", "none",
+               launch=["--multi_gpu", "--num_processes", 2], env={"ACCELERATE_USE_CPU": "true"})
+    assert "2 process(es), global batch 8 (4 per device x 1 accumulation x 2)" in proc.stdout
+    state = load_file(out / families.LORA_WEIGHTS)
+    assert all(not torch.equal(v, torch.zeros_like(v)) for k, v in state.items() if "lora_B" in k)
