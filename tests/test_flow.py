@@ -360,9 +360,10 @@ def test_flags_a_family_does_not_read_are_refused(flow_base, capsys, model, extr
 
 def test_the_benchmark_architectures_build_the_published_sizes():
     """bench/architectures: FLUX.1-dev's transformer is 11,901,408,320 parameters, SD 3.5 Large's 8.06 B, Medium's
-    2.24 B, Z-Image's 6.15 B, Qwen-Image's 20.4 B (built on the meta device: no memory)."""
-    from diffusers import (FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel,
-                           ZImageTransformer2DModel)
+    2.24 B, Z-Image's 6.15 B, FLUX.2 klein's 3.88 B and 9.08 B, Qwen-Image's 20.4 B (built on the meta device: no
+    memory)."""
+    from diffusers import (Flux2Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel,
+                           SD3Transformer2DModel, ZImageTransformer2DModel)
 
     from conftest import ROOT
 
@@ -370,6 +371,8 @@ def test_the_benchmark_architectures_build_the_published_sizes():
                                ("sd35-large", SD3Transformer2DModel, 8_056_627_520),
                                ("sd35-medium", SD3Transformer2DModel, 2_243_171_520),
                                ("z-image", ZImageTransformer2DModel, 6_154_908_736),
+                               ("flux2-klein-4b", Flux2Transformer2DModel, 3_875_544_576),
+                               ("flux2-klein-9b", Flux2Transformer2DModel, 9_078_581_248),
                                ("qwen-image", QwenImageTransformer2DModel, 20_430_401_088)):
         config = json.loads((ROOT / "bench" / "architectures" / folder / "transformer_config.json").read_text())
         with torch.device("meta"):
