@@ -204,7 +204,8 @@ Z_IMAGE = Family(
 # are the prompt (--text_encoder_out_layers: the pipeline's 9, 18, 27; diffusers' script defaults to 10, 20, 30, which
 # its pipeline never reads), FLUX.2's VAE (32 channels; the transformer sees its latents in 2x2 patches, normalised by
 # its batch-norm statistics), double- and single-stream blocks; LoRA on the attention, the single blocks' fused
-# projections and their outputs, as diffusers' klein script.
+# projections and their outputs, as diffusers' klein script. No guidance embedding in klein: --guidance_scale (in
+# diffusers' klein README command) is accepted with a note, as its script reads it only where there is one.
 FLUX2_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",
                       *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(48)))
 FLUX2_KLEIN = Family(
@@ -218,7 +219,8 @@ FLUX2_KLEIN = Family(
     embedding_arguments=calls.pipeline_embeddings(""), upcast_vae=False,
     training_defaults=lambda config: {**FLOW_DEFAULTS, "weighting_scheme": "none", "max_sequence_length": 512,
                                       "text_encoder_out_layers": (9, 18, 27), "validation_guidance_scale": 4.0,
-                                      "validation_inference_steps": 50},
+                                      "validation_inference_steps": 50,
+                                      "guidance_scale": 1.0 if config.get("guidance_embeds") else IGNORED},
     sampling_defaults=lambda config: {"validation_guidance_scale": 4.0, "validation_inference_steps": 50},
     guidance_argument=lambda config: "guidance_scale", unguided_scale=1.0, embedding_keys=(), kohya_prefixes=(),
     peft_lora_keys=True, single_file_layout="", hub_tag="flux2-klein")
