@@ -507,3 +507,15 @@ def cache_embeddings(dataset, prompts, encode_prompt, text_encoders, device):
     prompt, encoded once."""
     dataset.embeddings = {p: tuple(t[0].cpu() for t in encode_prompt(text_encoders, [i[None].to(device) for i in dataset.tokenize(p)]))
                           for p in dict.fromkeys(prompts)}
+
+
+def data_summary(subjects, mask_background_weight, photos, config):
+    """The banner's account of the data: photos (per subject), masks, buckets (photos in each), class images."""
+    parts = [f"{config['num_instance_images']} instance images"]
+    if len(photos) > 1:
+        parts[0] += " (" + ", ".join(f"{len(p)} of '{s['instance_prompt']}'" for s, p in zip(subjects, photos)) + ")"
+    if config["masks"]:
+        parts.append(f"{len(config['masks'])} with masks (background weight {mask_background_weight})")
+    if config["buckets"]:
+        parts.append("buckets " + ", ".join(f"{size}: {n}" for size, n in config["buckets"].items()))
+    return ", ".join(parts + [f"{config['num_class_images_used']} class images"])

@@ -4,6 +4,7 @@ from_pretrained with its failures as one line, the VAE, the family's pipeline fo
 denoiser with the adapters being trained, xformers, and the samplers by their usual names."""
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -178,6 +179,48 @@ def load_vae(name_or_path, vae_path=None, revision=None, variant=None, dtype=tor
         cli.fail(f"cannot read the VAE config of {source}: {cli.first_line(e)}")
     return from_pretrained(getattr(diffusers, vae_class), source, dtype=dtype, **kw,
                            **({} if vae_path else dict(variant=variant)))
+
+
+# --quantize_base's short forms: BitsAndBytesConfig's arguments (NF4 as diffusers' README for its scripts has it)
+QUANTIZE = {"nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "int8": {"load_in_8bit": True}}
+
+
+def quantization(short=None, path=None):
+    """--quantize_base or --bnb_quantization_config_path -> BitsAndBytesConfig's arguments (None: no quantization);
+    a file that is not such a config is refused in one line."""
+    if short and path:
+        cli.fail("give one of --quantize_base and --bnb_quantization_config_path (both say how to quantize the base)")
+    if not path:
+        return dict(QUANTIZE[short]) if short else None
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        cli.fail(f"--bnb_quantization_config_path {path}: {cli.first_line(e)}")
+    if not isinstance(config, dict) or not (config.get("load_in_4bit") or config.get("load_in_8bit")):
+        cli.fail(f"--bnb_quantization_config_path {path} is not a bitsandbytes quantization config (a JSON object with "
+                 "load_in_4bit or load_in_8bit true, as BitsAndBytesConfig takes it)")
+    try:
+        quantized(config, torch.float32, None)
+    except (TypeError, ValueError) as e:
+        cli.fail(f"--bnb_quantization_config_path {path}: {cli.first_line(e)}")
+    return config
+
+
+def quantized(config, dtype, device):
+    """from_pretrained's arguments that load a model quantized by bitsandbytes as it loads (config: quantization()'s;
+    {} for none), computing in `dtype`, onto `device`. important! diffusers' bitsandbytes quantizer asks for a GPU;
+    bitsandbytes (0.48 on) runs its 4-bit and 8-bit layers on the CPU too, so on a CPU that check is skipped."""
+    from diffusers import BitsAndBytesConfig
+
+    if not config:
+        return {}
+    quantization_config = BitsAndBytesConfig(**{"bnb_4bit_compute_dtype": dtype, **config})
+    if device is not None and torch.device(device).type == "cpu":
+        from diffusers.quantizers.bitsandbytes import bnb_quantizer
+
+        for quantizer in (bnb_quantizer.BnB4BitDiffusersQuantizer, bnb_quantizer.BnB8BitDiffusersQuantizer):
+            quantizer.validate_environment = lambda self, *args, **kwargs: None
+    return {"quantization_config": quantization_config, "device_map": {"": str(device)}}
 
 
 def torch_dtype(precision):

@@ -359,3 +359,12 @@ def release_output_dir(folder):
         handle.close()
         if made and not any(Path(folder).iterdir()):
             Path(folder).rmdir()
+
+
+def start_trackers(accelerator, args, record):
+    """accelerate's trackers, given the resolved config of run_config.json plus versions, command line and commit."""
+    config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in record["config"].items()}
+    config.update({f"version/{k}": str(v) for k, v in record["versions"].items()}, command=record["command"],
+                  git_commit=str(record["git_commit"]))
+    accelerator.init_trackers(args.tracker_project_name, config=config,
+                              init_kwargs={"wandb": {"name": args.run_name, "dir": args.output_dir}})

@@ -211,6 +211,11 @@ def build_parser():
                         "(diffusers' --lora_layers 'attn.to_k,attn.to_q'; default: the attention projections, to_k "
                         "to_q to_v to_out.0 for SD and SDXL, of both streams for SD 3.5, plus the feed-forwards for "
                         "FLUX.1; the text encoders' q/k/v/out projections with --train_text_encoder)")
+    g.add_argument("--quantize_base", choices=["nf4", "int8"], default=None,
+                   help="QLoRA: the frozen denoiser quantized by bitsandbytes as it loads (4-bit NF4 or 8-bit), the "
+                        "adapters trained on top in the training precision")
+    g.add_argument("--bnb_quantization_config_path", default=None, help="the same from a JSON file of BitsAndBytesConfig's "
+                   "arguments, e.g. {\"load_in_4bit\": true, \"bnb_4bit_quant_type\": \"nf4\"} (diffusers' flag)")
     g.add_argument("--lora_blocks", default=None, type=lambda text: [cli.NATURAL(b.strip()) for b in text.split(",")],
                    help="SD 3.5: adapters only in these joint blocks, e.g. '12,13' (diffusers' flag)")
 
@@ -336,6 +341,8 @@ def check_args(args):
                  "every epoch, as diffusers' scripts do); add --center_crop for the centre")
     if args.use_dora and not args.lora_rank:
         cli.fail("--use_dora needs --lora_rank: DoRA is a kind of LoRA adapter")
+    if loading.quantization(args.quantize_base, args.bnb_quantization_config_path) and not args.lora_rank:
+        cli.fail("a quantized base is not trained itself: give --lora_rank (QLoRA trains adapters on top of it)")
     if args.use_dora:
         cli.note(export.KOHYA_DORA)
     if args.save_single_file and args.lora_rank:
@@ -445,8 +452,8 @@ def check_args(args):
 
 # What a checkpoint's saved state is shaped by: a resume cannot change these (the model's parameters, the optimizer's
 # state, the moving average, pivotal tuning's tokens). Other settings may change, with a note (resume()).
-RESUME_FIXED = ("lora_rank", "use_dora", "lora_target_modules", "train_text_encoder",
-                "train_text_encoder_ti", "num_new_tokens_per_abstraction", "optimizer", "use_ema")
+RESUME_FIXED = ("lora_rank", "use_dora", "lora_target_modules", "train_text_encoder", "train_text_encoder_ti",
+                "num_new_tokens_per_abstraction", "optimizer", "use_ema", "quantize_base", "bnb_quantization_config_path")
 
 
 def check_resume_structure(args, saved):
@@ -620,18 +627,6 @@ class DreamBoothModel(torch.nn.Module):
                                    time_ids.to(dtype), self.guidance)
 
 
-def data_summary(args, photos, config):
-    """The banner's account of the data: photos (per subject), masks, buckets (photos in each), class images."""
-    parts = [f"{config['num_instance_images']} instance images"]
-    if len(photos) > 1:
-        parts[0] += " (" + ", ".join(f"{len(p)} of '{s['instance_prompt']}'" for s, p in zip(args.subjects, photos)) + ")"
-    if config["masks"]:
-        parts.append(f"{len(config['masks'])} with masks (background weight {args.mask_background_weight})")
-    if config["buckets"]:
-        parts.append("buckets " + ", ".join(f"{size}: {n}" for size, n in config["buckets"].items()))
-    return ", ".join(parts + [f"{config['num_class_images_used']} class images"])
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Validation images
 
@@ -781,15 +776,6 @@ def changed_settings(saved, current):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def start_trackers(accelerator, args, record):
-    """accelerate's trackers, given the resolved config of run_config.json plus versions, command line and commit."""
-    config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in record["config"].items()}
-    config.update({f"version/{k}": str(v) for k, v in record["versions"].items()}, command=record["command"],
-                  git_commit=str(record["git_commit"]))
-    accelerator.init_trackers(args.tracker_project_name, config=config,
-                              init_kwargs={"wandb": {"name": args.run_name, "dir": args.output_dir}})
-
-
 def param_groups(args, model, params):
     """The UNet's and the text encoders' trained parameters as two optimizer groups when they differ: the text
     encoders' at --text_encoder_lr, and pivotal tuning's embedding matrix without weight decay (its frozen rows must
@@ -856,8 +842,10 @@ def load_models(args, accelerator, family):
     # important! SDXL's own VAE overflows in fp16: fp32 then, as its pipeline does (or give an fp16-safe VAE)
     vae = loading.load_vae(model, args.pretrained_vae_model_name_or_path, args.revision, args.variant, weight_dtype,
                            family.upcast_vae, family.vae_class)
+    quantized = loading.quantized(loading.quantization(args.quantize_base, args.bnb_quantization_config_path),
+                                  weight_dtype, accelerator.device)  # --quantize_base: bitsandbytes' layers
     denoiser = loading.from_pretrained(getattr(diffusers, family.denoiser_class), model, subfolder=family.denoiser,
-                                        dtype=weight_dtype if lora else torch.float32, **kw)
+                                        dtype=weight_dtype if lora else torch.float32, **kw, **quantized)
     vae.requires_grad_(False).eval().to(accelerator.device)
     for name, encoder in text_encoders.items():
         encoder.requires_grad_(name in trained and not lora)
@@ -992,8 +980,9 @@ def run_config(args, accelerator, model, objective, instances, class_paths, data
 
 
 def banner(args, accelerator, family, photos, config):
+    data = imagedata.data_summary(args.subjects, args.mask_background_weight, photos, config)
     accelerator.print(
-        f"DreamBooth: {family.pipeline.removesuffix('Pipeline')}, {data_summary(args, photos, config)}, "
+        f"DreamBooth: {family.pipeline.removesuffix('Pipeline')}, {data}, "
         f"{accelerator.num_processes} process(es), global batch {args.global_batch_size} "
         f"({args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes}), "
         f"{args.total_optimizer_steps} optimizer steps, {config['trainable_parameters']:,} trainable parameters, "
@@ -1079,7 +1068,7 @@ def main(argv=None):
             runs.scrub_records(args.output_dir, Path(args.resume_from_checkpoint).parent)
         runs.write_json(Path(args.output_dir, "run_config.json"), record)
         runs.save_code(args.output_dir, __file__)
-        start_trackers(accelerator, args, record)
+        runs.start_trackers(accelerator, args, record)
 
     previews = {}  # --validation_model_path's denoiser, loaded at the first validation
 

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file
@@ -18,6 +19,7 @@ def pretrain(hf_home, *args):
                    check=True, capture_output=True, env=script_env(hf_home), cwd=ROOT, timeout=600)
 
 
+@pytest.mark.slow  # CI time: the toy model it made is in the repository, and every test that trains on it loads it
 def test_pretrain_writes_a_pipeline_the_scripts_load(run, hf_home, tmp_path):
     out = tmp_path / "toy-sd"
     pretrain(hf_home, "--output_dir", out, "--vae_steps", 2, "--unet_steps", 2, "--decoder_steps", 0,

@@ -1,0 +1,112 @@
+"""A quantized frozen base (QLoRA): the denoiser loaded as bitsandbytes' 4-bit NF4 or 8-bit layers (which run on the
+CPU too), LoRA trained on top; the adapters load on the unquantized base."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import families
+import loading
+from test_bad_input_table import outcome
+
+PROMPT = "a photo of sks dog"
+
+
+def lora_run(run, model, photos, out, *extra):
+    return run("train_dreambooth.py", "--model", model, "--instance_dir", photos, "--instance_prompt", PROMPT,
+               "--output_dir", out, "--resolution", 32, "--rank", 4, "--learning_rate", "1e-3", "--max_train_steps", 2,
+               "--checkpointing_steps", 1, "--seed", 0, "--report_to", "none", *extra, launch=False)
+
+
+def trainable_parameters(proc):
+    return int(proc.stdout.split(" trainable parameters")[0].rsplit(", ", 1)[1].replace(",", ""))
+
+
+def test_nf4_base_trains_only_the_adapters_resumes_exactly_and_loads_on_the_unquantized_base(run, tiny_model, photos,
+                                                                                                tmp_path):
+    """SD with an NF4 base: the denoiser's linear layers are bitsandbytes' 4-bit ones; only the adapters train (the
+    run's trainable parameters are the LoRA file's numbers); resumed after step 1 it ends with the same adapters, bit
+    for bit; they differ from the ones trained on the unquantized base (the quantization is real); the file loads on
+    the unquantized base and changes its image."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    out, resumed, plain = tmp_path / "nf4", tmp_path / "resumed", tmp_path / "plain"
+    proc = lora_run(run, tiny_model, photos, out, "--quantize_base", "nf4")
+    assert json.loads((out / "run_config.json").read_text())["config"]["quantize_base"] == "nf4"
+    state = load_file(out / families.LORA_WEIGHTS)
+    assert trainable_parameters(proc) == sum(v.numel() for v in state.values())
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")  # as if the run had died after step 1
+    shutil.copy(out / "run_config.json", resumed)
+    lora_run(run, tiny_model, photos, resumed, "--quantize_base", "nf4", "--resume_from_checkpoint", "latest")
+    again = load_file(resumed / families.LORA_WEIGHTS)
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+    lora_run(run, tiny_model, photos, plain)
+    unquantized = load_file(plain / families.LORA_WEIGHTS)
+    assert state.keys() == unquantized.keys() and not all(torch.equal(state[k], unquantized[k]) for k in state)
+
+    import bitsandbytes as bnb
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet",
+                                                **loading.quantized(loading.QUANTIZE["nf4"], torch.float32, "cpu"))
+    assert isinstance(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q, bnb.nn.Linear4bit)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+
+    def sample():
+        return pipe(PROMPT, height=32, width=32, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    before = sample()
+    pipe.load_lora_weights(out)
+    assert not (before == sample()).all()
+
+
+def test_int8_base_from_diffusers_json_config_with_validation(run, tiny_qwen_image, photos, tmp_path):
+    """Qwen-Image with an 8-bit base given as diffusers' --bnb_quantization_config_path JSON, with validation images
+    (sampled by the quantized model): trains, and the adapters load on the unquantized base."""
+    from diffusers import QwenImagePipeline
+
+    config, out = tmp_path / "int8.json", tmp_path / "out"
+    config.write_text(json.dumps({"load_in_8bit": True}))
+    lora_run(run, tiny_qwen_image, photos, out, "--bnb_quantization_config_path", config, "--max_sequence_length", 32,
+             "--validation_prompt", PROMPT, "--num_validation_images", 1, "--validation_inference_steps", 2)
+    assert (out / "validation" / "step-000002.png").exists()
+    pipe = QwenImagePipeline.from_pretrained(tiny_qwen_image)
+    pipe.load_lora_weights(out)
+    assert pipe.get_list_adapters() == {"transformer": ["default_0"]}
+
+
+def test_quantization_bad_input_is_one_line(tiny_model, photos, tmp_path, capsys):
+    base = ["--model", tiny_model, "--instance_dir", photos, "--instance_prompt", PROMPT, "--output_dir",
+            tmp_path / "out", "--resolution", 32]
+    assert outcome("train", base + ["--quantize_base", "nf4"], capsys) == (
+        1, "error: a quantized base is not trained itself: give --lora_rank (QLoRA trains adapters on top of it)")
+    config = tmp_path / "q.json"
+    config.write_text("{")
+    line = outcome("train", base + ["--rank", 4, "--bnb_quantization_config_path", config], capsys)
+    assert line[0] == 1 and line[1].startswith(f"error: --bnb_quantization_config_path {config}: ")
+    config.write_text(json.dumps({"bnb_4bit_quant_type": "nf4"}))
+    assert outcome("train", base + ["--rank", 4, "--bnb_quantization_config_path", config], capsys) == (
+        1, f"error: --bnb_quantization_config_path {config} is not a bitsandbytes quantization config (a JSON object "
+           "with load_in_4bit or load_in_8bit true, as BitsAndBytesConfig takes it)")
+    assert outcome("train", base + ["--rank", 4, "--quantize_base", "int8", "--bnb_quantization_config_path",
+                                    config], capsys) == (
+        1, "error: give one of --quantize_base and --bnb_quantization_config_path (both say how to quantize the base)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sdxl", "flux", "sd3", "z-image", "flux2-klein"])
+def test_every_family_trains_a_lora_on_an_nf4_base(run, family, tiny_sdxl, tiny_flux, tiny_sd3, tiny_z_image,
+                                                   tiny_klein, photos, tmp_path):
+    model = {"sdxl": tiny_sdxl, "flux": tiny_flux, "sd3": tiny_sd3, "z-image": tiny_z_image,
+             "flux2-klein": tiny_klein}[family]
+    out = tmp_path / "out"
+    proc = lora_run(run, model, photos, out, "--quantize_base", "nf4",
+                    *(["--max_sequence_length", 32] if family != "sdxl" else []))
+    state = load_file(out / families.LORA_WEIGHTS)
+    assert trainable_parameters(proc) == sum(v.numel() for k, v in state.items())
+    assert all(not torch.equal(v, torch.zeros_like(v)) for k, v in state.items() if "lora_B" in k or "lora.up" in k)
