@@ -3,6 +3,7 @@ folder, a hub id, a web UI's single file converted once; a preview checkpoint, a
 from_pretrained with its failures as one line, the VAE, the family's pipeline for sampling, a preview checkpoint's
 denoiser with the adapters being trained, xformers, and the samplers by their usual names."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -221,6 +222,19 @@ def quantized(config, dtype, device):
         for quantizer in (bnb_quantizer.BnB4BitDiffusersQuantizer, bnb_quantizer.BnB8BitDiffusersQuantizer):
             quantizer.validate_environment = lambda self, *args, **kwargs: None
     return {"quantization_config": quantization_config, "device_map": {"": str(device)}}
+
+
+@contextlib.contextmanager
+def offloaded(modules, device, offload):
+    """--offload: the modules on `device` while the block runs and on the CPU after; without it, where they are."""
+    modules = list(modules) if offload else []
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to("cpu")
 
 
 def torch_dtype(precision):

@@ -236,6 +236,8 @@ def build_parser():
     g = p.add_argument_group("speed (does not change what is learned)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--set_grads_to_none", action="store_true", help="free gradients between steps instead of zeroing")
+    g.add_argument("--offload", action="store_true", help="the VAE and the frozen text encoders on the CPU except while "
+                   "they work (caching, encoding a step's images, validation; diffusers' flag)")
     g.add_argument("--channels_last", action="store_true", help="UNet in channels-last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first steps)")
     g.add_argument("--dataloader_num_workers", type=cli.NATURAL, default=0, help="data loading subprocesses (0: main process)")
@@ -846,11 +848,11 @@ def load_models(args, accelerator, family):
                                   weight_dtype, accelerator.device)  # --quantize_base: bitsandbytes' layers
     denoiser = loading.from_pretrained(getattr(diffusers, family.denoiser_class), model, subfolder=family.denoiser,
                                         dtype=weight_dtype if lora else torch.float32, **kw, **quantized)
-    vae.requires_grad_(False).eval().to(accelerator.device)
-    for name, encoder in text_encoders.items():
+    vae.requires_grad_(False).eval().to("cpu" if args.offload else accelerator.device)  # --offload: on the device
+    for name, encoder in text_encoders.items():  # only while it works (text encoders: while pre-computing)
         encoder.requires_grad_(name in trained and not lora)
         if name not in trained:
-            encoder.eval().to(accelerator.device)
+            encoder.eval().to("cpu" if args.offload and args.pre_compute_text_embeddings else accelerator.device)
     denoiser.requires_grad_(not lora)
     if args.train_text_encoder_ti:
         families.add_new_tokens(tokenizers, text_encoders.values(), args.new_tokens, args.initializer_concept)
@@ -929,14 +931,16 @@ def make_data(args, accelerator, subjects, tokenizers, family, vae, text_encoder
     dataset = imagedata.DreamBoothDataset(subjects, tokenizers, args.resolution, args.center_crop, args.random_flip,
                                           args.seed, buckets, family.tokenize, args.caption_dropout)
     if args.cache_latents:
-        imagedata.cache_latents(dataset, family.encode_images, vae, accelerator.device, accelerator.is_local_main_process)
+        with loading.offloaded([vae], accelerator.device, args.offload):
+            imagedata.cache_latents(dataset, family.encode_images, vae, accelerator.device, accelerator.is_local_main_process)
         if not args.validation_prompt:  # validation still decodes with it
             vae.to("cpu")
     if args.pre_compute_text_embeddings:
         prompts = [p for images, _, _ in subjects for _, p, _ in images] + [prompt for _, paths, prompt in subjects if paths]
         prompts += (args.validation_prompt or []) + [args.validation_negative_prompt or ""] + [""]  # "": dropout
-        imagedata.cache_embeddings(dataset, prompts, families.prompt_encoder(family, vars(args)),
-                                   list(text_encoders.values()), accelerator.device)
+        with loading.offloaded(text_encoders.values(), accelerator.device, args.offload):
+            imagedata.cache_embeddings(dataset, prompts, families.prompt_encoder(family, vars(args)),
+                                       list(text_encoders.values()), accelerator.device)
         for encoder in text_encoders.values():
             encoder.to("cpu")
     batching = (dict(batch_sampler=imagedata.BucketBatchSampler(dataset, args.train_batch_size, args.seed)) if buckets
@@ -1081,7 +1085,8 @@ def main(argv=None):
                            if args.validation_model_path else None)
                 pipe = validation_pipeline(args, family, trained, vae, tokenizers, text_encoders, objective.scheduler,
                                            preview)
-                log_validation(accelerator, args, family, pipe, dataset.embeddings, step)
+                with loading.offloaded([vae], accelerator.device, args.offload):
+                    log_validation(accelerator, args, family, pipe, dataset.embeddings, step)
             if preview is not None:
                 preview.to("cpu")
             model.train()
@@ -1114,7 +1119,7 @@ def main(argv=None):
                 state.batches_in_epoch += 1
                 with accelerator.accumulate(model):
                     # encode: images -> latents with the frozen VAE (or from the cache)
-                    with torch.no_grad():
+                    with torch.no_grad(), loading.offloaded([vae], accelerator.device, args.offload and not args.cache_latents):
                         latents = family.prepare_latents(encode(batch["images"]).float(), vae)  # fp32 from here
                     # the objective's draw: noisy latents at random timesteps, the target, per-example weights
                     draw = objective.draw(latents)

@@ -64,15 +64,17 @@ def test_nf4_base_trains_only_the_adapters_resumes_exactly_and_loads_on_the_unqu
     assert not (before == sample()).all()
 
 
-def test_int8_base_from_diffusers_json_config_with_validation(run, tiny_qwen_image, photos, tmp_path):
-    """Qwen-Image with an 8-bit base given as diffusers' --bnb_quantization_config_path JSON, with validation images
-    (sampled by the quantized model): trains, and the adapters load on the unquantized base."""
+def test_int8_base_from_diffusers_json_config_with_offloading_and_validation(run, tiny_qwen_image, photos, tmp_path):
+    """Qwen-Image with an 8-bit base given as diffusers' --bnb_quantization_config_path JSON, --offload, cached latents
+    and validation images (sampled by the quantized model): trains, and the adapters load on the unquantized base.
+    (On a CPU --offload moves nothing: what it saves on a GPU is not measured here.)"""
     from diffusers import QwenImagePipeline
 
     config, out = tmp_path / "int8.json", tmp_path / "out"
     config.write_text(json.dumps({"load_in_8bit": True}))
     lora_run(run, tiny_qwen_image, photos, out, "--bnb_quantization_config_path", config, "--max_sequence_length", 32,
-             "--validation_prompt", PROMPT, "--num_validation_images", 1, "--validation_inference_steps", 2)
+             "--validation_prompt", PROMPT, "--num_validation_images", 1, "--validation_inference_steps", 2, "--offload",
+             "--cache_latents")
     assert (out / "validation" / "step-000002.png").exists()
     pipe = QwenImagePipeline.from_pretrained(tiny_qwen_image)
     pipe.load_lora_weights(out)
