@@ -261,7 +261,8 @@ def enable_xformers(model):
 
 def preview_denoiser(args, family, trained, held):
     """--validation_model_path: that checkpoint's denoiser with the trained adapters' present weights (the text
-    encoders, the VAE and the sampler stay the training model's: a distilled checkpoint shares them with its base).
+    encoders, the VAE and the sampler stay the training model's: a distilled checkpoint shares them with its base),
+    quantized as the trained one (--quantize_base).
     Loaded at the first validation into `held`; the caller moves it off the accelerator between validations."""
     import diffusers
     from diffusers.training_utils import cast_training_params
@@ -270,7 +271,9 @@ def preview_denoiser(args, family, trained, held):
     if "denoiser" not in held:
         with torch.random.fork_rng(devices=[]):  # important! the adapters' random start must not move the training's
             held["denoiser"] = from_pretrained(getattr(diffusers, family.denoiser_class), args.validation_model_path,
-                                               subfolder=family.denoiser, dtype=trained.dtype).requires_grad_(False)
+                                               subfolder=family.denoiser, dtype=trained.dtype, **quantized(
+                                                   quantization(args.quantize_base, args.bnb_quantization_config_path),
+                                                   trained.dtype, trained.device)).requires_grad_(False)
             families.add_lora(held["denoiser"], vars(args), args.lora_target_modules)
         cast_training_params(held["denoiser"], dtype=torch.float32)  # the adapters as they train
     set_peft_model_state_dict(held["denoiser"], get_peft_model_state_dict(trained))
