@@ -19,8 +19,9 @@ FLUX models without the embedding when --guidance_scale is above 1.
 
 The model is a function of the command (steps, batch size, seed), not of the machine's speed; the folder records the
 command, seed, losses, the VAE ceiling and wall time in `pretrain.json`. The VAE is saved as soon as stage 1 ends
-(`--vae_from` that folder skips it), and `--save_every` saves the pipeline during stage 2: a long run that is cut off
-leaves what it had made.
+(`--vae_from` that folder skips it), and `--save_every` saves the pipeline during stage 2 with the training state
+beside it (`training_state.pt`: fp32 weights, optimizer, random states): a long run that is cut off leaves what it
+had made, and `--resume` continues it exactly, with the same command.
 """
 
 import argparse
@@ -114,7 +115,10 @@ def main():
     p.add_argument("--vae_from", default=None,
                    help="a folder this script wrote (its vae/ is saved as soon as stage 1 ends): its VAE replaces stage 1")
     p.add_argument("--save_every", type=int, default=0,
-                   help="also save the whole pipeline every N transformer steps, so that a run cut off leaves a model")
+                   help="also save the whole pipeline every N transformer steps, so that a run cut off leaves a model, "
+                        "and the training state (training_state.pt), so that --resume continues it exactly")
+    p.add_argument("--resume", action="store_true", help="continue stage 2 of a run cut off, exactly, from the "
+                   "training state in --output_dir (the same command otherwise; its VAE is --output_dir's)")
     args = p.parse_args()
     from diffusers import FluxPipeline
 
@@ -135,20 +139,26 @@ def main():
     def save(pipe_or_model, folder):  # a copy at the saving precision: training goes on in fp32
         copy.deepcopy(pipe_or_model).to(dtype).save_pretrained(folder, safe_serialization=True)
 
+    state_file = out / "training_state.pt"  # --save_every's: the fp32 weights, optimizer, random states (not the model)
+    resumed = torch.load(state_file, weights_only=False) if args.resume else None
+    if args.resume:
+        args.vae_from, record = out, resumed["record"]
     # ---- stage 1: the VAE learns to reconstruct the world, two-colour objects included
     if args.vae_from:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", torch_dtype=torch.float32)
-        record["vae_from"] = str(args.vae_from)
+        record.setdefault("vae_from", str(args.vae_from))
     else:
         record.update(train_vae(vae, args.vae_steps, lambda: two_tone_batch(rng, args.batch_size), digits=5))
         with torch.no_grad():  # FLUX's latent normalisation: zero mean, unit variance
             latents = vae.encode(batch(rng, 8 * args.batch_size)[0]).latent_dist.sample()  # 512 images at batch 64
             vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1 / latents.std().item())
         save(vae, out / "vae")
+    if resumed:  # the fp32 VAE stage 2 trained against (the saved one is at the saving precision)
+        vae.load_state_dict(resumed["vae"])
     vae.requires_grad_(False).eval()
-    ceiling = autoencoder_ceiling(vae, n=args.ceiling_renders)
+    ceiling = resumed["record"]["vae_ceiling"] if resumed else autoencoder_ceiling(vae, n=args.ceiling_renders)
     record["vae_ceiling"] = ceiling
     print("vae ceiling (subject fidelity, similarity): " + ", ".join(
         f"{b} {c['subject_fidelity']:.0%} {c['similarity']:.2f}" for b, c in ceiling.items()), flush=True)
@@ -160,8 +170,17 @@ def main():
     warmup = 200
     lr_at = lambda step: min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.transformer_steps))  # noqa: E731
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(lr_at(step), 0.05))
-    t0, losses = time.time(), []
-    for step in range(1, args.transformer_steps + 1):
+    t0, losses, first = time.time(), [], 1
+    if resumed:
+        for module, name in ((transformer, "transformer"), (clip, "text_encoder"), (t5, "text_encoder_2")):
+            module.load_state_dict(resumed[name])
+        optimizer.load_state_dict(resumed["optimizer"])
+        lr_schedule.load_state_dict(resumed["lr_schedule"])
+        rng.bit_generator.state, first, losses = resumed["numpy_rng"], resumed["step"] + 1, resumed["losses"]
+        torch.set_rng_state(resumed["torch_rng"])
+        t0 -= resumed["seconds"]
+        print(f"resumed at step {first} from {state_file}", flush=True)
+    for step in range(first, args.transformer_steps + 1):
         pixels, captions = batch(rng, args.batch_size)
         captions = [c if rng.random() > 0.1 else "" for c in captions]  # unconditional, for classifier-free guidance
         with torch.no_grad():
@@ -190,6 +209,14 @@ def main():
             save(FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer,
                               text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer), out)
             (out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+            if args.save_every:  # written whole, then renamed: a run killed while saving keeps the previous one
+                torch.save({"step": step, "vae": vae.state_dict(), "transformer": transformer.state_dict(),
+                            "text_encoder": clip.state_dict(),
+                            "text_encoder_2": t5.state_dict(), "optimizer": optimizer.state_dict(),
+                            "lr_schedule": lr_schedule.state_dict(), "numpy_rng": rng.bit_generator.state,
+                            "torch_rng": torch.get_rng_state(), "losses": losses[-100:], "record": record,
+                            "seconds": time.time() - t0}, state_file.with_suffix(".tmp"))
+                os.replace(state_file.with_suffix(".tmp"), state_file)
             print(f"saved the toy model to {out} at step {step} of {args.transformer_steps}", flush=True)
 
 
