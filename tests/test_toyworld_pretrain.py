@@ -79,3 +79,38 @@ def test_flux_pretrain_writes_a_flux_pipeline_the_scripts_load(run, hf_home, tmp
 
     with Image.open(image) as im:
         assert im.size == (32, 32)
+
+
+@pytest.mark.slow
+def test_flux_pretrain_resumes_stage_2_exactly(hf_home, tmp_path, monkeypatch):
+    """A run cut off after step 2 of 4 (its training state as --save_every wrote it then) and continued with --resume
+    ends with the same weights and losses as the run that was never cut off."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT))
+    import toyworld.pretrain_flux as pretrain_flux
+
+    saved, states = torch.save, {}
+
+    def keep_each(obj, path, *args, **kwargs):  # the state file as it was at each save
+        saved(obj, path, *args, **kwargs)
+        if isinstance(obj, dict) and "step" in obj:
+            states[obj["step"]] = shutil.copy(path, tmp_path / f"state-{obj['step']}.pt")
+
+    args = ["--vae_steps", "2", "--transformer_steps", "4", "--save_every", "2", "--heads", "1", "--double_blocks",
+            "1", "--single_blocks", "1", "--batch_size", "4", "--ceiling_renders", "2", "--vae_factor", "2",
+            "--latent_channels", "4", "--t5_length", "16"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(torch, "save", keep_each)
+    monkeypatch.setattr(sys, "argv", ["pretrain_flux.py", "--output_dir", str(tmp_path / "whole"), *args])
+    pretrain_flux.main()
+    monkeypatch.setattr(torch, "save", saved)
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole" / "vae", cut / "vae")
+    shutil.copy(states[2], cut / "training_state.pt")
+    monkeypatch.setattr(sys, "argv", ["pretrain_flux.py", "--output_dir", str(cut), *args, "--resume"])
+    pretrain_flux.main()
+    whole, resumed = (torch.load(folder / "training_state.pt", weights_only=False) for folder in (tmp_path / "whole", cut))
+    assert whole["step"] == resumed["step"] == 4 and whole["losses"] == resumed["losses"]
+    for name in ("transformer", "text_encoder", "text_encoder_2"):
+        assert all(torch.equal(whole[name][k], resumed[name][k]) for k in whole[name]), name
