@@ -252,6 +252,31 @@ def check_xformers():
         cli.fail(f"--enable_xformers_memory_efficient_attention: xformers does not import here ({e})")
 
 
+def check_fp8(args):
+    """--do_fp8_training: a GPU that has fp8 matmuls (compute capability 8.9 on: Ada, Hopper, Blackwell), torchao, and
+    a base that is not quantized otherwise; else one line."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        what = (f"{torch.cuda.get_device_name()} (compute capability %d.%d)" % torch.cuda.get_device_capability()
+                if torch.cuda.is_available() else "no CUDA GPU")
+        cli.fail(f"--do_fp8_training needs a GPU with fp8 matmuls (compute capability 8.9 or later: Ada, Hopper, "
+                 f"Blackwell), and this machine has {what}: drop the flag (it buys speed, not memory)")
+    if quantization(args.quantize_base, args.bnb_quantization_config_path):
+        cli.fail("give one of --do_fp8_training and a quantized base (--quantize_base, --bnb_quantization_config_path)")
+    cli.require("torchao", "--do_fp8_training")
+
+
+def to_fp8(denoiser):
+    """torchao's fp8 training for the denoiser's linear layers whose sides are multiples of 16, its output layer
+    excepted (diffusers' scripts' choice)."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    def convertible(module, name):
+        return name != "proj_out" and not (isinstance(module, torch.nn.Linear)
+                                           and (module.in_features % 16 or module.out_features % 16))
+
+    convert_to_float8_training(denoiser, module_filter_fn=convertible, config=Float8LinearConfig(pad_inner_dim=True))
+
+
 def enable_xformers(model):
     try:
         model.enable_xformers_memory_efficient_attention()

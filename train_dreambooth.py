@@ -225,6 +225,8 @@ def build_parser():
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (--optimizer adamw8bit)")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention (CUDA only); PyTorch SDPA is used otherwise")
+    g.add_argument("--do_fp8_training", action="store_true", help="the frozen denoiser's matmuls in fp8 through torchao "
+                   "(GPUs of compute capability 8.9 on; speed, not memory; diffusers' flag)")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
     g.add_argument("--cache_latents", action="store_true",
                    help="encode every training image once with the VAE (flips cached both ways; without --center_crop "
@@ -408,6 +410,8 @@ def check_args(args):
     cli.check_launch()
     if args.enable_xformers_memory_efficient_attention:
         loading.check_xformers()
+    if args.do_fp8_training:
+        loading.check_fp8(args)
     if args.use_8bit_adam:  # diffusers' spelling
         args.optimizer = "adamw8bit"
     args.use_8bit_adam = args.optimizer == "adamw8bit"
@@ -854,6 +858,8 @@ def load_models(args, accelerator, family):
         if name not in trained:
             encoder.eval().to("cpu" if args.offload and args.pre_compute_text_embeddings else accelerator.device)
     denoiser.requires_grad_(not lora)
+    if args.do_fp8_training:  # before the adapters: they wrap the fp8 layers and stay in the training precision
+        loading.to_fp8(denoiser.to(accelerator.device))
     if args.train_text_encoder_ti:
         families.add_new_tokens(tokenizers, text_encoders.values(), args.new_tokens, args.initializer_concept)
     if lora:

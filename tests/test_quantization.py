@@ -81,7 +81,7 @@ def test_int8_base_from_diffusers_json_config_with_offloading_and_validation(run
     assert pipe.get_list_adapters() == {"transformer": ["default_0"]}
 
 
-def test_quantization_bad_input_is_one_line(tiny_model, photos, tmp_path, capsys):
+def test_quantization_and_fp8_bad_input_is_one_line(tiny_model, photos, tmp_path, capsys):
     base = ["--model", tiny_model, "--instance_dir", photos, "--instance_prompt", PROMPT, "--output_dir",
             tmp_path / "out", "--resolution", 32]
     assert outcome("train", base + ["--quantize_base", "nf4"], capsys) == (
@@ -97,6 +97,10 @@ def test_quantization_bad_input_is_one_line(tiny_model, photos, tmp_path, capsys
     assert outcome("train", base + ["--rank", 4, "--quantize_base", "int8", "--bnb_quantization_config_path",
                                     config], capsys) == (
         1, "error: give one of --quantize_base and --bnb_quantization_config_path (both say how to quantize the base)")
+    if not torch.cuda.is_available():
+        assert outcome("train", base + ["--rank", 4, "--do_fp8_training"], capsys) == (
+            1, "error: --do_fp8_training needs a GPU with fp8 matmuls (compute capability 8.9 or later: Ada, Hopper, "
+               "Blackwell), and this machine has no CUDA GPU: drop the flag (it buys speed, not memory)")
     assert not (tmp_path / "out").exists()
 
 
