@@ -117,3 +117,20 @@ def test_every_family_trains_a_lora_on_an_nf4_base(run, family, tiny_sdxl, tiny_
     assert trainable_parameters(proc) == sum(v.numel() for k, v in state.items())
     ups = [v for k, v in state.items() if "lora_B" in k or "lora.up" in k]  # (SD3's last text query never reaches
     assert sum(not torch.equal(v, torch.zeros_like(v)) for v in ups) >= len(ups) - 1  # the loss: its B stays 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="fp8 training needs a GPU of compute capability 8.9 or later")
+def test_fp8_training_on_a_gpu_that_has_it(run, tiny_flux, photos, tmp_path):
+    """--do_fp8_training (torchao) on a FLUX.1 LoRA in bf16: trains, and the adapters load on the base as any LoRA."""
+    pytest.importorskip("torchao")
+    from diffusers import FluxPipeline
+
+    out = tmp_path / "out"
+    proc = lora_run(run, tiny_flux, photos, out, "--do_fp8_training", "--mixed_precision", "bf16",
+                    "--max_sequence_length", 32)
+    state = load_file(out / families.LORA_WEIGHTS)
+    assert trainable_parameters(proc) == sum(v.numel() for v in state.values())
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    pipe.load_lora_weights(out)
+    assert pipe.get_list_adapters() == {"transformer": ["default_0"]}

@@ -2,7 +2,8 @@
 # The suite's GPU check: one call on a GPU machine (the device tool), under 8 minutes, everything written to $OUT.
 #   1. tests on the GPU: fp16 grad scaler with fp32 trainables, 8-bit Adam on CUDA, an SDXL fine-tune, the
 #      xformers refusal when xformers is absent, exact resume (fp32: are CUDA kernels bit-identical?), and the
-#      flow families (a FLUX.1 LoRA resumed, an SD 3.5 full fine-tune)
+#      flow families (a FLUX.1 LoRA resumed, an SD 3.5 full fine-tune), the language-model families' encodings and
+#      calls against their pipelines on CUDA, a LoRA on an NF4 base (bitsandbytes' CUDA kernels), fp8 training (torchao)
 #   2. bench/benchmark.py on the SDXL (1024 px) and SD 1.5 (512 px) architectures: the rows the targets name
 #   3. a profile of the first SDXL target row's step (torch.profiler), for whatever the numbers miss
 # The device image has torch, accelerate, transformers, peft, tensorboard and pytest, not diffusers or bitsandbytes:
@@ -18,7 +19,7 @@ WHEELS=tools/wheels
 PY=${PYTHON:-python3}
 if [ "${1:-}" = "--fetch" ]; then  # the device machine: Python 3.12 on x86-64
   exec "$PY" -m pip download --no-deps --only-binary=:all: --platform manylinux_2_24_x86_64 --python-version 3.12 \
-    -d "$WHEELS" "diffusers==0.42.1" "bitsandbytes==0.50.2" "importlib_metadata"
+    -d "$WHEELS" "diffusers==0.42.1" "bitsandbytes==0.50.2" "importlib_metadata" "torchao"
 fi
 if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   echo "error: no CUDA GPU visible: tools/gpu_check.sh runs on a GPU machine (see its header)" >&2; exit 1
@@ -38,9 +39,9 @@ stage() { [[ " $STAGES " == *" $1 "* ]]; }
 started=$(date +%s)
 say() { echo "[$(( $(date +%s) - started ))s] $*"; }
 
-if stage tests; then  # about 2 minutes
+if stage tests; then  # about 3 minutes
   say "tests"
-  timeout 180 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+  timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
     "tests/test_train.py::test_prior_preservation_with_text_encoder_8bit_adam_and_accumulation" \
     "tests/test_train.py::test_v_prediction_fp16_mixed_precision_and_generated_class_images" \
     "tests/test_resume.py::test_fp16_resume_exports_and_a_corrupt_checkpoint" \
@@ -48,7 +49,11 @@ if stage tests; then  # about 2 minutes
     "tests/test_sdxl.py::test_full_fine_tune_with_priors_both_text_encoders_and_a_separate_vae" \
     "tests/test_bad_input.py::test_xformers_that_cannot_run_is_refused" \
     "tests/test_flow.py::test_flux_lora_resume_mid_run_is_bit_identical" \
-    "tests/test_flow.py::test_sd3_full_fine_tune_with_priors_saves_a_pipeline_that_loads" > "$OUT/tests.txt" 2>&1
+    "tests/test_flow.py::test_sd3_full_fine_tune_with_priors_saves_a_pipeline_that_loads" \
+    "tests/test_language_model_families.py::test_qwen_image_prompts_latents_and_call_are_the_pipelines_own" \
+    "tests/test_language_model_families.py::test_flux2_klein_prompts_latents_and_call_are_the_pipelines_own" \
+    "tests/test_quantization.py::test_nf4_base_trains_only_the_adapters_resumes_exactly_and_loads_on_the_unquantized_base" \
+    "tests/test_quantization.py::test_fp8_training_on_a_gpu_that_has_it" > "$OUT/tests.txt" 2>&1
   tail -3 "$OUT/tests.txt"
 fi
 if stage sdxl; then  # about 3 minutes: the model is made once on the GPU, then a training process per row
