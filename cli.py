@@ -316,6 +316,10 @@ def check_launch():
         if processes_here > gpus:
             fail(f"the launch asks for {processes_here} processes on this machine, which has {gpus} GPU(s): "
                  "lower --num_processes (or num_processes in the accelerate config)")
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and parse_flag_from_env("ACCELERATE_USE_CPU") and \
+            os.environ.get("RANK", "0") == "0":
+        note("the accelerate config asks for FSDP, which needs GPUs: accelerate runs these CPU processes as plain data "
+             "parallelism (each holds the whole model)")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         try:
             import deepspeed  # noqa: F401

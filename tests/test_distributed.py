@@ -103,3 +103,17 @@ def test_gpu_configs_train_unet_and_text_encoder(run, tiny_model, photos, tmp_pa
                                            "--gradient_accumulation_steps", 2, "--report_to", "none"),
         launch=["--config_file", ROOT / config])
     generates(out)
+
+
+def test_an_fsdp_config_on_cpu_processes_is_said_to_run_as_data_parallelism(monkeypatch, capsys):
+    """accelerate turns an FSDP launch on CPU processes into plain DDP (FSDP needs GPUs): the run says so once."""
+    import cli
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        cli.check_launch()
+    assert capsys.readouterr().err.strip() == (
+        "note: the accelerate config asks for FSDP, which needs GPUs: accelerate runs these CPU processes as plain "
+        "data parallelism (each holds the whole model)")
