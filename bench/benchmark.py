@@ -84,7 +84,9 @@ def sdxl_matrix(gpu):
                                                                                 "--pre_compute_text_embeddings"]),
             ("SDXL LoRA rank 4 UNet + both text encoders (target 14 GB)", base + ["--lora_rank", "4",
                                                                                  "--train_text_encoder"]),
-            ("SDXL full UNet, + embeddings cached (target 32 GB)", base + ["--pre_compute_text_embeddings"])]
+            ("SDXL full UNet, + embeddings cached (target 32 GB)", base + ["--pre_compute_text_embeddings"]),
+            ("SDXL LoRA rank 4 UNet on an NF4 base, + embeddings cached (target 6 GB)",
+             base + ["--lora_rank", "4", "--pre_compute_text_embeddings", "--quantize_base", "nf4"])]
 
 
 def matrix(gpu):
