@@ -134,3 +134,32 @@ def test_fp8_training_on_a_gpu_that_has_it(run, tiny_flux, photos, tmp_path):
     pipe = FluxPipeline.from_pretrained(tiny_flux)
     pipe.load_lora_weights(out)
     assert pipe.get_list_adapters() == {"transformer": ["default_0"]}
+
+
+@pytest.mark.parametrize("base", ["nf4", "int8"])
+def test_the_memory_model_counts_a_quantized_base_as_bitsandbytes_stores_it(tiny_flux, base):
+    """bench/memory.py's bytes for a quantized base (int8: a byte and an fp32 scale per row; NF4: half a byte and an
+    fp32 scale per 64 weights) against what bitsandbytes allocates for a FLUX.1 transformer: every linear layer
+    quantized, the same number of bytes."""
+    import sys
+
+    import bitsandbytes as bnb
+    from diffusers import FluxTransformer2DModel
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory
+
+    model = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer",
+                                                   **loading.quantized(loading.QUANTIZE[base], torch.float32, "cpu"))
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert layers and all(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in layers)
+    stored = n = rows = 0
+    for layer in layers:
+        weight = layer.weight
+        scales = weight.quant_state.absmax if base == "nf4" else weight.SCB
+        shape = weight.quant_state.shape if base == "nf4" else weight.shape
+        stored += weight.numel() * weight.element_size() + scales.numel() * scales.element_size()
+        n, rows = n + shape.numel(), rows + shape[0]
+    assert memory.BASE_BYTES[base](n, rows) == stored
