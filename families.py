@@ -1,6 +1,6 @@
 """Model families, shared by the scripts: one row per family (what differs between Stable Diffusion 1.x/2.x, SDXL,
-FLUX.1, SD 3.5, Z-Image, FLUX.2 klein and Qwen-Image: pipeline, text encoders and how a prompt becomes embeddings, how the
-denoiser is called, the objective, flag defaults, key names of the files other tools read), the family read from the
+FLUX.1, SD 3.5, Z-Image, FLUX.2 klein and Qwen-Image: pipeline, text encoders and how a prompt becomes embeddings, how
+the denoiser is called, the objective, flag defaults, key names of the files other tools read), the family read from the
 model itself, distilled checkpoints by name, and the LoRA and pivotal-tuning helpers. The functions the rows name are
 model_calls.py; loading models and pipelines is loading.py."""
 

@@ -44,9 +44,11 @@ ARCHITECTURES = {
     "flux2-klein-9b": (families.FLUX2_KLEIN, 512, ("transformer_blocks", "single_transformer_blocks")),
     "qwen-image": (families.QWEN_IMAGE, 512, ("transformer_blocks",)),
 }
-ACTIVATION_BYTES = 34  # per token and channel of a block's width, bf16 (Korthikanti et al. 2022, without attention scores)
+ACTIVATION_BYTES = 34  # per token and channel of a block's width, bf16 (Korthikanti et al. 2022, no attention scores)
 OVERHEAD_GB = 1.5
-BASE_BYTES = {"bf16": lambda n, rows: 2 * n, "int8": lambda n, rows: n + 4 * rows, "nf4": lambda n, rows: n / 2 + 4 * n / 64}
+# a base's linear weights: n weights in `rows` output rows -> bytes
+BASE_BYTES = {"bf16": lambda n, rows: 2 * n, "int8": lambda n, rows: n + 4 * rows,
+              "nf4": lambda n, rows: n / 2 + 4 * n / 64}
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}
 
 
@@ -67,8 +69,8 @@ def lora_parameters(model, targets, rank):
 
 def blocks_and_width(model, names):
     blocks = [block for name in names for block in getattr(model, name)]
-    width = model.config.num_attention_heads * model.config.attention_head_dim if hasattr(model.config, "num_attention_heads") \
-        else model.config.dim
+    config = model.config  # Z-Image names its width
+    width = config.dim if "dim" in config else config.num_attention_heads * config.attention_head_dim
     return len(blocks), width
 
 

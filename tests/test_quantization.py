@@ -73,8 +73,8 @@ def test_int8_base_from_diffusers_json_config_with_offloading_and_validation(run
     config, out = tmp_path / "int8.json", tmp_path / "out"
     config.write_text(json.dumps({"load_in_8bit": True}))
     lora_run(run, tiny_qwen_image, photos, out, "--bnb_quantization_config_path", config, "--max_sequence_length", 32,
-             "--validation_prompt", PROMPT, "--num_validation_images", 1, "--validation_inference_steps", 2, "--offload",
-             "--cache_latents")
+             "--validation_prompt", PROMPT, "--num_validation_images", 1, "--validation_inference_steps", 2,
+             "--offload", "--cache_latents")
     assert (out / "validation" / "step-000002.png").exists()
     pipe = QwenImagePipeline.from_pretrained(tiny_qwen_image)
     pipe.load_lora_weights(out)
