@@ -274,6 +274,8 @@ def test_buckets_and_masks_with_prior_preservation_train_and_resume_exactly_sdxl
     assert record["masks"] == [str(mixed_photos / "p0.mask.png"), str(mixed_photos / "p1.mask.png")]
 
 
+@pytest.mark.slow  # CI time: two processes resume exactly in test_resume.py; bucket batches are one size and replay
+# from (seed, epoch) on the dataset (test_bucket_batches_are_one_size_...)
 def test_buckets_on_two_processes_take_whole_batches_and_resume_exactly(run, tiny_model, mixed_photos, tmp_path):
     """accelerate deals whole batches to the processes (a batch of one bucket each), and the resume is exact."""
     def args(out, *extra):
@@ -306,6 +308,8 @@ def test_cached_latents_equal_uncached_with_buckets(run, tiny_model, mixed_photo
     assert (tmp_path / "prior" / "model_index.json").is_file()
 
 
+@pytest.mark.slow  # CI time: Z-Image's full fine-tune trains two subjects with their own class images and resumes
+# exactly by default; the subjects' shares and prompts are checked on the dataset (test_two_subjects_get_equal_...)
 def test_two_subjects_own_class_images_validation_prompts_and_exact_resume(run, tiny_model, photos, tmp_path):
     cats = tmp_path / "cats"
     photo_set(cats, [(64, 64)] * 2, color=(30, 30, 220))

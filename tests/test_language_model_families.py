@@ -374,18 +374,17 @@ def test_qwen_image_readme_lora_command_with_priors_loads_in_diffusers_and_infer
     """diffusers' Qwen-Image README command (its flags as written there, at a tiny size, plus --rank 4, prior
     preservation and cached latents): class and validation images at QwenImagePipeline's defaults (50 steps,
     true_cfg_scale 4 against the empty prompt); encoding the prompts every step (padded to --max_sequence_length, in
-    batches of instance and class prompts) trains the same LoRA, bit for bit, as the pre-computed prompts, and so does
-    a run resumed after step 1; the file QwenImagePipeline.load_lora_weights reads, the image stream's attention
-    adapted."""
+    batches of instance and class prompts) trains the same LoRA, bit for bit, as the pre-computed prompts; the file
+    QwenImagePipeline.load_lora_weights reads, the image stream's attention adapted."""
     from diffusers import QwenImagePipeline
 
-    out, encoded, resumed, priors = (tmp_path / name for name in ("out", "encoded", "resumed", "priors"))
+    out, encoded, priors = (tmp_path / name for name in ("out", "encoded", "priors"))
     args = ["--pretrained_model_name_or_path", tiny_qwen_image, "--instance_data_dir", photos, "--mixed_precision",
             "no", "--instance_prompt", PROMPT, "--resolution", 32, "--train_batch_size", 1,
             "--gradient_accumulation_steps", 4, "--use_8bit_adam", "--learning_rate", "2e-3", "--report_to",
             "tensorboard", "--lr_scheduler", "constant", "--lr_warmup_steps", 0, "--max_train_steps", 2, "--seed",
             0, "--rank", 4, "--max_sequence_length", 32, "--with_prior_preservation", "--class_data_dir", priors,
-            "--class_prompt", "a photo of dog", "--num_class_images", 2, "--cache_latents", "--checkpointing_steps", 1]
+            "--class_prompt", "a photo of dog", "--num_class_images", 2, "--cache_latents"]
     validation = ["--validation_prompt", "A photo of sks dog in a bucket", "--validation_epochs", 25,
                   "--num_validation_images", 1, "--validation_inference_steps", 2]
     proc = run("train_dreambooth.py", *args, *validation, "--output_dir", out, launch=False, check=False)
@@ -402,13 +401,8 @@ def test_qwen_image_readme_lora_command_with_priors_loads_in_diffusers_and_infer
     assert (out / "validation" / "step-000002.png").exists()
 
     run("train_dreambooth.py", *args, "--output_dir", encoded, "--pre_compute_text_embeddings", "false", launch=False)
-    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")  # as if the run had died after step 1
-    shutil.copy(out / "run_config.json", resumed)
-    run("train_dreambooth.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", "latest", launch=False)
-    state = load_file(out / families.LORA_WEIGHTS)
-    for other in (encoded, resumed):
-        new = load_file(other / families.LORA_WEIGHTS)
-        assert state.keys() == new.keys() and all(torch.equal(state[k], new[k]) for k in state), other.name
+    state, new = load_file(out / families.LORA_WEIGHTS), load_file(encoded / families.LORA_WEIGHTS)
+    assert state.keys() == new.keys() and all(torch.equal(state[k], new[k]) for k in state)
 
     pipe = QwenImagePipeline.from_pretrained(tiny_qwen_image)
     image_attention = {f"transformer.{name}" for name, m in pipe.transformer.named_modules()

@@ -29,11 +29,10 @@ def test_nf4_base_trains_only_the_adapters_resumes_exactly_and_loads_on_the_unqu
                                                                                                 tmp_path):
     """SD with an NF4 base: the denoiser's linear layers are bitsandbytes' 4-bit ones; only the adapters train (the
     run's trainable parameters are the LoRA file's numbers); resumed after step 1 it ends with the same adapters, bit
-    for bit; they differ from the ones trained on the unquantized base (the quantization is real); the file loads on
-    the unquantized base and changes its image."""
+    for bit; the file loads on the unquantized base and changes its image."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    out, resumed, plain = tmp_path / "nf4", tmp_path / "resumed", tmp_path / "plain"
+    out, resumed = tmp_path / "nf4", tmp_path / "resumed"
     proc = lora_run(run, tiny_model, photos, out, "--quantize_base", "nf4")
     assert json.loads((out / "run_config.json").read_text())["config"]["quantize_base"] == "nf4"
     state = load_file(out / families.LORA_WEIGHTS)
@@ -43,9 +42,6 @@ def test_nf4_base_trains_only_the_adapters_resumes_exactly_and_loads_on_the_unqu
     lora_run(run, tiny_model, photos, resumed, "--quantize_base", "nf4", "--resume_from_checkpoint", "latest")
     again = load_file(resumed / families.LORA_WEIGHTS)
     assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
-    lora_run(run, tiny_model, photos, plain)
-    unquantized = load_file(plain / families.LORA_WEIGHTS)
-    assert state.keys() == unquantized.keys() and not all(torch.equal(state[k], unquantized[k]) for k in state)
 
     import bitsandbytes as bnb
 
