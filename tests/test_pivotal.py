@@ -62,7 +62,9 @@ def validation_image(out, step):
         return np.asarray(grid.convert("RGB"))
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+# SDXL's in the slow set for CI time: pivotal tuning over two text encoders is tested by default with FLUX.1's
+# (test_flow.py: CLIP and T5, resumed mid-run)
+@pytest.mark.parametrize("family", ["sd", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_pivotal_tuning_saves_embeddings_that_diffusers_and_infer_load(run, tiny_model, tiny_sdxl, photos, tmp_path,
                                                                        family):
     """A LoRA run with pivotal tuning, stopped at its checkpoint and resumed (bit-identical), writes NAME_emb.safetensors
