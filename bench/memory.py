@@ -22,6 +22,7 @@ layers). The published figures it is checked against are in BENCHMARKS.md.
 """
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ BASE_BYTES = {"bf16": lambda n, rows: 2 * n, "int8": lambda n, rows: n + 4 * row
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}
 
 
+@functools.lru_cache(maxsize=None)  # built once per architecture for all the settings
 def load(name):
     """The transformer of bench/architectures/<name>, built on the meta device (no memory)."""
     import diffusers
