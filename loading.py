@@ -260,7 +260,7 @@ def check_fp8(args):
                 if torch.cuda.is_available() else "no CUDA GPU")
         cli.fail(f"--do_fp8_training needs a GPU with fp8 matmuls (compute capability 8.9 or later: Ada, Hopper, "
                  f"Blackwell), and this machine has {what}: drop the flag (it buys speed, not memory)")
-    if quantization(args.quantize_base, args.bnb_quantization_config_path):
+    if args.quantization:
         cli.fail("give one of --do_fp8_training and a quantized base (--quantize_base, --bnb_quantization_config_path)")
     cli.require("torchao", "--do_fp8_training")
 
@@ -296,9 +296,9 @@ def preview_denoiser(args, family, trained, held):
     if "denoiser" not in held:
         with torch.random.fork_rng(devices=[]):  # important! the adapters' random start must not move the training's
             held["denoiser"] = from_pretrained(getattr(diffusers, family.denoiser_class), args.validation_model_path,
-                                               subfolder=family.denoiser, dtype=trained.dtype, **quantized(
-                                                   quantization(args.quantize_base, args.bnb_quantization_config_path),
-                                                   trained.dtype, trained.device)).requires_grad_(False)
+                                               subfolder=family.denoiser, dtype=trained.dtype,
+                                               **quantized(args.quantization, trained.dtype, trained.device)
+                                               ).requires_grad_(False)
             families.add_lora(held["denoiser"], vars(args), args.lora_target_modules)
         cast_training_params(held["denoiser"], dtype=torch.float32)  # the adapters as they train
     set_peft_model_state_dict(held["denoiser"], get_peft_model_state_dict(trained))

@@ -345,7 +345,8 @@ def check_args(args):
                  "every epoch, as diffusers' scripts do); add --center_crop for the centre")
     if args.use_dora and not args.lora_rank:
         cli.fail("--use_dora needs --lora_rank: DoRA is a kind of LoRA adapter")
-    if loading.quantization(args.quantize_base, args.bnb_quantization_config_path) and not args.lora_rank:
+    args.quantization = loading.quantization(args.quantize_base, args.bnb_quantization_config_path)  # read once
+    if args.quantization and not args.lora_rank:
         cli.fail("a quantized base is not trained itself: give --lora_rank (QLoRA trains adapters on top of it)")
     if args.use_dora:
         cli.note(export.KOHYA_DORA)
@@ -848,8 +849,7 @@ def load_models(args, accelerator, family):
     # important! SDXL's own VAE overflows in fp16: fp32 then, as its pipeline does (or give an fp16-safe VAE)
     vae = loading.load_vae(model, args.pretrained_vae_model_name_or_path, args.revision, args.variant, weight_dtype,
                            family.upcast_vae, family.vae_class)
-    quantized = loading.quantized(loading.quantization(args.quantize_base, args.bnb_quantization_config_path),
-                                  weight_dtype, accelerator.device)  # --quantize_base: bitsandbytes' layers
+    quantized = loading.quantized(args.quantization, weight_dtype, accelerator.device)  # bitsandbytes' layers
     denoiser = loading.from_pretrained(getattr(diffusers, family.denoiser_class), model, subfolder=family.denoiser,
                                         dtype=weight_dtype if lora else torch.float32, **kw, **quantized)
     vae.requires_grad_(False).eval().to("cpu" if args.offload else accelerator.device)  # --offload: on the device
