@@ -29,6 +29,9 @@ def min_snr_weights(snr, gamma, prediction_type):
     return weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
 
 
+LOSSES = ("loss", "instance_loss", "prior_loss")  # what dreambooth_loss returns, in its order
+
+
 def dreambooth_loss(model_pred, target, num_instance, prior_loss_weight, weights=None, pixel_weights=None):
     """Instance loss + prior_loss_weight * prior loss (the paper's eq. 2). The batch holds the instance examples first
     and the class examples after them. `weights`: one per example (min-SNR); `pixel_weights`: one per latent pixel

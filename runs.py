@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ import torch
 import cli
 import export
 import families
+import objectives
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,7 +123,8 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # what every accelerate back end writes for our trainer state, plus our run record; the weights in one of these
 # layouts: diffusers' (export.diffusers_checkpoints: unet/, or the LoRA file), accelerate's own, DeepSpeed's, FSDP's
 CHECKPOINT_FILES = ("random_states_0.pkl", "custom_checkpoint_0.pkl", "run_config.json")
-CHECKPOINT_WEIGHTS = (*families.DENOISERS, families.LORA_WEIGHTS, "model.safetensors", "pytorch_model", "pytorch_model_fsdp_0")
+CHECKPOINT_WEIGHTS = (*families.DENOISERS, families.LORA_WEIGHTS, "model.safetensors", "pytorch_model",
+                      "pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")  # FSDP's sharded and full layouts
 
 
 def list_checkpoints(output_dir):
@@ -159,6 +162,11 @@ def check_checkpoint(path):
         missing = [f"random_states_{i}.pkl" for i in range(num_processes) if not (path / f"random_states_{i}.pkl").is_file()]
     if missing:
         cli.fail(f"{path} is not a complete training checkpoint (missing {', '.join(missing)})")
+    from accelerate.utils import parse_flag_from_env
+
+    if any((path / name).exists() for name in CHECKPOINT_WEIGHTS[-2:]) and not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        cli.fail(f"{path} was written by FSDP (weights and optimizer in its layout): resume it under an FSDP accelerate "
+                 "config (accelerate launch --config_file ...)")
     # a damaged file would fail mid-load with a message that names none, or (an RNG state) be skipped by accelerate
     # with a note at INFO level, and the resume would silently not be exact
     weights = [p.relative_to(path) for p in [*path.glob("*.safetensors"), *path.glob("*/*.safetensors")]]
@@ -368,3 +376,36 @@ def start_trackers(accelerator, args, record):
                   git_commit=str(record["git_commit"]))
     accelerator.init_trackers(args.tracker_project_name, config=config,
                               init_kwargs={"wandb": {"name": args.run_name, "dir": args.output_dir}})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the loop logs
+
+
+class Window:
+    """The losses and timings between two logging steps: each loss summed over the micro-batches, then averaged over
+    them and, in one reduce (the step's only wait for the GPU), over the processes, with the flag that tells every
+    process whether any of them was asked to stop."""
+
+    def __init__(self, device):
+        self.device, self.sums = device, {name: torch.zeros((), device=device) for name in objectives.LOSSES}
+        self.micro_steps, self.steps, self.seconds, self.t0 = 0, 0, 0.0, time.perf_counter()
+
+    def add(self, losses):
+        for name, value in losses.items():
+            self.sums[name] += value.detach()
+        self.micro_steps += 1
+
+    def step_done(self):
+        self.steps, self.seconds = self.steps + 1, self.seconds + time.perf_counter() - self.t0
+
+    def means(self, accelerator, stop):
+        """{loss name: mean, "stop": > 0 if a process was asked to stop, "seconds_per_step"}; the window starts again."""
+        values = {name: value / self.micro_steps for name, value in self.sums.items()}
+        values["stop"] = torch.tensor(float(stop), device=self.device)
+        means = dict(zip(values, accelerator.reduce(torch.stack(list(values.values())), reduction="mean").tolist()))
+        means["seconds_per_step"] = self.seconds / self.steps
+        for value in self.sums.values():
+            value.zero_()
+        self.micro_steps, self.steps, self.seconds = 0, 0, 0.0
+        return means

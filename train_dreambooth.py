@@ -583,6 +583,9 @@ class DreamBoothModel(torch.nn.Module):
         setattr(self, family.denoiser, denoiser)
         for name, encoder in text_encoders.items():
             setattr(self, name, encoder)
+        # FSDP's shard units when its config names none: each block class the denoiser and text encoders declare
+        self._no_split_modules = sorted({n for m in (denoiser, *text_encoders.values())
+                                         for n in getattr(m, "_no_split_modules", None) or []})
 
     @property
     def denoiser(self):
@@ -742,36 +745,6 @@ class TrainState:
         vars(self).update(state)
 
 
-class Window:
-    """The losses and timings between two logging steps: each loss summed over the micro-batches, then averaged over
-    them and, in one reduce (the step's only wait for the GPU), over the processes, with the flag that tells every
-    process whether any of them was asked to stop."""
-
-    def __init__(self, device):
-        self.device, self.sums = device, {name: torch.zeros((), device=device) for name in LOSSES}
-        self.micro_steps, self.steps, self.seconds, self.t0 = 0, 0, 0.0, time.perf_counter()
-
-    def add(self, losses):
-        for name, value in losses.items():
-            self.sums[name] += value.detach()
-        self.micro_steps += 1
-
-    def step_done(self):
-        self.steps, self.seconds = self.steps + 1, self.seconds + time.perf_counter() - self.t0
-
-    def means(self, accelerator, stop):
-        """{loss name: mean, "stop": > 0 if a process was asked to stop, "seconds_per_step"}; the window starts again."""
-        values = {name: value / self.micro_steps for name, value in self.sums.items()}
-        values["stop"] = torch.tensor(float(stop), device=self.device)
-        means = dict(zip(values, accelerator.reduce(torch.stack(list(values.values())), reduction="mean").tolist()))
-        means["seconds_per_step"] = self.seconds / self.steps
-        for value in self.sums.values():
-            value.zero_()
-        self.micro_steps, self.steps, self.seconds = 0, 0, 0.0
-        return means
-
-
-LOSSES = ("loss", "instance_loss", "prior_loss")  # what dreambooth_loss returns, in its order
 
 
 def changed_settings(saved, current):
@@ -783,10 +756,11 @@ def changed_settings(saved, current):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def param_groups(args, model, params):
+def param_groups(args, model):
     """The UNet's and the text encoders' trained parameters as two optimizer groups when they differ: the text
     encoders' at --text_encoder_lr, and pivotal tuning's embedding matrix without weight decay (its frozen rows must
     not shrink). Otherwise one group, as before."""
+    params = [p for p in model.parameters() if p.requires_grad]
     text = {id(p) for name in model.text_encoder_names for p in getattr(model, name).parameters()}
     if not (args.text_encoder_lr or args.train_text_encoder_ti) or not any(id(p) in text for p in params):
         return params
@@ -978,6 +952,7 @@ def run_config(args, accelerator, model, objective, instances, class_paths, data
     unwrapped = accelerator.unwrap_model(model)
     config = {**vars(args), "num_instance_images": len(instances), "num_class_images_used": len(class_paths),
               "num_processes": accelerator.num_processes, "mixed_precision_resolved": accelerator.mixed_precision,
+              "distributed_type": accelerator.distributed_type.value,
               "text_encoder_steps": min(args.text_encoder_steps, args.total_optimizer_steps) * unwrapped.train_text_encoder,
               "prediction_type": objective.prediction_type, "trainable_parameters": unwrapped.trainable_parameters(),
               "instance_images": [str(image) if isinstance(image, Path) else f"{args.dataset_name}[{i}]"
@@ -1051,15 +1026,15 @@ def main(argv=None):
                             family.text_encoder_names if args.train_text_encoder_ti else [],
                             [t.convert_tokens_to_ids(args.new_tokens) for t in tokenizers] if args.new_tokens else [],
                             args.guidance_scale, families.prompt_encoder(family, vars(args)))
-    params = [p for p in model.parameters() if p.requires_grad]
 
     # ---- optimizer, schedule, accelerate; the checkpoints' contents
-    optimizer = make_optimizer(args, param_groups(args, model, params))
+    optimizer = make_optimizer(args, param_groups(args, model))
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.total_optimizer_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP2 replaces them with shards
     runs.diffusers_checkpoints(accelerator, family, args.lora_rank > 0,  # checkpoint-N/unet, as diffusers has it
                                [family.denoiser] + (list(family.trained_text_encoders) if args.train_text_encoder else []))
     state, averager = TrainState(), Averager(params, args)
@@ -1109,7 +1084,7 @@ def main(argv=None):
         images_per_step = args.global_batch_size * (2 if class_paths else 1)
         progress = tqdm(total=args.total_optimizer_steps, initial=state.global_step, desc="steps",
                         disable=not accelerator.is_local_main_process)
-        window, grad_norm = Window(accelerator.device), None
+        window, grad_norm = runs.Window(accelerator.device), None
         for epoch in range(state.epoch, args.num_epochs):
             if state.global_step >= args.total_optimizer_steps:
                 break
@@ -1134,7 +1109,7 @@ def main(argv=None):
                     pixel_weights = (objectives.mask_weights(batch["masks"], latents.shape[-2:], args.mask_background_weight)
                                      if "masks" in batch else None)
                     num_instance = latents.shape[0] // 2 if class_paths else latents.shape[0]
-                    losses = dict(zip(LOSSES, objectives.dreambooth_loss(model_pred, draw.target, num_instance,
+                    losses = dict(zip(objectives.LOSSES, objectives.dreambooth_loss(model_pred, draw.target, num_instance,
                                                                          args.prior_loss_weight, draw.weights, pixel_weights)))
                     # backward and update (accelerate skips the update until the last micro-batch of a step)
                     accelerator.backward(losses["loss"])
