@@ -16,7 +16,10 @@ AdamW or 8-bit AdamW), with the text encoders' output and the latents cached (th
   channel of its width (Korthikanti et al. 2022, for attention that keeps no token-by-token matrix, as PyTorch's
   SDPA kernels on a GPU); with gradient checkpointing only each block's input is kept, plus one block's activations
   while it is recomputed; a full fine-tune's activation memory is the same;
-- 1.5 GB for the CUDA context, the kernels' workspace and the allocator's slack (an assumption).
+- 1.5 GB for the CUDA context, the kernels' workspace and the allocator's slack (an assumption);
+- FSDP over N GPUs (configs/accelerate-fsdp2.yaml): each GPU holds 1/N of the weights, gradients and optimizer states,
+  plus the whole bf16 weights of two shard units at a time (the block computing and the next one, gathered ahead),
+  and its own activations (not sharded).
 Every block sees all image and prompt tokens (joint attention in FLUX.1, SD 3.5, FLUX.2 and Qwen-Image; Z-Image's main
 layers). The published figures it is checked against are in BENCHMARKS.md.
 """
@@ -76,7 +79,8 @@ def blocks_and_width(model, names):
     return len(blocks), width
 
 
-def predict(name, resolution=1024, rank=16, lora=True, base="bf16", checkpointing=True, optimizer="adamw", batch=1):
+def predict(name, resolution=1024, rank=16, lora=True, base="bf16", checkpointing=True, optimizer="adamw", batch=1,
+            gpus=1):
     """Predicted peak memory in GB (1e9 bytes), and its parts."""
     family, prompt_tokens, block_names = ARCHITECTURES[name]
     model = load(name)
@@ -89,6 +93,9 @@ def predict(name, resolution=1024, rank=16, lora=True, base="bf16", checkpointin
         weights = 0  # a full fine-tune's weights are the trained fp32 ones, below
     training = trained * (4 + 4 + OPTIMIZER_BYTES[optimizer])
     n_blocks, width = blocks_and_width(model, block_names)
+    if gpus > 1:  # sharded, and two blocks gathered whole in bf16
+        largest = max(sum(p.numel() for p in block.parameters()) for n in block_names for block in getattr(model, n))
+        weights, training = weights / gpus + 2 * 2 * largest, training / gpus
     tokens = batch * ((resolution // 16) ** 2 + prompt_tokens)
     block = ACTIVATION_BYTES * tokens * width
     activations = n_blocks * 2 * tokens * width + block if checkpointing else n_blocks * block
@@ -103,6 +110,7 @@ SETTINGS = [  # (label, keyword arguments of predict)
     ("LoRA, NF4 base, checkpointing", dict(base="nf4")),
     ("LoRA, bf16 base, no checkpointing", dict(checkpointing=False)),
     ("full, checkpointing, 8-bit AdamW", dict(lora=False, optimizer="adamw8bit")),
+    ("full, checkpointing, AdamW, FSDP over 8 GPUs (per GPU)", dict(lora=False, gpus=8)),
 ]
 
 
