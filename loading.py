@@ -207,15 +207,16 @@ def quantization(short=None, path=None):
     return config
 
 
-def quantized(config, dtype, device):
+def quantized(config, dtype, device, config_class=None):
     """from_pretrained's arguments that load a model quantized by bitsandbytes as it loads (config: quantization()'s;
-    {} for none), computing in `dtype`, onto `device`. important! diffusers' bitsandbytes quantizer asks for a GPU;
-    bitsandbytes (0.48 on) runs its 4-bit and 8-bit layers on the CPU too, so on a CPU that check is skipped."""
+    {} for none), computing in `dtype`, onto `device`; config_class: diffusers' BitsAndBytesConfig (the default) or
+    transformers' (a text encoder). important! diffusers' bitsandbytes quantizer asks for a GPU; bitsandbytes (0.48
+    on) runs its 4-bit and 8-bit layers on the CPU too, so on a CPU that check is skipped (transformers' allows it)."""
     from diffusers import BitsAndBytesConfig
 
     if not config:
         return {}
-    quantization_config = BitsAndBytesConfig(**{"bnb_4bit_compute_dtype": dtype, **config})
+    quantization_config = (config_class or BitsAndBytesConfig)(**{"bnb_4bit_compute_dtype": dtype, **config})
     if device is not None and torch.device(device).type == "cpu":
         from diffusers.quantizers.bitsandbytes import bnb_quantizer
 

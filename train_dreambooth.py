@@ -817,13 +817,19 @@ def load_models(args, accelerator, family):
     weight_dtype = loading.torch_dtype(accelerator.mixed_precision)
     lora = args.lora_rank > 0
     trained = family.trained_text_encoders if args.train_text_encoder else ()  # T5 never: as diffusers' scripts
+    # a quantized base: the denoiser, and the text encoders when they run in the training step (pre-computed ones run
+    # once, at the training precision, and are freed); the run records which
+    args.quantized_modules = [family.denoiser, *([] if args.pre_compute_text_embeddings else family.text_encoder_names)] \
+        if args.quantization else []
+    quantized = loading.quantized(args.quantization, weight_dtype, accelerator.device, transformers.BitsAndBytesConfig)
     text_encoders = {name: loading.from_pretrained(getattr(transformers, cls), model, subfolder=name, **kw,
-                                                    dtype=torch.float32 if name in trained and not lora else weight_dtype)
+                                                    dtype=torch.float32 if name in trained and not lora else weight_dtype,
+                                                    **(quantized if name in args.quantized_modules else {}))
                      for name, cls in family.text_encoders}
     # important! SDXL's own VAE overflows in fp16: fp32 then, as its pipeline does (or give an fp16-safe VAE)
     vae = loading.load_vae(model, args.pretrained_vae_model_name_or_path, args.revision, args.variant, weight_dtype,
                            family.upcast_vae, family.vae_class)
-    quantized = loading.quantized(args.quantization, weight_dtype, accelerator.device)  # bitsandbytes' layers
+    quantized = loading.quantized(args.quantization, weight_dtype, accelerator.device, diffusers.BitsAndBytesConfig)
     denoiser = loading.from_pretrained(getattr(diffusers, family.denoiser_class), model, subfolder=family.denoiser,
                                         dtype=weight_dtype if lora else torch.float32, **kw, **quantized)
     vae.requires_grad_(False).eval().to("cpu" if args.offload else accelerator.device)  # --offload: on the device

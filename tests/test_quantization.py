@@ -27,19 +27,23 @@ def trainable_parameters(proc):
 
 def test_nf4_base_trains_only_the_adapters_resumes_exactly_and_loads_on_the_unquantized_base(run, tiny_model, photos,
                                                                                                 tmp_path):
-    """SD with an NF4 base: the denoiser's linear layers are bitsandbytes' 4-bit ones; only the adapters train (the
-    run's trainable parameters are the LoRA file's numbers); resumed after step 1 it ends with the same adapters, bit
-    for bit; the file loads on the unquantized base and changes its image."""
+    """SD with an NF4 base and --train_text_encoder: the UNet's and the text encoder's linear layers are bitsandbytes'
+    4-bit ones; only the adapters train (the run's trainable parameters are the LoRA file's numbers, the text
+    encoder's included); resumed after step 1 it ends with the same adapters, bit for bit; the file loads on the
+    unquantized base and changes its image."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     out, resumed = tmp_path / "nf4", tmp_path / "resumed"
-    proc = lora_run(run, tiny_model, photos, out, "--quantize_base", "nf4")
-    assert json.loads((out / "run_config.json").read_text())["config"]["quantize_base"] == "nf4"
+    proc = lora_run(run, tiny_model, photos, out, "--quantize_base", "nf4", "--train_text_encoder")
+    config = json.loads((out / "run_config.json").read_text())["config"]
+    assert config["quantize_base"] == "nf4" and config["quantized_modules"] == ["unet", "text_encoder"]
     state = load_file(out / families.LORA_WEIGHTS)
+    assert any(k.startswith("text_encoder.") for k in state)
     assert trainable_parameters(proc) == sum(v.numel() for v in state.values())
     shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")  # as if the run had died after step 1
     shutil.copy(out / "run_config.json", resumed)
-    lora_run(run, tiny_model, photos, resumed, "--quantize_base", "nf4", "--resume_from_checkpoint", "latest")
+    lora_run(run, tiny_model, photos, resumed, "--quantize_base", "nf4", "--train_text_encoder", "--resume_from_checkpoint",
+             "latest")
     again = load_file(resumed / families.LORA_WEIGHTS)
     assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
 
@@ -58,6 +62,33 @@ def test_nf4_base_trains_only_the_adapters_resumes_exactly_and_loads_on_the_unqu
     before = sample()
     pipe.load_lora_weights(out)
     assert not (before == sample()).all()
+
+
+@pytest.mark.parametrize("pre_computed", [False, True])
+def test_a_quantized_base_quantizes_the_text_encoders_that_run_in_the_step(tiny_model, photos, tmp_path,
+                                                                            make_accelerator, pre_computed):
+    """With a quantized base, a text encoder that runs in every step (LoRA-trained here, or frozen without
+    pre-computed prompts) loads as 4-bit layers too, only its adapters train, and the run records it; pre-computed
+    prompts come from the text encoder at the training precision."""
+    import bitsandbytes as bnb
+
+    import train_dreambooth
+
+    extra = ["--pre_compute_text_embeddings"] if pre_computed else ["--train_text_encoder"]
+    args = train_dreambooth.parse_args(["--model", tiny_model, "--instance_dir", photos, "--instance_prompt", PROMPT,
+                                        "--output_dir", str(tmp_path / "out"), "--rank", "4", "--quantize_base", "nf4",
+                                        *extra])
+    train_dreambooth.check_args(args)
+    _, _, encoders, _, unet = train_dreambooth.load_models(args, make_accelerator(), families.SD)
+    q_proj = next(m for n, m in encoders["text_encoder"].named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    assert args.quantized_modules == ["unet"] + ([] if pre_computed else ["text_encoder"])
+    assert isinstance(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.base_layer, bnb.nn.Linear4bit)
+    if pre_computed:
+        assert type(q_proj) is torch.nn.Linear and not any(p.requires_grad for p in encoders["text_encoder"].parameters())
+    else:
+        assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
+        trainable = [n for n, p in encoders["text_encoder"].named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable)
 
 
 def test_int8_base_from_diffusers_json_config_with_offloading_and_validation(run, tiny_qwen_image, photos, tmp_path):
