@@ -792,11 +792,9 @@ def make_optimizer(args, params):
 
 
 def load_models(args, accelerator, family):
-    """Tokenizers, the objective, text encoders, VAE and the denoiser through from_pretrained: the VAE frozen, the
-    denoiser trained (or its LoRA adapters), the text encoders trained with --train_text_encoder."""
-    import diffusers
+    """Tokenizers, the objective, text encoders and VAE through from_pretrained: the VAE frozen, the text encoders
+    trained with --train_text_encoder. The denoiser and the adapters come after the caches (load_denoiser)."""
     import transformers
-    from diffusers.training_utils import cast_training_params
     from transformers import AutoTokenizer
 
     model, kw = args.pretrained_model_name_or_path, dict(revision=args.revision)
@@ -829,19 +827,36 @@ def load_models(args, accelerator, family):
     # important! SDXL's own VAE overflows in fp16: fp32 then, as its pipeline does (or give an fp16-safe VAE)
     vae = loading.load_vae(model, args.pretrained_vae_model_name_or_path, args.revision, args.variant, weight_dtype,
                            family.upcast_vae, family.vae_class)
-    quantized = loading.quantized(args.quantization, weight_dtype, accelerator.device, diffusers.BitsAndBytesConfig)
-    denoiser = loading.from_pretrained(getattr(diffusers, family.denoiser_class), model, subfolder=family.denoiser,
-                                        dtype=weight_dtype if lora else torch.float32, **kw, **quantized)
     vae.requires_grad_(False).eval().to("cpu" if args.offload else accelerator.device)  # --offload: on the device
     for name, encoder in text_encoders.items():  # only while it works (text encoders: while pre-computing)
         encoder.requires_grad_(name in trained and not lora)
         if name not in trained:
             encoder.eval().to("cpu" if args.offload and args.pre_compute_text_embeddings else accelerator.device)
+    if args.train_text_encoder_ti:
+        families.add_new_tokens(tokenizers, text_encoders.values(), args.new_tokens, args.initializer_concept)
+    if args.gradient_checkpointing:
+        for encoder in [text_encoders[name] for name in trained]:
+            # transformers 5 renamed gradient_checkpointing_enable; take whichever this version has
+            getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
+    return tokenizers, objective, text_encoders, vae
+
+
+def load_denoiser(args, accelerator, family, text_encoders):
+    """The denoiser, trained (or its LoRA adapters, then the trained text encoders' adapters), with the run's memory and
+    speed options. Loaded after the caches: a quantized (or fp8) one goes to the device as it loads, and the text
+    encoders that pre-computed the prompts have left it by then, so the two never share the device."""
+    import diffusers
+    from diffusers.training_utils import cast_training_params
+
+    weight_dtype, lora = loading.torch_dtype(accelerator.mixed_precision), args.lora_rank > 0
+    quantized = loading.quantized(args.quantization, weight_dtype, accelerator.device, diffusers.BitsAndBytesConfig)
+    denoiser = loading.from_pretrained(getattr(diffusers, family.denoiser_class), args.pretrained_model_name_or_path,
+                                       subfolder=family.denoiser, revision=args.revision, variant=args.variant,
+                                       dtype=weight_dtype if lora else torch.float32, **quantized)
     denoiser.requires_grad_(not lora)
     if args.do_fp8_training:  # before the adapters: they wrap the fp8 layers and stay in the training precision
         loading.to_fp8(denoiser.to(accelerator.device))
-    if args.train_text_encoder_ti:
-        families.add_new_tokens(tokenizers, text_encoders.values(), args.new_tokens, args.initializer_concept)
+    trained = family.trained_text_encoders if args.train_text_encoder else ()
     if lora:
         families.add_lora(denoiser, vars(args), args.lora_target_modules)
         for name in trained:
@@ -853,14 +868,11 @@ def load_models(args, accelerator, family):
         loading.enable_xformers(denoiser)
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-        for encoder in [text_encoders[name] for name in trained]:
-            # transformers 5 renamed gradient_checkpointing_enable; take whichever this version has
-            getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
     if args.channels_last:
         denoiser.to(memory_format=torch.channels_last)
     if args.compile:
         denoiser.compile()  # in place: the state dict keeps its keys for checkpoints and saving
-    return tokenizers, objective, text_encoders, vae, denoiser
+    return denoiser
 
 
 def make_accelerator(args):
@@ -1022,10 +1034,11 @@ def main(argv=None):
 
     # ---- models (VAE frozen, denoiser trained, text encoders trained or frozen) and the objective, from the family row
     family = families.FAMILIES[args.model_family]
-    tokenizers, objective, text_encoders, vae, denoiser = load_models(args, accelerator, family)
+    tokenizers, objective, text_encoders, vae = load_models(args, accelerator, family)
 
     # ---- data; then what follows from it joins the resolved config (the schedule, --scale_lr, --validation_epochs)
     dataset, dataloader = make_data(args, accelerator, subjects, tokenizers, family, vae, text_encoders)
+    denoiser = load_denoiser(args, accelerator, family, text_encoders)
     vars(args).update(plan(args, len(dataloader), accelerator.num_processes))
     model = DreamBoothModel(family, denoiser, {} if args.pre_compute_text_embeddings else text_encoders,
                             family.trained_text_encoders if args.train_text_encoder else

@@ -143,7 +143,9 @@ def test_lora_layers_and_blocks_choose_the_adapted_modules(tiny_sd3, photos, tmp
                                         "--lora_layers", "attn.to_k,attn.to_q", "--lora_blocks", "1"])
     train_dreambooth.check_args(args)
     assert args.lora_target_modules == ["transformer_blocks.1.attn.to_k", "transformer_blocks.1.attn.to_q"]
-    *_, denoiser = train_dreambooth.load_models(args, make_accelerator(), families.SD3)
+    accelerator = make_accelerator()
+    *_, encoders, _ = train_dreambooth.load_models(args, accelerator, families.SD3)
+    denoiser = train_dreambooth.load_denoiser(args, accelerator, families.SD3, encoders)
     adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in denoiser.named_modules() if name.endswith("lora_A")}
     assert adapted == {"transformer_blocks.1.attn.to_k", "transformer_blocks.1.attn.to_q"}
 

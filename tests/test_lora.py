@@ -13,7 +13,7 @@ import families
 import infer
 from test_lora_files import assert_diffusers_names, assert_kohya_names, older_layout
 from test_resume import command
-from test_train import scalars, train_args, weights
+from test_train import scalars, train_args
 
 LORA = ["--lora_rank", 4, "--lora_alpha", 8, "--learning_rate", 1e-2]
 
@@ -80,7 +80,9 @@ def test_only_the_adapters_train(tiny_model, photos, tmp_path, make_accelerator)
     args = train_dreambooth.parse_args([str(a) for a in train_args(tiny_model, photos, tmp_path / "out", *LORA,
                                                                     "--train_text_encoder")])
     train_dreambooth.check_args(args)
-    _, _, encoders, _, unet = train_dreambooth.load_models(args, make_accelerator(), families.SD)
+    accelerator = make_accelerator()
+    _, _, encoders, _ = train_dreambooth.load_models(args, accelerator, families.SD)
+    unet = train_dreambooth.load_denoiser(args, accelerator, families.SD, encoders)
     for module in (unet, *encoders.values()):
         trainable = [n for n, p in module.named_parameters() if p.requires_grad]
         assert trainable and all("lora_" in n for n in trainable)

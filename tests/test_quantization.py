@@ -79,7 +79,9 @@ def test_a_quantized_base_quantizes_the_text_encoders_that_run_in_the_step(tiny_
                                         "--output_dir", str(tmp_path / "out"), "--rank", "4", "--quantize_base", "nf4",
                                         *extra])
     train_dreambooth.check_args(args)
-    _, _, encoders, _, unet = train_dreambooth.load_models(args, make_accelerator(), families.SD)
+    accelerator = make_accelerator()
+    _, _, encoders, _ = train_dreambooth.load_models(args, accelerator, families.SD)
+    unet = train_dreambooth.load_denoiser(args, accelerator, families.SD, encoders)
     q_proj = next(m for n, m in encoders["text_encoder"].named_modules() if n.endswith("layers.0.self_attn.q_proj"))
     assert args.quantized_modules == ["unet"] + ([] if pre_computed else ["text_encoder"])
     assert isinstance(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.base_layer, bnb.nn.Linear4bit)

@@ -113,7 +113,8 @@ def test_half_precision_keeps_the_sdxl_vae_in_fp32_unless_a_separate_vae_is_give
                                                                     "--mixed_precision", "bf16", "--lora_rank", 2)])
     train_dreambooth.check_args(args)
     accelerator = make_accelerator(mixed_precision="bf16")
-    _, _, encoders, vae, unet = train_dreambooth.load_models(args, accelerator, families.SDXL)
+    _, _, encoders, vae = train_dreambooth.load_models(args, accelerator, families.SDXL)
+    unet = train_dreambooth.load_denoiser(args, accelerator, families.SDXL, encoders)
     assert vae.dtype == torch.float32 and unet.dtype == torch.bfloat16
     assert {e.dtype for e in encoders.values()} == {torch.bfloat16}
     args.pretrained_vae_model_name_or_path = separate_vae(tmp_path / "vae")
