@@ -95,16 +95,20 @@ def test_a_quantized_base_quantizes_the_text_encoders_that_run_in_the_step(tiny_
 
 def test_int8_base_from_diffusers_json_config_with_offloading_and_validation(run, tiny_qwen_image, photos, tmp_path):
     """Qwen-Image with an 8-bit base given as diffusers' --bnb_quantization_config_path JSON, --offload, cached latents
-    and validation images (sampled by the quantized model): trains, and the adapters load on the unquantized base.
-    (On a CPU --offload moves nothing: what it saves on a GPU is not measured here.)"""
+    and validation images after every step (sampled by the quantized model): trains the same adapters bit for bit as
+    the run without offloading and validation, and they load on the unquantized base. (On a CPU --offload moves
+    nothing: what it saves on a GPU is not measured here.)"""
     from diffusers import QwenImagePipeline
 
-    config, out = tmp_path / "int8.json", tmp_path / "out"
+    config, out, plain = tmp_path / "int8.json", tmp_path / "out", tmp_path / "plain"
     config.write_text(json.dumps({"load_in_8bit": True}))
-    lora_run(run, tiny_qwen_image, photos, out, "--bnb_quantization_config_path", config, "--max_sequence_length", 32,
-             "--validation_prompt", PROMPT, "--num_validation_images", 1, "--validation_inference_steps", 2,
-             "--offload", "--cache_latents")
-    assert (out / "validation" / "step-000002.png").exists()
+    common = ["--bnb_quantization_config_path", config, "--max_sequence_length", 32, "--cache_latents"]
+    lora_run(run, tiny_qwen_image, photos, out, *common, "--validation_prompt", PROMPT, "--num_validation_images", 1,
+             "--validation_inference_steps", 2, "--validation_steps", 1, "--offload")
+    assert (out / "validation" / "step-000001.png").exists() and (out / "validation" / "step-000002.png").exists()
+    lora_run(run, tiny_qwen_image, photos, plain, *common)
+    state, again = load_file(out / families.LORA_WEIGHTS), load_file(plain / families.LORA_WEIGHTS)
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
     pipe = QwenImagePipeline.from_pretrained(tiny_qwen_image)
     pipe.load_lora_weights(out)
     assert pipe.get_list_adapters() == {"transformer": ["default_0"]}

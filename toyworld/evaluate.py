@@ -84,6 +84,11 @@ ROWS = {  # name: train_dreambooth.py flags on top of the common ones
     "LoRA rank 8, prior preservation, pivotal tuning, prior loss weight 0.5": PIVOTAL_LORA + ["--prior_loss_weight",
                                                                                              "0.5"],
     "LoRA rank 16, prior preservation, pivotal tuning": pivotal_lora(16),
+    # flow matching (the toy FLUX.1): the timestep weighting, each against the row without it
+    "LoRA rank 16, prior preservation": ["--with_prior_preservation", "--lora_rank", "16"],
+    "full, prior preservation, logit-normal weighting": ["--with_prior_preservation", "--weighting_scheme",
+                                                         "logit_normal"],
+    "full, prior preservation, mode weighting": ["--with_prior_preservation", "--weighting_scheme", "mode"],
 }
 # The data options, each on photos made for it: name -> (photos, flags). Wide photos (48x32, the subject anywhere
 # across them) in buckets or centre-cropped; busy photos (two clutter objects) with and without the subject's masks;
