@@ -12,9 +12,11 @@ cd "$(dirname "$0")"
 FAMILY=${1:-sd}
 case "$FAMILY" in
   sd)   MODEL=toyworld/toy-sd; SAMPLER=ddim; PRIOR_GUIDANCE=4; GUIDANCE=10
-        RECIPE=(--lora_rank 16 --train_text_encoder_ti --initializer_concept circle --learning_rate 2e-3) ;;
+        RECIPE=(--lora_rank 16 --train_text_encoder_ti --initializer_concept circle --learning_rate 2e-3
+                --max_train_steps 600) ;;
   flux) MODEL=toyworld/toy-flux; SAMPLER=flow_euler; PRIOR_GUIDANCE=4; GUIDANCE=5
-        RECIPE=(--lora_rank 16 --train_text_encoder_ti --initializer_concept circle --learning_rate 1e-3) ;;
+        RECIPE=(--lora_rank 16 --train_text_encoder_ti --initializer_concept circle --learning_rate 1e-3
+                --max_train_steps 1200) ;;
   *)    echo "usage: bash demo.sh [sd|flux]" >&2; exit 2 ;;
 esac
 if [ -z "${PYTHON:-}" ]; then bash setup.sh; PYTHON=.venv/bin/python; fi
@@ -33,7 +35,7 @@ export HF_HUB_OFFLINE=1
   --pretrained_model_name_or_path $MODEL --instance_dir "$OUT/photos" --instance_prompt "a photo of sks circle" \
   --with_prior_preservation --class_dir "$OUT/priors" --class_prompt "a photo of a circle" "${RECIPE[@]}" \
   --output_dir "$OUT/sks-circle" --resolution 32 --train_batch_size 2 \
-  --lr_warmup_steps 0 --max_train_steps 600 --mixed_precision no --seed 0
+  --lr_warmup_steps 0 --mixed_precision no --seed 0
 
 # the same prompt and seeds on the fine-tuned model and on the base model
 SAMPLE=(--prompt "a photo of sks circle on a blue background" --num_images_per_prompt 8 --num_inference_steps 25
