@@ -123,8 +123,8 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # what every accelerate back end writes for our trainer state, plus our run record; the weights in one of these
 # layouts: diffusers' (export.diffusers_checkpoints: unet/, or the LoRA file), accelerate's own, DeepSpeed's, FSDP's
 CHECKPOINT_FILES = ("random_states_0.pkl", "custom_checkpoint_0.pkl", "run_config.json")
-CHECKPOINT_WEIGHTS = (*families.DENOISERS, families.LORA_WEIGHTS, "model.safetensors", "pytorch_model",
-                      "pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")  # FSDP's sharded and full layouts
+FSDP_WEIGHTS = ("pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")  # FSDP's sharded and full layouts
+CHECKPOINT_WEIGHTS = (*families.DENOISERS, families.LORA_WEIGHTS, "model.safetensors", "pytorch_model", *FSDP_WEIGHTS)
 
 
 def list_checkpoints(output_dir):
@@ -164,7 +164,7 @@ def check_checkpoint(path):
         cli.fail(f"{path} is not a complete training checkpoint (missing {', '.join(missing)})")
     from accelerate.utils import parse_flag_from_env
 
-    if any((path / name).exists() for name in CHECKPOINT_WEIGHTS[-2:]) and not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+    if any((path / name).exists() for name in FSDP_WEIGHTS) and not parse_flag_from_env("ACCELERATE_USE_FSDP"):
         cli.fail(f"{path} was written by FSDP (weights and optimizer in its layout): resume it under an FSDP accelerate "
                  "config (accelerate launch --config_file ...)")
     # a damaged file would fail mid-load with a message that names none, or (an RNG state) be skipped by accelerate
