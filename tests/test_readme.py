@@ -95,3 +95,12 @@ def test_the_example_config_and_sweep_use_real_flags():
     argv = [x for flag in flags for x in (flag, "1" if flag != "--report_to" else "wandb")]
     argv[argv.index("--config") + 1] = str(ROOT / "configs" / "sks-dog.yaml")
     train_dreambooth.parse_args(argv)  # exits if a flag does not exist
+
+
+def test_the_gpu_check_names_tests_that_exist():
+    """tools/gpu_check.sh runs named tests on a lent GPU (a few minutes, rarely): a renamed test would cost that run."""
+    script = (ROOT / "tools" / "gpu_check.sh").read_text()
+    named = re.findall(r'"(tests/test_\w+\.py)::(\w+)(?:\[[^\]]*\])?"', script)
+    assert len(named) > 5
+    missing = [f"{path}::{name}" for path, name in named if f"def {name}(" not in (ROOT / path).read_text()]
+    assert missing == []

@@ -48,12 +48,14 @@ if stage tests; then  # about 3 minutes
     "tests/test_resume.py::test_resume_mid_epoch_is_bit_identical" \
     "tests/test_sdxl.py::test_full_fine_tune_with_priors_both_text_encoders_and_a_separate_vae" \
     "tests/test_bad_input.py::test_xformers_that_cannot_run_is_refused" \
-    "tests/test_flow.py::test_flux_lora_resume_mid_run_is_bit_identical" \
+    "tests/test_flow.py::test_flux_pivotal_lora_resume_mid_run_is_bit_identical" \
     "tests/test_flow.py::test_sd3_full_fine_tune_with_priors_saves_a_pipeline_that_loads" \
     "tests/test_language_model_families.py::test_qwen_image_prompts_latents_and_call_are_the_pipelines_own" \
     "tests/test_language_model_families.py::test_flux2_klein_prompts_latents_and_call_are_the_pipelines_own" \
     "tests/test_quantization.py::test_nf4_base_trains_only_the_adapters_resumes_exactly_and_loads_on_the_unquantized_base" \
-    "tests/test_quantization.py::test_fp8_training_on_a_gpu_that_has_it" > "$OUT/tests.txt" 2>&1
+    "tests/test_quantization.py::test_fp8_training_on_a_gpu_that_has_it" \
+    "tests/test_distributed.py::test_gpu_configs_train_unet_and_text_encoder[configs/accelerate-fsdp2.yaml]" \
+    > "$OUT/tests.txt" 2>&1
   tail -3 "$OUT/tests.txt"
 fi
 if stage sdxl; then  # about 3 minutes: the model is made once on the GPU, then a training process per row
