@@ -89,6 +89,8 @@ ROWS = {  # name: train_dreambooth.py flags on top of the common ones
     "full, prior preservation, logit-normal weighting": ["--with_prior_preservation", "--weighting_scheme",
                                                          "logit_normal"],
     "full, prior preservation, mode weighting": ["--with_prior_preservation", "--weighting_scheme", "mode"],
+    "LoRA rank 16, prior preservation, pivotal tuning, logit-normal weighting": pivotal_lora(16) + [
+        "--weighting_scheme", "logit_normal"],
 }
 # The data options, each on photos made for it: name -> (photos, flags). Wide photos (48x32, the subject anywhere
 # across them) in buckets or centre-cropped; busy photos (two clutter objects) with and without the subject's masks;
