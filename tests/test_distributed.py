@@ -162,8 +162,8 @@ def test_fsdp2_on_two_cpu_processes_resumes_exactly_and_matches_data_parallelism
     fsdp, out = fsdp_on_two_cpu_processes(tmp_path), tmp_path / "fsdp"
     extra = ["--train_text_encoder", "--max_train_steps", 3, "--checkpointing_steps", 1, "--train_batch_size", 1,
              "--report_to", "none", *(["--lora_rank", 4] if mode == "lora" else [])]
-    shim = [ROOT / "train_dreambooth.py"]
-    run("tests/fsdp_on_cpu.py", *shim, *train_args(tiny_flux, photos, out, *extra), **fsdp)
+    script = [ROOT / "train_dreambooth.py"]  # what tests/fsdp_on_cpu.py runs
+    run("tests/fsdp_on_cpu.py", *script, *train_args(tiny_flux, photos, out, *extra), **fsdp)
     record = json.loads((out / "run_config.json").read_text())["config"]
     assert record["distributed_type"] == "FSDP" and record["num_processes"] == 2
     assert sorted(p.name for p in (out / "checkpoint-1" / "pytorch_model_fsdp_0").glob("*.distcp")) == \
@@ -178,7 +178,7 @@ def test_fsdp2_on_two_cpu_processes_resumes_exactly_and_matches_data_parallelism
     trained = result(out)
     resumed = tmp_path / "resumed"
     resume = ["--resume_from_checkpoint", out / "checkpoint-1"]
-    run("tests/fsdp_on_cpu.py", *shim, *train_args(tiny_flux, photos, resumed, *extra, *resume), **fsdp)
+    run("tests/fsdp_on_cpu.py", *script, *train_args(tiny_flux, photos, resumed, *extra, *resume), **fsdp)
     assert max_difference(trained, result(resumed)) == 0.0
 
     ddp = tmp_path / "ddp"
