@@ -512,6 +512,8 @@ def check_family_flags(args, model):
                                 for m in ([part] if isinstance(part, str) else part)]
     if args.lora_blocks:  # diffusers' SD3 script: the modules of these joint blocks only
         args.lora_target_modules = [f"transformer_blocks.{b}.{m}" for b in args.lora_blocks for m in args.lora_target_modules]
+    # the text encoders --train_text_encoder trains (T5 never: as diffusers' scripts)
+    args.trained_text_encoders = list(family.trained_text_encoders) if args.train_text_encoder else []
     frozen = [name for name in family.text_encoder_names if name not in family.trained_text_encoders]
     if args.train_text_encoder and frozen:
         cli.note(f"--train_text_encoder trains {', '.join(family.trained_text_encoders)} of {family.pipeline}; "
@@ -745,8 +747,6 @@ class TrainState:
         vars(self).update(state)
 
 
-
-
 def changed_settings(saved, current):
     """Settings that differ from the checkpoint's record, leaving out the flag groups that cannot change the weights."""
     harmless = {a.dest for g in build_parser()._action_groups if g.title in RESUME_HARMLESS_GROUPS for a in g._group_actions}
@@ -813,8 +813,7 @@ def load_models(args, accelerator, family):
     # scaler fails with "Attempting to unscale FP16 gradients". With LoRA the base weights are frozen (half precision)
     # and only the adapters train (fp32).
     weight_dtype = loading.torch_dtype(accelerator.mixed_precision)
-    lora = args.lora_rank > 0
-    trained = family.trained_text_encoders if args.train_text_encoder else ()  # T5 never: as diffusers' scripts
+    lora, trained = args.lora_rank > 0, args.trained_text_encoders
     # a quantized base: the denoiser, and the text encoders when they run in the training step (pre-computed ones run
     # once, at the training precision, and are freed); the run records which
     args.quantized_modules = [family.denoiser, *([] if args.pre_compute_text_embeddings else family.text_encoder_names)] \
@@ -856,10 +855,9 @@ def load_denoiser(args, accelerator, family, text_encoders):
     denoiser.requires_grad_(not lora)
     if args.do_fp8_training:  # before the adapters: they wrap the fp8 layers and stay in the training precision
         loading.to_fp8(denoiser.to(accelerator.device))
-    trained = family.trained_text_encoders if args.train_text_encoder else ()
     if lora:
         families.add_lora(denoiser, vars(args), args.lora_target_modules)
-        for name in trained:
+        for name in args.trained_text_encoders:
             families.add_lora(text_encoders[name], vars(args), families.TEXT_ENCODER_LORA_TARGETS)
         cast_training_params([denoiser, *text_encoders.values()], dtype=torch.float32)  # the adapters train in fp32
     if args.train_text_encoder and family.freeze_unread:
@@ -1041,8 +1039,7 @@ def main(argv=None):
     denoiser = load_denoiser(args, accelerator, family, text_encoders)
     vars(args).update(plan(args, len(dataloader), accelerator.num_processes))
     model = DreamBoothModel(family, denoiser, {} if args.pre_compute_text_embeddings else text_encoders,
-                            family.trained_text_encoders if args.train_text_encoder else
-                            family.text_encoder_names if args.train_text_encoder_ti else [],
+                            args.trained_text_encoders or (family.text_encoder_names if args.train_text_encoder_ti else []),
                             [t.convert_tokens_to_ids(args.new_tokens) for t in tokenizers] if args.new_tokens else [],
                             args.guidance_scale, families.prompt_encoder(family, vars(args)))
 
@@ -1055,7 +1052,7 @@ def main(argv=None):
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP2 replaces them with shards
     runs.diffusers_checkpoints(accelerator, family, args.lora_rank > 0,  # checkpoint-N/unet, as diffusers has it
-                               [family.denoiser] + (list(family.trained_text_encoders) if args.train_text_encoder else []))
+                               [family.denoiser, *args.trained_text_encoders])
     state, averager = TrainState(), Averager(params, args)
     accelerator.register_for_checkpointing(state)
     if args.use_ema:
