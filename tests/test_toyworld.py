@@ -100,3 +100,17 @@ def test_objects_are_counted_on_rendered_images(tmp_path):
     assert count_objects(Image.new("RGB", (32, 32), PALETTE["purple"])) == 0
     write_subject_photos(tmp_path, n=8, busy=True)
     assert {count_objects(Image.open(p)) for p in tmp_path.glob("*.png")} == {3}
+
+
+def test_every_evaluation_row_is_a_valid_training_command():
+    """Each ablation row of toyworld/evaluate.py (and --train_flags on top) parses as train_dreambooth.py flags: a
+    renamed or misspelt flag fails here, not an hour into a table."""
+    import train_dreambooth
+    from toyworld.evaluate import DATA_ROWS, ROWS
+
+    parser = train_dreambooth.build_parser()
+    common = ["--model", "m", "--instance_dir", "d", "--instance_prompt", "a photo of sks circle", "--output_dir", "o"]
+    for name, flags in {**ROWS, **{k: f for k, (_, f) in DATA_ROWS.items()}}.items():
+        args = parser.parse_args(common + list(flags))
+        assert ("--lora_rank" in flags) == (args.lora_rank > 0), name
+    assert parser.parse_args(common + ["--lora_rank", "4", "--lora_rank", "32"]).lora_rank == 32  # --train_flags: the later flag wins

@@ -91,6 +91,13 @@ ROWS = {  # name: train_dreambooth.py flags on top of the common ones
     "full, prior preservation, mode weighting": ["--with_prior_preservation", "--weighting_scheme", "mode"],
     "LoRA rank 16, prior preservation, pivotal tuning, logit-normal weighting": pivotal_lora(16) + [
         "--weighting_scheme", "logit_normal"],
+    "LoRA rank 16, pivotal tuning, no prior preservation": pivotal_lora(16)[1:],
+    "LoRA rank 16, prior preservation, pivotal tuning, mode weighting": pivotal_lora(16) + ["--weighting_scheme", "mode"],
+    # FLUX.1's single-stream blocks' MLP and output projections too (the default targets adapt only their attention)
+    "LoRA rank 16, prior preservation, pivotal tuning, single-stream MLPs too": pivotal_lora(16) + [
+        "--lora_target_modules", "attn.to_k,attn.to_q,attn.to_v,attn.to_out.0,attn.add_k_proj,attn.add_q_proj,"
+        "attn.add_v_proj,attn.to_add_out,ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2,proj_mlp,"
+        "proj_out"],
 }
 # The data options, each on photos made for it: name -> (photos, flags). Wide photos (48x32, the subject anywhere
 # across them) in buckets or centre-cropped; busy photos (two clutter objects) with and without the subject's masks;
@@ -217,7 +224,7 @@ def dreambooth(model, out, args, seed):
         script("train_dreambooth.py", "--model", model, *data, "--num_class_images", args.num_class_images,
                "--output_dir", run / "model", "--resolution", 32, "--train_batch_size", args.train_batch_size,
                "--max_train_steps", args.train_steps, "--learning_rate", lr, "--lr_warmup_steps", 0,
-               "--checkpointing_steps", 100000, "--report_to", "none", "--seed", seed, *flags)
+               "--checkpointing_steps", 100000, "--report_to", "none", "--seed", seed, *flags, *args.train_flags.split())
         train_seconds = time.time() - t0
         metrics = two_subject_metrics if kind == "two" else subject_metrics
         results[name] = {**metrics(str(run / "model"), run, argparse.Namespace(**{**vars(args), "seed": seed})),
@@ -318,6 +325,8 @@ def main():
     p.add_argument("--train_batch_size", type=int, default=2)
     p.add_argument("--learning_rate", type=float, default=2e-4, help="full fine-tunes")
     p.add_argument("--lora_learning_rate", type=float, default=2e-3)
+    p.add_argument("--train_flags", default="", help="train_dreambooth.py flags added to every row's, e.g. "
+                   "\"--lora_rank 32\" (a later flag wins; use a separate --output_dir for each setting)")
     p.add_argument("--rows", action="append", default=None, choices=list(ROWS) + list(DATA_ROWS),
                    help=f"these ablation rows (default: the first {len(DEFAULT_ROWS)})")
     p.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS,
