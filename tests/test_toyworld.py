@@ -113,4 +113,5 @@ def test_every_evaluation_row_is_a_valid_training_command():
     for name, flags in {**ROWS, **{k: f for k, (_, f) in DATA_ROWS.items()}}.items():
         args = parser.parse_args(common + list(flags))
         assert ("--lora_rank" in flags) == (args.lora_rank > 0), name
-    assert parser.parse_args(common + ["--lora_rank", "4", "--lora_rank", "32"]).lora_rank == 32  # --train_flags: the later flag wins
+    # --train_flags come after a row's own: the later flag wins
+    assert parser.parse_args(common + ["--lora_rank", "4", "--lora_rank", "32"]).lora_rank == 32

@@ -43,6 +43,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import families  # noqa: E402
 from toyworld.world import (PALETTE, SHAPES, SUBJECT, SUBJECT_B, SUBJECT_PHOTO_BACKGROUNDS,  # noqa: E402
                             count_objects, read_attributes, render, sample_attributes, write_subject_photos)
 
@@ -95,9 +96,7 @@ ROWS = {  # name: train_dreambooth.py flags on top of the common ones
     "LoRA rank 16, prior preservation, pivotal tuning, mode weighting": pivotal_lora(16) + ["--weighting_scheme", "mode"],
     # FLUX.1's single-stream blocks' MLP and output projections too (the default targets adapt only their attention)
     "LoRA rank 16, prior preservation, pivotal tuning, single-stream MLPs too": pivotal_lora(16) + [
-        "--lora_target_modules", "attn.to_k,attn.to_q,attn.to_v,attn.to_out.0,attn.add_k_proj,attn.add_q_proj,"
-        "attn.add_v_proj,attn.to_add_out,ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2,proj_mlp,"
-        "proj_out"],
+        "--lora_target_modules", *families.FLUX_LORA_TARGETS, "proj_mlp", "proj_out"],
 }
 # The data options, each on photos made for it: name -> (photos, flags). Wide photos (48x32, the subject anywhere
 # across them) in buckets or centre-cropped; busy photos (two clutter objects) with and without the subject's masks;
@@ -341,8 +340,6 @@ def main():
                         "sampling are deterministic on one machine, so the numbers are the run's) instead of making them")
     args = p.parse_args()
     if args.scheduler is None:
-        import families
-
         args.scheduler = "ddim" if families.read_model(args.model).family.objective == "ddpm" else "flow_euler"
     out = Path(args.output_dir)
     t0 = time.time()
