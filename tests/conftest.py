@@ -9,6 +9,13 @@ from pathlib import Path
 
 # No model hub here: set before huggingface_hub is imported, for the in-process tests too.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# pytest.ini runs the tests in two worker processes (pytest-xdist): one CPU thread for each worker and every script it
+# starts, set before torch is imported, so that two workers on two cores do not fight over them (a worker's scripts
+# and in-process checks also sum floats in the same order, which the tests of exact equality need).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import socket  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -17,6 +24,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import make_tiny_model  # noqa: E402
+
+
+def free_port():
+    """A port no other process listens on: each multi-process launch gets its own, as two run at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def script_env(tmp_home):
@@ -92,13 +106,14 @@ def photos(tmp_path_factory):
 @pytest.fixture
 def run(hf_home):
     """run(script, *args, launch=True, quiet=False): the script as a subprocess, through `accelerate launch` (one CPU
-    process, or the launcher flags given as a list) or plain `python` (launch=False). Returns the CompletedProcess with
-    stdout and stderr as text."""
+    process, or the launcher flags given as a list, with a port of its own) or plain `python` (launch=False).
+    Returns the CompletedProcess with stdout and stderr as text."""
 
     def _run(script, *args, launch=True, quiet=False, check=True, env=None):
         cmd = [sys.executable]
         if launch:
-            flags = launch if isinstance(launch, list) else ["--num_processes", "1"]
+            flags = ([*launch, "--main_process_port", free_port()] if isinstance(launch, list)
+                     else ["--num_processes", "1"])
             cmd += ["-m", "accelerate.commands.launch", *map(str, flags), "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no"] + (["--quiet"] if quiet else [])
         cmd += [str(ROOT / script), *map(str, args)]

@@ -5,7 +5,6 @@ and what not is in its docstring)."""
 
 import json
 import re
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import cli
-from conftest import ROOT, script_env
+from conftest import ROOT, free_port, script_env
 from test_bad_input import refuse
 from test_train import generates, train_args, weights
 
@@ -45,12 +44,6 @@ def test_shipped_accelerate_configs_load_and_say_what_the_readme_says(name):
         assert config.fsdp_config["fsdp_version"] == 2 and "fsdp_transformer_layer_cls_to_wrap" not in config.fsdp_config
         assert config.fsdp_config["fsdp_cpu_ram_efficient_loading"] is True
     assert f"configs/{name.split('/')[-1]}" in (ROOT / "README.md").read_text() or name == "accelerate_config.yaml"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_machines_on_loopback_complete_one_run(tiny_model, photos, hf_home, tmp_path):
