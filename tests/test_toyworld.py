@@ -115,3 +115,19 @@ def test_every_evaluation_row_is_a_valid_training_command():
         assert ("--lora_rank" in flags) == (args.lora_rank > 0), name
     # --train_flags come after a row's own: the later flag wins
     assert parser.parse_args(common + ["--lora_rank", "4", "--lora_rank", "32"]).lora_rank == 32
+
+
+def test_class_images_without_a_background_keeps_the_others_unchanged(tmp_path):
+    """evaluate.py --class_images_without: a copy of the class images without those read on the given backgrounds."""
+    from toyworld.evaluate import class_images_without
+
+    priors, backgrounds = tmp_path / "priors", ["purple", "white", "purple", "blue", "green", "purple"]
+    priors.mkdir()
+    for i, background in enumerate(backgrounds):
+        render(sample_attributes(i, shape="circle", colour="red", background=background)).save(priors / f"{i:06d}.png")
+    kept = tmp_path / "without"
+    kept.mkdir()
+    (kept / "stale.png").write_bytes(b"from an earlier run")
+    assert class_images_without(priors, ["purple"], kept) == 3
+    assert sorted(p.name for p in kept.iterdir()) == ["000001.png", "000003.png", "000004.png"]
+    assert all((kept / p).read_bytes() == (priors / p).read_bytes() for p in ["000001.png", "000003.png", "000004.png"])

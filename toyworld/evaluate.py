@@ -188,6 +188,18 @@ def score(subject, plain):
             "diversity_bits": entropy, "images": sum(map(len, subject.values())) + len(plain)}
 
 
+def class_images_without(priors, backgrounds, folder):
+    """A probe of what the class images hold: a copy of `priors` without the images the evaluator reads on
+    `backgrounds`, in `folder` (made anew). Returns how many are left."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    kept = [path for path in sorted(priors.glob("*.png"))
+            if read_attributes(Image.open(path))["background"] not in backgrounds]
+    for path in kept:
+        shutil.copy(path, folder)
+    return len(kept)
+
+
 def dreambooth(model, out, args, seed):
     photos = out / ("subject-photos-captioned" if args.captions else "subject-photos")
     write_subject_photos(photos, captions=args.captions)
@@ -195,6 +207,10 @@ def dreambooth(model, out, args, seed):
               "--scheduler", args.scheduler, "--seed", args.seed]  # the same class images for every training seed
     script("generate_priors.py", "--model", model, "--class_prompt", "a photo of a circle", "--class_dir",
            out / "priors", "--num_class_images", args.num_class_images, "--sample_batch_size", 10, *common)
+    class_dir, num_class_images = out / "priors", args.num_class_images
+    if args.class_images_without:
+        class_dir = out / ("priors-without-" + "-".join(args.class_images_without))
+        num_class_images = class_images_without(out / "priors", args.class_images_without, class_dir)
     results = {"base model": subject_metrics(model, out / "base", args)} if seed == args.seeds[0] else {}
     for name, flags in {**ROWS, **{k: f for k, (_, f) in DATA_ROWS.items()}}.items():
         if name not in (args.rows or DEFAULT_ROWS):
@@ -206,7 +222,7 @@ def dreambooth(model, out, args, seed):
             continue
         shutil.rmtree(run, ignore_errors=True)
         lr = args.lora_learning_rate if "--lora_rank" in flags else args.learning_rate
-        data = ["--instance_dir", photos, "--instance_prompt", "a photo of sks circle", "--class_dir", out / "priors",
+        data = ["--instance_dir", photos, "--instance_prompt", "a photo of sks circle", "--class_dir", class_dir,
                 "--class_prompt", "a photo of a circle"]
         kind = DATA_ROWS.get(name, (None,))[0]
         if kind in PHOTOS:
@@ -215,12 +231,12 @@ def dreambooth(model, out, args, seed):
         elif kind == "two":
             write_subject_photos(out / "subject-photos-zwx", captions=args.captions, subject=SUBJECT_B, token="zwx")
             concepts = [{"instance_prompt": f"a photo of {token} circle", "instance_data_dir": str(folder),
-                         "class_prompt": "a photo of a circle", "class_data_dir": str(out / "priors")}
+                         "class_prompt": "a photo of a circle", "class_data_dir": str(class_dir)}
                         for token, folder in (("sks", photos), ("zwx", out / "subject-photos-zwx"))]
             (out / "concepts.json").write_text(json.dumps(concepts, indent=1) + "\n")
             data = ["--concepts_list", out / "concepts.json"]
         t0 = time.time()
-        script("train_dreambooth.py", "--model", model, *data, "--num_class_images", args.num_class_images,
+        script("train_dreambooth.py", "--model", model, *data, "--num_class_images", num_class_images,
                "--output_dir", run / "model", "--resolution", 32, "--train_batch_size", args.train_batch_size,
                "--max_train_steps", args.train_steps, "--learning_rate", lr, "--lr_warmup_steps", 0,
                "--checkpointing_steps", 100000, "--report_to", "none", "--seed", seed, *flags, *args.train_flags.split())
@@ -320,6 +336,9 @@ def main():
                    "toy FLUX.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_class_images", type=int, default=100)
+    p.add_argument("--class_images_without", nargs="+", default=[], choices=list(PALETTE), metavar="BACKGROUND",
+                   help="train on the class images the evaluator reads on other backgrounds only (a probe of what the "
+                        "class images hold; the row trains on as many as are left)")
     p.add_argument("--train_steps", type=int, default=600)
     p.add_argument("--train_batch_size", type=int, default=2)
     p.add_argument("--learning_rate", type=float, default=2e-4, help="full fine-tunes")
