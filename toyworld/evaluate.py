@@ -200,17 +200,22 @@ def class_images_without(priors, backgrounds, folder):
     return len(kept)
 
 
-def dreambooth(model, out, args, seed):
-    photos = out / ("subject-photos-captioned" if args.captions else "subject-photos")
-    write_subject_photos(photos, captions=args.captions)
+def class_images(model, out, args):
+    """The class images every training seed shares (generate_priors.py), or --class_images_without's copy of them.
+    Returns their folder and count."""
     common = ["--num_inference_steps", args.num_inference_steps, "--guidance_scale", args.prior_guidance_scale,
-              "--scheduler", args.scheduler, "--seed", args.seed]  # the same class images for every training seed
+              "--scheduler", args.scheduler, "--seed", args.seed]
     script("generate_priors.py", "--model", model, "--class_prompt", "a photo of a circle", "--class_dir",
            out / "priors", "--num_class_images", args.num_class_images, "--sample_batch_size", 10, *common)
-    class_dir, num_class_images = out / "priors", args.num_class_images
-    if args.class_images_without:
-        class_dir = out / ("priors-without-" + "-".join(args.class_images_without))
-        num_class_images = class_images_without(out / "priors", args.class_images_without, class_dir)
+    if not args.class_images_without:
+        return out / "priors", args.num_class_images
+    class_dir = out / ("priors-without-" + "-".join(args.class_images_without))
+    return class_dir, class_images_without(out / "priors", args.class_images_without, class_dir)
+
+
+def dreambooth(model, out, args, seed, class_dir, num_class_images):
+    photos = out / ("subject-photos-captioned" if args.captions else "subject-photos")
+    write_subject_photos(photos, captions=args.captions)
     results = {"base model": subject_metrics(model, out / "base", args)} if seed == args.seeds[0] else {}
     for name, flags in {**ROWS, **{k: f for k, (_, f) in DATA_ROWS.items()}}.items():
         if name not in (args.rows or DEFAULT_ROWS):
@@ -373,7 +378,8 @@ def main():
     print("| subject fidelity, similarity | " + " | ".join(f"{c['subject_fidelity']:.0%}, {c['similarity']:.2f}"
                                                        for c in ceiling.values()) + " |")
     if not args.skip_dreambooth:
-        runs = [dreambooth(args.model, out, args, seed) for seed in args.seeds]
+        class_dir, num_class_images = class_images(args.model, out, args)
+        runs = [dreambooth(args.model, out, args, seed, class_dir, num_class_images) for seed in args.seeds]
         report["dreambooth"], report["dreambooth_per_seed"] = summary(runs), runs
         print(TABLE_HEAD)
         for name, m in report["dreambooth"].items():
