@@ -116,8 +116,8 @@ def call_flux(transformer, noisy_latents, timesteps, prompt_embeds, pooled, time
     packed = FluxPipeline._pack_latents(noisy_latents, b, c, h, w)
     image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy_latents.device, noisy_latents.dtype)
     text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=noisy_latents.device, dtype=noisy_latents.dtype)
-    guidance = (torch.full((b,), float(guidance), device=noisy_latents.device)
-                if transformer.config.guidance_embeds else None)
+    guidance = (torch.as_tensor(guidance, dtype=torch.float32, device=noisy_latents.device).expand(b)
+                if transformer.config.guidance_embeds else None)  # one value, or one per image
     out = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, pooled_projections=pooled,
                       encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids).sample
     return unpack_patches(out, b, c, h, w)

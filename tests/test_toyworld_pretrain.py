@@ -114,3 +114,51 @@ def test_flux_pretrain_resumes_stage_2_exactly(hf_home, tmp_path, monkeypatch):
     assert whole["step"] == resumed["step"] == 4 and whole["losses"] == resumed["losses"]
     for name in ("transformer", "text_encoder", "text_encoder_2"):
         assert all(torch.equal(whole[name][k], resumed[name][k]) for k in whole[name]), name
+
+
+def test_flux_distillation_starts_at_the_teacher_and_writes_a_guidance_distilled_pipeline(hf_home, tmp_path):
+    """toyworld/distill_flux.py: the student (the teacher's transformer with a guidance embedding) gives exactly the
+    teacher's prediction before training, whatever guidance it is fed; a short run writes a FluxPipeline folder whose
+    transformer embeds guidance and changed, with the teacher's VAE and text encoders byte for byte; a teacher that
+    is already distilled, or the teacher's own folder as the output, is refused in one line."""
+    import make_tiny_model
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    import model_calls
+    from toyworld.distill_flux import student_of
+
+    teacher_dir = make_tiny_model.make_tiny_pipeline(str(tmp_path / "teacher"), family="flux-schnell")
+    teacher = FluxTransformer2DModel.from_pretrained(teacher_dir, subfolder="transformer")
+    student = student_of(teacher)
+    assert student.config.guidance_embeds and not teacher.config.guidance_embeds
+    torch.manual_seed(0)
+    latents, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([300.0, 800.0])
+    sequence, pooled = torch.randn(2, 5, 32), torch.randn(2, 32)
+    with torch.no_grad():
+        expected = model_calls.call_flux(teacher, latents, timesteps, sequence, pooled, None)
+        for guidance in (1.0, torch.tensor([3.5, 7.0])):
+            assert torch.equal(model_calls.call_flux(student, latents, timesteps, sequence, pooled, None, guidance),
+                               expected)
+
+    out = tmp_path / "distilled"
+    command = [sys.executable, str(ROOT / "toyworld" / "distill_flux.py"), "--steps", "2", "--batch_size", "4"]
+    proc = subprocess.run(command + ["--teacher", teacher_dir, "--output_dir", str(out)], capture_output=True,
+                          text=True, env=script_env(hf_home), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((out / "distill.json").read_text())
+    assert record["steps"] == 2 and record["teacher"] == teacher_dir
+    pipe = FluxPipeline.from_pretrained(out)
+    assert pipe.transformer.config.guidance_embeds
+    trained = pipe.transformer.state_dict()
+    assert any(not torch.equal(trained[k], v.to(trained[k].dtype)) for k, v in teacher.state_dict().items())
+    for part in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        for f in (tmp_path / "teacher" / part).iterdir():
+            assert (out / part / f.name).read_bytes() == f.read_bytes(), f
+    assert not list(tmp_path.glob("*.partial"))
+
+    for teacher_arg, output, message in ((out, tmp_path / "again", "already embeds guidance"),
+                                         (teacher_dir, teacher_dir, "is the teacher's folder")):
+        proc = subprocess.run(command + ["--teacher", str(teacher_arg), "--output_dir", str(output)],
+                              capture_output=True, text=True, env=script_env(hf_home), cwd=ROOT, timeout=600)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "again").exists()
