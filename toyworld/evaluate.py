@@ -2,6 +2,7 @@
 
     python toyworld/evaluate.py --model toyworld/toy-sd --output_dir toy-eval
     python toyworld/evaluate.py --model toyworld/toy-flux --skip_dreambooth     # the toy FLUX.1's base model
+    python toyworld/evaluate.py --model toyworld/toy-flux-dev --skip_dreambooth # its guidance-distilled sibling
 
 With no flags: the default ablation (three rows, training seeds 0, 1 and 2, sampled at guidance 8; about 15 minutes
 on 2 cores). --rows, --seeds and the settings below run any other table of QUALITY.md.
