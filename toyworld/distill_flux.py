@@ -80,11 +80,9 @@ def main():
     student.train()
     flow = objectives.Flow(pipe.scheduler, weighting_scheme="logit_normal")
 
-    def encode(captions):
-        ids = [pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids,
-               pipe.tokenizer_2(captions, padding="max_length", max_length=pipe.tokenizer_2.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids]
+    def encode(captions):  # CLIP's and T5's ids, each padded to its tokenizer's length, as the training script's
+        tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
+        ids = [torch.stack(i) for i in zip(*(model_calls.tokenize_padded(tokenizers, c) for c in captions))]
         with torch.no_grad():
             return model_calls.encode_flux((pipe.text_encoder, pipe.text_encoder_2), ids)
 
