@@ -131,3 +131,29 @@ def test_class_images_without_a_background_keeps_the_others_unchanged(tmp_path):
     assert class_images_without(priors, ["purple"], kept) == 3
     assert sorted(p.name for p in kept.iterdir()) == ["000001.png", "000003.png", "000004.png"]
     assert all((kept / p).read_bytes() == (priors / p).read_bytes() for p in ["000001.png", "000003.png", "000004.png"])
+
+
+def test_photos_on_other_backgrounds_and_the_score_of_their_new_ones(tmp_path):
+    """write_subject_photos(backgrounds=...): the same subject at the same places and sizes, only the background
+    changed; evaluate.score then counts the photos' backgrounds as seen and the others alone as new."""
+    from PIL import Image
+
+    from toyworld.evaluate import BACKGROUNDS, score
+    from toyworld.world import write_subject_photos
+
+    write_subject_photos(tmp_path / "usual")
+    write_subject_photos(tmp_path / "blue", backgrounds=("white", "green", "white", "blue"))
+    for i, expected in enumerate(("white", "green", "white", "blue")):
+        usual = np.asarray(Image.open(tmp_path / "usual" / f"sks-{i}.png"))
+        moved = np.asarray(Image.open(tmp_path / "blue" / f"sks-{i}.png"))
+        assert read_attributes(Image.fromarray(moved))["background"] == expected
+        subject = np.any([np.all(usual == PALETTE[c], axis=-1) for c in SUBJECT], axis=0)
+        assert subject.sum() > 100 and (usual[subject] == moved[subject]).all()
+        assert (usual != moved).any() == (i == 3)
+    # the subject drawn on blue only: on the usual photos' terms half the new images show it, with blue seen none
+    drawn = {b: [{**read_attributes(render(sample_attributes(0, subject=True, background=b))), "objects": 1}] * 2
+             if b == "blue" else [{**read_attributes(render(sample_attributes(0, background=b))), "objects": 1}] * 2
+             for b in BACKGROUNDS}
+    assert score(drawn, drawn["white"])["subject_fidelity_new"] == 0.5
+    blue_seen = score(drawn, drawn["white"], seen=("white", "green", "blue"))
+    assert blue_seen["subject_fidelity_new"] == 0.0 and blue_seen["subject_fidelity_seen"] == 1 / 3

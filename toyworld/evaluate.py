@@ -30,6 +30,7 @@ on 2 cores). --rows, --seeds and the settings below run any other table of QUALI
 """
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -123,9 +124,13 @@ DATA_ROWS = {
     "LoRA rank 8, prior preservation, pivotal tuning, 8 photos": ("eight", PIVOTAL_LORA),
     "LoRA rank 8, prior preservation, pivotal tuning, 8 photos, Min-SNR 5": ("eight", PIVOTAL_LORA + ["--snr_gamma",
                                                                                                    "5"]),
+    # the same four photos with the last one on blue instead of green: blue is then a photos' background, and
+    # "new backgrounds" is purple alone
+    "LoRA rank 16, prior preservation, pivotal tuning, a photo on blue": ("blue", pivotal_lora(16)),
+    "LoRA rank 8, prior preservation, pivotal tuning, a photo on blue": ("blue", PIVOTAL_LORA),
 }
 PHOTOS = {"wide": dict(width=48), "busy": dict(busy=True), "busy-masks": dict(busy=True, masks=True),
-          "masks": dict(masks=True), "eight": dict(n=8)}
+          "masks": dict(masks=True), "eight": dict(n=8), "blue": dict(backgrounds=("white", "green", "white", "blue"))}
 
 
 def script(name, *args):
@@ -150,13 +155,13 @@ def read_images(out, num_prompts, subject=SUBJECT):
              for image in map(Image.open, sorted((out / "images").glob(f"p{i:02d}-*.png")))] for i in range(num_prompts)]
 
 
-def subject_metrics(model, out, args, token="sks", subject=SUBJECT):
+def subject_metrics(model, out, args, token="sks", subject=SUBJECT, seen=SUBJECT_PHOTO_BACKGROUNDS):
     prompts = [f"a photo of {token} circle on a {b} background" for b in BACKGROUNDS]
     readings = sample(model, out / token if token != "sks" else out / "subject", prompts, args.images_per_prompt, args,
                       subject)
     plain = sample(model, out / "class", ["a photo of a circle"], len(BACKGROUNDS) * args.images_per_prompt, args,
                    subject)[0]
-    return score(dict(zip(BACKGROUNDS, readings)), plain)
+    return score(dict(zip(BACKGROUNDS, readings)), plain, seen)
 
 
 def two_subject_metrics(model, out, args):
@@ -169,9 +174,9 @@ def two_subject_metrics(model, out, args):
             "b_shows_a": sum(b_shows_a) / len(b_shows_a)}
 
 
-def score(subject, plain):
+def score(subject, plain, seen=SUBJECT_PHOTO_BACKGROUNDS):
     """The metrics from the evaluator's readings: {background asked: readings} of the subject prompts, and the
-    readings of the plain class prompt. Backgrounds no photo had ("new") apart from the photos' own ("seen")."""
+    readings of the plain class prompt. Backgrounds no photo had ("new") apart from the photos' own (`seen`)."""
     def rates(backgrounds):
         asked = [(b, s) for b in backgrounds for s in subject[b]]
         return {"subject_fidelity": sum(s["pattern"] for _, s in asked) / len(asked),
@@ -181,9 +186,9 @@ def score(subject, plain):
     colours = [s["colour"] for s in plain if s["colour"]]
     shares = [colours.count(c) / len(colours) for c in set(colours)]
     entropy = sum(-q * math.log2(q) for q in shares)  # 0 for one colour (or none), log2(6) for all six alike
-    new = [b for b in BACKGROUNDS if b not in SUBJECT_PHOTO_BACKGROUNDS]
+    new = [b for b in BACKGROUNDS if b not in seen]
     return {**rates(BACKGROUNDS), **{f"{k}_new": v for k, v in rates(new).items()},
-            **{f"{k}_seen": v for k, v in rates(SUBJECT_PHOTO_BACKGROUNDS).items()},
+            **{f"{k}_seen": v for k, v in rates(seen).items()},
             "drift": sum(s["pattern"] for s in plain) / len(plain),
             "class_shape": sum(s["shape"] == "circle" for s in plain) / len(plain),
             "diversity_bits": entropy, "images": sum(map(len, subject.values())) + len(plain)}
@@ -222,15 +227,16 @@ def dreambooth(model, out, args, seed, class_dir, num_class_images):
         if name not in (args.rows or DEFAULT_ROWS):
             continue
         run = out / f"seed-{seed}" / name.replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
+        kind = DATA_ROWS.get(name, (None,))[0]
+        seen = tuple(dict.fromkeys(PHOTOS.get(kind, {}).get("backgrounds", SUBJECT_PHOTO_BACKGROUNDS)))
+        metrics = two_subject_metrics if kind == "two" else functools.partial(subject_metrics, seen=seen)
         if args.rescore and (run / "model" / "run_config.json").is_file():
-            metrics = two_subject_metrics if DATA_ROWS.get(name, (None,))[0] == "two" else subject_metrics
             results[name] = metrics(str(run / "model"), run, argparse.Namespace(**{**vars(args), "seed": seed}))
             continue
         shutil.rmtree(run, ignore_errors=True)
         lr = args.lora_learning_rate if "--lora_rank" in flags else args.learning_rate
         data = ["--instance_dir", photos, "--instance_prompt", "a photo of sks circle", "--class_dir", class_dir,
                 "--class_prompt", "a photo of a circle"]
-        kind = DATA_ROWS.get(name, (None,))[0]
         if kind in PHOTOS:
             data[1] = out / f"subject-photos-{kind}"
             write_subject_photos(data[1], captions=args.captions, **PHOTOS[kind])
@@ -247,7 +253,6 @@ def dreambooth(model, out, args, seed, class_dir, num_class_images):
                "--max_train_steps", args.train_steps, "--learning_rate", lr, "--lr_warmup_steps", 0,
                "--checkpointing_steps", 100000, "--report_to", "none", "--seed", seed, *flags, *args.train_flags.split())
         train_seconds = time.time() - t0
-        metrics = two_subject_metrics if kind == "two" else subject_metrics
         results[name] = {**metrics(str(run / "model"), run, argparse.Namespace(**{**vars(args), "seed": seed})),
                          "train_seconds": train_seconds}
     return results

@@ -157,18 +157,19 @@ SUBJECT_PHOTO_BACKGROUNDS = ("white", "green")  # the subject is never shown on 
 
 
 def write_subject_photos(folder, n=4, seed=1000, captions=False, width=SIZE, busy=False, masks=False, subject=SUBJECT,
-                         token="sks"):
+                         token="sks", backgrounds=SUBJECT_PHOTO_BACKGROUNDS):
     """The DreamBooth instance photos: the subject in n places and sizes, on a white or a green background; with
     captions, each photo's caption beside it names its background ("a photo of sks circle on a white background").
     Photos as they come, for the data options: `width` > SIZE makes wide photos with the subject anywhere across
     them (a centre crop cuts some of it away); `busy` adds two small objects of other colours in the free corners;
-    `masks` writes photo.mask.png (the subject's disc) beside each photo. `subject`/`token`: SUBJECT_B as "zwx"."""
+    `masks` writes photo.mask.png (the subject's disc) beside each photo. `subject`/`token`: SUBJECT_B as "zwx".
+    `backgrounds`: photo i's background is backgrounds[i % len(backgrounds)] (places and sizes stay the same)."""
     from dataclasses import replace
     from pathlib import Path
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        background = SUBJECT_PHOTO_BACKGROUNDS[i % len(SUBJECT_PHOTO_BACKGROUNDS)]
+        background = backgrounds[i % len(backgrounds)]
         attributes = replace(sample_attributes(seed + i, subject=True, background=background), colour=subject[0],
                              pattern=subject)
         rng = random.Random(seed + i + 7919)
