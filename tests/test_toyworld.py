@@ -135,7 +135,8 @@ def test_class_images_without_a_background_keeps_the_others_unchanged(tmp_path):
 
 def test_photos_on_other_backgrounds_and_the_score_of_their_new_ones(tmp_path):
     """write_subject_photos(backgrounds=...): the same subject at the same places and sizes, only the background
-    changed; evaluate.score then counts the photos' backgrounds as seen and the others alone as new."""
+    changed; shift=K: the same photos under other names; evaluate.score then counts the photos' backgrounds as seen
+    and the others alone as new."""
     from PIL import Image
 
     from toyworld.evaluate import BACKGROUNDS, score
@@ -150,6 +151,9 @@ def test_photos_on_other_backgrounds_and_the_score_of_their_new_ones(tmp_path):
         subject = np.any([np.all(usual == PALETTE[c], axis=-1) for c in SUBJECT], axis=0)
         assert subject.sum() > 100 and (usual[subject] == moved[subject]).all()
         assert (usual != moved).any() == (i == 3)
+    write_subject_photos(tmp_path / "shifted", shift=1)  # the same photos under the next one's name
+    assert all((tmp_path / "shifted" / f"sks-{(i + 1) % 4}.png").read_bytes() == (tmp_path / "usual" / f"sks-{i}.png")
+               .read_bytes() for i in range(4))
     # the subject drawn on blue only: on the usual photos' terms half the new images show it, with blue seen none
     drawn = {b: [{**read_attributes(render(sample_attributes(0, subject=True, background=b))), "objects": 1}] * 2
              if b == "blue" else [{**read_attributes(render(sample_attributes(0, background=b))), "objects": 1}] * 2

@@ -220,8 +220,9 @@ def class_images(model, out, args):
 
 
 def dreambooth(model, out, args, seed, class_dir, num_class_images):
-    photos = out / ("subject-photos-captioned" if args.captions else "subject-photos")
-    write_subject_photos(photos, captions=args.captions)
+    shifted = f"-shifted-{args.shift_photos}" if args.shift_photos else ""
+    photos = out / (("subject-photos-captioned" if args.captions else "subject-photos") + shifted)
+    write_subject_photos(photos, captions=args.captions, shift=args.shift_photos)
     results = {"base model": subject_metrics(model, out / "base", args)} if seed == args.seeds[0] else {}
     for name, flags in {**ROWS, **{k: f for k, (_, f) in DATA_ROWS.items()}}.items():
         if name not in (args.rows or DEFAULT_ROWS):
@@ -238,8 +239,8 @@ def dreambooth(model, out, args, seed, class_dir, num_class_images):
         data = ["--instance_dir", photos, "--instance_prompt", "a photo of sks circle", "--class_dir", class_dir,
                 "--class_prompt", "a photo of a circle"]
         if kind in PHOTOS:
-            data[1] = out / f"subject-photos-{kind}"
-            write_subject_photos(data[1], captions=args.captions, **PHOTOS[kind])
+            data[1] = out / f"subject-photos-{kind}{shifted}"
+            write_subject_photos(data[1], captions=args.captions, shift=args.shift_photos, **PHOTOS[kind])
         elif kind == "two":
             write_subject_photos(out / "subject-photos-zwx", captions=args.captions, subject=SUBJECT_B, token="zwx")
             concepts = [{"instance_prompt": f"a photo of {token} circle", "instance_data_dir": str(folder),
@@ -364,6 +365,9 @@ def main():
     p.add_argument("--captions", action="store_true",
                    help="each subject photo captioned with its background (\"a photo of sks circle on a white "
                         "background\") instead of the bare instance prompt")
+    p.add_argument("--shift_photos", type=int, default=0, metavar="K",
+                   help="save photo i under photo i+K's name: the same photos met in another order, with each training "
+                        "seed's LoRA start and noise unchanged (a probe of what makes a seed weak)")
     p.add_argument("--skip_dreambooth", action="store_true", help="only the base model's prompt following")
     p.add_argument("--rescore", action="store_true",
                    help="score the images an earlier run with the same settings left in --output_dir (training and "

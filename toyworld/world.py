@@ -157,13 +157,14 @@ SUBJECT_PHOTO_BACKGROUNDS = ("white", "green")  # the subject is never shown on 
 
 
 def write_subject_photos(folder, n=4, seed=1000, captions=False, width=SIZE, busy=False, masks=False, subject=SUBJECT,
-                         token="sks", backgrounds=SUBJECT_PHOTO_BACKGROUNDS):
+                         token="sks", backgrounds=SUBJECT_PHOTO_BACKGROUNDS, shift=0):
     """The DreamBooth instance photos: the subject in n places and sizes, on a white or a green background; with
     captions, each photo's caption beside it names its background ("a photo of sks circle on a white background").
     Photos as they come, for the data options: `width` > SIZE makes wide photos with the subject anywhere across
     them (a centre crop cuts some of it away); `busy` adds two small objects of other colours in the free corners;
     `masks` writes photo.mask.png (the subject's disc) beside each photo. `subject`/`token`: SUBJECT_B as "zwx".
-    `backgrounds`: photo i's background is backgrounds[i % len(backgrounds)] (places and sizes stay the same)."""
+    `backgrounds`: photo i's background is backgrounds[i % len(backgrounds)] (places and sizes stay the same).
+    `shift`: photo i is saved under the name of photo (i + shift) % n: the same photos in another order."""
     from dataclasses import replace
     from pathlib import Path
 
@@ -187,7 +188,7 @@ def write_subject_photos(folder, n=4, seed=1000, captions=False, width=SIZE, bus
             x0 = width - 10 if left else 2
             for y0, colour in ((2, others[i % 3]), (SIZE - 10, others[(i + 1) % 3])):
                 draw.rectangle((x0, y0, x0 + 7, y0 + 7), fill=PALETTE[colour])
-        name = f"{token}-{i}"
+        name = f"{token}-{(i + shift) % n}"
         image.save(Path(folder, f"{name}.png"))
         if masks:
             mask = Image.new("L", image.size, 0)
