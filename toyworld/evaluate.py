@@ -128,9 +128,12 @@ DATA_ROWS = {
     # "new backgrounds" is purple alone
     "LoRA rank 16, prior preservation, pivotal tuning, a photo on blue": ("blue", pivotal_lora(16)),
     "LoRA rank 8, prior preservation, pivotal tuning, a photo on blue": ("blue", PIVOTAL_LORA),
+    # six photos, two on each of white, green and blue
+    "LoRA rank 16, prior preservation, pivotal tuning, six photos, two on blue": ("six-blue", pivotal_lora(16)),
 }
 PHOTOS = {"wide": dict(width=48), "busy": dict(busy=True), "busy-masks": dict(busy=True, masks=True),
-          "masks": dict(masks=True), "eight": dict(n=8), "blue": dict(backgrounds=("white", "green", "white", "blue"))}
+          "masks": dict(masks=True), "eight": dict(n=8), "blue": dict(backgrounds=("white", "green", "white", "blue")),
+          "six-blue": dict(n=6, backgrounds=("white", "green", "blue"))}
 
 
 def script(name, *args):
