@@ -26,7 +26,8 @@ on 2 cores). --rows, --seeds and the settings below run any other table of QUALI
    - more than one object: share of the subject prompts' images with something beside the object (count_objects).
 3. The data options on photos made for each (--rows): wide photos in aspect-ratio buckets against centre crops; busy
    photos (two clutter objects) with and without the subject's masks; two subjects in one run (the second a circle
-   with the halves swapped, "zwx circle"), with both subjects' fidelity and the cross-talk between them.
+   with the halves swapped, "zwx circle"), with both subjects' fidelity and the cross-talk between them; photos
+   with some on blue (blue then counts among the photos' backgrounds, and the new backgrounds are purple alone).
 """
 
 import argparse
@@ -127,7 +128,6 @@ DATA_ROWS = {
     # the same four photos with the last one on blue instead of green: blue is then a photos' background, and
     # "new backgrounds" is purple alone
     "LoRA rank 16, prior preservation, pivotal tuning, a photo on blue": ("blue", pivotal_lora(16)),
-    "LoRA rank 8, prior preservation, pivotal tuning, a photo on blue": ("blue", PIVOTAL_LORA),
     # six photos, two on each of white, green and blue
     "LoRA rank 16, prior preservation, pivotal tuning, six photos, two on blue": ("six-blue", pivotal_lora(16)),
 }
