@@ -245,10 +245,11 @@ def dreambooth(model, out, args, seed, class_dir, num_class_images):
             data[1] = out / f"subject-photos-{kind}{shifted}"
             write_subject_photos(data[1], captions=args.captions, shift=args.shift_photos, **PHOTOS[kind])
         elif kind == "two":
-            write_subject_photos(out / "subject-photos-zwx", captions=args.captions, subject=SUBJECT_B, token="zwx")
+            zwx = out / f"subject-photos-zwx{shifted}"
+            write_subject_photos(zwx, captions=args.captions, subject=SUBJECT_B, token="zwx", shift=args.shift_photos)
             concepts = [{"instance_prompt": f"a photo of {token} circle", "instance_data_dir": str(folder),
                          "class_prompt": "a photo of a circle", "class_data_dir": str(class_dir)}
-                        for token, folder in (("sks", photos), ("zwx", out / "subject-photos-zwx"))]
+                        for token, folder in (("sks", photos), ("zwx", zwx))]
             (out / "concepts.json").write_text(json.dumps(concepts, indent=1) + "\n")
             data = ["--concepts_list", out / "concepts.json"]
         t0 = time.time()

@@ -158,8 +158,9 @@ SUBJECT_PHOTO_BACKGROUNDS = ("white", "green")  # the subject is never shown on 
 
 def write_subject_photos(folder, n=4, seed=1000, captions=False, width=SIZE, busy=False, masks=False, subject=SUBJECT,
                          token="sks", backgrounds=SUBJECT_PHOTO_BACKGROUNDS, shift=0):
-    """The DreamBooth instance photos: the subject in n places and sizes, on a white or a green background; with
-    captions, each photo's caption beside it names its background ("a photo of sks circle on a white background").
+    """The DreamBooth instance photos: the subject in n places and sizes, on a white or a green background (by
+    default; `backgrounds` below); with captions, each photo's caption beside it names its background ("a photo of sks
+    circle on a white background").
     Photos as they come, for the data options: `width` > SIZE makes wide photos with the subject anywhere across
     them (a centre crop cuts some of it away); `busy` adds two small objects of other colours in the free corners;
     `masks` writes photo.mask.png (the subject's disc) beside each photo. `subject`/`token`: SUBJECT_B as "zwx".
