@@ -167,6 +167,8 @@ def build_parser():
     g.add_argument("--ema_warmup", action="store_true", help="EMAModel's other warm-up: 1 - (1 + t) ** -2/3")
     g.add_argument("--save_raw_weights", action="store_true", help="with --use_ema, also save the raw weights in raw/")
     g.add_argument("--seed", type=cli.SEED, default=None, help="seed (default: drawn at random and recorded in run_config.json)")
+    g.add_argument("--data_seed", type=cli.SEED, default=None, help="seed of the data alone: the order of the images, "
+                   "crops, flips, caption dropout (default: --seed's; the LoRA start, noise and timesteps stay --seed's)")
 
     g = p.add_argument_group("flow matching (FLUX.1, SD 3.5; refused for the DDPM models, --snr_gamma refused for these)")
     g.add_argument("--weighting_scheme", default=None, choices=objectives.WEIGHTING_SCHEMES,
@@ -455,6 +457,8 @@ def check_args(args):
         args.seed = int.from_bytes(os.urandom(3), "little")
         if cli.partial_state().num_processes > 1:
             args.seed = broadcast_object_list([args.seed])[0]
+    if args.data_seed is None:  # as transformers' Trainer's data_seed: the run's seed unless given
+        args.data_seed = (args.resume_record["config"] if args.resume_record else {}).get("data_seed", args.seed)
 
 
 # What a checkpoint's saved state is shaped by: a resume cannot change these (the model's parameters, the optimizer's
@@ -886,8 +890,8 @@ def make_accelerator(args):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)),
-        # the shuffle order of epoch e is a function of (seed, e) alone: a resumed run can replay it
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+        # the shuffle order of epoch e is a function of (data seed, e) alone: a resumed run can replay it
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.data_seed))
     cli.check_deepspeed(accelerator, args.use_8bit_adam)
     runs.hold_output_dir(accelerator, args.output_dir)  # before anything in it is written or removed
     set_seed(args.seed, device_specific=True)
@@ -925,7 +929,7 @@ def make_data(args, accelerator, subjects, tokenizers, family, vae, text_encoder
     With buckets, a batch sampler keeps each batch to one size (with its own (seed, epoch) order)."""
     buckets = imagedata.bucket_sizes(args.aspect_ratio_buckets, args.resolution) if args.aspect_ratio_buckets else None
     dataset = imagedata.DreamBoothDataset(subjects, tokenizers, args.resolution, args.center_crop, args.random_flip,
-                                          args.seed, buckets, family.tokenize, args.caption_dropout)
+                                          args.data_seed, buckets, family.tokenize, args.caption_dropout)
     if args.cache_latents:
         with loading.offloaded([vae], accelerator.device, args.offload):
             imagedata.cache_latents(dataset, family.encode_images, vae, accelerator.device, accelerator.is_local_main_process)
@@ -939,11 +943,11 @@ def make_data(args, accelerator, subjects, tokenizers, family, vae, text_encoder
                                        list(text_encoders.values()), accelerator.device)
         for encoder in text_encoders.values():
             encoder.to("cpu")
-    batching = (dict(batch_sampler=imagedata.BucketBatchSampler(dataset, args.train_batch_size, args.seed)) if buckets
+    batching = (dict(batch_sampler=imagedata.BucketBatchSampler(dataset, args.train_batch_size, args.data_seed)) if buckets
                 else dict(batch_size=args.train_batch_size, shuffle=True))
     dataloader = torch.utils.data.DataLoader(dataset, collate_fn=imagedata.collate, num_workers=args.dataloader_num_workers,
                                              pin_memory=accelerator.device.type == "cuda",
-                                             generator=torch.Generator().manual_seed(args.seed), **batching)
+                                             generator=torch.Generator().manual_seed(args.data_seed), **batching)
     return dataset, dataloader
 
 

@@ -4,10 +4,12 @@ never interrupted: the same logged loss at every step and the same final weights
 Each comparison uses one launcher for both runs: `accelerate launch` sets the CPU thread count, and a different
 thread count sums floats in another order (same losses to print precision, weights a few bits apart)."""
 
+import json
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +176,33 @@ def test_fp16_resume_exports_and_a_corrupt_checkpoint(run, tiny_model, photos, t
     proc = run("train_dreambooth.py", *args, "--resume_from_checkpoint", broken, quiet=True, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot load checkpoint {broken}")
+
+
+def test_data_seed_moves_the_data_alone_and_a_resume_keeps_it(run, reference, tiny_model, photos, priors, tmp_path):
+    """--data_seed defaults to --seed's (the same run, bit for bit); another one gives another run, which a resume
+    without the flag continues exactly (it is recorded); and with one photo, center-cropped and unflipped, where the
+    data's order cannot change anything, two data seeds give bit-identical weights: noise, timesteps and start stay
+    --seed's."""
+    same, other = tmp_path / "same", tmp_path / "other"
+    run("train_dreambooth.py", *command(tiny_model, photos, priors, same, "--data_seed", 0), launch=False)
+    assert_same_run(reference, same, from_step=0)
+    run("train_dreambooth.py", *command(tiny_model, photos, priors, other, "--data_seed", 1), launch=False)
+    assert json.loads((other / "run_config.json").read_text())["config"]["data_seed"] == 1
+    ref, moved = weights(reference, "unet"), weights(other, "unet")
+    assert any(not torch.equal(ref[k], moved[k]) for k in ref)
+    resumed = tmp_path / "resumed"
+    interrupted_copy(other, resumed, keep=4)
+    run("train_dreambooth.py", *command(tiny_model, photos, priors, resumed, "--resume_from_checkpoint", "latest"),
+        launch=False)
+    assert_same_run(other, resumed, from_step=4)
+
+    one = tmp_path / "one-photo"
+    one.mkdir()
+    shutil.copy(sorted(Path(photos).iterdir())[0], one)
+    for data_seed in (1, 2):
+        run("train_dreambooth.py", *train_args(tiny_model, one, tmp_path / f"one-{data_seed}", "--max_train_steps", 2,
+                                               "--train_batch_size", 1, "--center_crop", "--data_seed", data_seed),
+            launch=False)
+    first, second = weights(tmp_path / "one-1", "unet"), weights(tmp_path / "one-2", "unet")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], weights(tiny_model, "unet")[k]) for k in first)  # it did train
