@@ -168,7 +168,7 @@ def build_parser():
     g.add_argument("--save_raw_weights", action="store_true", help="with --use_ema, also save the raw weights in raw/")
     g.add_argument("--seed", type=cli.SEED, default=None, help="seed (default: drawn at random and recorded in run_config.json)")
     g.add_argument("--data_seed", type=cli.SEED, default=None, help="seed of the data alone: the order of the images, "
-                   "crops, flips, caption dropout (default: --seed's; the LoRA start, noise and timesteps stay --seed's)")
+                   "crops, flips, caption dropout (default: --seed's; LoRA start, noise and timesteps stay --seed's)")
 
     g = p.add_argument_group("flow matching (FLUX.1, SD 3.5; refused for the DDPM models, --snr_gamma refused for these)")
     g.add_argument("--weighting_scheme", default=None, choices=objectives.WEIGHTING_SCHEMES,
@@ -943,8 +943,8 @@ def make_data(args, accelerator, subjects, tokenizers, family, vae, text_encoder
                                        list(text_encoders.values()), accelerator.device)
         for encoder in text_encoders.values():
             encoder.to("cpu")
-    batching = (dict(batch_sampler=imagedata.BucketBatchSampler(dataset, args.train_batch_size, args.data_seed)) if buckets
-                else dict(batch_size=args.train_batch_size, shuffle=True))
+    batching = (dict(batch_sampler=imagedata.BucketBatchSampler(dataset, args.train_batch_size, args.data_seed))
+                if buckets else dict(batch_size=args.train_batch_size, shuffle=True))
     dataloader = torch.utils.data.DataLoader(dataset, collate_fn=imagedata.collate, num_workers=args.dataloader_num_workers,
                                              pin_memory=accelerator.device.type == "cuda",
                                              generator=torch.Generator().manual_seed(args.data_seed), **batching)
