@@ -926,7 +926,7 @@ def make_data(args, accelerator, subjects, tokenizers, family, vae, text_encoder
     """The dataset, with the optional caches (then the VAE and the text encoders have nothing left to do in a step),
     and its loader. important! The loader gets its own generator: by default each new iterator draws a seed from
     the global torch RNG, and a resumed run (which starts a new iterator mid-epoch) would then draw different noise.
-    With buckets, a batch sampler keeps each batch to one size (with its own (seed, epoch) order)."""
+    With buckets, a batch sampler keeps each batch to one size (with its own (data seed, epoch) order)."""
     buckets = imagedata.bucket_sizes(args.aspect_ratio_buckets, args.resolution) if args.aspect_ratio_buckets else None
     dataset = imagedata.DreamBoothDataset(subjects, tokenizers, args.resolution, args.center_crop, args.random_flip,
                                           args.data_seed, buckets, family.tokenize, args.caption_dropout)
